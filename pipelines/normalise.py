@@ -1,0 +1,406 @@
+"""Normalisation: a source batch in, envelope events and dead letters out, per batch.
+
+Every step is a Polars expression over the whole batch. Per-row Python runs only to find
+which rows of a failing Arrow cast are at fault (bisection, :func:`invalid_utf8_rows`).
+Each rejected row gets one reason code (the first check it fails, in the order below) and
+a message that says what was wrong:
+
+1. decoding (JSON Lines only): ``bad_encoding``, ``payload_too_large``, ``bad_json``,
+   ``not_an_object``;
+2. envelope: ``missing_event_type``, ``bad_event_type``, ``missing_timestamp``,
+   ``bad_timestamp``, ``bad_event_id``, ``bad_version``, ``upcast_failed``;
+3. payload: ``missing_field``, ``bad_field``, ``payload_too_large``, then ``missing_key``.
+
+Example:
+    >>> from pipelines.spec import PipelineSpec
+    >>> spec = PipelineSpec.model_validate({"name": "d",
+    ...     "source": {"format": "parquet", "path": ["x"], "name": "demo"},
+    ...     "mapping": {"event_type": {"value": "user.login"}, "timestamp": "t"},
+    ...     "event_types": {"user.login": {"key": "user"}}})
+    >>> raw = RawBatch("demo", "x.parquet", np.arange(2),
+    ...                pa.record_batch({"t": ["2024-01-01T00:00:00Z", "?"], "user": ["a", "b"]}))
+    >>> out = Normaliser(spec).normalise(raw)
+    >>> out.events.num_rows, out.deadletters.column("reason").to_pylist()
+    (1, ['bad_timestamp'])
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+
+from pipelines.envelope import (
+    DEADLETTER_SCHEMA,
+    EVENT_TYPE_PATTERN,
+    JSON_FIELD,
+    MAX_EVENT_TYPE_LENGTH,
+    PayloadRegistry,
+    envelope_schema,
+)
+from pipelines.event_ids import derived_event_ids
+from pipelines.payloads import cast_field
+from pipelines.sources import RawBatch
+from pipelines.spec import ENVELOPE_KEY_FIELDS, Constant, JsonRef, PipelineSpec
+from pipelines.timestamps import parse_timestamp
+
+Clock = Callable[[], dt.datetime]
+
+
+def utc_now() -> dt.datetime:
+    """The default clock: ingestion time, UTC."""
+    return dt.datetime.now(dt.UTC)
+
+
+@dataclass(frozen=True)
+class Normalised:
+    """What one source batch became: ``read`` = ``events`` rows + ``deadletters`` rows."""
+
+    events: pa.Table
+    deadletters: pa.Table
+    read: int
+
+
+def invalid_utf8_rows(lines: pa.Array) -> np.ndarray:
+    """Mask of rows that are not valid UTF-8, by bisecting a failing vectorised cast.
+
+    Example:
+        >>> invalid_utf8_rows(pa.array([b"ok", b"\\xff", b"fine"])).tolist()
+        [False, True, False]
+    """
+    bad = np.zeros(len(lines), dtype=bool)
+    pending = [(0, len(lines))] if len(lines) else []
+    while pending:
+        lo, hi = pending.pop()
+        try:
+            lines.slice(lo, hi - lo).cast(pa.string())
+        except pa.ArrowInvalid:
+            if hi - lo == 1:
+                bad[lo] = True
+            else:
+                mid = (lo + hi) // 2
+                pending += [(lo, mid), (mid, hi)]
+    return bad
+
+
+def _reason(checks: list[tuple[pl.Expr, str, pl.Expr]]) -> tuple[pl.Expr, pl.Expr]:
+    """(reason, message) expressions: the first failing check of each row wins."""
+    if not checks:
+        return pl.lit(None, pl.String), pl.lit(None, pl.String)
+    reason = pl.when(checks[0][0]).then(pl.lit(checks[0][1]))
+    message = pl.when(checks[0][0]).then(checks[0][2])
+    for failed, code, text in checks[1:]:
+        reason = reason.when(failed).then(pl.lit(code))
+        message = message.when(failed).then(text)
+    return reason.otherwise(None), message.otherwise(None)
+
+
+class Normaliser:
+    """Turns :class:`~pipelines.sources.RawBatch` es into envelope batches and dead letters.
+
+    Pure and picklable: state is only the frozen spec; ``clock`` stamps ``ingested_at``.
+    """
+
+    def __init__(self, spec: PipelineSpec, clock: Clock = utc_now) -> None:
+        self.spec = spec
+        self.clock = clock
+        self.registry: PayloadRegistry = spec.registry()
+        self.schema = envelope_schema(self.registry)
+        self.json_lines = spec.source.format == "jsonl"
+
+    # -- decoding -------------------------------------------------------------------------
+
+    def _json_columns(self) -> dict[str, str]:
+        """Column name -> JSON path of every field the mapping reads from a JSON line."""
+        m = self.spec.mapping
+        refs = [m.event_id, m.event_type, m.source, m.correlation_id]
+        paths = {r: f"$.{r}" for r in refs if isinstance(r, str)}
+        paths[m.timestamp] = f"$.{m.timestamp}"
+        if isinstance(m.payload, JsonRef):
+            paths[m.payload.json_] = f"$.{m.payload.json_}"
+        if m.metadata is not None:
+            root = m.metadata.json_
+            paths |= {"__meta_version": f"$.{root}.version", "__meta_region": f"$.{root}.region",
+                      "__meta_tags": f"$.{root}"}
+        return paths
+
+    def _decode_lines(self, lines: pa.Array) -> pl.DataFrame:
+        """JSON Lines to columns (JSON text), with decoding failures in ``__reason``."""
+        bad_encoding = invalid_utf8_rows(lines)
+        if bad_encoding.any():
+            lines = pa.array(np.where(bad_encoding, None, lines.to_numpy(zero_copy_only=False)),
+                             pa.binary())
+        text = pl.Series("__line", lines.cast(pa.string()))
+        frame = pl.DataFrame([text, pl.Series("__bad_encoding", bad_encoding)])
+        line, limit = pl.col("__line"), self.spec.limits.max_payload_bytes
+        reason, message = _reason([
+            (pl.col("__bad_encoding"), "bad_encoding", pl.lit("line is not valid UTF-8")),
+            (line.str.len_bytes() > limit, "payload_too_large",
+             pl.format("line of {} bytes exceeds limits.max_payload_bytes", line.str.len_bytes())),
+            (line.str.json_path_match("$").is_null(), "bad_json", pl.lit("line is not valid JSON")),
+            (~line.str.strip_chars_start().str.starts_with("{"), "not_an_object",
+             pl.lit("line is JSON but not an object")),
+        ])
+        frame = frame.with_columns(__reason=reason, __message=message)
+        ok = pl.col("__reason").is_null()
+        return frame.with_columns(
+            pl.when(ok).then(line.str.json_path_match(path)).alias(name)
+            for name, path in self._json_columns().items()
+        )
+
+    # -- envelope fields ------------------------------------------------------------------
+
+    def _ref(self, ref: str | Constant | None, frame: pl.DataFrame) -> pl.Expr | None:
+        if ref is None:
+            return None
+        if isinstance(ref, Constant):
+            return pl.lit(ref.value, pl.String)
+        if ref not in frame.columns:
+            return pl.lit(None, pl.String)
+        return pl.col(ref).cast(pl.String)
+
+    def _payload_json(self, frame: pl.DataFrame, source_columns: list[str]) -> pl.Expr:
+        payload = self.spec.mapping.payload
+        if isinstance(payload, JsonRef):
+            return pl.col(payload.json_) if payload.json_ in frame.columns else pl.lit(None, pl.String)
+        names = source_columns if payload.columns == "all" else payload.columns
+        names = [c for c in names if c in frame.columns and c not in payload.exclude]
+        return pl.struct(names).struct.json_encode() if names else pl.lit("{}")
+
+    def _field_source(self, name: str, frame: pl.DataFrame) -> tuple[pl.Expr, pl.DataType]:
+        """Where a payload field comes from: a column, or a JSON path into the payload."""
+        if isinstance(self.spec.mapping.payload, JsonRef):
+            return pl.col("__payload").str.json_path_match(f"$.{name}"), pl.String
+        if name in frame.columns:
+            return pl.col(name), frame.schema[name]
+        return pl.lit(None, pl.String), pl.String
+
+    # -- the batch ------------------------------------------------------------------------
+
+    def normalise(self, raw: RawBatch) -> Normalised:
+        """Normalise one source batch (see the module docstring for the checks)."""
+        ingested_at = self.clock()
+        records = raw.records
+        source_columns = [c for c in records.schema.names]
+        if self.json_lines:
+            frame = self._decode_lines(records.column("line"))
+        else:
+            frame = pl.from_arrow(records)
+            assert isinstance(frame, pl.DataFrame)
+            frame = frame.with_columns(
+                __reason=pl.lit(None, pl.String), __message=pl.lit(None, pl.String)
+            )
+        frame = frame.with_columns(__offset=pl.Series(raw.offsets, dtype=pl.Int64))
+        frame = self._envelope_columns(frame, raw, source_columns)
+        frame = self._typed_payload(frame, source_columns)
+        events = self._events(frame.filter(pl.col("__reason").is_null()), ingested_at)
+        dead = self._deadletters(frame.filter(pl.col("__reason").is_not_null()), raw,
+                                 source_columns, ingested_at)
+        return Normalised(events, dead, records.num_rows)
+
+    def _envelope_columns(self, frame: pl.DataFrame, raw: RawBatch,
+                          source_columns: list[str]) -> pl.DataFrame:
+        m = self.spec.mapping
+        ts_dtype = frame.schema.get(m.timestamp, pl.String)
+        ts_raw = pl.col(m.timestamp) if m.timestamp in frame.columns else pl.lit(None, pl.String)
+        derived = pl.Series(derived_event_ids(raw.source, raw.part, raw.offsets))
+        given = self._ref(m.event_id, frame)
+        frame = frame.with_columns(
+            __event_id=derived if given is None else pl.coalesce(given, pl.lit(derived))
+        )
+        frame = frame.with_columns(
+            __event_type=self._ref(m.event_type, frame),
+            __ts_raw=ts_raw.cast(pl.String) if ts_dtype == pl.Null else ts_raw,
+            __timestamp=parse_timestamp(ts_raw, ts_dtype, m.timestamp_unit),
+            __source=self._ref(m.source, frame) if m.source else pl.lit(raw.source),
+        )
+        given = self._ref(m.correlation_id, frame)
+        correlation = pl.lit(None, pl.String) if given is None else given
+        frame = frame.with_columns(
+            __correlation_id=pl.coalesce(correlation, pl.col("__event_id"))
+        )
+        if isinstance(m.payload, JsonRef):
+            frame = frame.with_columns(__payload=self._payload_json(frame, source_columns))
+        return self._version_column(frame)
+
+    def _version_column(self, frame: pl.DataFrame) -> pl.DataFrame:
+        et = pl.col("__event_type")
+        current = self._per_type(lambda s: pl.lit(s.version, pl.Int32))
+        region = self._per_type(lambda s: pl.lit(s.region, pl.String))
+        if "__meta_version" in frame.columns:
+            given = pl.col("__meta_version").cast(pl.Int32, strict=False)
+            bad = pl.col("__meta_version").is_not_null() & given.is_null()
+            version = pl.when(bad).then(pl.lit(-1, pl.Int32)).otherwise(pl.coalesce(given, current))
+            region = pl.coalesce(pl.col("__meta_region"), region)
+            tags = pl.col("__meta_tags")
+        else:
+            version, tags = current, pl.lit(None, pl.String)
+        frame = frame.with_columns(__version=version, __region=region, __tags=tags,
+                                   __current_version=current)
+        ts, eid, v = pl.col("__timestamp"), pl.col("__event_id"), pl.col("__version")
+        checks = [
+            (et.is_null() | (et == ""), "missing_event_type", pl.lit("event type is missing")),
+            (~et.str.contains(EVENT_TYPE_PATTERN) | (et.str.len_chars() > MAX_EVENT_TYPE_LENGTH),
+             "bad_event_type", pl.format("event type {} is not a dotted lower-case name", et)),
+            (pl.col("__ts_raw").is_null(), "missing_timestamp", pl.lit("timestamp is missing")),
+            (ts.is_null(), "bad_timestamp",
+             pl.format("cannot read timestamp {}", pl.col("__ts_raw").cast(pl.String))),
+            (eid.is_null() | ~eid.str.len_chars().is_between(1, 128), "bad_event_id",
+             pl.lit("event id must be a string of 1 to 128 characters")),
+            ((v < 1) | (v > pl.col("__current_version")), "bad_version",
+             pl.format("metadata.version {} is not between 1 and {}", v,
+                       pl.col("__current_version"))),
+        ]
+        return self._apply_checks(frame, checks)
+
+    def _apply_checks(self, frame: pl.DataFrame, checks: list) -> pl.DataFrame:
+        reason, message = _reason(checks)
+        return frame.with_columns(
+            __reason=pl.coalesce(pl.col("__reason"), reason),
+            __message=pl.coalesce(pl.col("__message"), message),
+        )
+
+    def _per_type(self, value: Callable) -> pl.Expr:
+        """An expression giving, per row, ``value(schema of the row's event type)``."""
+        et = pl.col("__event_type")
+        expr = pl.when(pl.lit(False)).then(value(self.registry.default))
+        for name, schema in self.registry.schemas.items():
+            expr = expr.when(et == name).then(value(schema))
+        return expr.otherwise(value(self.registry.default))
+
+    # -- versions, payloads, keys ---------------------------------------------------------
+
+    def _payload_frame_columns(self, frame: pl.DataFrame, source_columns: list[str]) -> list[str]:
+        if isinstance(self.spec.mapping.payload, JsonRef):
+            return ["__payload"]
+        return [c for c in frame.columns if not c.startswith("__")] or source_columns
+
+    def _upcast(self, frame: pl.DataFrame, source_columns: list[str]) -> pl.DataFrame:
+        """Bring payloads of older versions up to date with the registered upcasters."""
+        old = pl.col("__reason").is_null() & (pl.col("__version") < pl.col("__current_version"))
+        if frame.select(old.any()).item() is not True:
+            return frame
+        frame = frame.with_row_index("__row")
+        groups = frame.filter(old).select("__event_type", "__version").unique().rows()
+        payload_cols = self._payload_frame_columns(frame, source_columns)
+        parts = [frame.filter(~old)]
+        for event_type, version in sorted(groups):
+            rows = frame.filter(old & (pl.col("__event_type") == event_type)
+                                & (pl.col("__version") == version))
+            parts.append(self._upcast_group(rows, event_type, version, payload_cols))
+        return pl.concat(parts, how="diagonal_relaxed").sort("__row").drop("__row")
+
+    def _upcast_group(self, rows: pl.DataFrame, event_type: str, version: int,
+                      payload_cols: list[str]) -> pl.DataFrame:
+        current = self.registry.schema_for(event_type).version
+        payload = rows.select(payload_cols).rename({"__payload": JSON_FIELD}, strict=False)
+        for step in range(version, current):
+            upcaster = self.registry.upcasters.get((event_type, step))
+            if upcaster is None:
+                return rows.with_columns(__reason=pl.lit("bad_version"), __message=pl.lit(
+                    f"no upcaster registered for {event_type} from version {step}"))
+            try:
+                payload = upcaster(payload)
+                if payload.height != rows.height:
+                    raise ValueError(f"returned {payload.height} rows for {rows.height}")
+            except Exception as exc:  # a user's upcaster: its failure is the events' reason
+                return rows.with_columns(__reason=pl.lit("upcast_failed"), __message=pl.lit(
+                    f"upcaster {event_type} v{step}: {type(exc).__name__}: {exc}"))
+        payload = payload.rename({JSON_FIELD: "__payload"}, strict=False)
+        kept = rows.drop([c for c in payload.columns if c in rows.columns])
+        return pl.concat([kept, payload], how="horizontal").with_columns(
+            __version=pl.col("__current_version"))
+
+    def _typed_payload(self, frame: pl.DataFrame, source_columns: list[str]) -> pl.DataFrame:
+        frame = self._upcast(frame, source_columns)
+        if not isinstance(self.spec.mapping.payload, JsonRef):
+            frame = frame.with_columns(__payload=self._payload_json(frame, source_columns))
+        et = pl.col("__event_type")
+        checks: list[tuple[pl.Expr, str, pl.Expr]] = []
+        for field in self.registry.data_type():
+            if field.name == JSON_FIELD:
+                continue
+            having = [n for n, s in self.registry.schemas.items() if field.name in s.struct.names]
+            required = [n for n in having if not self.registry.schemas[n].struct.field(
+                field.name).nullable]
+            source, dtype = self._field_source(field.name, frame)
+            src, out = pl.col(f"__src_{field.name}"), pl.col(f"__field_{field.name}")
+            frame = frame.with_columns(source.alias(src.meta.output_name()))
+            frame = frame.with_columns(
+                pl.when(et.is_in(having)).then(cast_field(src, dtype, field.type)).alias(
+                    out.meta.output_name()))
+            checks += [
+                (et.is_in(required) & src.is_null(), "missing_field",
+                 pl.lit(f"payload field {field.name} is missing")),
+                (et.is_in(having) & src.is_not_null() & out.is_null(), "bad_field",
+                 pl.format(f"payload field {field.name}: cannot read {{}} as {field.type}",
+                           src.cast(pl.String))),
+            ]
+        typed = list(self.registry.schemas)
+        size = pl.col("__payload").str.len_bytes()
+        checks.append((~et.is_in(typed) & (size > self.spec.limits.max_payload_bytes),
+                       "payload_too_large",
+                       pl.format("payload of {} bytes exceeds limits.max_payload_bytes", size)))
+        frame = self._apply_checks(frame, checks)
+        frame = frame.with_columns(__key=self._per_type(self._key_expr))
+        key = pl.col("__key")
+        return self._apply_checks(frame, [
+            (key.is_null() | (key == ""), "missing_key", self._per_type(
+                lambda s: pl.lit(f"partition key {s.key} is missing")))])
+
+    def _key_expr(self, schema) -> pl.Expr:
+        if schema.key in ENVELOPE_KEY_FIELDS:
+            return pl.col(f"__{schema.key}").cast(pl.String)
+        if schema.model is not None and schema.key in schema.struct.names:
+            return pl.col(f"__field_{schema.key}").cast(pl.String)
+        return pl.col("__payload").str.json_path_match(f"$.{schema.key}")
+
+    # -- outputs --------------------------------------------------------------------------
+
+    def _events(self, frame: pl.DataFrame, ingested_at: dt.datetime) -> pa.Table:
+        typed = list(self.registry.schemas)
+        data = [pl.col(f"__field_{f.name}").alias(f.name)
+                for f in self.registry.data_type() if f.name != JSON_FIELD]
+        data.append(pl.when(~pl.col("__event_type").is_in(typed)).then(pl.col("__payload"))
+                    .alias(JSON_FIELD))
+        out = frame.select(
+            event_id=pl.col("__event_id"),
+            event_type=pl.col("__event_type"),
+            timestamp=pl.col("__timestamp"),
+            source=pl.col("__source"),
+            correlation_id=pl.col("__correlation_id"),
+            key=pl.col("__key"),
+            data=pl.struct(data),
+            metadata=pl.struct(
+                version=pl.col("__version").cast(pl.Int32),
+                region=pl.col("__region"),
+                ingested_at=pl.lit(ingested_at).dt.cast_time_unit("us"),
+                tags=pl.col("__tags"),
+            ),
+        )
+        return out.to_arrow().cast(self.schema)
+
+    def _deadletters(self, frame: pl.DataFrame, raw: RawBatch, source_columns: list[str],
+                     ingested_at: dt.datetime) -> pa.Table:
+        if self.json_lines:
+            positions = np.searchsorted(raw.offsets, frame["__offset"].to_numpy())
+            raw_bytes = pl.Series(raw.records.column("line").take(pa.array(positions)))
+        else:
+            raw_bytes = frame.select(pl.struct(source_columns).struct.json_encode()).to_series()
+            raw_bytes = raw_bytes.cast(pl.Binary)
+        out = frame.select(
+            event_id=pl.col("__event_id"),
+            event_type=pl.col("__event_type"),
+            source=pl.lit(raw.source),
+            part=pl.lit(raw.part),
+            offset=pl.col("__offset"),
+            raw=raw_bytes,
+            reason=pl.col("__reason"),
+            message=pl.col("__message"),
+            ingested_at=pl.lit(ingested_at).dt.cast_time_unit("us"),
+        )
+        return out.to_arrow().cast(DEADLETTER_SCHEMA)

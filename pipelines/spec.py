@@ -1,0 +1,217 @@
+"""Pipeline configuration: YAML in ``configs/``, validated once by frozen pydantic models.
+
+A :class:`PipelineSpec` is an inert description: building one runs nothing. The entry
+point (``eventray run``) loads it with :func:`load_pipeline`; each component then gets only
+its own small settings object (``spec.source``, ``spec.mapping``, ``spec.runtime``...).
+A bad config fails here, at start-up, with a message naming the field.
+
+Example:
+    >>> spec = PipelineSpec.model_validate({
+    ...     "name": "demo",
+    ...     "source": {"format": "jsonl", "path": ["events.jsonl"]},
+    ...     "mapping": {"event_type": "eventType", "timestamp": "timestamp"},
+    ... })
+    >>> spec.runtime.partitions
+    2
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from pipelines.envelope import (
+    EVENT_TYPE_PATTERN,
+    PayloadRegistry,
+    PayloadSchema,
+    model_from_yaml,
+)
+from pipelines.errors import ConfigError, SchemaError
+
+ENVELOPE_KEY_FIELDS = ("event_id", "event_type", "source", "correlation_id")
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Constant(_Frozen):
+    """A constant value in a field mapping: ``event_type: {value: transaction.created}``."""
+
+    value: str
+
+
+#: A mapped field: a source column (or JSON field) name, or a constant.
+FieldRef = str | Constant
+
+
+class PaceSpec(_Frozen):
+    """Paced replay: release events by their timestamps, ``speedup`` times faster."""
+
+    speedup: float = Field(gt=0)
+
+
+class SimulateIfMissing(_Frozen):
+    """Generate the source's files with the simulator when its path does not exist."""
+
+    n_days: int = Field(default=61, gt=0)
+    n_customers: int = Field(default=5000, gt=0)
+    n_terminals: int = Field(default=10000, gt=0)
+    start_date: str = "2018-04-01"
+    seed: int = 0
+
+
+class SourceSpec(_Frozen):
+    """Where events come from."""
+
+    format: Literal["parquet", "csv", "jsonl"]
+    name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.-]+$")
+    path: list[str] = Field(min_length=1)
+    pattern: str | None = None
+    batch_size: int = Field(default=10_000, gt=0)
+    pace: PaceSpec | None = None
+    simulate_if_missing: SimulateIfMissing | None = None
+
+    @property
+    def source_name(self) -> str:
+        return self.name or self.format
+
+
+class JsonRef(_Frozen):
+    """A JSON-object column: ``payload: {json: data}`` keeps ``data`` as a JSON object."""
+
+    json_: str = Field(alias="json")
+
+
+class ColumnsRef(_Frozen):
+    """Payload taken from source columns: ``payload: {columns: all}`` or a list of names."""
+
+    columns: Literal["all"] | list[str] = "all"
+    exclude: list[str] = Field(default_factory=list)
+
+
+class MappingSpec(_Frozen):
+    """How a source's records become envelope fields.
+
+    ``event_id`` absent means "derive a UUIDv5 from source, part and offset".
+    ``source`` absent means the source's name. ``correlation_id`` absent means the event id.
+    """
+
+    event_id: FieldRef | None = None
+    event_type: FieldRef
+    timestamp: str
+    timestamp_unit: Literal["auto", "s", "ms", "us", "ns"] = "auto"
+    source: FieldRef | None = None
+    correlation_id: FieldRef | None = None
+    payload: JsonRef | ColumnsRef = Field(default_factory=ColumnsRef)
+    metadata: JsonRef | None = None
+
+
+class EventTypeSpec(_Frozen):
+    """One event type: its partition key, payload schema and metadata defaults."""
+
+    key: str = "correlation_id"
+    version: int = Field(default=1, ge=1)
+    region: str | None = None
+    payload: dict[str, str] | None = None
+    payload_model: str | None = Field(default=None, pattern=r"^[\w.]+:\w+$")
+
+
+class LimitsSpec(_Frozen):
+    max_payload_bytes: int = Field(default=1 << 20, gt=0)
+
+
+class RuntimeSpec(_Frozen):
+    """Settings of the Ray runtime (``cluster``)."""
+
+    partitions: int = Field(default=2, ge=1, le=1024)
+    max_in_flight: int = Field(default=4, ge=1)
+    object_store_mb: int = Field(default=512, ge=64)
+
+
+class StoreSpec(_Frozen):
+    path: str = "store"
+
+
+class PipelineSpec(_Frozen):
+    """A whole pipeline: source, mapping, event types, limits, runtime and store."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    source: SourceSpec
+    mapping: MappingSpec
+    event_types: dict[str, EventTypeSpec] = Field(default_factory=dict)
+    default_event_type: EventTypeSpec = Field(default_factory=EventTypeSpec)
+    limits: LimitsSpec = Field(default_factory=LimitsSpec)
+    runtime: RuntimeSpec = Field(default_factory=RuntimeSpec)
+    store: StoreSpec = Field(default_factory=StoreSpec)
+
+    @field_validator("event_types")
+    @classmethod
+    def _event_type_names(cls, value: dict[str, EventTypeSpec]) -> dict[str, EventTypeSpec]:
+        for name in value:
+            if not re.match(EVENT_TYPE_PATTERN, name):
+                raise ValueError(f"event type {name!r} is not a dotted lower-case name")
+        return value
+
+    def registry(self) -> PayloadRegistry:
+        """The payload registry these event types describe."""
+        registry = PayloadRegistry(default=_payload_schema("*", self.default_event_type))
+        for name, spec in self.event_types.items():
+            registry.register(_payload_schema(name, spec))
+        return registry
+
+
+def _payload_schema(name: str, spec: EventTypeSpec) -> PayloadSchema:
+    if spec.payload is not None and spec.payload_model is not None:
+        raise SchemaError(f"event_types.{name}: give payload or payload_model, not both")
+    model = None
+    if spec.payload is not None:
+        model = model_from_yaml(name, spec.payload)
+    elif spec.payload_model is not None:
+        module, _, attr = spec.payload_model.partition(":")
+        try:
+            model = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as exc:
+            raise SchemaError(f"event_types.{name}.payload_model: cannot import: {exc}") from exc
+    return PayloadSchema(name, model, version=spec.version, key=spec.key, region=spec.region)
+
+
+def _format_validation_error(path: str, exc: ValidationError) -> str:
+    lines = [f"{path}: invalid pipeline config"]
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        lines.append(f"  {where}: {err['msg']}")
+    return "\n".join(lines)
+
+
+def load_pipeline(path: str | Path, overrides: dict[str, Any] | None = None) -> PipelineSpec:
+    """Read, validate and freeze a pipeline config; raise :class:`ConfigError` naming fields.
+
+    Args:
+        path: the YAML file.
+        overrides: top-level sections to update before validation, e.g.
+            ``{"source": {"path": ["in/"]}}`` (merged one level deep).
+    """
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a pipeline config is a YAML mapping")
+    for section, values in (overrides or {}).items():
+        raw[section] = {**(raw.get(section) or {}), **values}
+    try:
+        spec = PipelineSpec.model_validate(raw)
+        spec.registry()
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(str(path), exc)) from None
+    except SchemaError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    return spec
