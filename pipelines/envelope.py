@@ -262,6 +262,9 @@ def envelope_schema(registry: PayloadRegistry | None = None) -> pa.Schema:
     )
 
 
+#: The ``event_type`` of dead letters whose claimed type is missing or not a valid name.
+INVALID_EVENT_TYPE = "_invalid"
+
 ReasonCode = Literal[
     "bad_encoding",
     "bad_json",
@@ -283,7 +286,8 @@ ReasonCode = Literal[
 DEADLETTER_SCHEMA = pa.schema(
     [
         pa.field("event_id", pa.string()),
-        pa.field("event_type", pa.string()),  # as claimed by the producer, may be anything
+        pa.field("event_type", pa.string(), nullable=False),  # claimed if valid, else _invalid
+        pa.field("claimed_event_type", pa.string()),  # as the producer gave it: may be anything
         pa.field("source", pa.string(), nullable=False),
         pa.field("part", pa.string(), nullable=False),
         pa.field("offset", pa.int64(), nullable=False),

@@ -37,11 +37,13 @@ import pyarrow as pa
 from pipelines.envelope import (
     DEADLETTER_SCHEMA,
     EVENT_TYPE_PATTERN,
+    INVALID_EVENT_TYPE,
     JSON_FIELD,
     MAX_EVENT_TYPE_LENGTH,
     PayloadRegistry,
     envelope_schema,
 )
+from pipelines.dedup import DuplicateFilter
 from pipelines.event_ids import derived_event_ids
 from pipelines.payloads import cast_field
 from pipelines.sources import RawBatch
@@ -181,8 +183,14 @@ class Normaliser:
 
     # -- the batch ------------------------------------------------------------------------
 
-    def normalise(self, raw: RawBatch) -> Normalised:
-        """Normalise one source batch (see the module docstring for the checks)."""
+    def normalise(self, raw: RawBatch, duplicates: DuplicateFilter | None = None) -> Normalised:
+        """Normalise one source batch (see the module docstring for the checks).
+
+        Args:
+            raw: the source batch.
+            duplicates: the run's duplicate filter; valid events whose id it has seen
+                become ``duplicate_event_id`` dead letters (and it learns the others).
+        """
         ingested_at = self.clock()
         records = raw.records
         source_columns = [c for c in records.schema.names]
@@ -197,6 +205,8 @@ class Normaliser:
         frame = frame.with_columns(__offset=pl.Series(raw.offsets, dtype=pl.Int64))
         frame = self._envelope_columns(frame, raw, source_columns)
         frame = self._typed_payload(frame, source_columns)
+        if duplicates is not None:
+            frame = self._mark_duplicates(frame, duplicates)
         events = self._events(frame.filter(pl.col("__reason").is_null()), ingested_at)
         dead = self._deadletters(frame.filter(pl.col("__reason").is_not_null()), raw,
                                  source_columns, ingested_at)
@@ -359,6 +369,13 @@ class Normaliser:
             return pl.col(f"__field_{schema.key}").cast(pl.String)
         return pl.col("__payload").str.json_path_match(f"$.{schema.key}")
 
+    def _mark_duplicates(self, frame: pl.DataFrame, duplicates: DuplicateFilter) -> pl.DataFrame:
+        valid = frame["__reason"].is_null().to_numpy()
+        repeat = duplicates.mark(frame["__event_id"].fill_null("").to_arrow(), keep=valid)
+        return self._apply_checks(frame.with_columns(__duplicate=repeat), [(
+            pl.col("__duplicate"), "duplicate_event_id",
+            pl.format("event id {} was already stored", pl.col("__event_id")))])
+
     # -- outputs --------------------------------------------------------------------------
 
     def _events(self, frame: pl.DataFrame, ingested_at: dt.datetime) -> pa.Table:
@@ -394,7 +411,10 @@ class Normaliser:
             raw_bytes = raw_bytes.cast(pl.Binary)
         out = frame.select(
             event_id=pl.col("__event_id"),
-            event_type=pl.col("__event_type"),
+            event_type=pl.when(pl.col("__event_type").str.contains(EVENT_TYPE_PATTERN)
+                               & (pl.col("__event_type").str.len_chars() <= MAX_EVENT_TYPE_LENGTH))
+            .then(pl.col("__event_type")).otherwise(pl.lit(INVALID_EVENT_TYPE)),
+            claimed_event_type=pl.col("__event_type"),
             source=pl.lit(raw.source),
             part=pl.lit(raw.part),
             offset=pl.col("__offset"),

@@ -1,0 +1,171 @@
+"""The Parquet event store: hive-partitioned tables that Polars scans lazily.
+
+Layout::
+
+    STORE/<table>/event_type=<type>/date=<YYYY-MM-DD>/part-<writer>-<seq>.parquet
+
+Tables: ``events``, ``deadletter`` (and, as the pipeline grows, ``scores``, ``alerts``,
+``actions``). ``date`` is the UTC date of the row's event time (``ingested_at`` for dead
+letters). Files are written atomically (temporary name, then rename) and named by
+(writer, batch sequence): a batch written again after a retry replaces its file instead of
+adding a copy, which makes writes idempotent. Compaction can later merge a partition
+directory's files into one and remove the originals without changing any reader.
+
+Every table reads as a whole with
+``pl.scan_parquet(STORE/"<table>"/"**"/"*.parquet", hive_partitioning=True)``:
+every file of a table has one schema.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import re
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipelines.envelope import INVALID_EVENT_TYPE
+from pipelines.errors import StoreError
+
+TABLES = ("events", "scores", "alerts", "actions", "deadletter")
+#: The column whose UTC date partitions each table.
+TIME_COLUMN = {"deadletter": "ingested_at"}
+_SAFE_VALUE = re.compile(r"^[a-z0-9_][a-z0-9_.-]{0,127}$")
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
+
+
+def safe_partition_value(value: str | None) -> str:
+    """``value`` if it is safe as a directory name, else ``_invalid``.
+
+    Safe means lower-case letters, digits, ``_``, ``.`` and ``-``, not starting with ``.``
+    and without ``..``: no value can name a parent directory or leave the store root.
+
+    Example:
+        >>> safe_partition_value("transaction.created"), safe_partition_value("../../x")
+        ('transaction.created', '_invalid')
+    """
+    if value is None or not _SAFE_VALUE.match(value) or ".." in value:
+        return INVALID_EVENT_TYPE
+    return value
+
+
+def _check_name(kind: str, name: str) -> str:
+    if not _SAFE_NAME.match(name) or ".." in name:
+        raise StoreError(f"{kind} {name!r} is not a safe file name component")
+    return name
+
+
+class EventStore:
+    """A store rooted at a directory.
+
+    Example:
+        >>> import tempfile
+        >>> store = EventStore(tempfile.mkdtemp())
+        >>> rows = pa.table({"event_type": ["a.b"], "timestamp": pa.array(
+        ...     [dt.datetime(2024, 1, 1)], pa.timestamp("us", "UTC")), "key": ["k"]})
+        >>> [p.parent.name for p in store.write("events", rows, writer="p0", seq=0)]
+        ['date=2024-01-01']
+        >>> store.scan("events").select(pl.len()).collect().item()
+        1
+    """
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root).resolve()
+
+    def table_dir(self, table: str) -> Path:
+        return self.root / _check_name("table", table)
+
+    def write(self, table: str, rows: pa.Table, writer: str, seq: int) -> list[Path]:
+        """Write one batch, one file per (event type, date); returns the files written.
+
+        Writing the same (table, writer, seq) again replaces the same files.
+        """
+        _check_name("writer", writer)
+        if seq < 0:
+            raise StoreError(f"batch sequence must be >= 0, got {seq}")
+        if rows.num_rows == 0:
+            return []
+        time_column = TIME_COLUMN.get(table, "timestamp")
+        frame = pl.from_arrow(rows.select(["event_type", time_column]))
+        assert isinstance(frame, pl.DataFrame)
+        groups = frame.with_row_index("__row").with_columns(
+            __dir=pl.col("event_type").map_batches(_safe_column, return_dtype=pl.String),
+            __date=pl.col(time_column).dt.date().cast(pl.String),
+        ).partition_by(["__dir", "__date"], maintain_order=True, as_dict=True)
+        written = []
+        name = f"part-{writer}-{seq:012d}.parquet"
+        for (type_dir, date), group in groups.items():
+            directory = self.table_dir(table) / f"event_type={type_dir}" / f"date={date}"
+            piece = rows.take(pa.array(group["__row"].to_numpy()))
+            written.append(self._write_atomic(directory / name, piece))
+        return written
+
+    @staticmethod
+    def _write_atomic(path: Path, rows: pa.Table) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+        try:
+            pq.write_table(rows, tmp, compression="zstd")
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return path
+
+    def files(self, table: str, event_types: Sequence[str] | None = None) -> list[Path]:
+        """The table's data files (optionally of some event types), sorted."""
+        base = self.table_dir(table)
+        if event_types is None:
+            return sorted(base.glob("event_type=*/date=*/*.parquet"))
+        found: list[Path] = []
+        for event_type in event_types:
+            found += base.glob(f"event_type={safe_partition_value(event_type)}/date=*/*.parquet")
+        return sorted(found)
+
+    def scan(
+        self,
+        table: str,
+        event_types: Sequence[str] | None = None,
+        start: dt.datetime | None = None,
+        end: dt.datetime | None = None,
+        keys: Sequence[str] | None = None,
+    ) -> pl.LazyFrame:
+        """A lazy frame over a table, pruned by event type (directories) and time (dates).
+
+        Args:
+            table: ``events``, ``deadletter``...
+            event_types: only these types; their directories alone are read.
+            start: only rows with time >= start (UTC-aware datetime).
+            end: only rows with time < end.
+            keys: only rows of these partition keys.
+
+        Raises:
+            StoreError: the table has no data files (of those event types).
+        """
+        files = self.files(table, event_types)
+        if not files:
+            raise StoreError(f"table {table!r} has no data under {self.table_dir(table)}")
+        frame = pl.scan_parquet(files, hive_partitioning=True)
+        time_column = TIME_COLUMN.get(table, "timestamp")
+        for bound, keep in ((start, pl.Expr.__ge__), (end, pl.Expr.__lt__)):
+            if bound is None:
+                continue
+            if bound.tzinfo is None:
+                raise StoreError("scan bounds must be timezone-aware datetimes (UTC)")
+            utc = bound.astimezone(dt.UTC)
+            date_bound = utc.date() if keep is pl.Expr.__ge__ else utc.date() + dt.timedelta(1)
+            date_keep = pl.Expr.__ge__ if keep is pl.Expr.__ge__ else pl.Expr.__lt__
+            frame = frame.filter(date_keep(pl.col("date"), date_bound), keep(pl.col(time_column), utc))
+        if keys is not None:
+            frame = frame.filter(pl.col("key").is_in(list(keys)))
+        return frame
+
+
+def _safe_column(values: pl.Series) -> pl.Series:
+    """Directory names for a column of event types (vectorised)."""
+    ok = values.str.contains(_SAFE_VALUE.pattern) & ~values.str.contains("..", literal=True)
+    return pl.select(pl.when(ok.fill_null(False)).then(values).otherwise(pl.lit(INVALID_EVENT_TYPE))).to_series()
