@@ -17,6 +17,11 @@ from pipelines.hashing import fnv1a64
 class DuplicateFilter:
     """Remembers stored event ids; marks repeats within and across batches.
 
+    The seen hashes are kept as a few sorted runs of doubling sizes (a log-structured
+    merge): a batch is checked with one binary search per run and appended as a new run;
+    runs of similar size are merged, so the cost per event stays logarithmic instead of
+    re-sorting everything seen for every batch.
+
     Example:
         >>> f = DuplicateFilter()
         >>> f.mark(pa.array(["a", "b", "a"])).tolist()
@@ -26,10 +31,26 @@ class DuplicateFilter:
     """
 
     def __init__(self) -> None:
-        self._seen = np.empty(0, dtype=np.uint64)
+        self._runs: list[np.ndarray] = []
 
     def __len__(self) -> int:
-        return len(self._seen)
+        return sum(len(run) for run in self._runs)
+
+    def _seen(self, hashes: np.ndarray) -> np.ndarray:
+        found = np.zeros(len(hashes), dtype=bool)
+        for run in self._runs:
+            position = np.minimum(np.searchsorted(run, hashes), len(run) - 1)
+            found |= run[position] == hashes
+        return found
+
+    def _add(self, hashes: np.ndarray) -> None:
+        if len(hashes) == 0:
+            return
+        self._runs.append(np.sort(hashes))
+        while len(self._runs) > 1 and len(self._runs[-2]) <= 2 * len(self._runs[-1]):
+            newer = self._runs.pop()
+            older = self._runs.pop()
+            self._runs.append(np.sort(np.concatenate([older, newer]), kind="mergesort"))
 
     def mark(self, event_ids: pa.Array, keep: np.ndarray | None = None) -> np.ndarray:
         """Mask of duplicates among ``event_ids``; records the others as seen.
@@ -49,17 +70,14 @@ class DuplicateFilter:
         _, first = np.unique(h, return_index=True)
         repeated = np.ones(len(h), dtype=bool)
         repeated[first] = False
-        position = np.searchsorted(self._seen, h)
-        seen = (position < len(self._seen)) & (
-            self._seen[np.minimum(position, len(self._seen) - 1)] == h
-        ) if len(self._seen) else np.zeros(len(h), dtype=bool)
-        duplicate[rows] = repeated | seen
-        self._seen = np.union1d(self._seen, h[~duplicate[rows]])
+        duplicate[rows] = repeated | self._seen(h)
+        self._add(h[~duplicate[rows]])
         return duplicate
 
     def snapshot(self) -> bytes:
         """The state as immutable bytes (for checkpoints)."""
-        return self._seen.tobytes()
+        return np.sort(np.concatenate(self._runs)).tobytes() if self._runs else b""
 
     def restore(self, state: bytes) -> None:
-        self._seen = np.frombuffer(state, dtype=np.uint64).copy()
+        run = np.frombuffer(state, dtype=np.uint64).copy()
+        self._runs = [run] if len(run) else []

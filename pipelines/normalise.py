@@ -34,6 +34,7 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
+from pipelines.dedup import DuplicateFilter
 from pipelines.envelope import (
     DEADLETTER_SCHEMA,
     EVENT_TYPE_PATTERN,
@@ -43,7 +44,6 @@ from pipelines.envelope import (
     PayloadRegistry,
     envelope_schema,
 )
-from pipelines.dedup import DuplicateFilter
 from pipelines.event_ids import derived_event_ids
 from pipelines.payloads import cast_field
 from pipelines.sources import RawBatch

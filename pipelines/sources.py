@@ -34,6 +34,8 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from pipelines.errors import PipelineError
+
 __all__ = [
     "CsvSource",
     "JsonLinesSource",
@@ -59,7 +61,7 @@ _JSONL_SCHEMA = pa.schema([pa.field("line", pa.binary())])
 _Chunk = tuple[pa.RecordBatch, np.ndarray]
 
 
-class SourceError(Exception):
+class SourceError(PipelineError):
     """Unusable source configuration: missing path, no match, bad batch size, unknown part."""
 
 
@@ -356,6 +358,12 @@ class _FileSource(Source):
 
     def list_parts(self) -> list[str]:
         return list(self._parts)
+
+    def path_of(self, part: str) -> Path:
+        """The file behind a part id."""
+        if part not in self._parts:
+            raise SourceError(f"part: unknown part {part!r} of source {self.name!r}")
+        return self._parts[part]
 
     def open_part(self, part: str, start: int = 0) -> SourceReader:
         path = self._parts.get(part)

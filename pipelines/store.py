@@ -151,21 +151,25 @@ class EventStore:
             raise StoreError(f"table {table!r} has no data under {self.table_dir(table)}")
         frame = pl.scan_parquet(files, hive_partitioning=True)
         time_column = TIME_COLUMN.get(table, "timestamp")
-        for bound, keep in ((start, pl.Expr.__ge__), (end, pl.Expr.__lt__)):
-            if bound is None:
-                continue
-            if bound.tzinfo is None:
-                raise StoreError("scan bounds must be timezone-aware datetimes (UTC)")
-            utc = bound.astimezone(dt.UTC)
-            date_bound = utc.date() if keep is pl.Expr.__ge__ else utc.date() + dt.timedelta(1)
-            date_keep = pl.Expr.__ge__ if keep is pl.Expr.__ge__ else pl.Expr.__lt__
-            frame = frame.filter(date_keep(pl.col("date"), date_bound), keep(pl.col(time_column), utc))
+        if start is not None:
+            start = _utc(start)
+            frame = frame.filter(pl.col("date") >= start.date(), pl.col(time_column) >= start)
+        if end is not None:
+            end = _utc(end)
+            frame = frame.filter(pl.col("date") <= end.date(), pl.col(time_column) < end)
         if keys is not None:
             frame = frame.filter(pl.col("key").is_in(list(keys)))
         return frame
 
 
+def _utc(moment: dt.datetime) -> dt.datetime:
+    if moment.tzinfo is None:
+        raise StoreError("scan bounds must be timezone-aware datetimes (UTC)")
+    return moment.astimezone(dt.UTC)
+
+
 def _safe_column(values: pl.Series) -> pl.Series:
     """Directory names for a column of event types (vectorised)."""
     ok = values.str.contains(_SAFE_VALUE.pattern) & ~values.str.contains("..", literal=True)
-    return pl.select(pl.when(ok.fill_null(False)).then(values).otherwise(pl.lit(INVALID_EVENT_TYPE))).to_series()
+    safe = pl.when(ok.fill_null(False)).then(values).otherwise(pl.lit(INVALID_EVENT_TYPE))
+    return pl.select(safe).to_series()

@@ -1,0 +1,124 @@
+"""The ``eventray`` command line (also ``python -m cluster``).
+
+Commands:
+    run CONFIG       run a pipeline (embedded local Ray, or ``--address`` of a cluster)
+    submit CONFIG    submit the same run to a cluster as a Ray job and follow its logs
+    simulate         write synthetic card transactions (the project's own generator)
+
+Every command ends by printing one JSON line on stdout. Bad arguments print usage;
+bad configs print what is wrong with which field; neither prints a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from pipelines.errors import PipelineError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="eventray", description="Real-time, event-driven pipelines on Ray.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="run a pipeline")
+    run.add_argument("config", type=Path, help="pipeline YAML, e.g. configs/fraud.yaml")
+    run.add_argument("--address", help="Ray cluster address; default: an embedded local Ray")
+    run.add_argument("--store", type=Path, help="store directory (default: the config's)")
+    run.add_argument("--input", nargs="+", metavar="PATH",
+                     help="files, folders or globs to read instead of the config's")
+    run.add_argument("--partitions", type=_positive, help="override runtime.partitions")
+    run.add_argument("--in-process", action="store_true",
+                     help="run without Ray, in this process (debugging)")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    submit = commands.add_parser("submit", help="submit a run to a cluster as a Ray job")
+    submit.add_argument("config", type=Path)
+    submit.add_argument("--address", required=True, help="dashboard URL, http://HOST:8265")
+    submit.add_argument("--store", type=Path)
+    submit.add_argument("--input", nargs="+", metavar="PATH")
+    submit.add_argument("--python", default=sys.executable,
+                        help="interpreter on the cluster side (default: this one)")
+    submit.add_argument("--no-wait", action="store_true", help="return once submitted")
+
+    sim = commands.add_parser("simulate", help="write synthetic card transactions")
+    sim.add_argument("--out", type=Path, required=True, help="output folder")
+    sim.add_argument("--days", type=_positive, default=183)
+    sim.add_argument("--customers", type=_positive, default=5000)
+    sim.add_argument("--terminals", type=_positive, default=10000)
+    sim.add_argument("--start", default="2018-04-01", help="first day, YYYY-MM-DD")
+    sim.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not >= 1")
+    return value
+
+
+def _log(message: str) -> None:
+    print(f"eventray: {message}", file=sys.stderr, flush=True)
+
+
+def command_run(args: argparse.Namespace) -> dict[str, Any]:
+    from cluster.ray_runtime import prepare_environment
+
+    prepare_environment(args.address)
+    from cluster.job import run_job
+
+    return run_job(args.config, address=args.address, store=args.store, inputs=args.input,
+                   partitions=args.partitions, in_process=args.in_process,
+                   progress=False if args.no_progress else None, log=_log)
+
+
+def command_submit(args: argparse.Namespace) -> dict[str, Any]:
+    from cluster.submit import submit_job
+
+    return submit_job(args.config, address=args.address, store=args.store, inputs=args.input,
+                      python=args.python, wait=not args.no_wait, log=_log)
+
+
+def command_simulate(args: argparse.Namespace) -> dict[str, Any]:
+    import time
+
+    from pipelines.simulator import SimulationSpec, simulate_transactions, write_monthly
+
+    started = time.perf_counter()
+    table = simulate_transactions(SimulationSpec(
+        n_customers=args.customers, n_terminals=args.terminals, start_date=args.start,
+        n_days=args.days, seed=args.seed))
+    files = write_monthly(table, args.out)
+    elapsed = time.perf_counter() - started
+    frauds = int(table.column("TX_FRAUD").to_numpy().sum())
+    return {"transactions": table.num_rows, "frauds": frauds, "files": [str(f) for f in files],
+            "elapsed_s": round(elapsed, 3),
+            "transactions_per_min": round(table.num_rows / elapsed * 60) if elapsed else None}
+
+
+COMMANDS = {"run": command_run, "submit": command_submit, "simulate": command_simulate}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        summary = COMMANDS[args.command](args)
+    except PipelineError as exc:
+        parser.exit(2, f"eventray {args.command}: error: {exc}\n")
+    except KeyboardInterrupt:
+        parser.exit(130, "eventray: interrupted\n")
+    print(json.dumps(summary, default=str), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

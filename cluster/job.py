@@ -1,0 +1,48 @@
+"""One run of a pipeline, as the CLI and a Ray job start it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pipelines.spec import load_pipeline
+
+
+def run_job(
+    config: Path,
+    address: str | None = None,
+    store: Path | None = None,
+    inputs: list[str] | None = None,
+    partitions: int | None = None,
+    in_process: bool = False,
+    progress: bool | None = None,
+    log: Callable[[str], None] = lambda _: None,
+) -> dict[str, Any]:
+    """Load and validate ``config``, then run it to the end; returns the summary."""
+    from cluster.driver import ensure_simulated_input, run_pipeline
+    from cluster.partitions import LocalPartitions, RayPartitions
+    from cluster.ray_runtime import ray_session
+
+    overrides: dict[str, Any] = {}
+    if partitions is not None:
+        overrides["runtime"] = {"partitions": partitions}
+    spec = load_pipeline(config, overrides)
+    store_root = Path(store or spec.store.path)
+    if not inputs:
+        ensure_simulated_input(spec.source, log)
+    runtime = spec.runtime
+    if in_process:
+        summary = run_pipeline(
+            spec, lambda prefix: LocalPartitions(runtime.partitions, store_root, prefix),
+            store_root, inputs, progress)
+        return {**summary, "ray": "in-process"}
+    with ray_session(address, object_store_mb=runtime.object_store_mb) as ray_facts:
+        cpus = max(ray_facts["cpus"], 1.0)
+        per_actor = min(1.0, cpus / runtime.partitions)
+        summary = run_pipeline(
+            spec,
+            lambda prefix: RayPartitions(runtime.partitions, store_root, prefix,
+                                         runtime.max_in_flight, per_actor),
+            store_root, inputs, progress)
+    return {**summary, "ray": ray_facts["mode"]}
