@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 from pipelines.dedup import DuplicateFilter
 from pipelines.errors import AccountingError, ConfigError, UnknownPluginError
 from pipelines.keyed import BatchReceipt, split_by_partition
-from pipelines.normalise import Normaliser
+from pipelines.normalise import Clock, Normaliser, utc_now
 from pipelines.pacing import Pacer
 from pipelines.sources import CsvSource, JsonLinesSource, ParquetSource, Source, iter_batches
 from pipelines.spec import PipelineSpec, SourceSpec
@@ -139,12 +139,22 @@ def run_pipeline(
     store_root: str | Path,
     inputs: list[str] | None = None,
     progress: bool | None = None,
+    clock: Clock = utc_now,
 ) -> dict[str, Any]:
-    """Run a pipeline to the end of its source; returns the summary (see the CLI)."""
+    """Run a pipeline to the end of its source; returns the summary (see the CLI).
+
+    Args:
+        spec: the validated pipeline.
+        executor_factory: builds the partition executor, given the run's file prefix.
+        store_root: the event store's directory.
+        inputs: paths to read instead of ``spec.source.path``.
+        progress: show a progress bar (default: when stderr is a terminal).
+        clock: stamps ``ingested_at`` (inject a fixed clock for byte-identical stores).
+    """
     source = build_source(spec.source, inputs)
     store = EventStore(store_root)
     prefix = run_id(spec, source)
-    normaliser, duplicates = Normaliser(spec), DuplicateFilter()
+    normaliser, duplicates = Normaliser(spec, clock), DuplicateFilter()
     pacer = Pacer(spec.source.pace.speedup) if spec.source.pace else None
     counts, receipts = RunCounts(), []
     executor = executor_factory(prefix)

@@ -226,7 +226,8 @@ class Normaliser:
             __event_type=self._ref(m.event_type, frame),
             __ts_raw=ts_raw.cast(pl.String) if ts_dtype == pl.Null else ts_raw,
             __timestamp=parse_timestamp(ts_raw, ts_dtype, m.timestamp_unit),
-            __source=self._ref(m.source, frame) if m.source else pl.lit(raw.source),
+            __source=pl.coalesce(self._ref(m.source, frame), pl.lit(raw.source))
+            if m.source else pl.lit(raw.source),
         )
         given = self._ref(m.correlation_id, frame)
         correlation = pl.lit(None, pl.String) if given is None else given

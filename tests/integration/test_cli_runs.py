@@ -1,0 +1,154 @@
+"""`eventray run` end to end, as a user runs it: a subprocess with an embedded local Ray."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from tests.conftest import ROOT
+
+EVENTRAY = str(Path(sys.executable).parent / "eventray")
+
+
+def eventray(*args: str, cwd: Path = ROOT, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([EVENTRAY, *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+
+
+def summary_of(result: subprocess.CompletedProcess) -> dict:
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.strip().splitlines()
+    return json.loads(lines[-1])
+
+
+def scan(store: Path, table: str) -> pl.DataFrame:
+    return pl.scan_parquet(store / table / "**" / "*.parquet", hive_partitioning=True).collect()
+
+
+def seed_event(i: int, event_type: str = "user.login", **extra: object) -> str:
+    event = {"eventId": f"evt-{i}", "eventType": event_type,
+             "timestamp": f"2024-05-01T10:{i % 60:02d}:00Z", "source": "web",
+             "correlationId": f"corr-{i % 7}", "data": {"n": i},
+             "metadata": {"version": 1, "region": "eu-west"}}
+    event.update(extra)
+    return json.dumps(event)
+
+
+MALFORMED = [
+    b'{"eventId": "broken", "eventType": ',
+    b'{"eventId": "no-type", "timestamp": "2024-05-01T10:00:00Z", "correlationId": "c"}',
+    b'{"eventId": "bad-ts", "eventType": "user.login", "timestamp": "soon", "correlationId": "c"}',
+    b'{"eventId": "escape", "eventType": "../../x", "timestamp": "2024-05-01T10:00:00Z",'
+    b' "correlationId": "c"}',
+    b'{"eventId": "abs", "eventType": "/etc/passwd", "timestamp": "2024-05-01T10:00:00Z",'
+    b' "correlationId": "c"}',
+    b"\xff\xfe not utf-8",
+    b"[1, 2, 3]",
+]
+
+
+def test_events_config_stores_valid_and_dead_letters_malformed(tmp_path: Path) -> None:
+    lines = [seed_event(i).encode() for i in range(200)]
+    for k, bad in enumerate(MALFORMED):
+        lines.insert(7 + 23 * k, bad)
+    source = tmp_path / "in" / "events.jsonl"
+    source.parent.mkdir()
+    source.write_bytes(b"\n".join(lines) + b"\n")
+    store = tmp_path / "store"
+
+    summary = summary_of(eventray("run", "configs/events.yaml", "--input", str(source),
+                                  "--store", str(store)))
+
+    assert summary["events_in"] == 207
+    assert (summary["stored"], summary["dead_lettered"]) == (200, 7)
+    events = scan(store, "events")
+    assert events.height == 200
+    assert sorted(events["event_id"]) == sorted(f"evt-{i}" for i in range(200))
+    dead = scan(store, "deadletter")
+    assert sorted(dead["raw"].to_list()) == sorted(MALFORMED)
+    assert dead["reason"].null_count() == 0 and dead["message"].str.len_chars().min() > 0
+    assert set(dead["event_type"]) <= {"_invalid", "user.login"}
+    # Nothing outside the store: the tmp dir holds only the input and the store.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "store"]
+    for path in store.rglob("*"):
+        assert path.resolve().is_relative_to(store.resolve())
+
+
+def test_fraud_config_on_simulator_output(tmp_path: Path) -> None:
+    sim = summary_of(eventray("simulate", "--out", str(tmp_path / "sim"), "--days", "20",
+                              "--customers", "800", "--terminals", "1500", "--seed", "3"))
+    store = tmp_path / "store"
+    summary = summary_of(eventray("run", "configs/fraud.yaml", "--input", str(tmp_path / "sim"),
+                                  "--store", str(store), "--partitions", "3"))
+    assert summary["stored"] == summary["events_in"] == sim["transactions"] > 10_000
+    events = scan(store, "events")
+    ids = events["data"].struct.field("TRANSACTION_ID")
+    assert ids.n_unique() == events.height == sim["transactions"]
+    assert events.schema["data"].to_schema()["TX_AMOUNT"] == pl.Float64
+    assert events["key"].cast(pl.Int64).equals(
+        events["data"].struct.field("CUSTOMER_ID"), check_names=False)
+
+
+def test_demo_from_a_fresh_directory_simulates_then_runs(tmp_path: Path) -> None:
+    shutil.copytree(ROOT / "configs", tmp_path / "configs")
+    summary = summary_of(eventray("run", "configs/fraud.yaml", "--store", "demo-store",
+                                  cwd=tmp_path))
+    assert (tmp_path / "data" / "simulated").is_dir()
+    assert summary["stored"] == summary["events_in"] > 100_000
+    assert scan(tmp_path / "demo-store", "events").height == summary["stored"]
+
+
+def test_rerunning_the_same_input_rewrites_instead_of_doubling(tmp_path: Path) -> None:
+    source = tmp_path / "events.jsonl"
+    source.write_text("\n".join(seed_event(i) for i in range(50)) + "\n")
+    store = tmp_path / "store"
+    for _ in range(2):
+        summary_of(eventray("run", "configs/events.yaml", "--input", str(source),
+                            "--store", str(store), "--in-process"))
+    assert scan(store, "events").height == 50
+
+
+@pytest.mark.slow
+def test_handbook_months_are_stored_exactly_once(tmp_path: Path, handbook_dir: Path) -> None:
+    store = tmp_path / "store"
+    summary = summary_of(eventray("run", "configs/fraud.yaml", "--input", str(handbook_dir),
+                                  "--store", str(store)))
+    assert summary["events_in"] == summary["stored"] == 1_466_282
+    assert summary["dead_lettered"] == 0
+    counts = pl.scan_parquet(store / "events" / "**" / "*.parquet", hive_partitioning=True).select(
+        pl.len(), pl.col("data").struct.field("TRANSACTION_ID").n_unique()).collect().row(0)
+    assert counts == (1_466_282, 1_466_282)
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        ([], "usage: eventray"),
+        (["run"], "the following arguments are required: config"),
+        (["run", "configs/nope.yaml"], "cannot read config"),
+        (["run", "configs/events.yaml", "--partitions", "0"], "0 is not >= 1"),
+        (["frobnicate"], "invalid choice"),
+    ],
+)
+def test_bad_arguments_print_usage_not_a_traceback(args: list[str], expected: str) -> None:
+    result = eventray(*args)
+    assert result.returncode == 2
+    assert expected in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_bad_config_names_the_field(tmp_path: Path) -> None:
+    config = tmp_path / "bad.yaml"
+    config.write_text((ROOT / "configs" / "events.yaml").read_text().replace(
+        "batch_size: 10000", "batch_size: -5"))
+    result = eventray("run", str(config), "--in-process")
+    assert result.returncode == 2
+    assert "source.batch_size" in result.stderr
+    assert "Traceback" not in result.stderr
