@@ -34,6 +34,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--partitions", type=_positive, help="override runtime.partitions")
     run.add_argument("--in-process", action="store_true",
                      help="run without Ray, in this process (debugging)")
+    run.add_argument("--resume", action="store_true",
+                     help="continue the run from its last checkpoint (after a crash)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     submit = commands.add_parser("submit", help="submit a run to a cluster as a Ray job")
@@ -77,7 +79,8 @@ def command_run(args: argparse.Namespace) -> dict[str, Any]:
 
     return run_job(args.config, address=args.address, store=args.store, inputs=args.input,
                    partitions=args.partitions, in_process=args.in_process,
-                   progress=False if args.no_progress else None, log=_log)
+                   progress=False if args.no_progress else None, resume=args.resume,
+                   log=_log)
 
 
 def command_submit(args: argparse.Namespace) -> dict[str, Any]:

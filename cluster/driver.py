@@ -21,6 +21,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from cluster.partitions import partition_writer
+from pipelines.checkpoint import Checkpoint, CheckpointStore
 from pipelines.dedup import DuplicateFilter
 from pipelines.errors import AccountingError, ConfigError, UnknownPluginError
 from pipelines.keyed import BatchReceipt, split_by_partition
@@ -30,6 +32,8 @@ from pipelines.sources import CsvSource, JsonLinesSource, ParquetSource, Source,
 from pipelines.spec import PipelineSpec, SourceSpec
 from pipelines.store import EventStore
 
+INGEST_WRITER = "ingest"
+
 SOURCE_FORMATS: dict[str, type[Source]] = {
     "parquet": ParquetSource,
     "csv": CsvSource,
@@ -38,10 +42,15 @@ SOURCE_FORMATS: dict[str, type[Source]] = {
 
 
 class PartitionExecutor(Protocol):
+    restarts: int
+
+    def start_at(self, seqs: dict[int, int]) -> None: ...
     def submit(self, partition: int, seq: int, rows: pa.Table) -> None: ...
     def completed(self) -> list[BatchReceipt]: ...
     def drain(self) -> list[BatchReceipt]: ...
     def in_flight(self) -> int: ...
+    def checkpoint(self, epoch: int) -> dict[int, int]: ...
+    def committed(self) -> None: ...
     def close(self) -> None: ...
 
 
@@ -56,6 +65,8 @@ class RunCounts:
     filtered: int = 0
     sent: int = 0
     batches: int = 0
+    checkpoints: int = 0
+    restarts: int = 0
     reasons: dict[str, int] = field(default_factory=dict)
 
     def check(self) -> None:
@@ -117,12 +128,12 @@ def weighted_percentiles(values: np.ndarray, weights: np.ndarray, qs: list[float
 class Progress:
     """A progress bar on a terminal (events, events/s); silent otherwise."""
 
-    def __init__(self, total: int | None, enabled: bool | None = None) -> None:
+    def __init__(self, total: int | None, enabled: bool | None = None, initial: int = 0) -> None:
         from tqdm import tqdm
 
         show = sys.stderr.isatty() if enabled is None else enabled
-        self.bar = tqdm(total=total, unit="ev", unit_scale=True, disable=not show,
-                        file=sys.stderr, dynamic_ncols=True, desc="events")
+        self.bar = tqdm(total=total, initial=initial, unit="ev", unit_scale=True,
+                        disable=not show, file=sys.stderr, dynamic_ncols=True, desc="events")
 
     def update(self, rows: int, counts: RunCounts, in_flight: int) -> None:
         self.bar.update(rows)
@@ -133,6 +144,100 @@ class Progress:
         self.bar.close()
 
 
+class PipelineRun:
+    """One run: the driver loop, its checkpoints and its resume.
+
+    Use :func:`run_pipeline`; this class only keeps the loop's state in one place.
+    """
+
+    def __init__(self, spec: PipelineSpec, executor_factory: Callable[[str], PartitionExecutor],
+                 store_root: str | Path, inputs: list[str] | None, clock: Clock) -> None:
+        self.spec = spec
+        self.source = build_source(spec.source, inputs)
+        self.store = EventStore(store_root)
+        self.run = run_id(spec, source=self.source)
+        self.checkpoints = CheckpointStore(store_root, self.run)
+        self.normaliser, self.duplicates = Normaliser(spec, clock), DuplicateFilter()
+        self.pacer = Pacer(spec.source.pace.speedup) if spec.source.pace else None
+        self.counts, self.receipts = RunCounts(), []
+        self.seqs = [0] * spec.runtime.partitions
+        self.offsets: dict[str, int] = {}
+        self.epoch = 0
+        self.executor_factory = executor_factory
+
+    def restore_or_reset(self, resume: bool) -> bool:
+        """Continue from the last checkpoint (``resume``) or clear the run's old output."""
+        latest = self.checkpoints.latest() if resume else None
+        if latest is None:
+            self.checkpoints.clear()
+            self.store.truncate(self.run, {})
+            return False
+        self.store.truncate(self.run, {
+            **{partition_writer(p): seq for p, seq in latest.partition_seqs.items()},
+            INGEST_WRITER: latest.deadletter_seq})
+        self.duplicates.restore(self.checkpoints.read_state(latest.epoch, "dedup"))
+        self.counts = RunCounts(**latest.counts, reasons=dict(latest.reasons))
+        self.seqs = [latest.partition_seqs[p] for p in range(len(self.seqs))]
+        self.offsets, self.epoch = dict(latest.source_offsets), latest.epoch
+        return True
+
+    def process(self, raw: Any, executor: PartitionExecutor) -> None:
+        out = self.normaliser.normalise(raw, self.duplicates)
+        self.store.write("deadletter", out.deadletters, writer=f"{self.run}-{INGEST_WRITER}",
+                         seq=self.counts.batches)
+        _count(self.counts, out)
+        for events in self.pacer.release(out.events) if self.pacer else [out.events]:
+            for partition, rows in split_by_partition(events, self.spec.runtime.partitions):
+                executor.submit(partition, self.seqs[partition], rows)
+                self.seqs[partition] += 1
+                self.counts.sent += rows.num_rows
+        self.offsets[raw.part] = raw.next_offset
+        self.acknowledge(executor.completed())
+
+    def acknowledge(self, receipts: list[BatchReceipt]) -> None:
+        self.counts.stored += sum(r.rows for r in receipts)
+        self.receipts += receipts
+
+    def checkpoint(self, executor: PartitionExecutor) -> None:
+        """An aligned checkpoint at this source-batch boundary (drains in-flight batches)."""
+        self.epoch += 1
+        seqs = executor.checkpoint(self.epoch)
+        self.acknowledge(executor.completed())
+        if seqs != dict(enumerate(self.seqs)):
+            raise AccountingError({"checkpoint_epoch": self.epoch, **{
+                f"partition_{p}_at": s for p, s in seqs.items()}})
+        self.checkpoints.write_state(self.epoch, "dedup", self.duplicates.snapshot())
+        counts = {k: v for k, v in asdict(self.counts).items() if k != "reasons"}
+        self.checkpoints.commit(Checkpoint(
+            self.epoch, dict(self.offsets), seqs, self.counts.batches, counts,
+            dict(self.counts.reasons)))
+        executor.committed()
+        self.counts.checkpoints += 1
+
+    def execute(self, resume: bool, progress: bool | None) -> dict[str, Any]:
+        resumed = self.restore_or_reset(resume)
+        executor = self.executor_factory(self.run)
+        executor.start_at(dict(enumerate(self.seqs)))
+        bar = Progress(estimate_rows(self.source), progress, initial=self.counts.read)
+        every = self.spec.runtime.checkpoint_every
+        started = time.perf_counter()
+        try:
+            for raw in iter_batches(self.source, self.offsets):
+                self.process(raw, executor)
+                if self.counts.batches % every == 0:
+                    self.checkpoint(executor)
+                bar.update(raw.num_rows, self.counts, executor.in_flight())
+            self.checkpoint(executor)
+            self.counts.restarts = executor.restarts
+        finally:
+            bar.close()
+            executor.close()
+        self.counts.check()
+        elapsed = time.perf_counter() - started
+        return {**_summary(self.spec, self.counts, self.receipts, elapsed, self.store),
+                "run": self.run, "resumed": resumed}
+
+
 def run_pipeline(
     spec: PipelineSpec,
     executor_factory: Callable[[str], PartitionExecutor],
@@ -140,6 +245,7 @@ def run_pipeline(
     inputs: list[str] | None = None,
     progress: bool | None = None,
     clock: Clock = utc_now,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Run a pipeline to the end of its source; returns the summary (see the CLI).
 
@@ -150,37 +256,9 @@ def run_pipeline(
         inputs: paths to read instead of ``spec.source.path``.
         progress: show a progress bar (default: when stderr is a terminal).
         clock: stamps ``ingested_at`` (inject a fixed clock for byte-identical stores).
+        resume: continue from the run's last checkpoint instead of starting over.
     """
-    source = build_source(spec.source, inputs)
-    store = EventStore(store_root)
-    prefix = run_id(spec, source)
-    normaliser, duplicates = Normaliser(spec, clock), DuplicateFilter()
-    pacer = Pacer(spec.source.pace.speedup) if spec.source.pace else None
-    counts, receipts = RunCounts(), []
-    executor = executor_factory(prefix)
-    bar = Progress(estimate_rows(source), progress)
-    started = time.perf_counter()
-    seqs = [0] * spec.runtime.partitions
-    try:
-        for raw in iter_batches(source):
-            out = normaliser.normalise(raw, duplicates)
-            store.write("deadletter", out.deadletters, writer=f"{prefix}-ingest", seq=counts.batches)
-            _count(counts, out)
-            releases = pacer.release(out.events) if pacer else [out.events]
-            for events in releases:
-                for partition, rows in split_by_partition(events, spec.runtime.partitions):
-                    executor.submit(partition, seqs[partition], rows)
-                    seqs[partition] += 1
-                    counts.sent += rows.num_rows
-            receipts += _stored(counts, executor.completed())
-            bar.update(raw.num_rows, counts, executor.in_flight())
-        receipts += _stored(counts, executor.drain())
-    finally:
-        bar.close()
-        executor.close()
-    elapsed = time.perf_counter() - started
-    counts.check()
-    return _summary(spec, counts, receipts, elapsed, store)
+    return PipelineRun(spec, executor_factory, store_root, inputs, clock).execute(resume, progress)
 
 
 def _count(counts: RunCounts, out: Any) -> None:
@@ -194,11 +272,6 @@ def _count(counts: RunCounts, out: Any) -> None:
         for reason, k in zip(reasons.tolist(), n.tolist(), strict=True):
             counts.reasons[reason] = counts.reasons.get(reason, 0) + k
         counts.duplicates = counts.reasons.get("duplicate_event_id", 0)
-
-
-def _stored(counts: RunCounts, receipts: list[BatchReceipt]) -> list[BatchReceipt]:
-    counts.stored += sum(r.rows for r in receipts)
-    return receipts
 
 
 def _summary(spec: PipelineSpec, counts: RunCounts, receipts: list[BatchReceipt],
@@ -217,6 +290,8 @@ def _summary(spec: PipelineSpec, counts: RunCounts, receipts: list[BatchReceipt]
         "reasons": dict(sorted(counts.reasons.items())),
         "partitions": spec.runtime.partitions,
         "batches": counts.batches,
+        "checkpoints": counts.checkpoints,
+        "restarts": counts.restarts,
         "elapsed_s": round(elapsed, 3),
         "events_per_s": round(counts.read / elapsed, 1) if elapsed > 0 else None,
         "latency_ms": {"p50": round(p50 * 1000, 2), "p99": round(p99 * 1000, 2)},

@@ -17,6 +17,7 @@ def run_job(
     partitions: int | None = None,
     in_process: bool = False,
     progress: bool | None = None,
+    resume: bool = False,
     log: Callable[[str], None] = lambda _: None,
 ) -> dict[str, Any]:
     """Load and validate ``config``, then run it to the end; returns the summary."""
@@ -35,7 +36,7 @@ def run_job(
     if in_process:
         summary = run_pipeline(
             spec, lambda prefix: LocalPartitions(runtime.partitions, store_root, prefix),
-            store_root, inputs, progress)
+            store_root, inputs, progress, resume=resume)
         return {**summary, "ray": "in-process"}
     with ray_session(address, object_store_mb=runtime.object_store_mb) as ray_facts:
         cpus = max(ray_facts["cpus"], 1.0)
@@ -44,5 +45,5 @@ def run_job(
             spec,
             lambda prefix: RayPartitions(runtime.partitions, store_root, prefix,
                                          runtime.max_in_flight, per_actor),
-            store_root, inputs, progress)
+            store_root, inputs, progress, resume=resume)
     return {**summary, "ray": ray_facts["mode"]}

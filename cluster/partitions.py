@@ -1,34 +1,76 @@
-"""Partition executors: where a partition's batches are applied, and how many are in flight.
+"""Partition executors: where a partition's batches are applied, how many are in flight,
+and how a partition that died is brought back exactly where it was.
 
 :class:`RayPartitions` owns one :class:`PartitionActor` per partition, named
 ``partition-<i>`` in namespace ``eventray`` and spread over the cluster's nodes. A plain
 synchronous actor runs one caller's calls in submission order, so a partition's batches
 apply in sequence; at most ``max_in_flight`` are outstanding per partition, which bounds
 the driver's and the object store's memory whatever the source's speed.
+
+Recovery. Ray's own retries reorder and duplicate calls, so actors run with
+``max_restarts=0`` and ``max_task_retries=0`` and the executor recovers itself: it keeps
+every batch sent since the last committed checkpoint; when a call fails because the actor
+died (killed, its node lost) or refused a sequence gap, it starts a new actor under the
+same name, which restores its state from the last committed checkpoint, asks it where it
+stands and resends the batches from there, in order. Re-applied batches rewrite the same
+store files (named by partition and sequence), so the store ends as if nothing happened.
+
 :class:`LocalPartitions` runs the same :class:`~pipelines.keyed.PartitionWorker` in
 process: the in-process runner for tests and debugging.
 """
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 
+from pipelines.checkpoint import CheckpointStore
 from pipelines.keyed import BatchReceipt, PartitionWorker
 from pipelines.store import EventStore
 
 NAMESPACE = "eventray"
+RECOVERY_TIMEOUT_S = 120.0
+#: Recoveries of one partition in a row without an acknowledged batch before giving up:
+#: a batch that fails every time is a bug to report, not a crash to retry forever.
+MAX_FUTILE_RECOVERIES = 5
+
+
+def partition_writer(partition: int) -> str:
+    return f"p{partition:04d}"
+
+
+class _RunWorker(PartitionWorker):
+    """A worker whose files carry the run's id, restored from the run's last checkpoint."""
+
+    def __init__(self, partition: int, store_root: str | Path, run: str) -> None:
+        super().__init__(partition, EventStore(store_root))
+        self.run = run
+        self.checkpoints = CheckpointStore(store_root, run)
+        latest = self.checkpoints.latest()
+        if latest is not None and partition in latest.partition_seqs:
+            self.restore(self.checkpoints.read_state(latest.epoch, partition_writer(partition)))
+
+    @property
+    def writer(self) -> str:
+        return f"{self.run}-{partition_writer(self.partition)}"
+
+    def checkpoint(self, epoch: int) -> int:
+        """Write this partition's state for ``epoch``; returns its next sequence number."""
+        self.checkpoints.write_state(epoch, partition_writer(self.partition), self.snapshot())
+        return self.next_seq
 
 
 class LocalPartitions:
     """All partitions in this process; a batch is applied when submitted."""
 
-    def __init__(self, partitions: int, store_root: str | Path, writer_prefix: str) -> None:
-        store = EventStore(store_root)
-        self.workers = [_PrefixedWorker(p, store, writer_prefix) for p in range(partitions)]
+    restarts = 0
+
+    def __init__(self, partitions: int, store_root: str | Path, run: str) -> None:
+        self.workers = [_RunWorker(p, store_root, run) for p in range(partitions)]
         self._done: list[BatchReceipt] = []
 
     def submit(self, partition: int, seq: int, rows: pa.Table) -> None:
@@ -44,87 +86,173 @@ class LocalPartitions:
     def in_flight(self) -> int:
         return 0
 
-    def close(self) -> None:
+    def checkpoint(self, epoch: int) -> dict[int, int]:
+        return {w.partition: w.checkpoint(epoch) for w in self.workers}
+
+    def start_at(self, seqs: dict[int, int]) -> None:
         pass
 
+    def committed(self) -> None:
+        pass
 
-class _PrefixedWorker(PartitionWorker):
-    """A worker whose files carry the run's id, so different runs never share a name."""
-
-    def __init__(self, partition: int, sink: Any, prefix: str) -> None:
-        super().__init__(partition, sink)
-        self.prefix = prefix
-
-    @property
-    def writer(self) -> str:
-        return f"{self.prefix}-p{self.partition:04d}"
+    def close(self) -> None:
+        pass
 
 
 def _actor_class() -> Any:
     import ray
 
-    @ray.remote(max_restarts=0)
+    @ray.remote(max_restarts=0, max_task_retries=0)
     class PartitionActor:
         """Owns one partition: a thin shell around :class:`PartitionWorker`."""
 
-        def __init__(self, partition: int, store_root: str, writer_prefix: str) -> None:
-            self.worker = _PrefixedWorker(partition, EventStore(store_root), writer_prefix)
+        def __init__(self, partition: int, store_root: str, run: str) -> None:
+            self.worker = _RunWorker(partition, store_root, run)
 
         def apply(self, seq: int, rows: pa.Table) -> BatchReceipt:
             return self.worker.apply(seq, rows)
 
-        def snapshot(self) -> dict[str, int]:
-            return self.worker.snapshot()
+        def position(self) -> int:
+            return self.worker.next_seq
+
+        def checkpoint(self, epoch: int) -> int:
+            return self.worker.checkpoint(epoch)
 
     return PartitionActor
 
 
 class RayPartitions:
-    """One named actor per partition, at most ``max_in_flight`` batches outstanding each."""
+    """One named actor per partition, bounded in flight, recovering dead partitions."""
 
-    def __init__(self, partitions: int, store_root: str | Path, writer_prefix: str,
+    def __init__(self, partitions: int, store_root: str | Path, run: str,
                  max_in_flight: int, cpus_per_actor: float) -> None:
         import ray
+        from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
         self._ray = ray
-        actor = _actor_class()
-        self.actors = [
-            actor.options(
-                name=f"partition-{p}", namespace=NAMESPACE, num_cpus=cpus_per_actor,
-                scheduling_strategy="SPREAD",
-            ).remote(p, str(Path(store_root).resolve()), writer_prefix)
-            for p in range(partitions)
-        ]
+        self._failures = (RayActorError, RayTaskError, GetTimeoutError)
+        self._actor = _actor_class()
+        self.store_root, self.run = str(Path(store_root).resolve()), run
+        self.cpus_per_actor = cpus_per_actor
+        self.actors = [self._spawn(p) for p in range(partitions)]
         self.max_in_flight = max_in_flight
-        self.pending: list[deque[Any]] = [deque() for _ in range(partitions)]
+        self.pending: list[deque[tuple[int, Any]]] = [deque() for _ in range(partitions)]
+        self.unacked: list[deque[tuple[int, pa.Table]]] = [deque() for _ in range(partitions)]
+        self.acked_next = [0] * partitions
+        self.restarts = 0
+        self._futile = [0] * partitions
         self._done: list[BatchReceipt] = []
 
+    def _spawn(self, partition: int) -> Any:
+        deadline = time.monotonic() + RECOVERY_TIMEOUT_S
+        while True:
+            try:
+                return self._actor.options(
+                    name=f"partition-{partition}", namespace=NAMESPACE,
+                    num_cpus=self.cpus_per_actor, scheduling_strategy="SPREAD",
+                ).remote(partition, self.store_root, self.run)
+            except ValueError:  # the dead actor's name is not released yet
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+
+    def start_at(self, seqs: dict[int, int]) -> None:
+        """Continue from a checkpoint: partition p's next sequence number is seqs[p]."""
+        for p, seq in seqs.items():
+            self.acked_next[p] = seq
+
     def submit(self, partition: int, seq: int, rows: pa.Table) -> None:
-        queue = self.pending[partition]
-        while len(queue) >= self.max_in_flight:
-            # Calls of one partition finish in order: waiting on the oldest is enough.
-            self._done.append(self._ray.get(queue.popleft()))
-        queue.append(self.actors[partition].apply.remote(seq, rows))
+        self.unacked[partition].append((seq, rows))
+        while len(self.pending[partition]) >= self.max_in_flight:
+            self._collect_oldest(partition)
+        self.pending[partition].append((seq, self.actors[partition].apply.remote(seq, rows)))
+
+    def _collect_oldest(self, partition: int) -> None:
+        _, ref = self.pending[partition].popleft()
+        try:
+            receipt = self._ray.get(ref)
+        except self._failures:
+            self._futile[partition] += 1
+            if self._futile[partition] > MAX_FUTILE_RECOVERIES:
+                raise
+            self._recover(partition)
+            return
+        self._futile[partition] = 0
+        self._ack(partition, receipt)
+
+    def _ack(self, partition: int, receipt: BatchReceipt) -> None:
+        # Replays after a recovery re-acknowledge batches already counted: count once.
+        if receipt.seq == self.acked_next[partition]:
+            self.acked_next[partition] += 1
+            self._done.append(receipt)
+
+    def _recover(self, partition: int) -> None:
+        """Replace the partition's actor and resend what it has not applied, in order."""
+        self.restarts += 1
+        self.pending[partition].clear()
+        try:
+            self._ray.kill(self.actors[partition])
+        except Exception:  # already gone: nothing to kill
+            pass
+        deadline = time.monotonic() + RECOVERY_TIMEOUT_S
+        while True:
+            self.actors[partition] = self._spawn(partition)
+            try:
+                position = self._ray.get(self.actors[partition].position.remote(), timeout=60)
+                break
+            except self._failures:
+                if time.monotonic() > deadline:
+                    raise
+        actor = self.actors[partition]
+        for seq, rows in self.unacked[partition]:
+            if seq >= position:
+                self.pending[partition].append((seq, actor.apply.remote(seq, rows)))
 
     def completed(self) -> list[BatchReceipt]:
-        for queue in self.pending:
+        for partition, queue in enumerate(self.pending):
             while queue:
-                ready, _ = self._ray.wait([queue[0]], timeout=0)
+                ready, _ = self._ray.wait([queue[0][1]], timeout=0)
                 if not ready:
                     break
-                self._done.append(self._ray.get(queue.popleft()))
+                self._collect_oldest(partition)
         done, self._done = self._done, []
         return done
 
-    def drain(self) -> list[BatchReceipt]:
-        for queue in self.pending:
+    def _flush(self) -> None:
+        for partition, queue in enumerate(self.pending):
             while queue:
-                self._done.append(self._ray.get(queue.popleft()))
+                self._collect_oldest(partition)
+
+    def drain(self) -> list[BatchReceipt]:
+        self._flush()
         return self.completed()
 
     def in_flight(self) -> int:
         return sum(len(q) for q in self.pending)
 
+    def checkpoint(self, epoch: int) -> dict[int, int]:
+        """Every partition's state at this point, written for ``epoch``; flushes first."""
+        self._flush()
+        seqs: dict[int, int] = {}
+        for partition in range(len(self.actors)):
+            while partition not in seqs:
+                try:
+                    seqs[partition] = self._ray.get(
+                        self.actors[partition].checkpoint.remote(epoch), timeout=60)
+                except self._failures:
+                    self._recover(partition)
+                    while self.pending[partition]:
+                        self._collect_oldest(partition)
+        return seqs
+
+    def committed(self) -> None:
+        """The checkpoint is committed: batches before it are never resent."""
+        for queue in self.unacked:
+            queue.clear()
+
     def close(self) -> None:
         for actor in self.actors:
-            self._ray.kill(actor)
+            try:
+                self._ray.kill(actor)
+            except Exception:  # already dead
+                pass

@@ -12,6 +12,7 @@ it; the in-process runner uses it directly.
 from __future__ import annotations
 
 import datetime as dt
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -110,11 +111,13 @@ class PartitionWorker:
         ingested = pc.min(pc.struct_field(events.column("metadata"), "ingested_at")).as_py()
         return max(0.0, (self.clock() - ingested).total_seconds())
 
-    def snapshot(self) -> dict[str, int]:
-        return {"partition": self.partition, "next_seq": self.next_seq}
+    def snapshot(self) -> bytes:
+        """The partition's state as immutable bytes (for checkpoints)."""
+        return json.dumps({"partition": self.partition, "next_seq": self.next_seq}).encode()
 
-    def restore(self, state: dict[str, int]) -> None:
-        if state.get("partition") != self.partition:
-            raise PipelineError(f"state of partition {state.get('partition')} given to "
+    def restore(self, state: bytes) -> None:
+        data = json.loads(state)
+        if data.get("partition") != self.partition:
+            raise PipelineError(f"state of partition {data.get('partition')} given to "
                                 f"partition {self.partition}")
-        self.next_seq = int(state["next_seq"])
+        self.next_seq = int(data["next_seq"])

@@ -132,6 +132,7 @@ class RuntimeSpec(_Frozen):
     partitions: int = Field(default=2, ge=1, le=1024)
     max_in_flight: int = Field(default=4, ge=1)
     object_store_mb: int = Field(default=512, ge=64)
+    checkpoint_every: int = Field(default=10, ge=1, description="source batches per checkpoint")
 
 
 class StoreSpec(_Frozen):

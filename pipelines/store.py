@@ -37,6 +37,7 @@ TABLES = ("events", "scores", "alerts", "actions", "deadletter")
 TIME_COLUMN = {"deadletter": "ingested_at"}
 _SAFE_VALUE = re.compile(r"^[a-z0-9_][a-z0-9_.-]{0,127}$")
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
+_FILE_NAME = re.compile(r"^part-(?P<run>[^-]+)-(?P<writer>.+)-(?P<seq>\d{12})\.parquet$")
 
 
 def safe_partition_value(value: str | None) -> str:
@@ -115,6 +116,24 @@ class EventStore:
         finally:
             tmp.unlink(missing_ok=True)
         return path
+
+    def truncate(self, run: str, next_seqs: dict[str, int]) -> list[Path]:
+        """Remove a run's files written at or after a checkpoint; returns what was removed.
+
+        Args:
+            run: the run's file prefix; only its files are touched.
+            next_seqs: writer (without the run prefix) -> first sequence number to remove;
+                writers of the run not named lose all their files.
+        """
+        removed = []
+        for path in self.root.glob(f"*/event_type=*/date=*/part-{run}-*.parquet"):
+            match = _FILE_NAME.match(path.name)
+            if match is None or match["run"] != run:
+                continue
+            if int(match["seq"]) >= next_seqs.get(match["writer"], 0):
+                path.unlink(missing_ok=True)
+                removed.append(path)
+        return removed
 
     def files(self, table: str, event_types: Sequence[str] | None = None) -> list[Path]:
         """The table's data files (optionally of some event types), sorted."""
