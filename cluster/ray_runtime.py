@@ -9,21 +9,44 @@ machine, so an embedded run says ``"local"`` and uses a private temporary direct
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
+from urllib.parse import urlsplit
 
 LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
+def is_loopback(address: str) -> bool:
+    """Whether a Ray address (``host:port``, ``http://host:port``) names this machine's loopback.
+
+    Example:
+        >>> is_loopback("127.0.0.1:6379"), is_loopback("http://localhost:8265"), is_loopback("10.0.0.5:6379")
+        (True, True, False)
+    """
+    host = urlsplit(address if "://" in address else f"ray://{address}").hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def prepare_environment(address: str | None) -> None:
-    """Set Ray's environment before ``ray`` is imported; call first thing."""
+    """Set Ray's environment before ``ray`` is imported; call first thing.
+
+    An embedded Ray, and a client of a cluster on loopback, keep every address on
+    127.0.0.1 (otherwise Ray registers and dials the machine's external interface). A
+    client of a remote cluster must not: its own address has to be reachable.
+    """
     os.environ.setdefault("RAY_AUTH_MODE", "token")
-    if address is None and "RAY_ADDRESS" not in os.environ:
-        # Embedded: nothing on one machine needs to be reachable from the network.
+    target = address or os.environ.get("RAY_ADDRESS")
+    if target is None or is_loopback(target):
         os.environ.setdefault(LOOPBACK_ENV, "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 

@@ -51,6 +51,8 @@ from pipelines.spec import ENVELOPE_KEY_FIELDS, Constant, JsonRef, PipelineSpec
 from pipelines.timestamps import parse_timestamp
 
 Clock = Callable[[], dt.datetime]
+#: JSON literals that a JSON path extraction turns into text: never a valid type or id.
+_JSON_LITERALS = ["true", "false", "null"]
 
 
 def utc_now() -> dt.datetime:
@@ -113,6 +115,16 @@ class Normaliser:
         self.registry: PayloadRegistry = spec.registry()
         self.schema = envelope_schema(self.registry)
         self.json_lines = spec.source.format == "jsonl"
+        #: Registered types with a payload model: their payloads are typed fields.
+        self.typed = [n for n, schema in self.registry.schemas.items() if schema.model is not None]
+
+    def __getstate__(self) -> dict:
+        # Payload models built from YAML are dynamic classes: rebuild them from the spec.
+        return {"spec": self.spec, "clock": self.clock, "upcasters": self.registry.upcasters}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["spec"], state["clock"])
+        self.registry.upcasters.update(state["upcasters"])
 
     # -- decoding -------------------------------------------------------------------------
 
@@ -255,18 +267,24 @@ class Normaliser:
         ts, eid, v = pl.col("__timestamp"), pl.col("__event_id"), pl.col("__version")
         checks = [
             (et.is_null() | (et == ""), "missing_event_type", pl.lit("event type is missing")),
-            (~et.str.contains(EVENT_TYPE_PATTERN) | (et.str.len_chars() > MAX_EVENT_TYPE_LENGTH),
+            (~et.str.contains(EVENT_TYPE_PATTERN) | (et.str.len_chars() > MAX_EVENT_TYPE_LENGTH)
+             | et.is_in(_JSON_LITERALS),
              "bad_event_type", pl.format("event type {} is not a dotted lower-case name", et)),
             (pl.col("__ts_raw").is_null(), "missing_timestamp", pl.lit("timestamp is missing")),
             (ts.is_null(), "bad_timestamp",
              pl.format("cannot read timestamp {}", pl.col("__ts_raw").cast(pl.String))),
-            (eid.is_null() | ~eid.str.len_chars().is_between(1, 128), "bad_event_id",
-             pl.lit("event id must be a string of 1 to 128 characters")),
+            (eid.is_null() | ~eid.str.len_chars().is_between(1, 128) | eid.is_in(_JSON_LITERALS)
+             | (self._json_valued(self.spec.mapping.event_id) & eid.str.contains(r"^[\[{]")), "bad_event_id",
+             pl.lit("event id must be a string or number of 1 to 128 characters")),
             ((v < 1) | (v > pl.col("__current_version")), "bad_version",
              pl.format("metadata.version {} is not between 1 and {}", v,
                        pl.col("__current_version"))),
         ]
         return self._apply_checks(frame, checks)
+
+    def _json_valued(self, ref: str | Constant | None) -> pl.Expr:
+        """Whether a field was read out of a JSON line (where objects arrive as their text)."""
+        return pl.lit(self.json_lines and isinstance(ref, str))
 
     def _apply_checks(self, frame: pl.DataFrame, checks: list) -> pl.DataFrame:
         reason, message = _reason(checks)
@@ -335,7 +353,7 @@ class Normaliser:
         for field in self.registry.data_type():
             if field.name == JSON_FIELD:
                 continue
-            having = [n for n, s in self.registry.schemas.items() if field.name in s.struct.names]
+            having = [n for n in self.typed if field.name in self.registry.schemas[n].struct.names]
             required = [n for n in having if not self.registry.schemas[n].struct.field(
                 field.name).nullable]
             source, dtype = self._field_source(field.name, frame)
@@ -351,9 +369,8 @@ class Normaliser:
                  pl.format(f"payload field {field.name}: cannot read {{}} as {field.type}",
                            src.cast(pl.String))),
             ]
-        typed = list(self.registry.schemas)
         size = pl.col("__payload").str.len_bytes()
-        checks.append((~et.is_in(typed) & (size > self.spec.limits.max_payload_bytes),
+        checks.append((~et.is_in(self.typed) & (size > self.spec.limits.max_payload_bytes),
                        "payload_too_large",
                        pl.format("payload of {} bytes exceeds limits.max_payload_bytes", size)))
         frame = self._apply_checks(frame, checks)
@@ -380,10 +397,9 @@ class Normaliser:
     # -- outputs --------------------------------------------------------------------------
 
     def _events(self, frame: pl.DataFrame, ingested_at: dt.datetime) -> pa.Table:
-        typed = list(self.registry.schemas)
         data = [pl.col(f"__field_{f.name}").alias(f.name)
                 for f in self.registry.data_type() if f.name != JSON_FIELD]
-        data.append(pl.when(~pl.col("__event_type").is_in(typed)).then(pl.col("__payload"))
+        data.append(pl.when(~pl.col("__event_type").is_in(self.typed)).then(pl.col("__payload"))
                     .alias(JSON_FIELD))
         out = frame.select(
             event_id=pl.col("__event_id"),

@@ -50,13 +50,13 @@ def safe_partition_value(value: str | None) -> str:
         >>> safe_partition_value("transaction.created"), safe_partition_value("../../x")
         ('transaction.created', '_invalid')
     """
-    if value is None or not _SAFE_VALUE.match(value) or ".." in value:
+    if value is None or not _SAFE_VALUE.fullmatch(value) or ".." in value:
         return INVALID_EVENT_TYPE
     return value
 
 
 def _check_name(kind: str, name: str) -> str:
-    if not _SAFE_NAME.match(name) or ".." in name:
+    if not _SAFE_NAME.fullmatch(name) or ".." in name:
         raise StoreError(f"{kind} {name!r} is not a safe file name component")
     return name
 
