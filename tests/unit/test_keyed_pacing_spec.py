@@ -127,6 +127,7 @@ def test_pipelines_and_models_never_import_ray() -> None:
     import subprocess
     import sys
 
-    code = "import pipelines, pipelines.simulator, pipelines.testing, models, sys; print('ray' in sys.modules)"
+    code = ("import pipelines, pipelines.simulator, pipelines.testing, models, sys; "
+            "print('ray' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
