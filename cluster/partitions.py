@@ -118,6 +118,13 @@ def _actor_class() -> Any:
         def checkpoint(self, epoch: int) -> int:
             return self.worker.checkpoint(epoch)
 
+        def where(self) -> dict[str, Any]:
+            """Where this partition runs: node id and process id (for operators, tests)."""
+            import os
+
+            return {"partition": self.worker.partition, "pid": os.getpid(),
+                    "node_id": ray.get_runtime_context().get_node_id()}
+
     return PartitionActor
 
 
