@@ -26,8 +26,10 @@ from pipelines.checkpoint import Checkpoint, CheckpointStore
 from pipelines.dedup import DuplicateFilter
 from pipelines.errors import AccountingError, ConfigError, UnknownPluginError
 from pipelines.keyed import BatchReceipt, split_by_partition
+from pipelines.lanes import BatchSizer, LaneQueues
 from pipelines.normalise import Clock, Normaliser, utc_now
 from pipelines.pacing import Pacer
+from pipelines.routing import Router
 from pipelines.sources import CsvSource, JsonLinesSource, ParquetSource, Source, iter_batches
 from pipelines.spec import PipelineSpec, SourceSpec
 from pipelines.store import EventStore
@@ -49,6 +51,8 @@ class PartitionExecutor(Protocol):
     def completed(self) -> list[BatchReceipt]: ...
     def drain(self) -> list[BatchReceipt]: ...
     def in_flight(self) -> int: ...
+    def capacity(self, partition: int) -> int: ...
+    def wait(self) -> None: ...
     def checkpoint(self, epoch: int) -> dict[int, int]: ...
     def committed(self) -> None: ...
     def close(self) -> None: ...
@@ -56,7 +60,7 @@ class PartitionExecutor(Protocol):
 
 @dataclass
 class RunCounts:
-    """Counters of one run; ``read == stored + dead_lettered + filtered`` at the end."""
+    """Counters of one run; ``read + derived == stored + dead_lettered + filtered`` at the end."""
 
     read: int = 0
     stored: int = 0
@@ -64,13 +68,16 @@ class RunCounts:
     duplicates: int = 0
     filtered: int = 0
     sent: int = 0
+    derived: int = 0
+    hop_limited: int = 0
     batches: int = 0
     checkpoints: int = 0
     restarts: int = 0
     reasons: dict[str, int] = field(default_factory=dict)
 
     def check(self) -> None:
-        if self.read != self.stored + self.dead_lettered + self.filtered or self.sent != self.stored:
+        produced = self.read + self.derived
+        if produced != self.stored + self.dead_lettered + self.filtered or self.sent != self.stored:
             raise AccountingError({k: v for k, v in asdict(self).items() if k != "reasons"})
 
 
@@ -159,6 +166,10 @@ class PipelineRun:
         self.checkpoints = CheckpointStore(store_root, self.run)
         self.normaliser, self.duplicates = Normaliser(spec, clock), DuplicateFilter()
         self.pacer = Pacer(spec.source.pace.speedup) if spec.source.pace else None
+        self.router = Router(spec)
+        self.queues = LaneQueues(spec.runtime.partitions)
+        adaptive = spec.runtime.adaptive_batching
+        self.sizer = BatchSizer(adaptive, spec.runtime.partitions) if adaptive else None
         self.counts, self.receipts = RunCounts(), []
         self.seqs = [0] * spec.runtime.partitions
         self.offsets: dict[str, int] = {}
@@ -187,19 +198,68 @@ class PipelineRun:
                          seq=self.counts.batches)
         _count(self.counts, out)
         for events in self.pacer.release(out.events) if self.pacer else [out.events]:
-            for partition, rows in split_by_partition(events, self.spec.runtime.partitions):
+            self.route(events)
+            self.dispatch(executor)
+            while self._over_queued():
+                executor.wait()
+                self.acknowledge(executor.completed())
+                self.dispatch(executor)
+        self.offsets[raw.part] = raw.next_offset
+        self.acknowledge(executor.completed())
+        self.dispatch(executor)
+
+    def route(self, events: pa.Table) -> None:
+        """Route a batch and its derived events (hop by hop) into the lanes."""
+        # Without max_hops, routes are acyclic (checked at start-up): derivation ends by itself.
+        limit = self.spec.routing.max_hops or len(self.spec.routing.routes) + 1
+        hops = 0
+        while events.num_rows:
+            routed = self.router.route(events)
+            self.counts.filtered += routed.filtered
+            for lane, high in ((routed.high, True), (routed.normal, False)):
+                for partition, rows in split_by_partition(lane, self.spec.runtime.partitions):
+                    self.queues.offer(partition, rows, high)
+            events, hops = routed.derived, hops + 1
+            self.counts.derived += events.num_rows
+            if events.num_rows and hops > limit:
+                self.counts.filtered += events.num_rows  # past the hop limit: counted, dropped
+                self.counts.hop_limited += events.num_rows
+                break
+
+    def dispatch(self, executor: PartitionExecutor) -> None:
+        """Hand queued batches to partitions with room in flight, high lane first."""
+        for partition in range(self.spec.runtime.partitions):
+            while executor.capacity(partition) > 0:
+                limit = self.sizer.max_rows(partition) if self.sizer else None
+                rows = self.queues.take(partition, limit)
+                if rows is None:
+                    break
                 executor.submit(partition, self.seqs[partition], rows)
                 self.seqs[partition] += 1
                 self.counts.sent += rows.num_rows
-        self.offsets[raw.part] = raw.next_offset
-        self.acknowledge(executor.completed())
+
+    def _over_queued(self) -> bool:
+        bound = self.spec.runtime.max_queued_batches
+        return any(self.queues.pieces(p) > bound for p in range(self.spec.runtime.partitions))
+
+    def flush(self, executor: PartitionExecutor) -> None:
+        """Dispatch everything queued (waiting for room as needed)."""
+        self.dispatch(executor)
+        while not self.queues.empty():
+            executor.wait()
+            self.acknowledge(executor.completed())
+            self.dispatch(executor)
 
     def acknowledge(self, receipts: list[BatchReceipt]) -> None:
         self.counts.stored += sum(r.rows for r in receipts)
         self.receipts += receipts
+        if self.sizer is not None:
+            for receipt in receipts:
+                self.sizer.observe(receipt.partition, receipt.rows, receipt.apply_s)
 
     def checkpoint(self, executor: PartitionExecutor) -> None:
         """An aligned checkpoint at this source-batch boundary (drains in-flight batches)."""
+        self.flush(executor)
         self.epoch += 1
         seqs = executor.checkpoint(self.epoch)
         self.acknowledge(executor.completed())
@@ -286,6 +346,8 @@ def _summary(spec: PipelineSpec, counts: RunCounts, receipts: list[BatchReceipt]
         "dead_lettered": counts.dead_lettered,
         "duplicates": counts.duplicates,
         "filtered": counts.filtered,
+        "derived": counts.derived,
+        "hop_limited": counts.hop_limited,
         "alerts": 0,
         "reasons": dict(sorted(counts.reasons.items())),
         "partitions": spec.runtime.partitions,

@@ -86,6 +86,12 @@ class LocalPartitions:
     def in_flight(self) -> int:
         return 0
 
+    def capacity(self, partition: int) -> int:
+        return 1 << 30
+
+    def wait(self) -> None:
+        pass
+
     def checkpoint(self, epoch: int) -> dict[int, int]:
         return {w.partition: w.checkpoint(epoch) for w in self.workers}
 
@@ -236,6 +242,16 @@ class RayPartitions:
 
     def in_flight(self) -> int:
         return sum(len(q) for q in self.pending)
+
+    def capacity(self, partition: int) -> int:
+        """Batches the partition can take now without exceeding ``max_in_flight``."""
+        return max(0, self.max_in_flight - len(self.pending[partition]))
+
+    def wait(self) -> None:
+        """Block until at least one in-flight batch has finished (or failed)."""
+        heads = [queue[0][1] for queue in self.pending if queue]
+        if heads:
+            self._ray.wait(heads, num_returns=1)
 
     def checkpoint(self, epoch: int) -> dict[int, int]:
         """Every partition's state at this point, written for ``epoch``; flushes first."""

@@ -103,3 +103,31 @@ def derived_event_ids(source: str, part: str, offsets: np.ndarray) -> pa.StringA
     n = len(offsets)
     value_offsets = pa.py_buffer(np.arange(0, 36 * n + 1, 36, dtype=np.int32).tobytes())
     return pa.StringArray.from_buffers(n, value_offsets, pa.py_buffer(text.tobytes()))
+
+
+def uuid5_strings(names: pa.Array | pa.ChunkedArray) -> pa.StringArray:
+    """UUIDv5 (eventray namespace) of each string, per batch: ids of derived events.
+
+    Example:
+        >>> import uuid
+        >>> uuid5_strings(pa.array(["e1/route"]))[0].as_py() == str(
+        ...     uuid.uuid5(EVENTRAY_NAMESPACE, "e1/route"))
+        True
+    """
+    if isinstance(names, pa.ChunkedArray):
+        names = names.combine_chunks() if names.num_chunks else pa.array([], pa.string())
+    arr = names.cast(pa.large_binary())
+    n = len(arr)
+    _, offsets_buf, data_buf = arr.buffers()
+    offsets = np.frombuffer(offsets_buf, dtype=np.int64)[arr.offset : arr.offset + n + 1]
+    data = np.frombuffer(data_buf, dtype=np.uint8) if data_buf is not None else np.empty(0, np.uint8)
+    lengths = np.diff(offsets)
+    namespace = np.frombuffer(EVENTRAY_NAMESPACE.bytes, dtype=np.uint8)
+    text = np.empty((n, 36), dtype=np.uint8)
+    for length in np.unique(lengths):
+        rows = np.flatnonzero(lengths == length)
+        body = data[offsets[rows][:, None] + np.arange(int(length))[None, :]]
+        messages = np.hstack([np.broadcast_to(namespace, (len(rows), 16)), body])
+        text[rows] = _uuid_strings(sha1_rows(messages))
+    value_offsets = pa.py_buffer(np.arange(0, 36 * n + 1, 36, dtype=np.int32).tobytes())
+    return pa.StringArray.from_buffers(n, value_offsets, pa.py_buffer(text.tobytes()))

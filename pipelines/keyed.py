@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -72,6 +73,7 @@ class BatchReceipt:
     rows: int
     applied: bool
     latency_s: float
+    apply_s: float = 0.0
 
 
 class PartitionWorker:
@@ -101,9 +103,11 @@ class PartitionWorker:
             return BatchReceipt(self.partition, seq, events.num_rows, False, 0.0)
         if seq > self.next_seq:
             raise SequenceGapError(self.partition, self.next_seq, seq)
+        started = time.perf_counter()
         self.sink.write("events", events, writer=self.writer, seq=seq)
         self.next_seq += 1
-        return BatchReceipt(self.partition, seq, events.num_rows, True, self._latency(events))
+        return BatchReceipt(self.partition, seq, events.num_rows, True, self._latency(events),
+                            time.perf_counter() - started)
 
     def _latency(self, events: pa.Table) -> float:
         if events.num_rows == 0 or "metadata" not in events.column_names:

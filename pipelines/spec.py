@@ -133,6 +133,53 @@ class RuntimeSpec(_Frozen):
     max_in_flight: int = Field(default=4, ge=1)
     object_store_mb: int = Field(default=512, ge=64)
     checkpoint_every: int = Field(default=10, ge=1, description="source batches per checkpoint")
+    max_queued_batches: int = Field(default=8, ge=1, description="per partition, in the driver")
+    adaptive_batching: AdaptiveBatching | None = None
+
+
+class EmitSpec(_Frozen):
+    """A derived event emitted for every event a route takes (the seed's ``emit``).
+
+    The derived event keeps its parent's key (so it is ordered after its parent), time,
+    correlation id, payload and metadata; its id is a UUIDv5 of the parent's id and the
+    route's name, so a replay derives the same event.
+    """
+
+    event_type: str = Field(pattern=EVENT_TYPE_PATTERN)
+
+
+class RouteSpec(_Frozen):
+    """Where events go: the first route whose event types and filter match takes an event.
+
+    ``event_types`` are shell-style patterns (``transaction.*``); ``filter`` is a SQL
+    expression over envelope columns that Polars compiles (``data.TX_AMOUNT > 200``,
+    ``key IN ('42', '7')``); ``priority: high`` dispatches the route's events ahead of
+    normal ones under load (never reordering one key).
+    """
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    event_types: list[str] = Field(default_factory=lambda: ["*"], min_length=1)
+    filter: str | None = None
+    priority: Literal["high", "normal"] = "normal"
+    drop: bool = False
+    emit: EmitSpec | None = None
+
+
+class RoutingSpec(_Frozen):
+    """Routing rules; events that no route takes are stored (``unrouted: store``) or dropped."""
+
+    routes: list[RouteSpec] = Field(default_factory=list)
+    unrouted: Literal["store", "drop"] = "store"
+    max_hops: int | None = Field(default=None, ge=1, le=64)
+
+
+class AdaptiveBatching(_Frozen):
+    """Coalesce queued pieces of a partition into one call under load, up to the rows that
+    the partition processes within ``target_latency_ms`` (measured as the run goes)."""
+
+    target_latency_ms: float = Field(default=100.0, gt=0)
+    min_rows: int = Field(default=1_000, ge=1)
+    max_rows: int = Field(default=200_000, ge=1)
 
 
 class StoreSpec(_Frozen):
@@ -148,6 +195,7 @@ class PipelineSpec(_Frozen):
     event_types: dict[str, EventTypeSpec] = Field(default_factory=dict)
     default_event_type: EventTypeSpec = Field(default_factory=EventTypeSpec)
     limits: LimitsSpec = Field(default_factory=LimitsSpec)
+    routing: RoutingSpec = Field(default_factory=RoutingSpec)
     runtime: RuntimeSpec = Field(default_factory=RuntimeSpec)
     store: StoreSpec = Field(default_factory=StoreSpec)
 
@@ -211,6 +259,9 @@ def load_pipeline(path: str | Path, overrides: dict[str, Any] | None = None) -> 
     try:
         spec = PipelineSpec.model_validate(raw)
         spec.registry()
+        from pipelines.routing import Router  # routing needs the spec's envelope schema
+
+        Router(spec)
     except ValidationError as exc:
         raise ConfigError(_format_validation_error(str(path), exc)) from None
     except SchemaError as exc:

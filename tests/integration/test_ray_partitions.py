@@ -75,3 +75,40 @@ def test_ray_and_in_process_runs_write_identical_stores(ray_local: object, tmp_p
     assert ray_files == local_files
     for relative in ray_files:
         assert (on_ray / relative).read_bytes() == (local / relative).read_bytes(), relative
+
+
+@pytest.mark.ray
+def test_routed_run_with_priority_derived_events_and_adaptive_batches(
+        ray_local: object, tmp_path: Path) -> None:
+    numbered_events(tmp_path / "in.jsonl", keys=60, per_key=50, seed=2)
+    spec = load_pipeline(ROOT / "configs" / "events.yaml", {
+        "source": {"path": [str(tmp_path / "in.jsonl")], "batch_size": 100},
+        "runtime": {"partitions": 3, "max_in_flight": 1, "max_queued_batches": 3,
+                    "adaptive_batching": {"target_latency_ms": 20, "min_rows": 50,
+                                          "max_rows": 2000}},
+        "routing": {"routes": [
+            {"name": "alarms", "event_types": ["iot.*"], "priority": "high",
+             "filter": "key IN ('key-1', 'key-2', 'key-3')",
+             "emit": {"event_type": "alarm.raised"}},
+            {"name": "quiet", "event_types": ["iot.*"], "filter": "key = 'key-4'", "drop": True},
+        ]},
+    })
+    store = tmp_path / "store"
+    summary = run_pipeline(spec, lambda run: RayPartitions(3, store, run, 1, 0.5), store,
+                           progress=False)
+    assert summary["derived"] == 150 and summary["filtered"] == 50
+    assert summary["stored"] == 3000 + 150 - 50
+    events = stored_in_apply_order(store)
+    assert events.height == summary["stored"]
+    assert "key-4" not in set(events["key"])
+    readings = events.filter(pl.col("event_type") == "iot.reading")
+    for seqs in readings.group_by("key", maintain_order=True).agg("seq")["seq"]:
+        assert seqs.to_list() == list(range(50))
+    # Every derived alarm is applied after its parent reading (same key, same partition).
+    position = {eid: i for i, eid in enumerate(events["event_id"])}
+    alarms = events.with_row_index("at").filter(pl.col("event_type") == "alarm.raised")
+    parents = readings.filter(pl.col("key").is_in(["key-1", "key-2", "key-3"]))
+    assert alarms.height == parents.height == 150
+    for alarm_at, parent_seq, key in alarms.select("at", "seq", "key").iter_rows():
+        parent = parents.filter((pl.col("key") == key) & (pl.col("seq") == parent_seq))
+        assert position[parent["event_id"][0]] < alarm_at

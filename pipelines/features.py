@@ -1,0 +1,1173 @@
+"""Per-key sliding-window features: streamed batch by batch, or computed over a whole history.
+
+One concept, two implementations that must agree exactly ("online equals offline"):
+
+- :class:`KeyedWindowOperator` (online): takes one Arrow/Polars batch at a time, keeps per-key
+  state between batches, returns the features of the batch's rows. Vectorised with numpy.
+- :func:`window_features_batch` (offline): pure Polars over the whole history.
+
+Both are driven by a frozen :class:`KeyedWindowSpec`: a key column, an event-time column and
+:class:`Aggregate` s over :class:`Window` s. The fraud handbook's 15 model inputs are built on
+them: :data:`HANDBOOK_CUSTOMER_SPEC`, :data:`HANDBOOK_TERMINAL_SPEC`,
+:func:`handbook_features_batch` and the streaming :class:`HandbookFeatures`.
+
+Window semantics, for an event of key ``k`` at time ``t`` (every input row is an event):
+
+- ``delay == 0``: the rows of ``k`` with time in ``(t - duration, t]`` that arrived up to and
+  including this event. A row of ``k`` in the same instant that arrives later is not in it:
+  an event sees its past and itself, never its successors.
+- ``delay > 0``: the rows of ``k`` with time in ``(t - delay - duration, t - delay]``.
+
+``count``, ``min``, ``max`` and ``share`` (the fraction of rows whose column is non-zero) are
+exact functions of the window's rows. ``sum`` and ``mean`` (sum / count) use the running sum a
+streaming system keeps, and the handbook's pandas code kept: a row's value is added when the
+row enters the window and subtracted when it leaves, both at the first later event of its key
+(at one event: leaving rows first, then entering rows, each in arrival order; a row that would
+enter and leave at the same event is skipped). The float result so carries rounding from the
+key's history; both implementations do the same additions in the same order and agree bit for
+bit. When a key's next event comes after all its rows have left every window (a gap of at
+least ``horizon``), its sums restart from zero, unless ``carry_residual`` asks for pandas'
+behaviour of carrying the rounding residual.
+
+Labels, and what is read: a spec may name a ``label`` column (``TX_FRAUD`` in the
+handbook), known only ``label_delay`` after its row's time. Validation refuses any aggregate
+over it whose window ends less than ``label_delay`` before the event. For an event at ``t`` the
+operator reads the key, time and value columns of the key's rows in the event's windows and
+of the event itself; a row's label enters a result only through windows ending at or before
+``t - label_delay``, so only labels of rows at or before ``t - label_delay`` (known at ``t``)
+can change the event's features. Every row's label is stored on arrival (with a running count
+of its key's earlier labels), but a window's count is the difference of the running counts of
+two rows inside the window: the labels of later rows cancel out of it exactly.
+
+State (per operator), columnar: the retained rows' times and value columns (and, per
+``share`` column, each row's count of its key's earlier non-zero rows, so a window's count is
+a difference), each key's rows in one slab of consecutive slots of an arena that is compacted
+when it fills, so a batch costs time in proportion to its own size, not the state's; and per
+key the time of its latest event and its running sums. Only rows newer than ``horizon`` (the
+longest ``delay + duration``) before their key's latest event are kept; a key whose latest
+event is ``horizon`` or more older than the watermark (the latest event time seen minus
+``allowed_lateness``) is dropped (with ``carry_residual``, a key whose residual is not zero
+keeps only its sums). Exceptions::
+
+    PipelineError
+    └── FeatureError          a batch cannot be processed as the spec says
+        ├── EventOrderError    a key's events go back in time
+        └── StateRestoreError  a snapshot does not fit this operator
+
+Example:
+    >>> spec = KeyedWindowSpec("card", "ts", (Aggregate("n_1h", "count", Window(HOUR)),))
+    >>> batch = pl.DataFrame({"card": [1, 1, 2], "ts": [dt.datetime(2024, 1, 1, h) for h in (0, 0, 1)]})
+    >>> KeyedWindowOperator(spec).update(batch)["n_1h"].to_list()
+    [1, 2, 1]
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import struct
+from dataclasses import dataclass
+from typing import Literal, NamedTuple
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+
+from pipelines.errors import ConfigError, PipelineError
+
+__all__ = [
+    "HANDBOOK_CUSTOMER_SPEC",
+    "HANDBOOK_FEATURES",
+    "HANDBOOK_LABEL_DELAY",
+    "HANDBOOK_TERMINAL_SPEC",
+    "Aggregate",
+    "EventOrderError",
+    "FeatureError",
+    "HandbookFeatures",
+    "KeyedWindowOperator",
+    "KeyedWindowSpec",
+    "StateRestoreError",
+    "Window",
+    "calendar_features",
+    "handbook_features_batch",
+    "window_features_batch",
+]
+
+AggregateKind = Literal["count", "sum", "mean", "min", "max", "share"]
+FrameLike = pl.DataFrame | pa.Table | pa.RecordBatch
+ZERO = dt.timedelta(0)
+HOUR = dt.timedelta(hours=1)
+DAY = dt.timedelta(days=1)
+_KINDS = ("count", "sum", "mean", "min", "max", "share")
+_RUNNING = ("sum", "mean")
+_MAGIC = b"ERFEAT1\n"
+_ARENA_MIN_SLOTS = 1024  # the smallest arena; tests lower it to move and compact slabs often
+
+
+class FeatureError(PipelineError):
+    """A batch cannot be processed as its feature spec says (missing column, null key...)."""
+
+
+class EventOrderError(FeatureError):
+    """Events of one key arrived out of time order; the operator's state is unchanged."""
+
+
+class StateRestoreError(FeatureError):
+    """A snapshot is corrupt or was taken by an operator with a different spec."""
+
+
+def _ns(delta: dt.timedelta) -> int:
+    """Exact nanoseconds of a timedelta."""
+    return ((delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds) * 1_000
+
+
+@dataclass(frozen=True)
+class Window:
+    """A sliding event-time window: ``(t - delay - duration, t - delay]`` for an event at ``t``.
+
+    Attributes:
+        duration: The window's length (positive).
+        delay: How long before the event the window ends (non-negative); 0 means the window
+            ends at, and includes, the event itself.
+
+    Example:
+        >>> Window(dt.timedelta(days=30), delay=dt.timedelta(days=7)).reach
+        datetime.timedelta(days=37)
+    """
+
+    duration: dt.timedelta
+    delay: dt.timedelta = ZERO
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.duration, dt.timedelta) or self.duration <= ZERO:
+            raise ConfigError(f"window duration must be a positive timedelta, got {self.duration!r}")
+        if not isinstance(self.delay, dt.timedelta) or self.delay < ZERO:
+            raise ConfigError(f"window delay must be a non-negative timedelta, got {self.delay!r}")
+
+    @property
+    def reach(self) -> dt.timedelta:
+        """How far back from the event the window starts (``delay + duration``)."""
+        return self.delay + self.duration
+
+
+@dataclass(frozen=True)
+class Aggregate:
+    """One output column: an aggregate of a value column over a window.
+
+    Attributes:
+        name: The output column's name.
+        kind: ``count`` (Int64), or ``sum``, ``mean``, ``min``, ``max``, ``share`` (Float64;
+            ``share`` is the fraction of the window's rows whose ``column`` is non-zero).
+        window: The window.
+        column: The value column (none for ``count``).
+        empty: The value of ``mean``/``min``/``max``/``share`` for an empty window (None gives
+            null). ``count`` and ``sum`` of an empty window are always 0.
+
+    Example:
+        >>> Aggregate("risk_7d", "share", Window(7 * DAY, delay=7 * DAY), "fraud", empty=0.0).kind
+        'share'
+    """
+
+    name: str
+    kind: AggregateKind
+    window: Window
+    column: str | None = None
+    empty: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in _KINDS:
+            raise ConfigError(f"aggregate {self.name!r}: kind must be one of {_KINDS}, got {self.kind!r}")
+        if (self.kind == "count") != (self.column is None):
+            raise ConfigError(f"aggregate {self.name!r}: {self.kind} needs "
+                              f"{'no column' if self.kind == 'count' else 'a column'}")
+        if self.kind in ("count", "sum") and self.empty is not None:
+            raise ConfigError(f"aggregate {self.name!r}: an empty {self.kind} is always 0")
+
+
+@dataclass(frozen=True)
+class KeyedWindowSpec:
+    """What a keyed window operator computes: inert, frozen, validated on construction.
+
+    Attributes:
+        key: The partition key column (integer keys are fastest; any sortable type works).
+        time: The event-time column (Polars ``Datetime`` of any unit and zone).
+        aggregates: The output columns, in order.
+        label: A column whose value is known only ``label_delay`` after its row's time.
+        label_delay: See ``label``; every aggregate over ``label`` needs a window delay at
+            least this long.
+        carry_residual: Keep a key's running-sum rounding residual across gaps of at least
+            ``horizon`` (pandas' rolling sum does; it costs one float per running sum for
+            each idle key whose residual is not exactly zero) instead of restarting at zero.
+        allowed_lateness: How far behind the latest event time seen a key's events may arrive
+            (events of one key stay in order); idle keys expire only after the watermark
+            has passed them by ``horizon``.
+
+    Example:
+        >>> w = Window(DAY, delay=7 * DAY)
+        >>> KeyedWindowSpec("terminal", "ts", (Aggregate("risk", "share", w, "fraud"),),
+        ...                 label="fraud", label_delay=7 * DAY).horizon
+        datetime.timedelta(days=8)
+    """
+
+    key: str
+    time: str
+    aggregates: tuple[Aggregate, ...]
+    label: str | None = None
+    label_delay: dt.timedelta = ZERO
+    carry_residual: bool = False
+    allowed_lateness: dt.timedelta = ZERO
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.aggregates, tuple) or not self.aggregates:
+            raise ConfigError("aggregates must be a non-empty tuple of Aggregate")
+        names = [a.name for a in self.aggregates]
+        if len(set(names)) != len(names) or {self.key, self.time} & set(names):
+            raise ConfigError(f"aggregate names must differ from each other and from key/time: {names}")
+        if self.allowed_lateness < ZERO or self.label_delay < ZERO:
+            raise ConfigError("allowed_lateness and label_delay must be non-negative")
+        for agg in self.aggregates:
+            if self.label is not None and agg.column == self.label and agg.window.delay < self.label_delay:
+                raise ConfigError(f"aggregate {agg.name!r} reads label {self.label!r} through a window "
+                                  f"ending {agg.window.delay} before the event, but labels are known "
+                                  f"only {self.label_delay} after it")
+
+    @property
+    def horizon(self) -> dt.timedelta:
+        """The longest reach: rows older than this before their key's latest event are dropped."""
+        return max(a.window.reach for a in self.aggregates)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """A spec compiled to indices: distinct windows, input columns and running sums."""
+
+    windows: tuple[Window, ...]
+    columns: tuple[tuple[str, bool], ...]  # (column, read as a 0/1 flag for share)
+    running: tuple[tuple[int, ...], ...]  # per window: columns kept as running sums
+    horizon: int
+    lateness: int
+
+    @classmethod
+    def of(cls, spec: KeyedWindowSpec) -> _Plan:
+        aggs = [a for a in spec.aggregates if a.kind != "count"]
+        windows = tuple(dict.fromkeys(a.window for a in spec.aggregates))
+        columns = tuple(dict.fromkeys((str(a.column), a.kind == "share") for a in aggs))
+        running = tuple(
+            tuple(dict.fromkeys(columns.index((str(a.column), a.kind == "share"))
+                                for a in aggs if a.window == w and a.kind in _RUNNING))
+            for w in windows
+        )
+        return cls(windows, columns, running, _ns(spec.horizon), _ns(spec.allowed_lateness))
+
+    def column(self, agg: Aggregate) -> int:
+        return self.columns.index((str(agg.column), agg.kind == "share"))
+
+    @property
+    def flags(self) -> tuple[int, ...]:
+        """The flag columns; the arena keeps, after the input columns, each one's prefix count
+        (the flags of its key's earlier rows), so a window's count is a difference."""
+        return tuple(i for i, (_, flag) in enumerate(self.columns) if flag)
+
+    @property
+    def arena_columns(self) -> int:
+        return len(self.columns) + len(self.flags)
+
+    @property
+    def n_running(self) -> int:
+        return sum(len(r) for r in self.running)
+
+    def running_slice(self, w: int) -> slice:
+        start = sum(len(r) for r in self.running[:w])
+        return slice(start, start + len(self.running[w]))
+
+
+def _as_frame(batch: FrameLike) -> pl.DataFrame:
+    frame = batch if isinstance(batch, pl.DataFrame) else pl.from_arrow(batch)
+    if not isinstance(frame, pl.DataFrame):
+        raise FeatureError(f"expected a table or record batch, got {type(batch).__name__}")
+    return frame
+
+
+def _select(frame: pl.DataFrame, spec: KeyedWindowSpec, plan: _Plan) -> pl.DataFrame:
+    """Columns ``k``, ``t`` (Int64 ns) and ``c0``.. (Float64; flags as 0/1); checks and nulls."""
+    needed = list(dict.fromkeys([spec.key, spec.time, *(c for c, _ in plan.columns)]))
+    missing = [c for c in needed if c not in frame.columns]
+    if missing:
+        raise FeatureError(f"batch lacks columns {missing}")
+    if not isinstance(frame.schema[spec.time], pl.Datetime):
+        raise FeatureError(f"time column {spec.time!r} must be a Datetime, got {frame.schema[spec.time]}")
+    cols = frame.select(
+        pl.col(spec.key).alias("k"),
+        pl.col(spec.time).dt.epoch("ns").alias("t"),
+        *((pl.col(c).cast(pl.Boolean) if flag else pl.col(c)).cast(pl.Float64).alias(f"c{i}")
+          for i, (c, flag) in enumerate(plan.columns)),
+    )
+    names = [spec.key, spec.time, *(c for c, _ in plan.columns)]
+    nulls = list(dict.fromkeys(name for name, n in zip(names, cols.null_count().row(0), strict=True) if n))
+    if nulls:
+        raise FeatureError(f"batch has nulls in {nulls}")
+    return cols
+
+
+def _ranges(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """Concatenate ``arange(lo[i], hi[i])`` for all i, without a Python loop."""
+    lengths = hi - lo
+    starts = np.cumsum(lengths) - lengths
+    return np.arange(int(lengths.sum()), dtype=np.int64) + np.repeat(lo - starts, lengths)
+
+
+def _bisect(times: np.ndarray, lo: np.ndarray, hi: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """Per query, the first index in ``[lo, hi)`` with ``times > target`` (``hi`` if none).
+
+    ``times`` must be sorted within each query's range (one key's slab). The loop runs once
+    per halving, about log2 of the longest range, never once per query.
+    """
+    lo, size = lo.astype(np.int64), (hi - lo).astype(np.int64)
+    last = len(times) - 1
+    while len(size) and size.max() > 0:
+        half = size >> 1
+        mid = lo + half
+        right = (size > 0) & (times[np.minimum(mid, last)] <= target)
+        lo = np.where(right, mid + 1, lo)
+        size = np.where(right, size - half - 1, half)
+    return lo
+
+
+def _running_sums(
+    values: np.ndarray,
+    columns: list[int],
+    cur: tuple[np.ndarray, np.ndarray],
+    prev: tuple[np.ndarray, np.ndarray],
+    head: np.ndarray,
+    head_values: np.ndarray,
+) -> np.ndarray:
+    """Running sums after each event, ``(n_columns, n_events)``.
+
+    ``values`` are the arena's columns, of which ``columns`` are summed. Event ``e`` moves its
+    key's window from slots ``prev[e]`` to ``cur[e]`` (ranges): it subtracts the rows that
+    left, then adds the rows that entered, in slot (arrival) order. A head event first
+    (re)starts the sum at its ``head_values`` column; other events continue from the
+    previous event.
+    """
+    (lo, hi), (plo, phi) = cur, prev
+    n_head = head.astype(np.int64)
+    n_rem = np.maximum(np.minimum(lo, phi) - plo, 0)
+    add_from = np.maximum(phi, lo)
+    sizes = n_head + n_rem + (hi - add_from)
+    ends = np.cumsum(sizes)
+    event = np.repeat(np.arange(len(sizes)), sizes)
+    k = np.arange(ends[-1] if len(ends) else 0) - (ends - sizes)[event] - n_head[event]
+    is_head, is_rem = k < 0, (k >= 0) & (k < n_rem[event])
+    slot = np.where(is_rem, plo[event] + k, add_from[event] + k - n_rem[event])
+    entries = values[np.array(columns)[:, None], np.where(is_head, 0, slot)[None, :]]
+    entries[:, is_rem] *= -1.0
+    entries[:, is_head] = head_values
+    if not len(ends):
+        return np.empty((len(columns), 0))
+    return _segment_cumsum(entries, np.flatnonzero(is_head))[:, ends - 1]
+
+
+def _segment_cumsum(values: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """Left-to-right cumulative sums of each row of ``values``, restarting at ``starts``.
+
+    Bit for bit a running float sum: segments become rows of a zero-padded matrix summed by
+    ``np.cumsum`` one chunk of ``width`` columns at a time; a segment longer than ``width``
+    carries its sum into its next chunk's first addition.
+    """
+    n = values.shape[1]
+    lengths = np.diff(np.append(starts, n))
+    segment = np.repeat(np.arange(len(starts)), lengths)
+    if int(lengths.max()) * len(starts) <= 4 * n + 4096:  # one chunk: no carries
+        matrix = np.zeros((len(values), len(starts), int(lengths.max())))
+        column = np.arange(n) - starts[segment]
+        matrix[:, segment, column] = values
+        return np.cumsum(matrix, axis=2)[:, segment, column]
+    width = max(16, 4 * -(-n // len(starts)))
+    chunk, column = np.divmod(np.arange(n) - starts[segment], width)
+    order = np.argsort(chunk, kind="stable")
+    bounds = np.searchsorted(chunk[order], np.arange(int(chunk.max()) + 2))
+    out, carry = np.empty_like(values), np.zeros((len(values), len(starts)))
+    for k in range(len(bounds) - 1):
+        index = order[bounds[k]:bounds[k + 1]]
+        starts_here = np.diff(segment[index], prepend=-1) != 0
+        first, row = np.flatnonzero(starts_here), np.cumsum(starts_here) - 1
+        matrix = np.zeros((len(values), len(first), width))
+        matrix[:, row, column[index]] = values[:, index]
+        if k:
+            matrix[:, :, 0] += carry[:, segment[index[first]]]
+        summed = np.cumsum(matrix, axis=2)
+        out[:, index] = summed[:, row, column[index]]
+        carry[:, segment[index[first]]] = summed[:, :, -1]
+    return out
+
+
+def _extremum(values: np.ndarray, lo: np.ndarray, hi: np.ndarray, ufunc: np.ufunc) -> np.ndarray:
+    """``ufunc.reduce(values[lo:hi])`` per range (0.0 where the range is empty)."""
+    sizes = hi - lo
+    members = values[_ranges(lo, hi)]
+    out = np.zeros(len(lo))
+    full = sizes > 0
+    if full.any():
+        out[full] = ufunc.reduceat(members, (np.cumsum(sizes) - sizes)[full])
+    return out
+
+
+def _finish(agg: Aggregate, count: np.ndarray, value: np.ndarray) -> pa.Array:
+    """Turn a raw per-event result into the aggregate's output column (empty windows filled)."""
+    empty = count == 0
+    if agg.kind == "count":
+        return pa.array(count, pa.int64())
+    if agg.kind == "sum":
+        return pa.array(np.where(empty, 0.0, value), pa.float64())
+    if agg.kind in ("mean", "share"):
+        value = value / np.maximum(count, 1)
+    if agg.empty is None:
+        return pa.array(value, pa.float64(), mask=empty)
+    return pa.array(np.where(empty, agg.empty, value), pa.float64())
+
+
+class _Arena:
+    """Row storage: every key's rows sit in one slab of consecutive slots, in arrival order.
+
+    ``times`` and ``values`` (one row per input column) are indexed by slot; slots below
+    ``used`` are allocated. Slabs never move except by :meth:`move_to`.
+    """
+
+    def __init__(self, n_columns: int, capacity: int = 0) -> None:
+        capacity = max(capacity, _ARENA_MIN_SLOTS)
+        self.times = np.zeros(capacity, dtype=np.int64)
+        self.values = np.zeros((n_columns, capacity))
+        self.used = 0
+
+    @property
+    def capacity(self) -> int:
+        return len(self.times)
+
+    def allocate(self, sizes: np.ndarray) -> np.ndarray:
+        """First slots of new slabs of ``sizes`` slots, growing the arena when needed."""
+        total = int(sizes.sum())
+        if self.used + total > self.capacity:
+            grow = max(2 * self.capacity, self.used + total) - self.capacity
+            self.times = np.pad(self.times, (0, grow))
+            self.values = np.pad(self.values, ((0, 0), (0, grow)))
+        bases = self.used + np.cumsum(sizes) - sizes
+        self.used += total
+        return bases
+
+    def move_to(self, target: _Arena, first: np.ndarray, end: np.ndarray, bases: np.ndarray) -> None:
+        """Copy the slot ranges ``[first, end)`` to ``target`` at ``bases`` (may be ``self``)."""
+        source, dest = _ranges(first, end), _ranges(bases, bases + (end - first))
+        target.times[dest] = self.times[source]
+        target.values[:, dest] = self.values[:, source]
+
+
+@dataclass
+class _KeyTable:
+    """Per key, sorted by key: its slab (slots ``[base, limit)``, rows in ``[first, end)``),
+    the time of its latest event and its running sums ``(n_keys, n_running)``."""
+
+    keys: np.ndarray
+    base: np.ndarray
+    first: np.ndarray
+    end: np.ndarray
+    limit: np.ndarray
+    last: np.ndarray
+    sums: np.ndarray
+
+    @classmethod
+    def empty(cls, n_running: int) -> _KeyTable:
+        return cls(*(np.empty(0, dtype=np.int64) for _ in range(6)), np.empty((0, n_running)))
+
+    def locate(self, wanted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Index of each ``wanted`` key and whether it is there (``wanted`` sorted, unique)."""
+        index = np.searchsorted(self.keys, wanted)
+        found = index < len(self.keys)
+        found[found] = self.keys[index[found]] == wanted[found]
+        return index, found
+
+    def with_keys(self, new: np.ndarray) -> _KeyTable:
+        """This table plus entries without rows or sums for the absent keys ``new``."""
+        none = np.zeros(len(new), dtype=np.int64)
+        added = _KeyTable(new, none, none, none, none, np.full(len(new), np.iinfo(np.int64).min),
+                          np.zeros((len(new), self.sums.shape[1])))
+        both = [np.concatenate([a, b]) for a, b in zip(self.columns(), added.columns(), strict=True)]
+        order = np.argsort(both[0], kind="stable")
+        return _KeyTable(*(column[order] for column in both))
+
+    def columns(self) -> tuple[np.ndarray, ...]:
+        return self.keys, self.base, self.first, self.end, self.limit, self.last, self.sums
+
+    def select(self, keep: np.ndarray) -> _KeyTable:
+        return _KeyTable(*(column[keep] for column in self.columns()))
+
+    @property
+    def rows(self) -> np.ndarray:
+        return self.end - self.first
+
+
+class _Batch(NamedTuple):
+    """A batch's rows sorted by key (stable, so each key keeps arrival order)."""
+
+    order: np.ndarray  # the input row of each sorted row
+    times: np.ndarray
+    values: np.ndarray  # (n_columns, n)
+    keys: np.ndarray  # distinct keys, sorted
+    start: np.ndarray  # per distinct key: its first sorted row
+    count: np.ndarray  # per distinct key: its rows
+
+    @classmethod
+    def of(cls, frame: pl.DataFrame) -> _Batch:
+        keys = frame["k"].to_numpy()
+        order = np.argsort(keys, kind="stable")
+        keys, times = keys[order], frame["t"].to_numpy()[order]
+        values = frame.drop("k", "t").to_numpy().T[:, order] if frame.width > 2 else np.empty((0, len(order)))
+        new_key = np.concatenate([[True], keys[1:] != keys[:-1]])
+        back = np.flatnonzero(~new_key & (np.diff(times, prepend=times[0]) < 0))
+        if back.size:
+            raise EventOrderError(f"key {keys[back[0]]!r} goes back in time within a batch")
+        start = np.flatnonzero(new_key)
+        count = np.diff(np.append(start, len(keys)))
+        return cls(order, times, np.ascontiguousarray(values, dtype=np.float64), keys[start], start, count)
+
+
+class _Events(NamedTuple):
+    """The batch's rows as events, in key-sorted order."""
+
+    slot: np.ndarray  # arena slot of the event's row
+    slab: np.ndarray  # first slot of its key's rows
+    head: np.ndarray  # starts a running-sum segment (first of its key in the batch, or fresh)
+    fresh: np.ndarray  # a head whose sums restart at zero
+    prev: np.ndarray  # for a head continuing from stored rows: the last stored row's slot, else -1
+    last: np.ndarray  # the key's last event in the batch
+    key: np.ndarray  # the key's index in the key table
+
+
+def _bounds(
+    times: np.ndarray, slab: np.ndarray, slot: np.ndarray, window: Window, cache: dict | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The windows of the events at ``slot`` (their keys' rows start at ``slab``) as slot
+    ranges. ``cache`` holds, per distance, the first slot after ``time - distance``; longer
+    distances are searched first and bound the searches for shorter ones."""
+    cache = {} if cache is None else cache
+    for step in sorted({window.reach, window.delay} - {ZERO} - set(cache), reverse=True):
+        floor = cache[min(longer)] if (longer := [s for s in cache if s > step]) else slab
+        cache[step] = _bisect(times, floor, slot + 1, times[slot] - _ns(step))
+    return cache[window.reach], slot + 1 if window.delay == ZERO else cache[window.delay]
+
+
+class KeyedWindowOperator:
+    """Streaming per-key window aggregates: one batch in, the batch's features out.
+
+    Batches may interleave many keys; each key's rows must arrive in event-time order across
+    batches (the runtime keeps per-key order). Results equal :func:`window_features_batch`
+    over the concatenated batches, whatever the batch boundaries.
+
+    Args:
+        spec: What to compute.
+
+    Attributes:
+        spec: The spec.
+        late_rows: Rows that arrived older than the watermark (their key may have expired).
+
+    Example:
+        >>> spec = KeyedWindowSpec("k", "t", (Aggregate("s", "sum", Window(HOUR), "x"),))
+        >>> op = KeyedWindowOperator(spec)
+        >>> at = [dt.datetime(2024, 1, 1, 0, m) for m in (0, 30, 59)]
+        >>> op.update(pl.DataFrame({"k": [7, 7], "t": at[:2], "x": [1.0, 2.0]}))["s"].to_list()
+        [1.0, 3.0]
+        >>> op.update(pl.DataFrame({"k": [7], "t": at[2:], "x": [4.0]}))["s"].to_list()
+        [7.0]
+    """
+
+    def __init__(self, spec: KeyedWindowSpec) -> None:
+        self.spec = spec
+        self._plan = _Plan.of(spec)
+        self.late_rows = 0
+        self._max_time: int | None = None
+        self._arena = _Arena(self._plan.arena_columns)
+        self._table = _KeyTable.empty(self._plan.n_running)
+
+    @property
+    def state_rows(self) -> int:
+        """How many rows the state retains."""
+        return int(self._table.rows.sum())
+
+    @property
+    def state_keys(self) -> int:
+        """How many keys the state holds (with rows, or with a carried residual)."""
+        return len(self._table.keys)
+
+    @property
+    def state_bytes(self) -> int:
+        """Memory held by the state's arrays (the arena keeps room for appends)."""
+        return self._arena.times.nbytes + self._arena.values.nbytes + sum(
+            c.nbytes for c in self._table.columns())
+
+    def update(self, batch: FrameLike) -> pl.DataFrame:
+        """Add a batch; return its rows' features (one row per input row, in input order).
+
+        Raises:
+            FeatureError: a column is missing or has nulls (the state is unchanged).
+            EventOrderError: a key's events go back in time (the state is unchanged).
+        """
+        frame = _select(_as_frame(batch), self.spec, self._plan)
+        if frame.height == 0:
+            return self._output({}, np.empty(0, dtype=np.int64))
+        rows = _Batch.of(frame)
+        index = self._admit(rows)
+        stored, last = self._table.rows[index], self._table.last[index]
+        slots = self._place(index, rows.count)
+        self._write(rows, slots, stored)
+        events = self._events(rows, index, slots, stored, last)
+        columns, last_sums = self._aggregate(events)
+        self._advance(rows, index, last_sums)
+        self._expire()
+        return self._output(columns, rows.order)
+
+    def _admit(self, rows: _Batch) -> np.ndarray:
+        """Check the batch continues each key's time order; add new keys; their table indices."""
+        index, found = self._table.locate(rows.keys)
+        known = np.flatnonzero(found)
+        back = known[rows.times[rows.start[known]] < self._table.last[index[known]]]
+        if back.size:
+            at, stored = rows.times[rows.start[back[0]]], self._table.last[index[back[0]]]
+            raise EventOrderError(f"key {rows.keys[back[0]]!r} goes back in time: {at} ns after {stored} ns")
+        if not found.all():
+            self._table = self._table.with_keys(rows.keys[~found])
+            index, _ = self._table.locate(rows.keys)
+        return index
+
+    def _place(self, index: np.ndarray, counts: np.ndarray) -> np.ndarray:
+        """Slots for the batch's rows, right after each key's stored rows.
+
+        A full slab first slides its rows back over the slots its pruned rows left; if that
+        is not enough room, the key moves to a new slab twice the size it needs.
+        """
+        table = self._table
+        stored = table.rows[index]
+        full = table.end[index] + counts > table.limit[index]
+        if full.any():
+            fits = stored + counts <= table.limit[index] - table.base[index]
+            self._move(index[full & fits], table.base[index[full & fits]])
+            grow = full & ~fits
+            if grow.any():
+                self._relocate(index[grow], 2 * (stored[grow] + counts[grow]), index, counts)
+        slots = _ranges(table.end[index], table.end[index] + counts)
+        table.end[index] += counts
+        return slots
+
+    def _write(self, rows: _Batch, slots: np.ndarray, stored: np.ndarray) -> None:
+        """Store the batch's rows, with each flag column's prefix count continuing its key's."""
+        arena, n = self._arena, len(self._plan.columns)
+        arena.times[slots], arena.values[:n, slots] = rows.times, rows.values
+        for j, column in enumerate(self._plan.flags):
+            flags = rows.values[column]
+            before = np.cumsum(flags) - flags  # exact: integer counts
+            last = slots[rows.start] - 1  # each key's last stored row, if any
+            carried = np.where(stored > 0, arena.values[n + j, last] + arena.values[column, last], 0.0)
+            arena.values[n + j, slots] = before + np.repeat(carried - before[rows.start], rows.count)
+
+    def _move(self, which: np.ndarray, bases: np.ndarray, limits: np.ndarray | None = None) -> None:
+        """Move keys' rows to slots starting at ``bases`` (slabs end at ``limits`` if given)."""
+        table = self._table
+        rows = table.rows[which]
+        self._arena.move_to(self._arena, table.first[which], table.end[which], bases)
+        table.first[which], table.end[which] = bases, bases + rows
+        if limits is not None:
+            table.base[which], table.limit[which] = bases, limits
+
+    def _relocate(self, which: np.ndarray, size: np.ndarray, index: np.ndarray, counts: np.ndarray) -> None:
+        """New slabs of ``size`` for keys ``which``; a full arena is compacted instead."""
+        if self._arena.used + int(size.sum()) > self._arena.capacity:
+            self._compact(index, counts)
+        else:
+            bases = self._arena.allocate(size)
+            self._move(which, bases, bases + size)
+
+    def _compact(self, index: np.ndarray, counts: np.ndarray) -> None:
+        """Copy every key's rows into a fresh arena, each slab twice what it needs after the
+        batch's ``counts`` rows arrive, the arena half again the slabs."""
+        table = self._table
+        incoming = np.zeros(len(table.keys), dtype=np.int64)
+        incoming[index] = counts
+        size = 2 * (table.rows + incoming)
+        arena = _Arena(self._plan.arena_columns, int(1.5 * size.sum()))
+        bases = arena.allocate(size)
+        self._arena.move_to(arena, table.first, table.end, bases)
+        rows = table.rows
+        table.base, table.first, table.end, table.limit = bases, bases.copy(), bases + rows, bases + size
+        self._arena = arena
+
+    def _events(
+        self, rows: _Batch, index: np.ndarray, slots: np.ndarray, stored: np.ndarray, last: np.ndarray
+    ) -> _Events:
+        of_key = np.repeat(np.arange(len(index)), rows.count)
+        first = np.zeros(len(slots), dtype=bool)
+        first[rows.start] = True
+        has_prev = ~first | (stored[of_key] > 0)
+        before = np.where(first, last[of_key], np.roll(rows.times, 1))
+        if self.spec.carry_residual:
+            fresh = np.zeros(len(slots), dtype=bool)
+        else:
+            gap = np.where(has_prev, rows.times - np.where(has_prev, before, 0), 0)
+            fresh = ~has_prev | (gap >= self._plan.horizon)
+        head = first | fresh
+        prev = np.where(head & has_prev & ~fresh, slots - 1, -1)
+        last_event = np.append(first[1:], True)
+        slab = self._table.first[index][of_key]
+        return _Events(slots, slab, head, fresh, prev, last_event, index[of_key])
+
+    def _aggregate(self, events: _Events) -> tuple[dict[str, pa.Array], np.ndarray]:
+        plan, arena, columns = self._plan, self._arena, {}
+        starts = self._table.sums[events.key[events.head]]
+        starts[events.fresh[events.head]] = 0.0
+        last_sums = np.empty((int(events.last.sum()), plan.n_running))
+        cache: dict[dt.timedelta, np.ndarray] = {}
+        prev_cache: dict[dt.timedelta, np.ndarray] = {}
+        for window in sorted(plan.windows, key=lambda w: w.reach, reverse=True):
+            _bounds(arena.times, events.slab, events.slot, window, cache)  # longest first: narrower searches
+        for w, window in enumerate(plan.windows):
+            lo, hi = _bounds(arena.times, events.slab, events.slot, window, cache)
+            running = np.empty((0, len(lo)))
+            if plan.running[w]:
+                prev = self._previous(events, window, lo, hi, prev_cache)
+                part = plan.running_slice(w)
+                running = _running_sums(arena.values, list(plan.running[w]), (lo, hi), prev, events.head,
+                                        starts[:, part].T)
+                last_sums[:, part] = running[:, events.last].T
+            for agg in self.spec.aggregates:
+                if agg.window == window:
+                    columns[agg.name] = _finish(agg, hi - lo, self._raw(agg, w, lo, hi, running))
+        return columns, last_sums
+
+    def _previous(
+        self, events: _Events, window: Window, lo: np.ndarray, hi: np.ndarray, cache: dict
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Each event's previous window: the prior event's, the stored last row's, or empty."""
+        plo, phi = np.roll(lo, 1), np.roll(hi, 1)
+        plo[events.head] = phi[events.head] = events.slot[events.head]
+        stored = np.flatnonzero(events.prev >= 0)
+        if stored.size:
+            at = events.prev[stored]
+            plo[stored], phi[stored] = _bounds(self._arena.times, events.slab[stored], at, window, cache)
+        return plo, phi
+
+    def _raw(self, agg: Aggregate, w: int, lo: np.ndarray, hi: np.ndarray, running: np.ndarray) -> np.ndarray:
+        """The aggregate per event before empty windows are filled: the running sum for sum
+        and mean, the count of non-zero rows (a prefix difference) for share."""
+        if agg.kind == "count":
+            return hi - lo
+        column = self._plan.column(agg)
+        if agg.kind in _RUNNING:
+            return running[self._plan.running[w].index(column)]
+        if agg.kind == "share":
+            prefix = self._arena.values[len(self._plan.columns) + self._plan.flags.index(column)]
+            flags, last = self._arena.values[column], np.maximum(hi - 1, lo)
+            return np.where(hi > lo, prefix[last] + flags[last] - prefix[lo], 0.0)
+        ufunc = np.minimum if agg.kind == "min" else np.maximum
+        return _extremum(self._arena.values[column], lo, hi, ufunc)
+
+    def _advance(self, rows: _Batch, index: np.ndarray, last_sums: np.ndarray) -> None:
+        """Record each key's latest event and sums, drop rows past the horizon, move the clock."""
+        table, horizon = self._table, self._plan.horizon
+        table.last[index] = rows.times[rows.start + rows.count - 1]
+        table.sums[index] = last_sums
+        table.first[index] = _bisect(self._arena.times, table.first[index], table.end[index],
+                                     table.last[index] - horizon)
+        newest = int(rows.times.max())
+        if self._max_time is not None:
+            self.late_rows += int(np.count_nonzero(rows.times < self._max_time - self._plan.lateness))
+            newest = max(newest, self._max_time)
+        self._max_time = newest
+
+    def _expire(self) -> None:
+        """Drop keys the watermark has passed by the horizon (or keep a carried residual)."""
+        table = self._table
+        assert self._max_time is not None
+        gone = (table.rows > 0) & (table.last <= self._max_time - self._plan.lateness - self._plan.horizon)
+        if not gone.any():
+            return
+        keep = ~gone
+        if self.spec.carry_residual and self._plan.n_running:
+            table.sums[gone] = self._drain(np.flatnonzero(gone))
+            table.base[gone] = table.first[gone] = table.end[gone] = table.limit[gone] = 0
+            keep |= (table.sums != 0.0).any(axis=1)  # a zero residual is the same as no entry
+        self._table = table.select(keep)
+
+    def _drain(self, gone: np.ndarray) -> np.ndarray:
+        """The running sums of keys ``gone`` after subtracting every row still in their windows:
+        the subtractions their next event would do first, in the same order."""
+        plan, table, arena = self._plan, self._table, self._arena
+        end, sums = table.end[gone], table.sums[gone]
+        head = np.ones(len(gone), dtype=bool)
+        for w, window in enumerate(plan.windows):
+            if plan.running[w]:
+                prev = _bounds(arena.times, table.first[gone], end - 1, window)
+                part = plan.running_slice(w)
+                sums[:, part] = _running_sums(arena.values, list(plan.running[w]), (end, end), prev, head,
+                                              sums[:, part].T).T
+        return sums
+
+    def _output(self, columns: dict[str, pa.Array], order: np.ndarray) -> pl.DataFrame:
+        if not columns:
+            none = np.empty(0, dtype=np.int64)
+            columns = {a.name: _finish(a, none, none.astype(np.float64)) for a in self.spec.aggregates}
+        rank = np.empty(len(order), dtype=np.int64)
+        rank[order] = np.arange(len(order))
+        names = [a.name for a in self.spec.aggregates]
+        table = pa.table([columns[name] for name in names], names=names)
+        frame = pl.from_arrow(table.take(pa.array(rank)))
+        assert isinstance(frame, pl.DataFrame)
+        return frame
+
+    def snapshot(self) -> bytes:
+        """The state as bytes (Arrow IPC): each key's rows, latest time and sums; the clock.
+
+        The bytes depend only on the rows and sums kept, not on the arena's layout or on how
+        the input was cut into batches.
+
+        Example:
+            >>> spec = KeyedWindowSpec("k", "t", (Aggregate("n", "count", Window(HOUR)),))
+            >>> op = KeyedWindowOperator(spec)
+            >>> _ = op.update(pl.DataFrame({"k": [1], "t": [dt.datetime(2024, 1, 1)]}))
+            >>> clone = KeyedWindowOperator(spec)
+            >>> clone.restore(op.snapshot()); clone.state_rows
+            1
+        """
+        table, arena = self._table, self._arena
+        slots = _ranges(table.first, table.end)
+        values = arena.values[:, slots]
+        n = len(self._plan.columns)  # prefix counts restart at each key's first row kept
+        first = np.minimum(table.first, arena.capacity - 1)
+        values[n:] -= np.repeat(arena.values[n:, first], table.rows, axis=1)
+        meta = {"spec": repr(self.spec), "late_rows": str(self.late_rows),
+                "max_time": "" if self._max_time is None else str(self._max_time)}
+        rows = pa.table({"time": arena.times[slots], **{f"c{i}": column for i, column in enumerate(values)}},
+                        metadata=meta)
+        keys = pa.table({"key": table.keys, "rows": table.rows, "last": table.last,
+                         **{f"s{i}": table.sums[:, i] for i in range(table.sums.shape[1])}})
+        return _pack([_ipc(rows), _ipc(keys)])
+
+    def restore(self, data: bytes) -> None:
+        """Replace the state with a :meth:`snapshot` of an operator with the same spec.
+
+        Raises:
+            StateRestoreError: the snapshot is corrupt or its spec differs.
+        """
+        parts = _unpack(data)
+        if len(parts) != 2:
+            raise StateRestoreError(f"expected 2 parts in a window-state snapshot, got {len(parts)}")
+        rows, keys = _read_ipc(parts[0]), _read_ipc(parts[1])
+        meta = {k.decode(): v.decode() for k, v in (rows.schema.metadata or {}).items()}
+        if meta.get("spec") != repr(self.spec):
+            raise StateRestoreError(f"snapshot taken with spec {meta.get('spec')!r}, not {self.spec!r}")
+        counts = _numpy(keys, "rows")
+        if int(counts.sum()) != rows.num_rows:
+            raise StateRestoreError("snapshot rows do not add up to its keys' row counts")
+        size = 2 * counts
+        arena = _Arena(self._plan.arena_columns, int(size.sum()))
+        bases = arena.allocate(size)
+        slots = _ranges(bases, bases + counts)
+        arena.times[slots] = _numpy(rows, "time")
+        for i in range(len(arena.values)):
+            arena.values[i, slots] = _numpy(rows, f"c{i}")
+        sums = np.array([_numpy(keys, f"s{i}") for i in range(self._plan.n_running)], dtype=np.float64)
+        self._table = _KeyTable(_numpy(keys, "key"), bases, bases.copy(), bases + counts, bases + size,
+                                _numpy(keys, "last"), sums.reshape(-1, keys.num_rows).T.copy())
+        self._arena = arena
+        self._max_time = int(meta["max_time"]) if meta.get("max_time") else None
+        self.late_rows = int(meta.get("late_rows", "0"))
+
+
+def _pack(parts: list[bytes]) -> bytes:
+    """Frame byte strings: magic, count, then (length, bytes) per part."""
+    head = _MAGIC + struct.pack("<I", len(parts))
+    return head + b"".join(struct.pack("<Q", len(p)) + p for p in parts)
+
+
+def _unpack(data: bytes) -> list[bytes]:
+    if not isinstance(data, bytes | bytearray | memoryview) or bytes(data[:len(_MAGIC)]) != _MAGIC:
+        raise StateRestoreError("not a feature-state snapshot")
+    try:
+        (count,), at, parts = struct.unpack_from("<I", data, len(_MAGIC)), len(_MAGIC) + 4, []
+        for _ in range(count):
+            (size,) = struct.unpack_from("<Q", data, at)
+            parts.append(bytes(data[at + 8:at + 8 + size]))
+            at += 8 + size
+    except struct.error as exc:
+        raise StateRestoreError("truncated feature-state snapshot") from exc
+    if at != len(data) or any(len(p) == 0 for p in parts):
+        raise StateRestoreError("truncated feature-state snapshot")
+    return parts
+
+
+def _ipc(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+def _read_ipc(data: bytes) -> pa.Table:
+    try:
+        return pa.ipc.open_stream(data).read_all()
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise StateRestoreError(f"unreadable feature-state snapshot: {exc}") from exc
+
+
+def _numpy(table: pa.Table, name: str) -> np.ndarray:
+    if name not in table.column_names:
+        raise StateRestoreError(f"snapshot lacks column {name!r}")
+    column = table.column(name)
+    return column.to_numpy() if table.num_rows else np.empty(0, dtype=column.type.to_pandas_dtype())
+
+
+def window_features_batch(frame: FrameLike, spec: KeyedWindowSpec) -> pl.DataFrame:
+    """The offline reference: ``spec``'s aggregates over a whole history, in pure Polars.
+
+    Each key's rows must be in event-time order (ties in arrival order, which is row order).
+    ``min`` and ``max`` materialise every window (memory grows with total window size).
+
+    Args:
+        frame: The whole history.
+        spec: What to compute.
+
+    Returns:
+        One row per input row, in input order, with one column per aggregate.
+
+    Example:
+        >>> spec = KeyedWindowSpec("k", "t", (Aggregate("n", "count", Window(HOUR)),))
+        >>> at = [dt.datetime(2024, 1, 1, 0, 0), dt.datetime(2024, 1, 1, 0, 0),
+        ...       dt.datetime(2024, 1, 1, 0, 59), dt.datetime(2024, 1, 1, 1, 0)]
+        >>> window_features_batch(pl.DataFrame({"k": [1, 1, 1, 1], "t": at}), spec)["n"].to_list()
+        [1, 2, 3, 2]
+    """
+    plan = _Plan.of(spec)
+    data = _reference_rows(_as_frame(frame), spec, plan)
+    columns: list[pl.Series] = []
+    for w, window in enumerate(plan.windows):
+        lo, hi = _reference_bounds(window)
+        spans = data.select(lo.alias("lo"), hi.alias("hi"))
+        summed = [f"c{i}" for i in plan.running[w]]
+        sums = _reference_sums(data, window, summed) if summed else None
+        for agg in spec.aggregates:
+            if agg.window == window:
+                columns.append(_reference_aggregate(agg, plan, data, spans, sums))
+    return pl.DataFrame(columns).with_columns(data["row"]).sort("row").drop("row")
+
+
+def _reference_rows(frame: pl.DataFrame, spec: KeyedWindowSpec, plan: _Plan) -> pl.DataFrame:
+    """Rows sorted by (key, arrival): row numbers, key-group bounds and running-sum segments."""
+    data = _select(frame, spec, plan).with_row_index("row")
+    data = data.sort("k", "row").with_row_index("g").with_columns(pl.col("g").cast(pl.Int64))
+    gap = pl.col("t").diff().over("k")
+    if data.select((gap < 0).any()).item():
+        raise EventOrderError("a key's events go back in time")
+    restart = gap.is_null() if spec.carry_residual else gap.is_null() | (gap >= plan.horizon)
+    first = pl.col("g") - pl.int_range(pl.len(), dtype=pl.Int64).over("k")
+    data = data.with_columns(gs=first, seg=restart.cum_sum())
+    return data.with_columns(ge=pl.col("gs") + pl.len().over("k"))
+
+
+def _group_search(value: pl.Expr, side: Literal["left", "right"]) -> pl.Expr:
+    """Row number of ``t.search_sorted(value)`` within the row's key group."""
+    return pl.col("gs") + pl.col("t").search_sorted(value, side=side).over("k").cast(pl.Int64)
+
+
+def _reference_bounds(window: Window) -> tuple[pl.Expr, pl.Expr]:
+    """``[lo, hi)`` row ranges of each row's window."""
+    t = pl.col("t")
+    lo = _group_search(t - _ns(window.reach), "right")
+    if window.delay == ZERO:
+        return lo, pl.col("g") + 1
+    return lo, _group_search(t - _ns(window.delay), "right")
+
+
+def _reference_sums(data: pl.DataFrame, window: Window, columns: list[str]) -> pl.DataFrame:
+    """Running sums per row: each row is added at the first event whose window holds it and
+    subtracted at the first whose window has passed it, summed per segment in (event,
+    subtract-before-add, row) order from 0.0; an operation across a restart is dropped."""
+    t, cols = pl.col("t"), pl.col(columns)
+    enter = pl.col("g") if window.delay == ZERO else _group_search(t + _ns(window.delay), "left")
+    leave = _group_search(t + _ns(window.reach), "left")
+    ops = data.select("g", "ge", "seg", *columns, enter.alias("enter"), leave.alias("leave"))
+    live = pl.col("enter") != pl.col("leave")
+    adds = ops.filter(live & (pl.col("enter") < pl.col("ge"))).select(
+        pl.col("enter").alias("event"), pl.lit(1).alias("phase"), "g", cols)
+    subtracts = ops.filter(live & (pl.col("leave") < pl.col("ge"))).select(
+        pl.col("leave").alias("event"), pl.lit(0).alias("phase"), "g", -cols)
+    heads = ops.filter(pl.col("seg").is_first_distinct()).select(
+        pl.col("g").alias("event"), pl.lit(-1).alias("phase"), "g", *(pl.lit(0.0).alias(c) for c in columns))
+    steps = pl.concat([heads, adds, subtracts])
+    segment = data["seg"].gather(steps["event"])
+    steps = (steps.with_columns(segment)
+             .filter(segment == data["seg"].gather(steps["g"]))
+             .sort("event", "phase", "g")
+             .with_columns(cols.cum_sum().over("seg"))
+             .group_by("event").agg(cols.last()))
+    per_row = data.select("g", "seg").join(steps, left_on="g", right_on="event", how="left",
+                                           maintain_order="left")
+    return per_row.select(cols.forward_fill().over("seg"))
+
+
+def _reference_aggregate(
+    agg: Aggregate, plan: _Plan, data: pl.DataFrame, spans: pl.DataFrame, sums: pl.DataFrame | None
+) -> pl.Series:
+    """One aggregate's column in (key, arrival) order, empty windows filled."""
+    count = spans["hi"] - spans["lo"]
+    if agg.kind == "count":
+        return count.alias(agg.name)
+    values = data[f"c{plan.column(agg)}"]
+    if agg.kind in ("sum", "mean"):
+        assert sums is not None
+        raw = sums[f"c{plan.column(agg)}"]
+    elif agg.kind == "share":
+        prefix = pl.concat([pl.Series([0], dtype=pl.Int64), values.cast(pl.Int64).cum_sum()])
+        raw = prefix.gather(spans["hi"]) - prefix.gather(spans["lo"])
+    else:
+        raw = _reference_extremum(values, spans, agg.kind)
+    frame = pl.DataFrame({"n": count, "x": raw})
+    empty = 0.0 if agg.kind == "sum" else agg.empty
+    value = pl.col("x") / pl.col("n") if agg.kind in ("mean", "share") else pl.col("x")
+    out = pl.when(pl.col("n") == 0).then(pl.lit(empty, pl.Float64)).otherwise(value.cast(pl.Float64))
+    return frame.select(out.alias(agg.name)).to_series()
+
+
+def _reference_extremum(values: pl.Series, spans: pl.DataFrame, kind: str) -> pl.Series:
+    members = spans.select(pl.int_range(pl.len()).alias("e"), pl.int_ranges("lo", "hi").alias("j"))
+    members = members.explode("j", empty_as_null=True)
+    members = members.with_columns(x=values.gather(members["j"]))
+    agg = pl.col("x").min() if kind == "min" else pl.col("x").max()
+    return members.group_by("e", maintain_order=True).agg(agg)["x"]
+
+
+# The fraud handbook's model inputs ------------------------------------------------------
+
+HANDBOOK_LABEL_DELAY = 7 * DAY
+_HANDBOOK_DAYS = (1, 7, 30)
+
+
+def _handbook_customer_spec() -> KeyedWindowSpec:
+    aggregates: list[Aggregate] = []
+    for n in _HANDBOOK_DAYS:
+        window = Window(n * DAY)
+        aggregates += [Aggregate(f"CUSTOMER_ID_NB_TX_{n}DAY_WINDOW", "count", window),
+                       Aggregate(f"CUSTOMER_ID_AVG_AMOUNT_{n}DAY_WINDOW", "mean", window, "TX_AMOUNT")]
+    # carry_residual: the handbook's pandas rolling sums never restart, even after long gaps.
+    return KeyedWindowSpec("CUSTOMER_ID", "TX_DATETIME", tuple(aggregates), carry_residual=True)
+
+
+def _handbook_terminal_spec() -> KeyedWindowSpec:
+    aggregates: list[Aggregate] = []
+    for n in _HANDBOOK_DAYS:
+        window = Window(n * DAY, delay=HANDBOOK_LABEL_DELAY)
+        aggregates += [Aggregate(f"TERMINAL_ID_NB_TX_{n}DAY_WINDOW", "count", window),
+                       Aggregate(f"TERMINAL_ID_RISK_{n}DAY_WINDOW", "share", window, "TX_FRAUD", empty=0.0)]
+    return KeyedWindowSpec("TERMINAL_ID", "TX_DATETIME", tuple(aggregates),
+                           label="TX_FRAUD", label_delay=HANDBOOK_LABEL_DELAY)
+
+
+#: Customer-keyed: count and mean amount over the 1, 7 and 30 days ending at the transaction.
+HANDBOOK_CUSTOMER_SPEC = _handbook_customer_spec()
+#: Terminal-keyed: count and fraud share over 1, 7 and 30 days ending 7 days (the label delay) before.
+HANDBOOK_TERMINAL_SPEC = _handbook_terminal_spec()
+#: The 15 model inputs, in the handbook's order.
+HANDBOOK_FEATURES = (
+    "TX_DURING_WEEKEND", "TX_DURING_NIGHT",
+    *(a.name for a in HANDBOOK_CUSTOMER_SPEC.aggregates),
+    *(a.name for a in HANDBOOK_TERMINAL_SPEC.aggregates),
+)
+
+
+def calendar_features(transactions: FrameLike) -> pl.DataFrame:
+    """``TX_DURING_WEEKEND`` (Saturday or Sunday) and ``TX_DURING_NIGHT`` (hour <= 6), as Int64.
+
+    Example:
+        >>> at = pl.DataFrame({"TX_DATETIME": [dt.datetime(2018, 7, 1, 6, 59), dt.datetime(2018, 7, 2, 7)]})
+        >>> calendar_features(at).rows()
+        [(1, 1), (0, 0)]
+    """
+    when = pl.col("TX_DATETIME")
+    return _as_frame(transactions).select(
+        (when.dt.weekday() >= 6).cast(pl.Int64).alias("TX_DURING_WEEKEND"),
+        (when.dt.hour() <= 6).cast(pl.Int64).alias("TX_DURING_NIGHT"),
+    )
+
+
+def _handbook_frame(
+    transactions: pl.DataFrame, customer: pl.DataFrame, terminal: pl.DataFrame
+) -> pl.DataFrame:
+    """``TRANSACTION_ID`` and the 15 inputs with the published dtypes (counts as Float64)."""
+    parts = [transactions.select("TRANSACTION_ID"), calendar_features(transactions), customer, terminal]
+    frame = pl.concat(parts, how="horizontal")
+    return frame.with_columns(pl.col(pl.Int64).exclude("TRANSACTION_ID", "TX_DURING_WEEKEND",
+                                                       "TX_DURING_NIGHT").cast(pl.Float64))
+
+
+def handbook_features_batch(transactions: FrameLike) -> pl.DataFrame:
+    """The handbook's 15 inputs over a whole history (offline, pure Polars).
+
+    Args:
+        transactions: Handbook transactions (``TRANSACTION_ID``, ``TX_DATETIME``,
+            ``CUSTOMER_ID``, ``TERMINAL_ID``, ``TX_AMOUNT``, ``TX_FRAUD``), each key's rows in
+            time order; include at least 37 days before the rows whose features you use.
+
+    Returns:
+        ``TRANSACTION_ID`` then :data:`HANDBOOK_FEATURES`, one row per input row, input order.
+
+    Example:
+        >>> from pipelines.simulator import SimulationSpec, simulate_transactions
+        >>> t = simulate_transactions(SimulationSpec(n_customers=20, n_terminals=40, n_days=3))
+        >>> handbook_features_batch(t).columns[:3]
+        ['TRANSACTION_ID', 'TX_DURING_WEEKEND', 'TX_DURING_NIGHT']
+    """
+    frame = _as_frame(transactions)
+    return _handbook_frame(frame, window_features_batch(frame, HANDBOOK_CUSTOMER_SPEC),
+                           window_features_batch(frame, HANDBOOK_TERMINAL_SPEC))
+
+
+class HandbookFeatures:
+    """The handbook's 15 inputs, streamed: a customer-keyed and a terminal-keyed operator.
+
+    The two operators share nothing: a runtime may run them in one actor (this class) or as
+    two keyed stages (``customer`` and ``terminal``, each partitioned by its own key). The
+    customer operator reads ``CUSTOMER_ID``, ``TX_DATETIME`` and ``TX_AMOUNT``; the terminal
+    operator reads ``TERMINAL_ID``, ``TX_DATETIME`` and the label ``TX_FRAUD``, the latter
+    only for rows at least 7 days older than the event (see the module docstring).
+
+    Attributes:
+        customer: The operator of :data:`HANDBOOK_CUSTOMER_SPEC`.
+        terminal: The operator of :data:`HANDBOOK_TERMINAL_SPEC`.
+
+    Example:
+        >>> from pipelines.simulator import SimulationSpec, simulate_transactions
+        >>> t = simulate_transactions(SimulationSpec(n_customers=20, n_terminals=40, n_days=3))
+        >>> online = HandbookFeatures()
+        >>> parts = [online.update(t.slice(0, 50)), online.update(t.slice(50))]
+        >>> pl.concat(parts).equals(handbook_features_batch(t))
+        True
+    """
+
+    def __init__(self) -> None:
+        self.customer = KeyedWindowOperator(HANDBOOK_CUSTOMER_SPEC)
+        self.terminal = KeyedWindowOperator(HANDBOOK_TERMINAL_SPEC)
+
+    def update(self, batch: FrameLike) -> pl.DataFrame:
+        """Add a batch of transactions; return ``TRANSACTION_ID`` and the 15 inputs per row."""
+        frame = _as_frame(batch)
+        return _handbook_frame(frame, self.customer.update(frame), self.terminal.update(frame))
+
+    def snapshot(self) -> bytes:
+        """Both operators' states as bytes."""
+        return _pack([self.customer.snapshot(), self.terminal.snapshot()])
+
+    def restore(self, data: bytes) -> None:
+        """Restore both operators from :meth:`snapshot`.
+
+        Raises:
+            StateRestoreError: the snapshot is corrupt or not a handbook snapshot.
+        """
+        parts = _unpack(data)
+        if len(parts) != 2:
+            raise StateRestoreError(f"expected 2 operator states, got {len(parts)}")
+        self.customer.restore(parts[0])
+        self.terminal.restore(parts[1])

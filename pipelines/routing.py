@@ -1,0 +1,157 @@
+"""Routing: which events are kept, in which priority lane, and which derive new events.
+
+Routes are tried in order; the first whose event-type patterns and filter match takes an
+event (a filter is a SQL expression that Polars compiles to an expression over the
+envelope's columns). Routing is per batch: every route is one vectorised mask. Events a
+route drops, or that no route takes when ``unrouted: drop``, are counted as filtered.
+
+Priority lanes never reorder one key: when a key has a high-priority event in a batch,
+its earlier events of that batch are promoted with it (the dispatcher does the same for
+pieces still queued from earlier batches, see :mod:`pipelines.lanes`).
+
+Derived events (``emit``) re-enter routing, one hop at a time, up to ``max_hops``; routes
+whose emitted types can reach themselves are rejected at start-up unless ``max_hops``
+bounds them.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass
+
+import polars as pl
+import pyarrow as pa
+
+from pipelines.envelope import envelope_schema
+from pipelines.errors import ConfigError
+from pipelines.event_ids import uuid5_strings
+from pipelines.spec import PipelineSpec, RouteSpec
+
+
+@dataclass(frozen=True)
+class Routed:
+    """One batch after routing: the two lanes (source order kept), the count filtered out,
+    and the derived events to route next."""
+
+    high: pa.Table
+    normal: pa.Table
+    filtered: int
+    derived: pa.Table
+
+
+def _type_regex(patterns: list[str]) -> str:
+    """One regular expression (Rust syntax, for Polars) for shell-style type patterns."""
+    def one(pattern: str) -> str:
+        return re.escape(pattern).replace(r"\*", ".*").replace(r"\?", ".")
+
+    return "^(?:" + "|".join(one(p) for p in patterns) + ")$"
+
+
+def _cycle(routes: list[RouteSpec]) -> list[str] | None:
+    """A cycle of routes through emitted event types, if any (depth-first search)."""
+    edges = {r.name: [t.name for t in routes
+                      if r.emit and any(fnmatch.fnmatchcase(r.emit.event_type, p)
+                                        for p in t.event_types)] for r in routes}
+    state: dict[str, int] = {}
+
+    def visit(name: str, path: list[str]) -> list[str] | None:
+        state[name] = 1
+        for nxt in edges[name]:
+            if state.get(nxt) == 1:
+                return [*path[path.index(nxt):], nxt] if nxt in path else [name, nxt]
+            if nxt not in state and (found := visit(nxt, [*path, nxt])):
+                return found
+        state[name] = 2
+        return None
+
+    for route in routes:
+        if route.name not in state and (found := visit(route.name, [route.name])):
+            return found
+    return None
+
+
+class Router:
+    """Routes envelope batches by a pipeline's routing rules.
+
+    Example:
+        >>> spec = PipelineSpec.model_validate({"name": "r",
+        ...     "source": {"format": "jsonl", "path": ["x"]},
+        ...     "mapping": {"event_type": "t", "timestamp": "ts"},
+        ...     "routing": {"routes": [{"name": "vip", "filter": "key = 'a'",
+        ...                             "priority": "high"}]}})
+        >>> Router(spec).routes[0].priority
+        'high'
+    """
+
+    def __init__(self, spec: PipelineSpec) -> None:
+        self.spec = spec.routing
+        self.routes = list(self.spec.routes)
+        self.schema = envelope_schema(spec.registry())
+        self._masks = [self._compile(i, route) for i, route in enumerate(self.routes)]
+        if self.spec.max_hops is None and (cycle := _cycle(self.routes)):
+            raise ConfigError(f"routing.routes: emitted events loop through routes "
+                              f"{' -> '.join(cycle)}; set routing.max_hops to bound them")
+
+    def _compile(self, index: int, route: RouteSpec) -> pl.Expr:
+        mask = pl.col("event_type").str.contains(_type_regex(route.event_types))
+        if route.filter is None:
+            return mask
+        try:
+            condition = pl.sql_expr(route.filter)
+            empty = pl.DataFrame(schema=pl.from_arrow(self.schema.empty_table()).schema)
+            empty.filter(condition)  # type errors show now, not at the first batch
+        except Exception as exc:  # polars raises several kinds for a bad expression
+            raise ConfigError(f"routing.routes.{index}.filter: {route.filter!r}: {exc}") from None
+        return mask & condition.fill_null(False)
+
+    def route(self, events: pa.Table) -> Routed:
+        """Route one envelope batch."""
+        frame = pl.from_arrow(events)
+        assert isinstance(frame, pl.DataFrame)
+        choice = pl.lit(-1)
+        for index in reversed(range(len(self.routes))):
+            choice = pl.when(self._masks[index]).then(pl.lit(index)).otherwise(choice)
+        frame = frame.with_row_index("__row").with_columns(__route=choice)
+        dropped = [i for i, r in enumerate(self.routes) if r.drop]
+        if self.spec.unrouted == "drop":
+            dropped.append(-1)
+        kept = frame.filter(~pl.col("__route").is_in(dropped))
+        derived = self._derive(kept)
+        high = [i for i, r in enumerate(self.routes) if r.priority == "high"]
+        lane = self._lanes(kept, high)
+        columns = events.column_names
+        return Routed(
+            high=_table(lane.filter(pl.col("__high")).select(columns), events.schema),
+            normal=_table(lane.filter(~pl.col("__high")).select(columns), events.schema),
+            filtered=frame.height - kept.height,
+            derived=derived,
+        )
+
+    @staticmethod
+    def _lanes(frame: pl.DataFrame, high_routes: list[int]) -> pl.DataFrame:
+        """Mark high rows; promote a key's earlier rows with its last high row."""
+        is_high = pl.col("__route").is_in(high_routes)
+        last_high = pl.col("__row").filter(is_high).max().over("key")
+        return frame.with_columns(__high=(pl.col("__row") <= last_high).fill_null(False))
+
+    def _derive(self, frame: pl.DataFrame) -> pa.Table:
+        emitting = [(i, r) for i, r in enumerate(self.routes) if r.emit is not None]
+        parts = []
+        for index, route in emitting:
+            rows = frame.filter(pl.col("__route") == index)
+            if rows.height == 0:
+                continue
+            assert route.emit is not None
+            ids = uuid5_strings((rows["event_id"] + f"/{route.name}").to_arrow())
+            parts.append(rows.with_columns(
+                event_id=pl.Series(ids), event_type=pl.lit(route.emit.event_type),
+                source=pl.lit(f"route:{route.name}")))
+        if not parts:
+            return self.schema.empty_table()
+        columns = self.schema.names
+        return _table(pl.concat(parts).sort("__row").select(columns), self.schema)
+
+
+def _table(frame: pl.DataFrame, schema: pa.Schema) -> pa.Table:
+    return frame.to_arrow().cast(schema)

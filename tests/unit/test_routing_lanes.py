@@ -1,0 +1,153 @@
+"""Routing (wildcards, filters, drops, priority, derived events, cycles) and the dispatch
+lanes (high first, per-key order kept, coalescing under load, adaptive sizes)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from typing import Any
+
+import polars as pl
+import pyarrow as pa
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pipelines.envelope import TIMESTAMP, envelope_schema
+from pipelines.errors import ConfigError
+from pipelines.event_ids import EVENTRAY_NAMESPACE
+from pipelines.lanes import BatchSizer, LaneQueues
+from pipelines.routing import Router
+from pipelines.spec import AdaptiveBatching, PipelineSpec
+
+
+def spec(routing: dict[str, Any]) -> PipelineSpec:
+    return PipelineSpec.model_validate({
+        "name": "r", "source": {"format": "jsonl", "path": ["x"]},
+        "mapping": {"event_type": "t", "timestamp": "ts"},
+        "event_types": {"tx.created": {"payload": {"amount": "float"}, "key": "correlation_id"}},
+        "routing": routing})
+
+
+def events(rows: list[tuple[str, str, float | None]]) -> pa.Table:
+    schema = envelope_schema(spec({}).registry())
+    when = dt.datetime(2024, 1, 1, tzinfo=dt.UTC)
+    return pa.Table.from_pylist([{
+        "event_id": f"e{i}", "event_type": event_type, "timestamp": when, "source": "s",
+        "correlation_id": key, "key": key, "data": {"amount": amount, "json": None},
+        "metadata": {"version": 1, "region": None, "ingested_at": when, "tags": None},
+    } for i, (event_type, key, amount) in enumerate(rows)], schema=schema)
+
+
+def ids(table: pa.Table) -> list[str]:
+    return table.column("event_id").to_pylist()
+
+
+def test_first_matching_route_wins_with_wildcards_and_filters() -> None:
+    router = Router(spec({"routes": [
+        {"name": "big", "event_types": ["tx.*"], "filter": "data.amount > 100", "priority": "high"},
+        {"name": "noise", "event_types": ["debug.*"], "drop": True},
+        {"name": "rest"},
+    ]}))
+    routed = router.route(events([("tx.created", "a", 500.0), ("tx.created", "b", 5.0),
+                                  ("debug.ping", "c", None), ("user.login", "d", None)]))
+    assert ids(routed.high) == ["e0"]
+    assert ids(routed.normal) == ["e1", "e3"]
+    assert routed.filtered == 1
+
+
+def test_unrouted_events_are_stored_or_dropped() -> None:
+    only = {"routes": [{"name": "tx", "event_types": ["tx.*"]}]}
+    batch = events([("tx.created", "a", 1.0), ("user.login", "b", None)])
+    assert ids(Router(spec(only)).route(batch).normal) == ["e0", "e1"]
+    dropped = Router(spec({**only, "unrouted": "drop"})).route(batch)
+    assert (ids(dropped.normal), dropped.filtered) == (["e0"], 1)
+
+
+def test_a_high_event_promotes_its_keys_earlier_events_only() -> None:
+    router = Router(spec({"routes": [
+        {"name": "vip", "filter": "data.amount > 100", "priority": "high"}]}))
+    routed = router.route(events([("tx.created", "a", 1.0), ("tx.created", "b", 2.0),
+                                  ("tx.created", "a", 900.0), ("tx.created", "a", 3.0)]))
+    assert ids(routed.high) == ["e0", "e2"]  # a's earlier event goes with its high event
+    assert ids(routed.normal) == ["e1", "e3"]
+
+
+def test_derived_events_have_deterministic_ids_and_keep_key_and_time() -> None:
+    router = Router(spec({"routes": [
+        {"name": "flag", "event_types": ["tx.created"], "filter": "data.amount > 100",
+         "emit": {"event_type": "tx.flagged"}}]}))
+    routed = router.route(events([("tx.created", "a", 500.0), ("tx.created", "b", 1.0)]))
+    (derived,) = routed.derived.to_pylist()
+    assert derived["event_id"] == str(uuid.uuid5(EVENTRAY_NAMESPACE, "e0/flag"))
+    assert (derived["event_type"], derived["key"], derived["source"]) == ("tx.flagged", "a", "route:flag")
+    assert derived["data"]["amount"] == 500.0
+    assert routed.derived.schema == routed.normal.schema
+
+
+def test_a_route_matching_its_own_emitted_type_is_a_loop() -> None:
+    with pytest.raises(ConfigError, match="flag -> flag"):
+        Router(spec({"routes": [{"name": "flag", "event_types": ["tx.*"],
+                                 "emit": {"event_type": "tx.flagged"}}]}))
+
+
+def test_routes_that_loop_need_a_hop_limit() -> None:
+    loop = {"routes": [
+        {"name": "a", "event_types": ["x.*"], "emit": {"event_type": "y.one"}},
+        {"name": "b", "event_types": ["y.*"], "emit": {"event_type": "x.two"}}]}
+    with pytest.raises(ConfigError, match="a -> b -> a|b -> a -> b"):
+        Router(spec(loop))
+    Router(spec({**loop, "max_hops": 3}))  # bounded: accepted
+
+
+@pytest.mark.parametrize("bad", ["data.amount >", "nosuchcolumn = 1", "data.amount = 'x' AND"])
+def test_bad_filters_fail_at_start_up_naming_the_route(bad: str) -> None:
+    with pytest.raises(ConfigError, match=r"routing\.routes\.0\.filter"):
+        Router(spec({"routes": [{"name": "f", "filter": bad}]}))
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.lists(st.sampled_from("abcd"), min_size=1, max_size=5),
+                          st.booleans(), st.integers(0, 2)), max_size=12))
+def test_lanes_keep_each_keys_order(steps: list[tuple[list[str], bool, int]]) -> None:
+    queues, counter, out = LaneQueues(1), 0, []
+    for keys, high, takes in steps:
+        queues.offer(0, pa.table({"key": keys, "n": list(range(counter, counter + len(keys)))}), high)
+        counter += len(keys)
+        for _ in range(takes):
+            if (piece := queues.take(0, max_rows=4)) is not None:
+                out += list(zip(piece["key"].to_pylist(), piece["n"].to_pylist(), strict=True))
+    while (piece := queues.take(0)) is not None:
+        out += list(zip(piece["key"].to_pylist(), piece["n"].to_pylist(), strict=True))
+    assert sorted(n for _, n in out) == list(range(counter))  # nothing lost or doubled
+    for key in "abcd":
+        ns = [n for k, n in out if k == key]
+        assert ns == sorted(ns)
+
+
+def test_high_lane_goes_first_and_coalesces_under_load() -> None:
+    queues = LaneQueues(1)
+    for i in range(3):
+        queues.offer(0, pa.table({"key": [f"n{i}"]}), high=False)
+    queues.offer(0, pa.table({"key": ["h"]}), high=True)
+    assert queues.take(0)["key"].to_pylist() == ["h"]
+    assert queues.take(0, max_rows=10)["key"].to_pylist() == ["n0", "n1", "n2"]
+    assert queues.empty()
+
+
+def test_batch_sizer_targets_latency_within_bounds() -> None:
+    sizer = BatchSizer(AdaptiveBatching(target_latency_ms=50, min_rows=100, max_rows=50_000), 2)
+    assert sizer.max_rows(0) == 100  # nothing measured yet: small batches, low latency
+    sizer.observe(0, rows=10_000, seconds=0.01)  # 1M rows/s
+    assert sizer.max_rows(0) == 50_000
+    sizer.observe(1, rows=100, seconds=1.0)
+    assert sizer.max_rows(1) == 100
+
+
+def test_routed_tables_keep_the_envelope_schema() -> None:
+    router = Router(spec({"routes": [{"name": "all"}]}))
+    batch = events([("tx.created", "a", 1.0)])
+    routed = router.route(batch)
+    assert routed.normal.schema == batch.schema
+    assert pl.from_arrow(routed.high).height == 0
+    assert routed.high.schema == batch.schema and TIMESTAMP == batch.schema.field("timestamp").type
