@@ -144,7 +144,10 @@ class Progress:
 
     def update(self, rows: int, counts: RunCounts, in_flight: int) -> None:
         self.bar.update(rows)
+        # lag: events read but not yet stored (queued in the driver or in flight)
         self.bar.set_postfix(stored=counts.stored, dead=counts.dead_lettered,
+                             lag=counts.read + counts.derived - counts.filtered
+                             - counts.dead_lettered - counts.stored,
                              in_flight=in_flight, refresh=False)
 
     def close(self) -> None:

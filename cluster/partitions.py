@@ -33,6 +33,7 @@ from pipelines.keyed import BatchReceipt, PartitionWorker
 from pipelines.store import EventStore
 
 NAMESPACE = "eventray"
+LATENCY_BUCKETS_S = [0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0]
 RECOVERY_TIMEOUT_S = 120.0
 #: Recoveries of one partition in a row without an acknowledged batch before giving up:
 #: a batch that fails every time is a bug to report, not a crash to retry forever.
@@ -113,10 +114,22 @@ def _actor_class() -> Any:
         """Owns one partition: a thin shell around :class:`PartitionWorker`."""
 
         def __init__(self, partition: int, store_root: str, run: str) -> None:
+            from ray.util.metrics import Counter, Histogram
+
             self.worker = _RunWorker(partition, store_root, run)
+            self.tags = {"partition": str(partition)}
+            self.stored = Counter("eventray_events_stored", "events applied and stored",
+                                  tag_keys=("partition",))
+            self.latency = Histogram("eventray_ingest_to_store_seconds",
+                                     "ingestion to store latency of a batch",
+                                     boundaries=LATENCY_BUCKETS_S, tag_keys=("partition",))
 
         def apply(self, seq: int, rows: pa.Table) -> BatchReceipt:
-            return self.worker.apply(seq, rows)
+            receipt = self.worker.apply(seq, rows)
+            if receipt.applied:  # exported to the Ray dashboard / Prometheus
+                self.stored.inc(receipt.rows, tags=self.tags)
+                self.latency.observe(receipt.latency_s, tags=self.tags)
+            return receipt
 
         def position(self) -> int:
             return self.worker.next_seq
