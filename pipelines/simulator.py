@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import datetime as dt
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -47,7 +46,8 @@ from typing import NamedTuple
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
+
+from pipelines.store import write_parquet_atomic
 
 SECONDS_PER_DAY = 86_400
 AREA_SIZE = 100.0
@@ -359,16 +359,6 @@ def simulate_transactions(spec: SimulationSpec) -> pa.Table:
     return _to_table(raw, amount, scenario, spec)
 
 
-def _write_atomic(table: pa.Table, path: Path) -> None:
-    """Write ``table`` to ``path`` via a temporary file in the same directory."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        pq.write_table(table, tmp, compression="zstd")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_monthly(table: pa.Table, out_dir: str | Path) -> list[Path]:
     """Write one Parquet file per calendar month, named ``transactions-YYYY-MM.parquet``.
 
@@ -395,7 +385,7 @@ def write_monthly(table: pa.Table, out_dir: str | Path) -> list[Path]:
     paths = []
     for month in np.unique(months):
         path = out / f"transactions-{month}.parquet"
-        _write_atomic(table.filter(pa.array(months == month)), path)
+        write_parquet_atomic(table.filter(pa.array(months == month)), path)
         paths.append(path)
     return paths
 

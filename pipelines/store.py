@@ -40,6 +40,19 @@ _SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
 _FILE_NAME = re.compile(r"^part-(?P<run>[^-]+)-(?P<writer>.+)-(?P<seq>\d{12})\.parquet$")
 
 
+def write_parquet_atomic(rows: pa.Table, path: Path) -> Path:
+    """Write a Parquet file under a temporary name in its directory, then rename it:
+    readers see the whole file or none of it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        pq.write_table(rows, tmp, compression="zstd")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
 def safe_partition_value(value: str | None) -> str:
     """``value`` if it is safe as a directory name, else ``_invalid``.
 
@@ -103,19 +116,8 @@ class EventStore:
         for (type_dir, date), group in groups.items():
             directory = self.table_dir(table) / f"event_type={type_dir}" / f"date={date}"
             piece = rows.take(pa.array(group["__row"].to_numpy()))
-            written.append(self._write_atomic(directory / name, piece))
+            written.append(write_parquet_atomic(piece, directory / name))
         return written
-
-    @staticmethod
-    def _write_atomic(path: Path, rows: pa.Table) -> Path:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-        try:
-            pq.write_table(rows, tmp, compression="zstd")
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        return path
 
     def truncate(self, run: str, next_seqs: dict[str, int]) -> list[Path]:
         """Remove a run's files written at or after a checkpoint; returns what was removed.
