@@ -69,6 +69,7 @@ class RunCounts:
     filtered: int = 0
     sent: int = 0
     derived: int = 0
+    alerts: int = 0
     hop_limited: int = 0
     batches: int = 0
     checkpoints: int = 0
@@ -211,11 +212,10 @@ class PipelineRun:
         self.acknowledge(executor.completed())
         self.dispatch(executor)
 
-    def route(self, events: pa.Table) -> None:
+    def route(self, events: pa.Table, hops: int = 0) -> None:
         """Route a batch and its derived events (hop by hop) into the lanes."""
         # Without max_hops, routes are acyclic (checked at start-up): derivation ends by itself.
-        limit = self.spec.routing.max_hops or len(self.spec.routing.routes) + 1
-        hops = 0
+        limit = self.spec.routing.max_hops or len(self.spec.routing.routes) + 2
         while events.num_rows:
             routed = self.router.route(events)
             self.counts.filtered += routed.filtered
@@ -256,16 +256,27 @@ class PipelineRun:
     def acknowledge(self, receipts: list[BatchReceipt]) -> None:
         self.counts.stored += sum(r.rows for r in receipts)
         self.receipts += receipts
+        for receipt in receipts:  # events the partitions' steps emitted (alerts)
+            if receipt.derived is not None and receipt.derived.num_rows:
+                self.counts.derived += receipt.derived.num_rows
+                self.counts.alerts += receipt.derived.num_rows
+                self.route(receipt.derived, hops=1)
         if self.sizer is not None:
             for receipt in receipts:
                 self.sizer.observe(receipt.partition, receipt.rows, receipt.apply_s)
 
     def checkpoint(self, executor: PartitionExecutor) -> None:
         """An aligned checkpoint at this source-batch boundary (drains in-flight batches)."""
-        self.flush(executor)
         self.epoch += 1
-        seqs = executor.checkpoint(self.epoch)
-        self.acknowledge(executor.completed())
+        while True:  # until no acknowledged batch brings derived events to dispatch
+            self.flush(executor)
+            self.acknowledge(executor.drain())
+            if not self.queues.empty():
+                continue
+            seqs = executor.checkpoint(self.epoch)
+            self.acknowledge(executor.completed())
+            if self.queues.empty():
+                break
         if seqs != dict(enumerate(self.seqs)):
             raise AccountingError({"checkpoint_epoch": self.epoch, **{
                 f"partition_{p}_at": s for p, s in seqs.items()}})
@@ -351,7 +362,7 @@ def _summary(spec: PipelineSpec, counts: RunCounts, receipts: list[BatchReceipt]
         "filtered": counts.filtered,
         "derived": counts.derived,
         "hop_limited": counts.hop_limited,
-        "alerts": 0,
+        "alerts": counts.alerts,
         "reasons": dict(sorted(counts.reasons.items())),
         "partitions": spec.runtime.partitions,
         "batches": counts.batches,

@@ -35,7 +35,7 @@ def run_job(
     runtime = spec.runtime
     if in_process:
         summary = run_pipeline(
-            spec, lambda prefix: LocalPartitions(runtime.partitions, store_root, prefix),
+            spec, lambda prefix: LocalPartitions(runtime.partitions, store_root, prefix, spec),
             store_root, inputs, progress, resume=resume)
         return {**summary, "ray": "in-process"}
     with ray_session(address, object_store_mb=runtime.object_store_mb) as ray_facts:
@@ -44,6 +44,6 @@ def run_job(
         summary = run_pipeline(
             spec,
             lambda prefix: RayPartitions(runtime.partitions, store_root, prefix,
-                                         runtime.max_in_flight, per_actor),
+                                         runtime.max_in_flight, per_actor, spec),
             store_root, inputs, progress, resume=resume)
     return {**summary, "ray": ray_facts["mode"]}

@@ -30,6 +30,8 @@ import pyarrow as pa
 
 from pipelines.checkpoint import CheckpointStore
 from pipelines.keyed import BatchReceipt, PartitionWorker
+from pipelines.processing import build_steps
+from pipelines.spec import PipelineSpec
 from pipelines.store import EventStore
 
 NAMESPACE = "eventray"
@@ -47,8 +49,10 @@ def partition_writer(partition: int) -> str:
 class _RunWorker(PartitionWorker):
     """A worker whose files carry the run's id, restored from the run's last checkpoint."""
 
-    def __init__(self, partition: int, store_root: str | Path, run: str) -> None:
-        super().__init__(partition, EventStore(store_root))
+    def __init__(self, partition: int, store_root: str | Path, run: str,
+                 spec: PipelineSpec | None = None) -> None:
+        steps = build_steps(spec) if spec is not None else []
+        super().__init__(partition, EventStore(store_root), steps=steps)
         self.run = run
         self.checkpoints = CheckpointStore(store_root, run)
         latest = self.checkpoints.latest()
@@ -70,8 +74,9 @@ class LocalPartitions:
 
     restarts = 0
 
-    def __init__(self, partitions: int, store_root: str | Path, run: str) -> None:
-        self.workers = [_RunWorker(p, store_root, run) for p in range(partitions)]
+    def __init__(self, partitions: int, store_root: str | Path, run: str,
+                 spec: PipelineSpec | None = None) -> None:
+        self.workers = [_RunWorker(p, store_root, run, spec) for p in range(partitions)]
         self._done: list[BatchReceipt] = []
 
     def submit(self, partition: int, seq: int, rows: pa.Table) -> None:
@@ -113,10 +118,11 @@ def _actor_class() -> Any:
     class PartitionActor:
         """Owns one partition: a thin shell around :class:`PartitionWorker`."""
 
-        def __init__(self, partition: int, store_root: str, run: str) -> None:
+        def __init__(self, partition: int, store_root: str, run: str,
+                     spec: PipelineSpec | None) -> None:
             from ray.util.metrics import Counter, Histogram
 
-            self.worker = _RunWorker(partition, store_root, run)
+            self.worker = _RunWorker(partition, store_root, run, spec)
             self.tags = {"partition": str(partition)}
             self.stored = Counter("eventray_events_stored", "events applied and stored",
                                   tag_keys=("partition",))
@@ -151,7 +157,8 @@ class RayPartitions:
     """One named actor per partition, bounded in flight, recovering dead partitions."""
 
     def __init__(self, partitions: int, store_root: str | Path, run: str,
-                 max_in_flight: int, cpus_per_actor: float) -> None:
+                 max_in_flight: int, cpus_per_actor: float,
+                 spec: PipelineSpec | None = None) -> None:
         import ray
         from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
@@ -159,7 +166,7 @@ class RayPartitions:
         self._failures = (RayActorError, RayTaskError, GetTimeoutError)
         self._actor = _actor_class()
         self.store_root, self.run = str(Path(store_root).resolve()), run
-        self.cpus_per_actor = cpus_per_actor
+        self.cpus_per_actor, self.spec = cpus_per_actor, spec
         self.actors = [self._spawn(p) for p in range(partitions)]
         self.max_in_flight = max_in_flight
         self.pending: list[deque[tuple[int, Any]]] = [deque() for _ in range(partitions)]
@@ -176,7 +183,7 @@ class RayPartitions:
                 return self._actor.options(
                     name=f"partition-{partition}", namespace=NAMESPACE,
                     num_cpus=self.cpus_per_actor, scheduling_strategy="SPREAD",
-                ).remote(partition, self.store_root, self.run)
+                ).remote(partition, self.store_root, self.run, self.spec)
             except ValueError:  # the dead actor's name is not released yet
                 if time.monotonic() > deadline:
                     raise

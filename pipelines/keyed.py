@@ -14,7 +14,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -24,6 +24,7 @@ import pyarrow.compute as pc
 
 from pipelines.errors import PipelineError
 from pipelines.hashing import partition_of
+from pipelines.processing import Step
 
 Clock = Callable[[], dt.datetime]
 
@@ -74,6 +75,7 @@ class BatchReceipt:
     applied: bool
     latency_s: float
     apply_s: float = 0.0
+    derived: pa.Table | None = None  # events the steps emitted (alerts), to route again
 
 
 class PartitionWorker:
@@ -88,10 +90,12 @@ class PartitionWorker:
         False
     """
 
-    def __init__(self, partition: int, sink: Sink, clock: Clock | None = None) -> None:
+    def __init__(self, partition: int, sink: Sink, clock: Clock | None = None,
+                 steps: Sequence[Step] = ()) -> None:
         self.partition = partition
         self.sink = sink
         self.clock = clock or (lambda: dt.datetime.now(dt.UTC))
+        self.steps = list(steps)
         self.next_seq = 0
 
     @property
@@ -105,9 +109,17 @@ class PartitionWorker:
             raise SequenceGapError(self.partition, self.next_seq, seq)
         started = time.perf_counter()
         self.sink.write("events", events, writer=self.writer, seq=seq)
+        derived = []
+        for step in self.steps:
+            output = step.process(events)
+            for table, rows in output.tables.items():
+                self.sink.write(table, rows, writer=f"{self.writer}-{step.name}", seq=seq)
+            if output.derived is not None and output.derived.num_rows:
+                derived.append(output.derived)
         self.next_seq += 1
         return BatchReceipt(self.partition, seq, events.num_rows, True, self._latency(events),
-                            time.perf_counter() - started)
+                            time.perf_counter() - started,
+                            pa.concat_tables(derived) if derived else None)
 
     def _latency(self, events: pa.Table) -> float:
         if events.num_rows == 0 or "metadata" not in events.column_names:
@@ -116,8 +128,10 @@ class PartitionWorker:
         return max(0.0, (self.clock() - ingested).total_seconds())
 
     def snapshot(self) -> bytes:
-        """The partition's state as immutable bytes (for checkpoints)."""
-        return json.dumps({"partition": self.partition, "next_seq": self.next_seq}).encode()
+        """The partition's state as immutable bytes (for checkpoints): its position and
+        every step's state."""
+        return json.dumps({"partition": self.partition, "next_seq": self.next_seq,
+                           "steps": {s.name: s.snapshot() for s in self.steps}}).encode()
 
     def restore(self, state: bytes) -> None:
         data = json.loads(state)
@@ -125,3 +139,5 @@ class PartitionWorker:
             raise PipelineError(f"state of partition {data.get('partition')} given to "
                                 f"partition {self.partition}")
         self.next_seq = int(data["next_seq"])
+        for step in self.steps:
+            step.restore(data.get("steps", {}).get(step.name))

@@ -214,7 +214,8 @@ class Normaliser:
             frame = frame.with_columns(
                 __reason=pl.lit(None, pl.String), __message=pl.lit(None, pl.String)
             )
-        frame = frame.with_columns(__offset=pl.Series(raw.offsets, dtype=pl.Int64))
+        frame = frame.with_columns(__offset=pl.Series(raw.offsets, dtype=pl.Int64),
+                                   __part=pl.lit(raw.part))
         frame = self._envelope_columns(frame, raw, source_columns)
         frame = self._typed_payload(frame, source_columns)
         if duplicates is not None:

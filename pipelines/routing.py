@@ -40,7 +40,7 @@ class Routed:
     derived: pa.Table
 
 
-def _type_regex(patterns: list[str]) -> str:
+def type_regex(patterns: list[str]) -> str:
     """One regular expression (Rust syntax, for Polars) for shell-style type patterns."""
     def one(pattern: str) -> str:
         return re.escape(pattern).replace(r"\*", ".*").replace(r"\?", ".")
@@ -94,7 +94,7 @@ class Router:
                               f"{' -> '.join(cycle)}; set routing.max_hops to bound them")
 
     def _compile(self, index: int, route: RouteSpec) -> pl.Expr:
-        mask = pl.col("event_type").str.contains(_type_regex(route.event_types))
+        mask = pl.col("event_type").str.contains(type_regex(route.event_types))
         if route.filter is None:
             return mask
         try:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import importlib
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -33,7 +33,7 @@ from pipelines.envelope import (
 )
 from pipelines.errors import ConfigError, SchemaError
 
-ENVELOPE_KEY_FIELDS = ("event_id", "event_type", "source", "correlation_id")
+ENVELOPE_KEY_FIELDS = ("event_id", "event_type", "source", "correlation_id", "part")
 
 
 class _Frozen(BaseModel):
@@ -182,6 +182,23 @@ class AdaptiveBatching(_Frozen):
     max_rows: int = Field(default=200_000, ge=1)
 
 
+class AnomalyStepSpec(_Frozen):
+    """Score a numeric payload field with a streaming per-key anomaly detector."""
+
+    kind: Literal["anomaly"]
+    name: str = Field(default="anomaly", pattern=r"^[a-z0-9_]+$")
+    detector: str = "knn_novelty"
+    params: dict[str, float | int | str | bool] = Field(default_factory=dict)
+    value: str = Field(description="payload field holding the value")
+    event_types: list[str] = Field(min_length=1, description="types scored (not its alerts)")
+    threshold: float = Field(default=0.5, ge=0, le=1)
+    alert_type: str = Field(default="anomaly.detected", pattern=EVENT_TYPE_PATTERN)
+    emit_alerts: bool = True
+
+
+StepSpec = Annotated[AnomalyStepSpec, Field(discriminator="kind")]
+
+
 class StoreSpec(_Frozen):
     path: str = "store"
 
@@ -196,6 +213,7 @@ class PipelineSpec(_Frozen):
     default_event_type: EventTypeSpec = Field(default_factory=EventTypeSpec)
     limits: LimitsSpec = Field(default_factory=LimitsSpec)
     routing: RoutingSpec = Field(default_factory=RoutingSpec)
+    steps: list[StepSpec] = Field(default_factory=list)
     runtime: RuntimeSpec = Field(default_factory=RuntimeSpec)
     store: StoreSpec = Field(default_factory=StoreSpec)
 
