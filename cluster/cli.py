@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pipelines.errors import PipelineError
+from pipelines.errors import PipelineError, UnknownPluginError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -46,6 +46,17 @@ def _parser() -> argparse.ArgumentParser:
     submit.add_argument("--python", default=sys.executable,
                         help="interpreter on the cluster side (default: this one)")
     submit.add_argument("--no-wait", action="store_true", help="return once submitted")
+
+    evaluate = commands.add_parser("evaluate", help="evaluate models on benchmarks")
+    benchmarks = evaluate.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
+    nab = benchmarks.add_parser("nab", help="anomaly detectors on a NAB corpus")
+    nab.add_argument("--data", type=Path, required=True, help="corpus root (data/, labels/)")
+    nab.add_argument("--out", type=Path, required=True, help="results folder")
+    nab.add_argument("--detector", default="knn_novelty",
+                     help="windowed_gaussian | robust_zscore | knn_novelty")
+    nab.add_argument("--partitions", type=_positive, default=2)
+    nab.add_argument("--address", help="Ray cluster address; default: an embedded local Ray")
+    nab.add_argument("--in-process", action="store_true", help="run without Ray")
 
     sim = commands.add_parser("simulate", help="write synthetic card transactions")
     sim.add_argument("--out", type=Path, required=True, help="output folder")
@@ -107,7 +118,23 @@ def command_simulate(args: argparse.Namespace) -> dict[str, Any]:
             "transactions_per_min": round(table.num_rows / elapsed * 60) if elapsed else None}
 
 
-COMMANDS = {"run": command_run, "submit": command_submit, "simulate": command_simulate}
+def command_evaluate(args: argparse.Namespace) -> dict[str, Any]:
+    from cluster.ray_runtime import prepare_environment
+
+    prepare_environment(args.address)
+    if args.benchmark == "nab":
+        from cluster.evaluate_nab import evaluate_nab
+        from models.anomaly import DETECTORS
+
+        if args.detector not in DETECTORS:
+            raise UnknownPluginError("detector", args.detector, list(DETECTORS))
+        return evaluate_nab(args.data, args.out, args.detector, args.partitions,
+                            args.address, args.in_process, log=_log)
+    raise AssertionError(args.benchmark)
+
+
+COMMANDS = {"run": command_run, "submit": command_submit, "simulate": command_simulate,
+            "evaluate": command_evaluate}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pipelines.spec import load_pipeline
+from pipelines.spec import PipelineSpec, load_pipeline
 
 
 def run_job(
@@ -21,9 +21,7 @@ def run_job(
     log: Callable[[str], None] = lambda _: None,
 ) -> dict[str, Any]:
     """Load and validate ``config``, then run it to the end; returns the summary."""
-    from cluster.driver import ensure_simulated_input, run_pipeline
-    from cluster.partitions import LocalPartitions, RayPartitions
-    from cluster.ray_runtime import ray_session
+    from cluster.driver import ensure_simulated_input
 
     overrides: dict[str, Any] = {}
     if partitions is not None:
@@ -32,6 +30,23 @@ def run_job(
     store_root = Path(store or spec.store.path)
     if not inputs:
         ensure_simulated_input(spec.source, log)
+    return run_spec(spec, store_root, address, inputs, in_process, progress, resume)
+
+
+def run_spec(
+    spec: PipelineSpec,
+    store_root: Path,
+    address: str | None = None,
+    inputs: list[str] | None = None,
+    in_process: bool = False,
+    progress: bool | None = None,
+    resume: bool = False,
+) -> dict[str, Any]:
+    """Run a validated pipeline on an embedded Ray, a cluster, or in process."""
+    from cluster.driver import run_pipeline
+    from cluster.partitions import LocalPartitions, RayPartitions
+    from cluster.ray_runtime import ray_session
+
     runtime = spec.runtime
     if in_process:
         summary = run_pipeline(

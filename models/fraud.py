@@ -1,0 +1,321 @@
+"""Fraud classifiers on the fraud handbook's transaction features, and alert policies.
+
+A :class:`FraudModel` wraps a scikit-learn pipeline (standardisation fitted on the training
+set, then a classifier). It reads its feature columns from a ``polars.DataFrame`` and
+``score`` returns one fraud probability in [0, 1] per row, for a whole batch at once.
+Scoring is kept apart from deciding: an :class:`AlertPolicy` (a fixed threshold, or a
+top-k budget per batch) turns scores into alerts.
+
+Models are built by name through :func:`make_model`; the names are the keys of
+:data:`MODEL_FACTORIES` and an unknown name raises :class:`UnknownModelError` listing them.
+Every factory takes a ``seed``; the same data and seed give the same scores.
+
+Exceptions of the ``models`` package (registry errors live in :mod:`models.registry`)::
+
+    ModelError
+    ├── UnknownModelError    a name is not in MODEL_FACTORIES (lists the allowed names)
+    ├── FeatureError         input columns are missing, or the model is not fitted
+    └── RegistryError        (models.registry) an artifact cannot be saved or loaded
+        └── ModelNotFoundError  no such name or version in the registry
+
+Example:
+    >>> import polars as pl
+    >>> rows = {name: [0.0, 1.0, 0.0, 1.0] for name in HANDBOOK_FEATURES}
+    >>> train = pl.DataFrame(rows | {"TX_FRAUD": [0, 1, 0, 1]})
+    >>> model = make_model("logistic_regression", seed=0).fit(train)
+    >>> scores = model.score(train)
+    >>> AlertThreshold(0.5).decide(scores).tolist()
+    [False, True, False, True]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+import numpy as np
+import polars as pl
+from sklearn.ensemble import HistGradientBoostingClassifier, RandomForestClassifier
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import StandardScaler
+from sklearn.tree import DecisionTreeClassifier
+
+#: The handbook's 15 model inputs: the amount and its 14 engineered features (chapter 3).
+HANDBOOK_FEATURES: tuple[str, ...] = (
+    "TX_AMOUNT",
+    "TX_DURING_WEEKEND",
+    "TX_DURING_NIGHT",
+    "CUSTOMER_ID_NB_TX_1DAY_WINDOW",
+    "CUSTOMER_ID_AVG_AMOUNT_1DAY_WINDOW",
+    "CUSTOMER_ID_NB_TX_7DAY_WINDOW",
+    "CUSTOMER_ID_AVG_AMOUNT_7DAY_WINDOW",
+    "CUSTOMER_ID_NB_TX_30DAY_WINDOW",
+    "CUSTOMER_ID_AVG_AMOUNT_30DAY_WINDOW",
+    "TERMINAL_ID_NB_TX_1DAY_WINDOW",
+    "TERMINAL_ID_RISK_1DAY_WINDOW",
+    "TERMINAL_ID_NB_TX_7DAY_WINDOW",
+    "TERMINAL_ID_RISK_7DAY_WINDOW",
+    "TERMINAL_ID_NB_TX_30DAY_WINDOW",
+    "TERMINAL_ID_RISK_30DAY_WINDOW",
+)
+LABEL = "TX_FRAUD"
+ClassWeight = Literal["balanced"] | dict[int, float] | None
+
+
+class ModelError(Exception):
+    """Base class of every error raised by ``models``."""
+
+
+class UnknownModelError(ModelError):
+    """A model name is not registered.
+
+    Attributes:
+        name: the name that was given.
+        allowed: the registered names, sorted.
+    """
+
+    def __init__(self, name: str, allowed: Sequence[str]) -> None:
+        self.name, self.allowed = name, sorted(allowed)
+        super().__init__(f"unknown model {name!r}; allowed: {', '.join(self.allowed)}")
+
+
+class FeatureError(ModelError):
+    """The input lacks feature columns, or a model is used before it is fitted."""
+
+
+class FraudModel:
+    """A named scikit-learn pipeline that scores transactions from feature columns.
+
+    Args:
+        name: the factory name (a key of :data:`MODEL_FACTORIES`).
+        estimator: a scikit-learn pipeline with ``fit`` and ``predict_proba``.
+        features: the input columns, in the order the estimator sees them.
+        seed: the seed the estimator was built with (kept for the registry).
+        params: the factory keyword arguments (kept for the registry).
+
+    Example:
+        >>> model = make_model("decision_tree", seed=3, max_depth=2)
+        >>> (model.name, model.seed, model.params["max_depth"])
+        ('decision_tree', 3, 2)
+    """
+
+    def __init__(
+        self,
+        name: str,
+        estimator: Pipeline,
+        features: Sequence[str] = HANDBOOK_FEATURES,
+        seed: int = 0,
+        params: dict[str, Any] | None = None,
+    ) -> None:
+        self.name = name
+        self.estimator = estimator
+        self.features = tuple(features)
+        self.seed = seed
+        self.params = dict(params or {})
+
+    def __repr__(self) -> str:
+        return f"FraudModel(name={self.name!r}, seed={self.seed}, params={self.params})"
+
+    @property
+    def is_fitted(self) -> bool:
+        """Whether :meth:`fit` has run (or a fitted estimator was loaded)."""
+        return hasattr(self.estimator, "classes_")
+
+    def fit(self, df: pl.DataFrame, label: str = LABEL) -> FraudModel:
+        """Fit scaler and classifier on ``df``'s feature columns and its 0/1 ``label``.
+
+        Returns:
+            ``self``, fitted.
+        """
+        self.estimator.fit(self.feature_matrix(df), df.get_column(label).to_numpy())
+        return self
+
+    def score(self, df: pl.DataFrame) -> np.ndarray:
+        """Fraud probabilities in [0, 1], one per row of ``df``, computed for the whole batch.
+
+        Raises:
+            FeatureError: the model is not fitted or ``df`` lacks a feature column.
+        """
+        if not self.is_fitted:
+            raise FeatureError(f"model {self.name!r} is not fitted")
+        proba = self.estimator.predict_proba(self.feature_matrix(df))
+        return np.asarray(proba[:, list(self.estimator.classes_).index(1)], dtype=np.float64)
+
+    def feature_matrix(self, df: pl.DataFrame) -> np.ndarray:
+        """The feature columns of ``df`` as a float64 matrix, in :attr:`features` order."""
+        missing = [name for name in self.features if name not in df.columns]
+        if missing:
+            raise FeatureError(f"missing feature columns: {', '.join(missing)}")
+        return df.select(pl.col(name).cast(pl.Float64) for name in self.features).to_numpy()
+
+
+def _pipeline(classifier: Any) -> Pipeline:
+    # Standardisation is fitted with the classifier, on the training set only; trees are
+    # indifferent to it but keeping it everywhere makes every artifact the same shape.
+    return Pipeline([("scale", StandardScaler()), ("classify", classifier)])
+
+
+def logistic_regression(
+    seed: int = 0, *, C: float = 1.0, class_weight: ClassWeight = None, max_iter: int = 1000
+) -> FraudModel:
+    """Logistic regression (the handbook's chapter 3 baseline uses ``C=1``).
+
+    Example:
+        >>> logistic_regression(seed=1, C=0.1).estimator[-1].C
+        0.1
+    """
+    params = {"C": C, "class_weight": class_weight, "max_iter": max_iter}
+    classifier = LogisticRegression(random_state=seed, **params)
+    return FraudModel("logistic_regression", _pipeline(classifier), seed=seed, params=params)
+
+
+def decision_tree(
+    seed: int = 0, *, max_depth: int | None = 2, class_weight: ClassWeight = None
+) -> FraudModel:
+    """A decision tree, depth 2 by default (the handbook's chapter 3 tree).
+
+    Example:
+        >>> decision_tree().estimator[-1].max_depth
+        2
+    """
+    params = {"max_depth": max_depth, "class_weight": class_weight}
+    classifier = DecisionTreeClassifier(random_state=seed, **params)
+    return FraudModel("decision_tree", _pipeline(classifier), seed=seed, params=params)
+
+
+def random_forest(
+    seed: int = 0,
+    *,
+    n_estimators: int = 100,
+    max_depth: int | None = None,
+    min_samples_leaf: int = 1,
+    max_features: float | str | None = "sqrt",
+    class_weight: ClassWeight | Literal["balanced_subsample"] = None,
+    n_jobs: int | None = None,
+) -> FraudModel:
+    """A random forest; ``n_jobs`` changes speed, never the scores.
+
+    Example:
+        >>> random_forest(seed=2, n_estimators=10).estimator[-1].n_estimators
+        10
+    """
+    params = {
+        "n_estimators": n_estimators,
+        "max_depth": max_depth,
+        "min_samples_leaf": min_samples_leaf,
+        "max_features": max_features,
+        "class_weight": class_weight,
+    }
+    classifier = RandomForestClassifier(random_state=seed, n_jobs=n_jobs, **params)
+    return FraudModel("random_forest", _pipeline(classifier), seed=seed, params=params)
+
+
+def hist_gradient_boosting(
+    seed: int = 0,
+    *,
+    learning_rate: float = 0.1,
+    max_iter: int = 100,
+    max_leaf_nodes: int | None = 31,
+    max_depth: int | None = None,
+    min_samples_leaf: int = 20,
+    l2_regularization: float = 0.0,
+    class_weight: ClassWeight = None,
+) -> FraudModel:
+    """Histogram gradient boosting, a fixed number of iterations (no early stopping).
+
+    Early stopping is off so that the fit uses all the training rows and depends on the
+    seed only through the estimator's own randomness.
+
+    Example:
+        >>> hist_gradient_boosting(seed=0, max_iter=50).estimator[-1].max_iter
+        50
+    """
+    params = {
+        "learning_rate": learning_rate,
+        "max_iter": max_iter,
+        "max_leaf_nodes": max_leaf_nodes,
+        "max_depth": max_depth,
+        "min_samples_leaf": min_samples_leaf,
+        "l2_regularization": l2_regularization,
+        "class_weight": class_weight,
+    }
+    classifier = HistGradientBoostingClassifier(random_state=seed, early_stopping=False, **params)
+    return FraudModel("hist_gradient_boosting", _pipeline(classifier), seed=seed, params=params)
+
+
+#: Model name -> factory ``(seed, **params) -> FraudModel``.
+MODEL_FACTORIES: dict[str, Callable[..., FraudModel]] = {
+    "logistic_regression": logistic_regression,
+    "decision_tree": decision_tree,
+    "random_forest": random_forest,
+    "hist_gradient_boosting": hist_gradient_boosting,
+}
+
+
+def make_model(name: str, seed: int = 0, **params: Any) -> FraudModel:
+    """Build an unfitted model by name.
+
+    Raises:
+        UnknownModelError: ``name`` is not a key of :data:`MODEL_FACTORIES`.
+
+    Example:
+        >>> make_model("random_forest", seed=1, n_estimators=5).params["n_estimators"]
+        5
+        >>> try:
+        ...     make_model("xgb")
+        ... except UnknownModelError as error:
+        ...     print(error.allowed[:2])
+        ['decision_tree', 'hist_gradient_boosting']
+    """
+    factory = MODEL_FACTORIES.get(name)
+    if factory is None:
+        raise UnknownModelError(name, list(MODEL_FACTORIES))
+    return factory(seed, **params)
+
+
+class AlertPolicy(Protocol):
+    """Turns a batch of scores into alert flags; never looks at features or labels."""
+
+    def decide(self, scores: np.ndarray) -> np.ndarray:
+        """One boolean per score: raise an alert or not."""
+        ...
+
+
+@dataclass(frozen=True)
+class AlertThreshold:
+    """Alert on every score at or above ``threshold``.
+
+    Example:
+        >>> AlertThreshold(0.3).decide(np.array([0.1, 0.3, 0.9])).tolist()
+        [False, True, True]
+    """
+
+    threshold: float = 0.5
+
+    def decide(self, scores: np.ndarray) -> np.ndarray:
+        """Flags ``scores >= threshold``."""
+        return np.asarray(scores) >= self.threshold
+
+
+@dataclass(frozen=True)
+class TopKAlerts:
+    """Alert on the ``k`` highest scores of a batch (an investigators' daily budget).
+
+    Ties at the k-th score are broken by position (earlier rows first), so exactly
+    ``min(k, len(scores))`` alerts are raised.
+
+    Example:
+        >>> TopKAlerts(2).decide(np.array([0.2, 0.9, 0.5, 0.1])).tolist()
+        [False, True, True, False]
+    """
+
+    k: int = 100
+
+    def decide(self, scores: np.ndarray) -> np.ndarray:
+        """Flags the top ``k`` scores."""
+        scores = np.asarray(scores)
+        flags = np.zeros(scores.shape[0], dtype=bool)
+        flags[np.argsort(-scores, kind="stable")[: self.k]] = True
+        return flags

@@ -1,0 +1,286 @@
+"""Unit tests for models.fraud (classifiers, alert policies) and models.registry (no Ray)."""
+
+from __future__ import annotations
+
+import ast
+import datetime as dt
+import json
+import pickle
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+from threadpoolctl import threadpool_limits
+
+from models import registry as registry_module
+from models.fraud import (
+    HANDBOOK_FEATURES,
+    MODEL_FACTORIES,
+    AlertThreshold,
+    FeatureError,
+    FraudModel,
+    TopKAlerts,
+    UnknownModelError,
+    make_model,
+)
+from models.registry import ModelNotFoundError, ModelRegistry, RegistryError
+
+ARTIFACT_FILES = ["metadata.json", "model.skops"]
+CREATED = dt.datetime(2018, 8, 15, 12, 0, tzinfo=dt.UTC)
+# Small settings so every model fits in well under a second.
+FAST_PARAMS: dict[str, dict[str, object]] = {
+    "logistic_regression": {},
+    "decision_tree": {},
+    "random_forest": {"n_estimators": 10, "max_depth": 6},
+    "hist_gradient_boosting": {"max_iter": 20},
+}
+
+
+def synthetic_frame(n: int = 1500, seed: int = 0) -> pl.DataFrame:
+    """Random features with a learnable fraud signal (about 10% positives)."""
+    rng = np.random.default_rng(seed)
+    columns = {name: rng.normal(size=n) for name in HANDBOOK_FEATURES}
+    signal = 2.0 * columns["TERMINAL_ID_RISK_7DAY_WINDOW"] + columns["TX_AMOUNT"] - 2.5
+    labels = (rng.random(n) < 1.0 / (1.0 + np.exp(-signal))).astype(np.int64)
+    return pl.DataFrame(columns | {"TX_FRAUD": labels})
+
+
+@pytest.fixture(autouse=True)
+def one_native_thread() -> Iterator[None]:
+    # OpenMP (histogram gradient boosting) spins badly when the test machine is busy.
+    with threadpool_limits(limits=1):
+        yield
+
+
+@pytest.fixture(scope="module")
+def frame() -> pl.DataFrame:
+    return synthetic_frame()
+
+
+@pytest.fixture(scope="module")
+def fitted_tree(frame: pl.DataFrame) -> FraudModel:
+    return make_model("decision_tree", seed=0).fit(frame)
+
+
+# --- models -----------------------------------------------------------------------------
+
+
+def test_registry_names_the_four_models() -> None:
+    assert sorted(MODEL_FACTORIES) == [
+        "decision_tree",
+        "hist_gradient_boosting",
+        "logistic_regression",
+        "random_forest",
+    ]
+
+
+def test_unknown_model_lists_the_allowed_names() -> None:
+    with pytest.raises(UnknownModelError) as info:
+        make_model("xgboost")
+    assert info.value.allowed == sorted(MODEL_FACTORIES)
+    assert "allowed: decision_tree, hist_gradient_boosting" in str(info.value)
+
+
+@pytest.mark.parametrize("name", sorted(MODEL_FACTORIES))
+def test_scores_are_probabilities_one_per_row(name: str, frame: pl.DataFrame) -> None:
+    model = make_model(name, seed=0, **FAST_PARAMS[name]).fit(frame)
+    scores = model.score(frame)
+    assert scores.shape == (frame.height,) and scores.dtype == np.float64
+    assert np.all((scores >= 0.0) & (scores <= 1.0))
+    labels = frame["TX_FRAUD"].to_numpy()
+    assert scores[labels == 1].mean() > scores[labels == 0].mean()
+
+
+@pytest.mark.parametrize("name", sorted(MODEL_FACTORIES))
+def test_same_seed_same_scores(name: str, frame: pl.DataFrame) -> None:
+    first = make_model(name, seed=7, **FAST_PARAMS[name]).fit(frame).score(frame)
+    second = make_model(name, seed=7, **FAST_PARAMS[name]).fit(frame).score(frame)
+    np.testing.assert_array_equal(first, second)
+
+
+def test_the_seed_matters_for_random_forests(frame: pl.DataFrame) -> None:
+    first = make_model("random_forest", seed=1, **FAST_PARAMS["random_forest"]).fit(frame)
+    second = make_model("random_forest", seed=2, **FAST_PARAMS["random_forest"]).fit(frame)
+    assert not np.array_equal(first.score(frame), second.score(frame))
+
+
+def test_scoring_is_pure_per_batch(fitted_tree: FraudModel, frame: pl.DataFrame) -> None:
+    whole = fitted_tree.score(frame)
+    halves = np.concatenate([fitted_tree.score(frame[:700]), fitted_tree.score(frame[700:])])
+    np.testing.assert_array_equal(whole, halves)
+
+
+def test_extra_columns_and_column_order_do_not_matter(fitted_tree: FraudModel, frame: pl.DataFrame) -> None:
+    shuffled = frame.select(reversed(frame.columns)).with_columns(pl.lit("x").alias("event_id"))
+    np.testing.assert_array_equal(fitted_tree.score(shuffled), fitted_tree.score(frame))
+
+
+def test_missing_feature_and_unfitted_model_raise(fitted_tree: FraudModel, frame: pl.DataFrame) -> None:
+    with pytest.raises(FeatureError, match="TERMINAL_ID_RISK_1DAY_WINDOW"):
+        fitted_tree.score(frame.drop("TERMINAL_ID_RISK_1DAY_WINDOW"))
+    with pytest.raises(FeatureError, match="not fitted"):
+        make_model("logistic_regression").score(frame)
+
+
+def test_constructor_arguments_are_attributes() -> None:
+    model = make_model("hist_gradient_boosting", seed=5, learning_rate=0.05)
+    assert (model.name, model.seed, model.features) == ("hist_gradient_boosting", 5, HANDBOOK_FEATURES)
+    assert model.params["learning_rate"] == 0.05
+    assert model.estimator[-1].random_state == 5
+    assert [step for step, _ in model.estimator.steps] == ["scale", "classify"]
+
+
+def test_alert_policies_decide_from_scores_only() -> None:
+    scores = np.array([0.1, 0.7, 0.5, 0.7, 0.2])
+    assert AlertThreshold(0.5).decide(scores).tolist() == [False, True, True, True, False]
+    assert TopKAlerts(2).decide(scores).tolist() == [False, True, False, True, False]
+    assert TopKAlerts(10).decide(scores).sum() == 5
+
+
+def test_models_import_neither_ray_nor_pipelines() -> None:
+    package = Path(__file__).resolve().parents[2] / "models"
+    imported = set()
+    for name in ("fraud.py", "registry.py", "evaluation.py"):
+        for node in ast.walk(ast.parse((package / name).read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                imported.add(node.module.split(".")[0])
+    assert imported.isdisjoint({"ray", "pipelines", "cluster", "pickle"})
+
+
+# --- registry ---------------------------------------------------------------------------
+
+
+def test_round_trip_keeps_scores_and_metadata(
+    tmp_path: Path, fitted_tree: FraudModel, frame: pl.DataFrame
+) -> None:
+    registry = ModelRegistry(tmp_path)
+    version = registry.save(
+        fitted_tree,
+        created_at=CREATED,
+        name="fraud-tree",
+        training_range=(dt.date(2018, 7, 25), dt.date(2018, 7, 31)),
+        metrics={"average_precision": 0.5},
+    )
+    loaded = registry.load("fraud-tree")
+    np.testing.assert_array_equal(loaded.model.score(frame), fitted_tree.score(frame))
+    facts = loaded.metadata
+    assert version == facts["version"] == 1
+    assert facts["name"] == "fraud-tree" and facts["model"] == "decision_tree"
+    assert facts["features"] == list(HANDBOOK_FEATURES) and facts["seed"] == 0
+    assert facts["training_range"] == {"start": "2018-07-25", "end": "2018-07-31"}
+    assert facts["metrics"] == {"average_precision": 0.5}
+    assert facts["created_at"] == "2018-08-15T12:00:00+00:00"
+    assert {"python", "scikit-learn", "numpy", "skops"} <= set(facts["library_versions"])
+    assert facts["trusted_types"] == ["sklearn.tree._tree.Tree"]
+    assert sorted(p.name for p in (tmp_path / "fraud-tree" / "1").iterdir()) == ARTIFACT_FILES
+
+
+def test_versions_increase_and_latest_is_default(tmp_path: Path, fitted_tree: FraudModel) -> None:
+    registry = ModelRegistry(tmp_path)
+    assert registry.latest_version("decision_tree") is None and registry.list() == []
+    versions = [registry.save(fitted_tree, created_at=CREATED, metrics={"run": i}) for i in range(3)]
+    assert versions == [1, 2, 3]
+    assert registry.latest_version("decision_tree") == 3
+    assert registry.load("decision_tree").metadata["metrics"] == {"run": 2.0}
+    assert registry.load("decision_tree", version=1).metadata["metrics"] == {"run": 0.0}
+    assert [(v.name, v.version) for v in registry.list()] == [("decision_tree", n) for n in (1, 2, 3)]
+    with pytest.raises(ModelNotFoundError):
+        registry.load("decision_tree", version=4)
+    with pytest.raises(ModelNotFoundError):
+        registry.load("nothing-here")
+
+
+def test_loading_never_uses_pickle(
+    tmp_path: Path, fitted_tree: FraudModel, frame: pl.DataFrame, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    registry = ModelRegistry(tmp_path)
+    registry.save(fitted_tree, created_at=CREATED)
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("pickle used")
+
+    for attribute in ("load", "loads", "Unpickler"):
+        monkeypatch.setattr(pickle, attribute, refuse)
+    loaded = registry.load("decision_tree")
+    np.testing.assert_array_equal(loaded.model.score(frame), fitted_tree.score(frame))
+
+
+def test_untrusted_types_are_refused(tmp_path: Path, fitted_tree: FraudModel) -> None:
+    registry = ModelRegistry(tmp_path)
+    registry.save(fitted_tree, created_at=CREATED)
+    path = tmp_path / "decision_tree" / "1" / "metadata.json"
+    facts = json.loads(path.read_text())
+    path.write_text(json.dumps(facts | {"trusted_types": ["builtins.eval"]}))
+    with pytest.raises(RegistryError, match="refusing untrusted types: builtins.eval"):
+        registry.load("decision_tree")
+    path.write_text(json.dumps(facts | {"trusted_types": []}))
+    with pytest.raises(RegistryError, match="cannot load"):
+        registry.load("decision_tree")
+
+
+def test_save_rejects_bad_input(tmp_path: Path, fitted_tree: FraudModel) -> None:
+    registry = ModelRegistry(tmp_path)
+    with pytest.raises(RegistryError, match="timezone-aware"):
+        registry.save(fitted_tree, created_at=dt.datetime(2018, 8, 15))
+    with pytest.raises(RegistryError, match="invalid model name"):
+        registry.save(fitted_tree, created_at=CREATED, name="../escape")
+    with pytest.raises(RegistryError, match="not fitted"):
+        registry.save(make_model("decision_tree"), created_at=CREATED)
+    assert registry.list() == []
+
+
+def test_a_version_appears_complete_or_not_at_all(
+    tmp_path: Path, fitted_tree: FraudModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    registry = ModelRegistry(tmp_path)
+    registry.save(fitted_tree, created_at=CREATED)
+    seen: list[tuple[int | None, list[str]]] = []
+    real_rename = registry_module.os.rename
+
+    def observing_rename(source: str, target: str) -> None:
+        # Just before publication the files are complete but the version is not visible.
+        files = sorted(p.name for p in Path(source).iterdir())
+        seen.append((registry.latest_version("decision_tree"), files))
+        real_rename(source, target)
+
+    monkeypatch.setattr(registry_module.os, "rename", observing_rename)
+    assert registry.save(fitted_tree, created_at=CREATED) == 2
+    assert seen == [(1, ARTIFACT_FILES)]
+    assert [p.name for p in (tmp_path / "decision_tree").iterdir() if p.name.startswith(".")] == []
+
+
+def test_pollers_only_ever_load_complete_versions(tmp_path: Path, fitted_tree: FraudModel) -> None:
+    registry = ModelRegistry(tmp_path)
+    registry.save(fitted_tree, created_at=CREATED)
+    errors: list[Exception] = []
+    stop = threading.Event()
+
+    def poll() -> None:
+        while not stop.is_set():
+            try:
+                registry.load("decision_tree")
+            except Exception as error:  # any failure is the finding
+                errors.append(error)
+
+    def save_four() -> None:
+        for _ in range(4):
+            registry.save(fitted_tree, created_at=CREATED)
+
+    poller = threading.Thread(target=poll)
+    poller.start()
+    try:
+        writers = [threading.Thread(target=save_four) for _ in range(2)]
+        for writer in writers:
+            writer.start()
+        for writer in writers:
+            writer.join()
+    finally:
+        stop.set()
+        poller.join()
+    assert errors == []
+    assert [v.version for v in registry.list()] == list(range(1, 10))
