@@ -18,20 +18,25 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cluster.partitions import partition_writer
 from pipelines.checkpoint import Checkpoint, CheckpointStore
 from pipelines.dedup import DuplicateFilter
+from pipelines.envelope import envelope_schema
 from pipelines.errors import AccountingError, ConfigError, UnknownPluginError
+from pipelines.fraud import POSITION
 from pipelines.keyed import BatchReceipt, split_by_partition
+from pipelines.labels import LabelFeed
 from pipelines.lanes import BatchSizer, LaneQueues
 from pipelines.normalise import Clock, Normaliser, utc_now
 from pipelines.pacing import Pacer
+from pipelines.processing import build_stage
 from pipelines.routing import Router
 from pipelines.sources import CsvSource, JsonLinesSource, ParquetSource, Source, iter_batches
-from pipelines.spec import PipelineSpec, SourceSpec
+from pipelines.spec import EnrichSpec, PipelineSpec, SourceSpec
 from pipelines.store import EventStore
 
 INGEST_WRITER = "ingest"
@@ -56,6 +61,9 @@ class PartitionExecutor(Protocol):
     def checkpoint(self, epoch: int) -> dict[int, int]: ...
     def committed(self) -> None: ...
     def close(self) -> None: ...
+
+
+StageFactory = Callable[[str, EnrichSpec], PartitionExecutor]
 
 
 @dataclass
@@ -162,7 +170,8 @@ class PipelineRun:
     """
 
     def __init__(self, spec: PipelineSpec, executor_factory: Callable[[str], PartitionExecutor],
-                 store_root: str | Path, inputs: list[str] | None, clock: Clock) -> None:
+                 store_root: str | Path, inputs: list[str] | None, clock: Clock,
+                 stage_factory: StageFactory | None = None) -> None:
         self.spec = spec
         self.source = build_source(spec.source, inputs)
         self.store = EventStore(store_root)
@@ -179,6 +188,14 @@ class PipelineRun:
         self.offsets: dict[str, int] = {}
         self.epoch = 0
         self.executor_factory = executor_factory
+        if spec.enrich and stage_factory is None:
+            raise ConfigError("enrich: this runner has no executor for enrichment stages")
+        self.stage_factory = stage_factory
+        self.stage_seqs = {stage.name: [0] * stage.partitions for stage in spec.enrich}
+        self.stage_executors: list[tuple[EnrichSpec, PartitionExecutor]] = []
+        self.transit = {c: pa.float64() for stage in spec.enrich for c in build_stage(stage).columns}
+        schema = envelope_schema(spec.registry())
+        self.labels = LabelFeed(spec.labels, spec.registry(), schema) if spec.labels else None
 
     def restore_or_reset(self, resume: bool) -> bool:
         """Continue from the last checkpoint (``resume``) or clear the run's old output."""
@@ -193,6 +210,10 @@ class PipelineRun:
         self.duplicates.restore(self.checkpoints.read_state(latest.epoch, "dedup"))
         self.counts = RunCounts(**latest.counts, reasons=dict(latest.reasons))
         self.seqs = [latest.partition_seqs[p] for p in range(len(self.seqs))]
+        for name, seqs in latest.stage_seqs.items():
+            self.stage_seqs[name] = [seqs[p] for p in range(len(self.stage_seqs[name]))]
+        if self.labels is not None:
+            self.labels.restore(self.checkpoints.read_state(latest.epoch, "labels"))
         self.offsets, self.epoch = dict(latest.source_offsets), latest.epoch
         return True
 
@@ -201,8 +222,12 @@ class PipelineRun:
         self.store.write("deadletter", out.deadletters, writer=f"{self.run}-{INGEST_WRITER}",
                          seq=self.counts.batches)
         _count(self.counts, out)
-        for events in self.pacer.release(out.events) if self.pacer else [out.events]:
-            self.route(events)
+        events = out.events
+        if self.labels is not None:
+            events, released = self.labels.merge(events)
+            self.counts.derived += released
+        for released_events in self.pacer.release(events) if self.pacer else [events]:
+            self.route(self.enrich(released_events))
             self.dispatch(executor)
             while self._over_queued():
                 executor.wait()
@@ -217,6 +242,7 @@ class PipelineRun:
         # Without max_hops, routes are acyclic (checked at start-up): derivation ends by itself.
         limit = self.spec.routing.max_hops or len(self.spec.routing.routes) + 2
         while events.num_rows:
+            events = self._with_transit(events)
             routed = self.router.route(events)
             self.counts.filtered += routed.filtered
             for lane, high in ((routed.high, True), (routed.normal, False)):
@@ -228,6 +254,41 @@ class PipelineRun:
                 self.counts.filtered += events.num_rows  # past the hop limit: counted, dropped
                 self.counts.hop_limited += events.num_rows
                 break
+
+    def enrich(self, events: pa.Table) -> pa.Table:
+        """Run the enrichment stages on a batch; it comes back whole, in order, with their columns.
+
+        Each stage gets the rows of its event types, split by its own key over its partitions
+        (each key's order kept), and returns columns for them by row position.
+        """
+        for stage, executor in self.stage_executors:
+            frame = pl.from_arrow(events)
+            assert isinstance(frame, pl.DataFrame)
+            frame = frame.with_row_index(POSITION).with_columns(pl.col(POSITION).cast(pl.Int64))
+            rows = frame.filter(pl.col("event_type").is_in(stage.event_types)).with_columns(
+                key=pl.col("data").struct.field(stage.key).cast(pl.String))
+            seqs = self.stage_seqs[stage.name]
+            for partition, piece in split_by_partition(rows.to_arrow(), stage.partitions):
+                executor.submit(partition, seqs[partition], piece)
+                seqs[partition] += 1
+            parts = [r.derived for r in executor.drain() if r.derived is not None]
+            if parts:
+                added = pl.from_arrow(pa.concat_tables(parts))
+                assert isinstance(added, pl.DataFrame)
+                frame = frame.join(added, on=POSITION, how="left", maintain_order="left")
+            events = self._with_transit(frame.drop(POSITION).to_arrow())
+        return events
+
+    def _with_transit(self, events: pa.Table) -> pa.Table:
+        """The batch with every enrichment column (nulls where a stage added none), in order."""
+        if not self.transit:
+            return events
+        names = [c for c in events.column_names if c not in self.transit]
+        columns = [events.column(c) for c in names]
+        for name, dtype in self.transit.items():
+            columns.append(events.column(name).cast(dtype) if name in events.column_names
+                           else pa.nulls(events.num_rows, dtype))
+        return pa.table(columns, names=[*names, *self.transit])
 
     def dispatch(self, executor: PartitionExecutor) -> None:
         """Hand queued batches to partitions with room in flight, high lane first."""
@@ -280,18 +341,32 @@ class PipelineRun:
         if seqs != dict(enumerate(self.seqs)):
             raise AccountingError({"checkpoint_epoch": self.epoch, **{
                 f"partition_{p}_at": s for p, s in seqs.items()}})
+        stage_seqs = {}
+        for stage, stage_executor in self.stage_executors:
+            stage_seqs[stage.name] = stage_executor.checkpoint(self.epoch)
+            if stage_seqs[stage.name] != dict(enumerate(self.stage_seqs[stage.name])):
+                raise AccountingError({"checkpoint_epoch": self.epoch, "stage": stage.name})
         self.checkpoints.write_state(self.epoch, "dedup", self.duplicates.snapshot())
+        if self.labels is not None:
+            self.checkpoints.write_state(self.epoch, "labels", self.labels.snapshot())
         counts = {k: v for k, v in asdict(self.counts).items() if k != "reasons"}
         self.checkpoints.commit(Checkpoint(
             self.epoch, dict(self.offsets), seqs, self.counts.batches, counts,
-            dict(self.counts.reasons)))
+            dict(self.counts.reasons), stage_seqs))
         executor.committed()
+        for _, stage_executor in self.stage_executors:
+            stage_executor.committed()
         self.counts.checkpoints += 1
 
     def execute(self, resume: bool, progress: bool | None) -> dict[str, Any]:
         resumed = self.restore_or_reset(resume)
         executor = self.executor_factory(self.run)
         executor.start_at(dict(enumerate(self.seqs)))
+        for stage in self.spec.enrich:
+            assert self.stage_factory is not None
+            stage_executor = self.stage_factory(self.run, stage)
+            stage_executor.start_at(dict(enumerate(self.stage_seqs[stage.name])))
+            self.stage_executors.append((stage, stage_executor))
         bar = Progress(estimate_rows(self.source), progress, initial=self.counts.read)
         every = self.spec.runtime.checkpoint_every
         started = time.perf_counter()
@@ -301,11 +376,17 @@ class PipelineRun:
                 if self.counts.batches % every == 0:
                     self.checkpoint(executor)
                 bar.update(raw.num_rows, self.counts, executor.in_flight())
+            if self.labels is not None:  # the source has ended: the rest of the label feed
+                rest = self.labels.flush()
+                self.counts.derived += rest.num_rows
+                self.route(self.enrich(rest))
             self.checkpoint(executor)
-            self.counts.restarts = executor.restarts
+            self.counts.restarts = executor.restarts + sum(e.restarts for _, e in self.stage_executors)
         finally:
             bar.close()
             executor.close()
+            for _, stage_executor in self.stage_executors:
+                stage_executor.close()
         self.counts.check()
         elapsed = time.perf_counter() - started
         return {**_summary(self.spec, self.counts, self.receipts, elapsed, self.store),
@@ -320,6 +401,7 @@ def run_pipeline(
     progress: bool | None = None,
     clock: Clock = utc_now,
     resume: bool = False,
+    stage_factory: StageFactory | None = None,
 ) -> dict[str, Any]:
     """Run a pipeline to the end of its source; returns the summary (see the CLI).
 
@@ -331,8 +413,11 @@ def run_pipeline(
         progress: show a progress bar (default: when stderr is a terminal).
         clock: stamps ``ingested_at`` (inject a fixed clock for byte-identical stores).
         resume: continue from the run's last checkpoint instead of starting over.
+        stage_factory: builds an enrichment stage's executor, given the run's prefix and
+            the stage (needed when the pipeline has ``enrich`` stages).
     """
-    return PipelineRun(spec, executor_factory, store_root, inputs, clock).execute(resume, progress)
+    run = PipelineRun(spec, executor_factory, store_root, inputs, clock, stage_factory)
+    return run.execute(resume, progress)
 
 
 def _count(counts: RunCounts, out: Any) -> None:

@@ -51,14 +51,19 @@ def run_spec(
     if in_process:
         summary = run_pipeline(
             spec, lambda prefix: LocalPartitions(runtime.partitions, store_root, prefix, spec),
-            store_root, inputs, progress, resume=resume)
+            store_root, inputs, progress, resume=resume,
+            stage_factory=lambda prefix, stage: LocalPartitions(
+                stage.partitions, store_root, prefix, spec, stage))
         return {**summary, "ray": "in-process"}
     with ray_session(address, object_store_mb=runtime.object_store_mb) as ray_facts:
         cpus = max(ray_facts["cpus"], 1.0)
-        per_actor = min(1.0, cpus / runtime.partitions)
+        actors = runtime.partitions + sum(stage.partitions for stage in spec.enrich)
+        per_actor = min(1.0, cpus / actors)
         summary = run_pipeline(
             spec,
             lambda prefix: RayPartitions(runtime.partitions, store_root, prefix,
                                          runtime.max_in_flight, per_actor, spec),
-            store_root, inputs, progress, resume=resume)
+            store_root, inputs, progress, resume=resume,
+            stage_factory=lambda prefix, stage: RayPartitions(
+                stage.partitions, store_root, prefix, runtime.max_in_flight, per_actor, spec, stage))
     return {**summary, "ray": ray_facts["mode"]}

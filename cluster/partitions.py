@@ -30,8 +30,8 @@ import pyarrow as pa
 
 from pipelines.checkpoint import CheckpointStore
 from pipelines.keyed import BatchReceipt, PartitionWorker
-from pipelines.processing import build_steps
-from pipelines.spec import PipelineSpec
+from pipelines.processing import build_stage, build_steps
+from pipelines.spec import EnrichSpec, PipelineSpec
 from pipelines.store import EventStore
 
 NAMESPACE = "eventray"
@@ -46,18 +46,39 @@ def partition_writer(partition: int) -> str:
     return f"p{partition:04d}"
 
 
+def actor_name(partition: int, stage: EnrichSpec | None = None) -> str:
+    """``partition-<i>``, or ``<stage>-<i>`` for an enrichment stage's actors."""
+    return f"{stage.name if stage else 'partition'}-{partition}"
+
+
 class _RunWorker(PartitionWorker):
-    """A worker whose files carry the run's id, restored from the run's last checkpoint."""
+    """A worker whose files carry the run's id, restored from the run's last checkpoint.
+
+    With ``stage`` it is a partition of that enrichment stage: it runs the stage's logic,
+    stores nothing, and its state is checkpointed under the stage's name.
+    """
 
     def __init__(self, partition: int, store_root: str | Path, run: str,
-                 spec: PipelineSpec | None = None) -> None:
-        steps = build_steps(spec) if spec is not None else []
-        super().__init__(partition, EventStore(store_root), steps=steps)
-        self.run = run
+                 spec: PipelineSpec | None = None, stage: EnrichSpec | None = None) -> None:
+        if stage is not None:
+            steps = [build_stage(stage)]
+        else:
+            steps = build_steps(spec) if spec is not None else []
+        super().__init__(partition, EventStore(store_root), steps=steps, store_events=stage is None)
+        self.run, self.stage = run, stage
         self.checkpoints = CheckpointStore(store_root, run)
         latest = self.checkpoints.latest()
-        if latest is not None and partition in latest.partition_seqs:
-            self.restore(self.checkpoints.read_state(latest.epoch, partition_writer(partition)))
+        seqs = latest.partition_seqs if latest is not None and stage is None else \
+            latest.stage_seqs.get(stage.name, {}) if latest is not None and stage is not None else {}
+        if latest is not None and partition in seqs:
+            self.restore(self.checkpoints.read_state(latest.epoch, self.owner))
+
+    @property
+    def owner(self) -> str:
+        """The name of this partition's state in checkpoints."""
+        if self.stage is None:
+            return partition_writer(self.partition)
+        return f"{self.stage.name}{self.partition:04d}"
 
     @property
     def writer(self) -> str:
@@ -65,7 +86,7 @@ class _RunWorker(PartitionWorker):
 
     def checkpoint(self, epoch: int) -> int:
         """Write this partition's state for ``epoch``; returns its next sequence number."""
-        self.checkpoints.write_state(epoch, partition_writer(self.partition), self.snapshot())
+        self.checkpoints.write_state(epoch, self.owner, self.snapshot())
         return self.next_seq
 
 
@@ -75,8 +96,8 @@ class LocalPartitions:
     restarts = 0
 
     def __init__(self, partitions: int, store_root: str | Path, run: str,
-                 spec: PipelineSpec | None = None) -> None:
-        self.workers = [_RunWorker(p, store_root, run, spec) for p in range(partitions)]
+                 spec: PipelineSpec | None = None, stage: EnrichSpec | None = None) -> None:
+        self.workers = [_RunWorker(p, store_root, run, spec, stage) for p in range(partitions)]
         self._done: list[BatchReceipt] = []
 
     def submit(self, partition: int, seq: int, rows: pa.Table) -> None:
@@ -119,10 +140,10 @@ def _actor_class() -> Any:
         """Owns one partition: a thin shell around :class:`PartitionWorker`."""
 
         def __init__(self, partition: int, store_root: str, run: str,
-                     spec: PipelineSpec | None) -> None:
+                     spec: PipelineSpec | None, stage: EnrichSpec | None = None) -> None:
             from ray.util.metrics import Counter, Histogram
 
-            self.worker = _RunWorker(partition, store_root, run, spec)
+            self.worker = _RunWorker(partition, store_root, run, spec, stage)
             self.tags = {"partition": str(partition)}
             self.stored = Counter("eventray_events_stored", "events applied and stored",
                                   tag_keys=("partition",))
@@ -158,7 +179,7 @@ class RayPartitions:
 
     def __init__(self, partitions: int, store_root: str | Path, run: str,
                  max_in_flight: int, cpus_per_actor: float,
-                 spec: PipelineSpec | None = None) -> None:
+                 spec: PipelineSpec | None = None, stage: EnrichSpec | None = None) -> None:
         import ray
         from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
@@ -166,7 +187,7 @@ class RayPartitions:
         self._failures = (RayActorError, RayTaskError, GetTimeoutError)
         self._actor = _actor_class()
         self.store_root, self.run = str(Path(store_root).resolve()), run
-        self.cpus_per_actor, self.spec = cpus_per_actor, spec
+        self.cpus_per_actor, self.spec, self.stage = cpus_per_actor, spec, stage
         self.actors = [self._spawn(p) for p in range(partitions)]
         self.max_in_flight = max_in_flight
         self.pending: list[deque[tuple[int, Any]]] = [deque() for _ in range(partitions)]
@@ -181,9 +202,9 @@ class RayPartitions:
         while True:
             try:
                 return self._actor.options(
-                    name=f"partition-{partition}", namespace=NAMESPACE,
+                    name=actor_name(partition, self.stage), namespace=NAMESPACE,
                     num_cpus=self.cpus_per_actor, scheduling_strategy="SPREAD",
-                ).remote(partition, self.store_root, self.run, self.spec)
+                ).remote(partition, self.store_root, self.run, self.spec, self.stage)
             except ValueError:  # the dead actor's name is not released yet
                 if time.monotonic() > deadline:
                     raise

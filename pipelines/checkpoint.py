@@ -40,16 +40,22 @@ class Checkpoint:
     deadletter_seq: int
     counts: dict[str, int] = field(default_factory=dict)
     reasons: dict[str, int] = field(default_factory=dict)
+    #: enrichment stage name -> its partitions' next sequence numbers
+    stage_seqs: dict[str, dict[int, int]] = field(default_factory=dict)
 
     def to_json(self) -> str:
         data = asdict(self)
         data["partition_seqs"] = {str(k): v for k, v in self.partition_seqs.items()}
+        data["stage_seqs"] = {name: {str(k): v for k, v in seqs.items()}
+                              for name, seqs in self.stage_seqs.items()}
         return json.dumps(data, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> Checkpoint:
         data = json.loads(text)
         data["partition_seqs"] = {int(k): v for k, v in data["partition_seqs"].items()}
+        data["stage_seqs"] = {name: {int(k): v for k, v in seqs.items()}
+                              for name, seqs in data.get("stage_seqs", {}).items()}
         return cls(**data)
 
 

@@ -872,7 +872,8 @@ class KeyedWindowOperator:
             arena.values[i, slots] = _numpy(rows, f"c{i}")
         sums = np.array([_numpy(keys, f"s{i}") for i in range(self._plan.n_running)], dtype=np.float64)
         self._table = _KeyTable(_numpy(keys, "key"), bases, bases.copy(), bases + counts, bases + size,
-                                _numpy(keys, "last"), sums.reshape(-1, keys.num_rows).T.copy())
+                                _numpy(keys, "last"),
+                                sums.reshape(self._plan.n_running, keys.num_rows).T.copy())
         self._arena = arena
         self._max_time = int(meta["max_time"]) if meta.get("max_time") else None
         self.late_rows = int(meta.get("late_rows", "0"))

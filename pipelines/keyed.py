@@ -91,9 +91,10 @@ class PartitionWorker:
     """
 
     def __init__(self, partition: int, sink: Sink, clock: Clock | None = None,
-                 steps: Sequence[Step] = ()) -> None:
+                 steps: Sequence[Step] = (), store_events: bool = True) -> None:
         self.partition = partition
         self.sink = sink
+        self.store_events = store_events
         self.clock = clock or (lambda: dt.datetime.now(dt.UTC))
         self.steps = list(steps)
         self.next_seq = 0
@@ -108,7 +109,9 @@ class PartitionWorker:
         if seq > self.next_seq:
             raise SequenceGapError(self.partition, self.next_seq, seq)
         started = time.perf_counter()
-        self.sink.write("events", events, writer=self.writer, seq=seq)
+        if self.store_events:  # transit columns (``_``-prefixed) are never stored
+            stored = [c for c in events.column_names if not c.startswith("_")]
+            self.sink.write("events", events.select(stored), writer=self.writer, seq=seq)
         derived = []
         for step in self.steps:
             output = step.process(events)

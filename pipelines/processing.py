@@ -23,7 +23,7 @@ from pipelines.envelope import TIMESTAMP, envelope_schema
 from pipelines.errors import UnknownPluginError
 from pipelines.event_ids import uuid5_strings
 from pipelines.routing import type_regex
-from pipelines.spec import AnomalyStepSpec, PipelineSpec
+from pipelines.spec import AnomalyStepSpec, EnrichSpec, PipelineSpec
 
 SCORES_SCHEMA = pa.schema([
     pa.field("event_id", pa.string(), nullable=False),
@@ -101,32 +101,14 @@ class AnomalyStep(Step):
             step=pl.lit(self.name), model=pl.lit(self.model), value=value,
             score=pl.Series(scores, dtype=pl.Float64))
         flagged = pl.Series(self.policy.alerts(scores))
-        alerts = self._alerts(scored.filter(flagged))
+        alerts = alert_rows(scored.filter(flagged), self.name, self.spec.alert_type,
+                            self.spec.threshold)
+        derived = alert_events(alerts, mine.filter(flagged), self.envelope, self.name) \
+            if self.spec.emit_alerts else None
         return StepOutput(tables={
             "scores": scored.to_arrow().cast(SCORES_SCHEMA),
             "alerts": alerts.to_arrow().cast(ALERTS_SCHEMA),
-        }, derived=self._alert_events(alerts, mine.filter(flagged)))
-
-    def _alert_events(self, alerts: pl.DataFrame, parents: pl.DataFrame) -> pa.Table | None:
-        """Alerts as envelope events (same key and time as the event that raised them)."""
-        if self.envelope is None or not self.spec.emit_alerts or alerts.height == 0:
-            return None
-        data_type = pl.from_arrow(pa.array([], self.envelope.field("data").type)).dtype
-        body = alerts.select(pl.struct("event_id", "step", "score", "threshold")
-                             .struct.json_encode()).to_series()
-        events = parents.select(
-            event_id=alerts["alert_id"], event_type=pl.lit(self.spec.alert_type),
-            timestamp="timestamp", source=pl.lit(f"step:{self.name}"),
-            correlation_id="correlation_id", key="key",
-            data=pl.struct(json=body).cast(data_type, strict=False), metadata="metadata")
-        return events.to_arrow().cast(self.envelope)
-
-    def _alerts(self, alerts: pl.DataFrame) -> pl.DataFrame:
-        ids = uuid5_strings((alerts["event_id"] + f"/{self.name}").to_arrow())
-        return alerts.select(
-            alert_id=pl.Series(ids), event_id="event_id",
-            event_type=pl.lit(self.spec.alert_type), timestamp="timestamp", key="key",
-            step="step", score="score", threshold=pl.lit(self.spec.threshold))
+        }, derived=derived)
 
     def snapshot(self) -> Any:
         return self.detector.snapshot()
@@ -135,16 +117,57 @@ class AnomalyStep(Step):
         self.detector.restore(state)
 
 
-STEP_KINDS: dict[str, type[Step]] = {"anomaly": AnomalyStep}
+def alert_rows(flagged: pl.DataFrame, step: str, alert_type: str, threshold: float) -> pl.DataFrame:
+    """Rows of the ``alerts`` table for scored rows over the threshold (ids derived)."""
+    ids = uuid5_strings((flagged["event_id"] + f"/{step}").to_arrow())
+    return flagged.select(
+        alert_id=pl.Series(ids, dtype=pl.String), event_id="event_id",
+        event_type=pl.lit(alert_type), timestamp="timestamp", key="key",
+        step=pl.lit(step), score="score", threshold=pl.lit(threshold))
+
+
+def alert_events(alerts: pl.DataFrame, parents: pl.DataFrame, envelope: pa.Schema | None,
+                 step: str) -> pa.Table | None:
+    """Alerts as envelope events (same key and time as the events that raised them)."""
+    if envelope is None or alerts.height == 0:
+        return None
+    data_type = pl.from_arrow(pa.array([], envelope.field("data").type)).dtype
+    body = alerts.select(pl.struct("event_id", "step", "score", "threshold")
+                         .struct.json_encode()).to_series()
+    events = parents.select(
+        event_id=alerts["alert_id"], event_type=alerts["event_type"],
+        timestamp="timestamp", source=pl.lit(f"step:{step}"),
+        correlation_id="correlation_id", key="key",
+        data=pl.struct(json=body).cast(data_type, strict=False), metadata="metadata")
+    return events.to_arrow().cast(envelope)
+
+
+def step_kinds() -> dict[str, type[Step]]:
+    """Step kind name -> class (the fraud step builds on this module, so it loads late)."""
+    from pipelines.fraud import FraudStep
+
+    return {"anomaly": AnomalyStep, "fraud": FraudStep}
 
 
 def build_steps(spec: PipelineSpec) -> list[Step]:
     """The pipeline's steps, in config order, fresh (no state)."""
     envelope = envelope_schema(spec.registry())
+    kinds = step_kinds()
     steps = []
     for step in spec.steps:
-        cls = STEP_KINDS.get(step.kind)
+        cls = kinds.get(step.kind)
         if cls is None:
-            raise UnknownPluginError("step kind", step.kind, list(STEP_KINDS))
+            raise UnknownPluginError("step kind", step.kind, list(kinds))
         steps.append(cls(step, envelope))
     return steps
+
+
+def build_stage(stage: EnrichSpec) -> Step:
+    """The logic of one partition of an enrichment stage, fresh (no state)."""
+    from pipelines.fraud import TerminalRiskStage
+
+    kinds: dict[str, type[Step]] = {"handbook_terminal": TerminalRiskStage}
+    cls = kinds.get(stage.kind)
+    if cls is None:
+        raise UnknownPluginError("enrich kind", stage.kind, list(kinds))
+    return cls(stage)

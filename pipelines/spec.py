@@ -196,7 +196,55 @@ class AnomalyStepSpec(_Frozen):
     emit_alerts: bool = True
 
 
-StepSpec = Annotated[AnomalyStepSpec, Field(discriminator="kind")]
+class ModelRef(_Frozen):
+    """A model in the registry: ``latest`` follows new versions while the pipeline runs."""
+
+    registry: str = Field(description="the registry directory")
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    version: int | Literal["latest"] = "latest"
+    reload_every: int = Field(default=10, ge=1, description="batches between checks for a new version")
+
+
+class FraudStepSpec(_Frozen):
+    """The fraud handbook's 15 inputs per transaction (customer windows computed here,
+    terminal windows from the ``terminal`` enrichment stage), scored by a registry model."""
+
+    kind: Literal["fraud"]
+    name: str = Field(default="fraud", pattern=r"^[a-z0-9_]+$")
+    event_types: list[str] = Field(default_factory=lambda: ["transaction.created"], min_length=1)
+    model: ModelRef | None = Field(default=None, description="absent: features only, no score")
+    threshold: float = Field(default=0.5, ge=0, le=1)
+    alert_type: str = Field(default="fraud.suspected", pattern=EVENT_TYPE_PATTERN)
+    emit_alerts: bool = True
+
+
+StepSpec = Annotated[AnomalyStepSpec | FraudStepSpec, Field(discriminator="kind")]
+
+
+class LabelFeedSpec(_Frozen):
+    """Labels as their own events: for every event of type ``of``, an event ``event_type``
+    carrying ``fields`` (the label among them) is released ``delay_days`` after it, merged
+    into the stream in event-time order (a label never arrives before its delay has passed).
+    Replays of recorded data (the handbook, the simulator) use it to play the label feed
+    that a card network delivers separately."""
+
+    of: str = Field(default="transaction.created", pattern=EVENT_TYPE_PATTERN)
+    event_type: str = Field(default="fraud.reported", pattern=EVENT_TYPE_PATTERN)
+    label: str = "TX_FRAUD"
+    fields: list[str] = Field(default_factory=lambda: [
+        "TRANSACTION_ID", "CUSTOMER_ID", "TERMINAL_ID", "TX_DATETIME", "TX_FRAUD"])
+    delay_days: float = Field(default=7.0, gt=0)
+
+
+class EnrichSpec(_Frozen):
+    """A keyed stage that runs before routing, partitioned by its own key (a payload field),
+    adding columns to the events it sees; its actors are named ``<name>-<i>``."""
+
+    name: str = Field(pattern=r"^[a-z][a-z0-9_]*$")
+    kind: Literal["handbook_terminal"]
+    key: str = Field(description="payload field the stage is partitioned by")
+    partitions: int = Field(default=2, ge=1, le=1024)
+    event_types: list[str] = Field(default_factory=lambda: ["transaction.created", "fraud.reported"])
 
 
 class StoreSpec(_Frozen):
@@ -213,6 +261,8 @@ class PipelineSpec(_Frozen):
     default_event_type: EventTypeSpec = Field(default_factory=EventTypeSpec)
     limits: LimitsSpec = Field(default_factory=LimitsSpec)
     routing: RoutingSpec = Field(default_factory=RoutingSpec)
+    labels: LabelFeedSpec | None = None
+    enrich: list[EnrichSpec] = Field(default_factory=list)
     steps: list[StepSpec] = Field(default_factory=list)
     runtime: RuntimeSpec = Field(default_factory=RuntimeSpec)
     store: StoreSpec = Field(default_factory=StoreSpec)

@@ -87,8 +87,14 @@ def test_fraud_config_on_simulator_output(tmp_path: Path) -> None:
     store = tmp_path / "store"
     summary = summary_of(eventray("run", "configs/fraud.yaml", "--input", str(tmp_path / "sim"),
                                   "--store", str(store), "--partitions", "3"))
-    assert summary["stored"] == summary["events_in"] == sim["transactions"] > 10_000
-    events = scan(store, "events")
+    # every transaction, and its label event (fraud.reported, 7 days later)
+    assert summary["events_in"] == summary["derived"] == sim["transactions"] > 10_000
+    assert summary["stored"] == 2 * sim["transactions"]
+    stored = scan(store, "events")
+    events = stored.filter(pl.col("event_type") == "transaction.created")
+    labels = stored.filter(pl.col("event_type") == "fraud.reported")
+    assert labels["data"].struct.field("TRANSACTION_ID").sort().equals(
+        events["data"].struct.field("TRANSACTION_ID").sort())
     ids = events["data"].struct.field("TRANSACTION_ID")
     assert ids.n_unique() == events.height == sim["transactions"]
     assert events.schema["data"].to_schema()["TX_AMOUNT"] == pl.Float64
@@ -101,8 +107,9 @@ def test_demo_from_a_fresh_directory_simulates_then_runs(tmp_path: Path) -> None
     summary = summary_of(eventray("run", "configs/fraud.yaml", "--store", "demo-store",
                                   cwd=tmp_path))
     assert (tmp_path / "data" / "simulated").is_dir()
-    assert summary["stored"] == summary["events_in"] > 100_000
+    assert summary["stored"] == summary["events_in"] + summary["derived"] > 200_000
     assert scan(tmp_path / "demo-store", "events").height == summary["stored"]
+    assert scan(tmp_path / "demo-store", "scores").height == summary["events_in"]
 
 
 def test_rerunning_the_same_input_rewrites_instead_of_doubling(tmp_path: Path) -> None:
@@ -120,11 +127,14 @@ def test_handbook_months_are_stored_exactly_once(tmp_path: Path, handbook_dir: P
     store = tmp_path / "store"
     summary = summary_of(eventray("run", "configs/fraud.yaml", "--input", str(handbook_dir),
                                   "--store", str(store)))
-    assert summary["events_in"] == summary["stored"] == 1_466_282
+    assert summary["events_in"] == summary["derived"] == 1_466_282
+    assert summary["stored"] == 2 * 1_466_282  # the transactions and their label events
     assert summary["dead_lettered"] == 0
-    counts = pl.scan_parquet(store / "events" / "**" / "*.parquet", hive_partitioning=True).select(
-        pl.len(), pl.col("data").struct.field("TRANSACTION_ID").n_unique()).collect().row(0)
-    assert counts == (1_466_282, 1_466_282)
+    counts = pl.scan_parquet(store / "events" / "**" / "*.parquet", hive_partitioning=True).group_by(
+        "event_type").agg(pl.len(), pl.col("data").struct.field("TRANSACTION_ID").n_unique()).sort(
+        "event_type").rows()
+    assert counts == [("fraud.reported", 1_466_282, 1_466_282),
+                      ("transaction.created", 1_466_282, 1_466_282)]
 
 
 @pytest.mark.parametrize(

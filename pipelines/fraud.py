@@ -1,0 +1,257 @@
+"""The fraud handbook's model inputs, streamed through two keyed stages, and fraud scoring.
+
+Transactions are keyed by customer, but six of the handbook's inputs are terminal windows.
+The flow has two keyed stages:
+
+1. :class:`TerminalRiskStage`, an enrichment stage partitioned by ``TERMINAL_ID``, sees the
+   terminal's transactions and its label events (``fraud.reported``, released by
+   :class:`pipelines.labels.LabelFeed` a label delay after each transaction) in source
+   order, and returns per transaction its terminal's count of transactions and share of
+   frauds over 1, 7 and 30 days ending 7 days before it. It never sees a label before its
+   delay has passed: the count of frauds in a window is a count of label *events*, and a
+   label event exists in the stream only once its time has come. The driver joins the
+   returned columns back onto the source batch (by row position), so the batch keeps its
+   order and goes on to stage 2 as one piece; these columns travel as ``_``-prefixed
+   transit columns that the store never writes.
+2. :class:`FraudStep`, in the customer-keyed partitions, adds the customer windows and the
+   calendar flags, scores the 15 inputs with a registry model and writes ``scores`` (the
+   inputs under the handbook's names, the score and the model version) and ``alerts``.
+
+Both equal :func:`pipelines.features.handbook_features_batch` over the whole history (tested
+on the handbook's published features and on simulator data). A model named ``latest`` is
+re-resolved every ``reload_every`` batches, so a new registry version is picked up without
+a restart; every score row records ``name:version``.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+from typing import Any
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+
+from models.fraud import HANDBOOK_FEATURES as MODEL_INPUTS
+from models.fraud import FraudModel
+from models.registry import ModelRegistry
+from pipelines.envelope import TIMESTAMP
+from pipelines.features import (
+    DAY,
+    HANDBOOK_CUSTOMER_SPEC,
+    HANDBOOK_LABEL_DELAY,
+    Aggregate,
+    KeyedWindowOperator,
+    KeyedWindowSpec,
+    Window,
+    calendar_features,
+)
+from pipelines.processing import (
+    ALERTS_SCHEMA,
+    Step,
+    StepOutput,
+    alert_events,
+    alert_rows,
+)
+from pipelines.routing import type_regex
+from pipelines.spec import EnrichSpec, FraudStepSpec
+
+#: The customer windows as the partitions keep them. Priority lanes may send a customer's
+#: high-priority events ahead of other customers' earlier ones (never ahead of its own), so
+#: a partition's event time can run ahead of some keys by the queued batches' span; keys
+#: idle for their horizon are expired only this far behind the latest time seen, which keeps
+#: the results exact (expiry changes memory, never values).
+CUSTOMER_SPEC = dataclasses.replace(HANDBOOK_CUSTOMER_SPEC, allowed_lateness=90 * DAY)
+#: The transit column of an enrichment stage's input: the row's position in its batch.
+POSITION = "_pos"
+_DAYS = (1, 7, 30)
+TERMINAL_FEATURES = tuple(
+    name for n in _DAYS for name in (f"TERMINAL_ID_NB_TX_{n}DAY_WINDOW", f"TERMINAL_ID_RISK_{n}DAY_WINDOW"))
+#: The transit columns the terminal stage adds to a batch (Float64; null for non-transactions).
+TERMINAL_TRANSIT = tuple(f"_{name}" for name in TERMINAL_FEATURES)
+IDS = ("TRANSACTION_ID", "CUSTOMER_ID", "TERMINAL_ID")
+
+FRAUD_SCORES_SCHEMA = pa.schema([
+    pa.field("event_id", pa.string(), nullable=False),
+    pa.field("event_type", pa.string(), nullable=False),
+    pa.field("timestamp", TIMESTAMP, nullable=False),
+    pa.field("key", pa.string(), nullable=False),
+    pa.field("step", pa.string(), nullable=False),
+    pa.field("model", pa.string(), nullable=False),
+    pa.field("score", pa.float64()),
+    *(pa.field(name, pa.int64()) for name in IDS),
+    pa.field("TX_DATETIME", pa.timestamp("us")),
+    pa.field("TX_AMOUNT", pa.float64()),
+    pa.field("TX_DURING_WEEKEND", pa.int64()),
+    pa.field("TX_DURING_NIGHT", pa.int64()),
+    *(pa.field(name, pa.float64()) for name in MODEL_INPUTS[3:]),
+])
+
+
+def _terminal_spec() -> KeyedWindowSpec:
+    """Counts of a terminal's transactions 7 days back, and of its label events up to now.
+
+    A label event for a transaction at ``s`` is at ``s + 7 days``, so the label events in
+    ``(t - n, t]`` are exactly those of the transactions in ``(t - 7 - n, t - 7]``.
+    """
+    aggregates: list[Aggregate] = []
+    for n in _DAYS:
+        aggregates += [
+            Aggregate(f"tx_{n}", "sum", Window(n * DAY, delay=HANDBOOK_LABEL_DELAY), "is_tx"),
+            Aggregate(f"fraud_{n}", "sum", Window(n * DAY), "is_fraud"),
+        ]
+    return KeyedWindowSpec("TERMINAL_ID", "time", tuple(aggregates))
+
+
+class TerminalRiskStage(Step):
+    """The terminal-keyed stage: count and fraud share of a terminal's past transactions.
+
+    Its input is a batch of ``transaction.created`` and ``fraud.reported`` events of the
+    terminals it owns, in source order, with a :data:`POSITION` column; its output (as
+    ``derived``) has :data:`POSITION` and :data:`TERMINAL_TRANSIT` for the transactions.
+
+    Example:
+        >>> from pipelines.spec import EnrichSpec
+        >>> spec = EnrichSpec(name="terminal", kind="handbook_terminal", key="TERMINAL_ID")
+        >>> TerminalRiskStage(spec).name
+        'terminal'
+    """
+
+    #: The transit columns it adds.
+    columns = TERMINAL_TRANSIT
+
+    def __init__(self, spec: EnrichSpec, transaction_type: str = "transaction.created",
+                 label_type: str = "fraud.reported") -> None:
+        self.spec, self.name = spec, spec.name
+        self.transaction_type, self.label_type = transaction_type, label_type
+        self.operator = KeyedWindowOperator(_terminal_spec())
+
+    def process(self, events: pa.Table) -> StepOutput:
+        frame = pl.from_arrow(events)
+        assert isinstance(frame, pl.DataFrame)
+        kind = pl.col("event_type")
+        frame = frame.filter(kind.is_in([self.transaction_type, self.label_type]))
+        if frame.height == 0:
+            return StepOutput()
+        data = pl.col("data")
+        rows = frame.select(
+            POSITION, is_tx=(kind == self.transaction_type),
+            TERMINAL_ID=data.struct.field(self.spec.key), time=pl.col("timestamp"),
+            is_fraud=(kind == self.label_type) & (data.struct.field("TX_FRAUD").fill_null(0) != 0))
+        sums = self.operator.update(rows)
+        features = [pl.col(POSITION)]
+        for n in _DAYS:
+            count, frauds = pl.col(f"tx_{n}"), pl.col(f"fraud_{n}")
+            features += [count.alias(f"_TERMINAL_ID_NB_TX_{n}DAY_WINDOW"),
+                         pl.when(count > 0).then(frauds / count).otherwise(0.0)
+                         .alias(f"_TERMINAL_ID_RISK_{n}DAY_WINDOW")]
+        out = pl.concat([rows.select(POSITION, "is_tx"), sums], how="horizontal")
+        return StepOutput(derived=out.filter("is_tx").select(features).to_arrow())
+
+    def snapshot(self) -> Any:
+        return base64.b64encode(self.operator.snapshot()).decode()
+
+    def restore(self, state: Any) -> None:
+        self.operator = KeyedWindowOperator(_terminal_spec())
+        if state is not None:
+            self.operator.restore(base64.b64decode(state))
+
+
+class ModelSlot:
+    """The model a step scores with: pinned, or following a registry name's latest version."""
+
+    def __init__(self, spec: FraudStepSpec) -> None:
+        self.ref = spec.model
+        self.registry = ModelRegistry(self.ref.registry) if self.ref is not None else None
+        self.model: FraudModel | None = None
+        self.label = "none"
+        self.batches = 0
+
+    def current(self) -> FraudModel | None:
+        """The model to score this batch with (``None``: no model yet)."""
+        if self.ref is None or self.registry is None:
+            return None
+        due = self.model is None or (self.ref.version == "latest"
+                                     and self.batches % self.ref.reload_every == 0)
+        self.batches += 1
+        if due:
+            self._load()
+        return self.model
+
+    def _load(self) -> None:
+        assert self.ref is not None and self.registry is not None
+        wanted = self.registry.latest_version(self.ref.name) if self.ref.version == "latest" \
+            else self.ref.version
+        label = f"{self.ref.name}:{wanted}"
+        if wanted is None or label == self.label:
+            return
+        loaded = self.registry.load(self.ref.name, wanted)
+        self.model, self.label = loaded.model, label
+
+
+class FraudStep(Step):
+    """Customer windows + terminal transit columns -> the 15 inputs, a score and alerts.
+
+    Example:
+        >>> FraudStep(FraudStepSpec(kind="fraud")).name
+        'fraud'
+    """
+
+    def __init__(self, spec: FraudStepSpec, envelope: pa.Schema | None = None) -> None:
+        self.spec, self.name, self.envelope = spec, spec.name, envelope
+        self.customer = KeyedWindowOperator(CUSTOMER_SPEC)
+        self.slot = ModelSlot(spec)
+
+    def process(self, events: pa.Table) -> StepOutput:
+        frame = pl.from_arrow(events)
+        assert isinstance(frame, pl.DataFrame)
+        mine = frame.filter(pl.col("event_type").str.contains(type_regex(self.spec.event_types)))
+        if mine.height == 0:
+            return StepOutput()
+        missing = [c for c in TERMINAL_TRANSIT if c not in mine.columns]
+        if missing:
+            raise ValueError(f"step {self.name}: the batch lacks the terminal stage's columns "
+                             f"{missing}; configure an enrich stage of kind handbook_terminal")
+        inputs = self.features(mine)
+        model = self.slot.current()
+        score = pl.Series("score", model.score(inputs) if model is not None
+                          else np.full(inputs.height, np.nan)).fill_nan(None)
+        scored = pl.concat([mine.select("event_id", "event_type", "timestamp", "key").with_columns(
+            step=pl.lit(self.name), model=pl.lit(self.slot.label), score=score), inputs],
+            how="horizontal")
+        tables = {"scores": scored.to_arrow().select(FRAUD_SCORES_SCHEMA.names).cast(FRAUD_SCORES_SCHEMA)}
+        if model is None:
+            return StepOutput(tables=tables)
+        flagged = scored["score"] >= self.spec.threshold
+        alerts = alert_rows(scored.filter(flagged), self.name, self.spec.alert_type, self.spec.threshold)
+        tables["alerts"] = alerts.to_arrow().cast(ALERTS_SCHEMA)
+        derived = alert_events(alerts, mine.filter(flagged), self.envelope, self.name) \
+            if self.spec.emit_alerts else None
+        return StepOutput(tables=tables, derived=derived)
+
+    def features(self, mine: pl.DataFrame) -> pl.DataFrame:
+        """The ids, the transaction time (naive UTC) and the 15 inputs of each transaction."""
+        data = pl.col("data")
+        base = mine.select(
+            *(data.struct.field(name) for name in IDS),
+            TX_DATETIME=data.struct.field("TX_DATETIME").dt.replace_time_zone(None),
+            TX_AMOUNT=data.struct.field("TX_AMOUNT"))
+        customer = self.customer.update(base)
+        terminal = mine.select(pl.col(c).alias(c[1:]) for c in TERMINAL_TRANSIT)
+        return pl.concat([base, calendar_features(base), customer.with_columns(
+            pl.col(pl.Int64).cast(pl.Float64)), terminal], how="horizontal")
+
+    def snapshot(self) -> Any:
+        return base64.b64encode(self.customer.snapshot()).decode()
+
+    def restore(self, state: Any) -> None:
+        self.customer = KeyedWindowOperator(CUSTOMER_SPEC)
+        if state is not None:
+            self.customer.restore(base64.b64decode(state))
+
+
+def terminal_transit_columns(n_rows: int) -> dict[str, pa.Array]:
+    """Null transit columns, for batches the terminal stage did not enrich (derived events)."""
+    return {name: pa.nulls(n_rows, pa.float64()) for name in TERMINAL_TRANSIT}
+

@@ -1,0 +1,184 @@
+"""The fraud flow without Ray: label events, the terminal stage, the fraud step, the runner.
+
+Online equals offline: the features the two keyed stages stream equal the Polars batch
+reference :func:`pipelines.features.handbook_features_batch` over the same history.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pytest
+import yaml
+
+from cluster.job import run_spec
+from models.fraud import make_model
+from models.registry import ModelRegistry
+from pipelines.envelope import envelope_schema
+from pipelines.features import handbook_features_batch
+from pipelines.fraud import POSITION, FraudStep, TerminalRiskStage
+from pipelines.labels import LabelFeed
+from pipelines.normalise import Normaliser
+from pipelines.simulator import SimulationSpec, simulate_transactions, write_monthly
+from pipelines.sources import RawBatch
+from pipelines.spec import EnrichSpec, FraudStepSpec, ModelRef, PipelineSpec
+from pipelines.testing import FakeClock
+
+ROOT = Path(__file__).resolve().parents[2]
+FEATURES = [c for c in handbook_features_batch(
+    simulate_transactions(SimulationSpec(n_customers=5, n_terminals=5, n_days=1))).columns
+    if c != "TRANSACTION_ID"]
+
+
+def fraud_spec(**changes: object) -> PipelineSpec:
+    raw = yaml.safe_load((ROOT / "configs" / "fraud.yaml").read_text())
+    raw.update(changes)
+    return PipelineSpec.model_validate(raw)
+
+
+@pytest.fixture(scope="module")
+def transactions() -> pa.Table:
+    return simulate_transactions(SimulationSpec(n_customers=300, n_terminals=600, n_days=75, seed=3))
+
+
+def normalised_batches(spec: PipelineSpec, table: pa.Table, size: int) -> list[pa.Table]:
+    normaliser = Normaliser(spec, FakeClock().now)
+    out = []
+    for start in range(0, table.num_rows, size):
+        records = table.slice(start, size).combine_chunks().to_batches()[0]
+        raw = RawBatch("transactions", "t.parquet", np.arange(start, start + records.num_rows), records)
+        result = normaliser.normalise(raw)
+        assert result.deadletters.num_rows == 0
+        out.append(result.events)
+    return out
+
+
+def stream_features(spec: PipelineSpec, table: pa.Table, size: int) -> pl.DataFrame:
+    """Both stages in one process, the way the driver joins them (by row position)."""
+    feed = LabelFeed(spec.labels, spec.registry(), envelope_schema(spec.registry()))
+    stage = TerminalRiskStage(EnrichSpec(name="terminal", kind="handbook_terminal", key="TERMINAL_ID"))
+    step = FraudStep(FraudStepSpec(kind="fraud"))
+    scores = []
+    for events in normalised_batches(spec, table, size):
+        merged, _ = feed.merge(events)
+        merged = merged.append_column(POSITION, pa.array(np.arange(merged.num_rows)))
+        added = pl.from_arrow(stage.process(merged).derived)
+        frame = pl.from_arrow(merged).join(added, on=POSITION, how="left", maintain_order="left")
+        scores.append(pl.from_arrow(step.process(frame.to_arrow()).tables["scores"]))
+    return pl.concat(scores)
+
+
+def mismatches(online: pl.DataFrame, offline: pl.DataFrame) -> dict[str, int]:
+    joined = offline.join(online, on="TRANSACTION_ID", suffix="_online")
+    assert joined.height == offline.height == online.height
+    return {c: joined.filter(pl.col(c).cast(pl.Float64) != pl.col(f"{c}_online").cast(pl.Float64)).height
+            for c in FEATURES}
+
+
+@pytest.mark.parametrize("size", [997, 20_000])
+def test_two_stage_stream_equals_the_batch_reference(transactions: pa.Table, size: int) -> None:
+    online = stream_features(fraud_spec(), transactions, size)
+    assert mismatches(online, handbook_features_batch(transactions)) == dict.fromkeys(FEATURES, 0)
+
+
+def test_label_events_come_a_delay_later_and_before_same_time_transactions(transactions: pa.Table) -> None:
+    spec = fraud_spec()
+    feed = LabelFeed(spec.labels, spec.registry(), envelope_schema(spec.registry()))
+    merged = [feed.merge(events)[0] for events in normalised_batches(spec, transactions, 5000)]
+    rest = feed.flush()
+    stream = pl.from_arrow(pa.concat_tables([*merged, rest]))
+    labels = stream.filter(pl.col("event_type") == "fraud.reported")
+    assert labels.height == transactions.num_rows and labels["event_id"].n_unique() == labels.height
+    # each label is exactly 7 days after its transaction, and carries its label
+    tx = pl.from_arrow(transactions).select(
+        "TRANSACTION_ID", "TX_FRAUD",
+        due=pl.col("TX_DATETIME").dt.replace_time_zone("UTC") + dt.timedelta(days=7))
+    got = labels.select(pl.col("data").struct.field("TRANSACTION_ID", "TX_FRAUD"), "timestamp").join(
+        tx, on="TRANSACTION_ID", suffix="_tx")
+    assert (got["timestamp"].dt.cast_time_unit("us") == got["due"].dt.cast_time_unit("us")).all()
+    assert (got["TX_FRAUD"] == got["TX_FRAUD_tx"]).all()
+    # the stream never goes back in time, and a label precedes transactions of its instant
+    times = stream["timestamp"].to_numpy()
+    assert (np.diff(times.astype("int64")) >= 0).all()
+    # a label's payload carries only its fields: no amount
+    assert labels["data"].struct.field("TX_AMOUNT").null_count() == labels.height
+
+
+def test_label_feed_snapshot_restore_round_trip(transactions: pa.Table) -> None:
+    spec = fraud_spec()
+    schema = envelope_schema(spec.registry())
+    batches = normalised_batches(spec, transactions, 4000)
+    whole = LabelFeed(spec.labels, spec.registry(), schema)
+    expected = [whole.merge(b)[0] for b in batches] + [whole.flush()]
+    first = LabelFeed(spec.labels, spec.registry(), schema)
+    got = [first.merge(b)[0] for b in batches[:5]]
+    second = LabelFeed(spec.labels, spec.registry(), schema)
+    second.restore(first.snapshot())
+    got += [second.merge(b)[0] for b in batches[5:]] + [second.flush()]
+    assert pa.concat_tables(got).equals(pa.concat_tables(expected))
+
+
+def test_stage_state_survives_snapshot_restore(transactions: pa.Table) -> None:
+    spec = fraud_spec()
+    stage = TerminalRiskStage(EnrichSpec(name="terminal", kind="handbook_terminal", key="TERMINAL_ID"))
+    step = FraudStep(FraudStepSpec(kind="fraud"))
+    fresh_stage = TerminalRiskStage(stage.spec)
+    fresh_step = FraudStep(step.spec)
+    fresh_stage.restore(stage.snapshot())
+    fresh_step.restore(step.snapshot())
+    assert fresh_stage.snapshot() == stage.snapshot() and fresh_step.snapshot() == step.snapshot()
+    assert stream_features(spec, transactions.slice(0, 3000), 1000).height == 3000
+
+
+def train_into(registry: Path, table: pa.Table, seed: int) -> int:
+    frame = handbook_features_batch(table).join(
+        pl.from_arrow(table).select("TRANSACTION_ID", "TX_AMOUNT", "TX_FRAUD"), on="TRANSACTION_ID")
+    model = make_model("logistic_regression", seed=seed).fit(frame)
+    created = dt.datetime(2024, 1, 1, tzinfo=dt.UTC)
+    return ModelRegistry(registry).save(model, name="fraud", created_at=created)
+
+
+def test_the_step_scores_alerts_and_picks_up_a_new_version(tmp_path: Path, transactions: pa.Table) -> None:
+    spec = fraud_spec()
+    registry = tmp_path / "registry"
+    train_into(registry, transactions, seed=0)
+    step_spec = FraudStepSpec(kind="fraud", threshold=0.3,
+                              model=ModelRef(registry=str(registry), name="fraud", reload_every=2))
+    step = FraudStep(step_spec, envelope_schema(spec.registry()))
+    stage = TerminalRiskStage(EnrichSpec(name="terminal", kind="handbook_terminal", key="TERMINAL_ID"))
+    feed = LabelFeed(spec.labels, spec.registry(), envelope_schema(spec.registry()))
+    versions, alerts = [], 0
+    for i, events in enumerate(normalised_batches(spec, transactions, 6000)):
+        if i == 3:
+            train_into(registry, transactions, seed=1)  # a new version while running
+        merged = feed.merge(events)[0]
+        merged = merged.append_column(POSITION, pa.array(np.arange(merged.num_rows)))
+        added = pl.from_arrow(stage.process(merged).derived)
+        frame = pl.from_arrow(merged).join(added, on=POSITION, how="left", maintain_order="left")
+        out = step.process(frame.to_arrow())
+        scores = pl.from_arrow(out.tables["scores"])
+        assert scores["score"].is_between(0, 1).all() and scores["score"].null_count() == 0
+        versions.append(scores["model"].unique().to_list())
+        alerts += out.tables["alerts"].num_rows
+        assert out.derived is None or out.derived.num_rows == out.tables["alerts"].num_rows
+    assert versions[0] == ["fraud:1"] and versions[-1] == ["fraud:2"]
+    assert alerts > 0
+
+
+def test_the_in_process_runner_stores_features_labels_and_no_transit_columns(tmp_path: Path) -> None:
+    data = tmp_path / "tx"
+    table = simulate_transactions(SimulationSpec(n_customers=200, n_terminals=400, n_days=45, seed=5))
+    write_monthly(table, data)
+    spec = fraud_spec(source={**fraud_spec().source.model_dump(exclude_none=True), "batch_size": 7000},
+                      steps=[{"kind": "fraud"}])  # features only: no registry read
+    summary = run_spec(spec, tmp_path / "store", inputs=[str(data)], in_process=True, progress=False)
+    assert summary["events_in"] == table.num_rows
+    assert summary["stored"] == 2 * table.num_rows  # transactions and their label events
+    events = pl.scan_parquet(tmp_path / "store" / "events" / "**" / "*.parquet", hive_partitioning=True)
+    assert not [c for c in events.collect_schema().names() if c.startswith("_")]
+    scores = pl.read_parquet(tmp_path / "store" / "scores" / "**" / "*.parquet", hive_partitioning=True)
+    assert mismatches(scores, handbook_features_batch(table)) == dict.fromkeys(FEATURES, 0)
