@@ -122,21 +122,6 @@ def test_rerunning_the_same_input_rewrites_instead_of_doubling(tmp_path: Path) -
     assert scan(store, "events").height == 50
 
 
-@pytest.mark.slow
-def test_handbook_months_are_stored_exactly_once(tmp_path: Path, handbook_dir: Path) -> None:
-    store = tmp_path / "store"
-    summary = summary_of(eventray("run", "configs/fraud.yaml", "--input", str(handbook_dir),
-                                  "--store", str(store)))
-    assert summary["events_in"] == summary["derived"] == 1_466_282
-    assert summary["stored"] == 2 * 1_466_282  # the transactions and their label events
-    assert summary["dead_lettered"] == 0
-    counts = pl.scan_parquet(store / "events" / "**" / "*.parquet", hive_partitioning=True).group_by(
-        "event_type").agg(pl.len(), pl.col("data").struct.field("TRANSACTION_ID").n_unique()).sort(
-        "event_type").rows()
-    assert counts == [("fraud.reported", 1_466_282, 1_466_282),
-                      ("transaction.created", 1_466_282, 1_466_282)]
-
-
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
