@@ -58,6 +58,11 @@ def _parser() -> argparse.ArgumentParser:
     nab.add_argument("--address", help="Ray cluster address; default: an embedded local Ray")
     nab.add_argument("--in-process", action="store_true", help="run without Ray")
 
+    from cluster.bench.cli import add_arguments as add_bench_arguments
+
+    add_bench_arguments(commands.add_parser("bench", help="benchmark the fraud pipeline against "
+                                            "a batch job, a per-event design and Bytewax"))
+
     sim = commands.add_parser("simulate", help="write synthetic card transactions")
     sim.add_argument("--out", type=Path, required=True, help="output folder")
     sim.add_argument("--days", type=_positive, default=183)
@@ -133,8 +138,14 @@ def command_evaluate(args: argparse.Namespace) -> dict[str, Any]:
     raise AssertionError(args.benchmark)
 
 
+def command_bench(args: argparse.Namespace) -> dict[str, Any]:
+    from cluster.bench.cli import command
+
+    return command(args, log=_log)
+
+
 COMMANDS = {"run": command_run, "submit": command_submit, "simulate": command_simulate,
-            "evaluate": command_evaluate}
+            "evaluate": command_evaluate, "bench": command_bench}
 
 
 def main(argv: list[str] | None = None) -> int:

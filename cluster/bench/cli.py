@@ -1,0 +1,89 @@
+"""``eventray bench``'s arguments and command (registered in :mod:`cluster.cli`).
+
+Imports only the standard library at parser-build time; the harness is imported when the
+command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+SYSTEM_NAMES = ("eventray", "batch", "per_event", "bytewax")
+
+
+def _systems(text: str) -> tuple[str, ...]:
+    names = tuple(dict.fromkeys(s.strip() for s in text.split(",") if s.strip()))
+    unknown = [n for n in names if n not in SYSTEM_NAMES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"systems are a comma list of {', '.join(SYSTEM_NAMES)}")
+    return names
+
+
+def _loads(text: str) -> tuple[float, ...]:
+    try:
+        loads = tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma list of numbers") from None
+    if not all(0 < x <= 1 for x in loads):
+        raise argparse.ArgumentTypeError("loads are fractions of the peak, in (0, 1]")
+    return loads
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{value} is not > 0")
+    return value
+
+
+def _count(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= 1")
+    return int(text)
+
+
+def add_arguments(bench: argparse.ArgumentParser) -> None:
+    """The ``bench`` subcommand's options."""
+    bench.add_argument("--config", type=Path, default=Path("configs/fraud.yaml"),
+                       help="eventray pipeline config (default: configs/fraud.yaml)")
+    bench.add_argument("--work", type=Path, default=Path("bench-work"),
+                       help="work directory: registry, outputs, Bytewax venv, bench.json/png")
+    bench.add_argument("--input", nargs="+", type=Path, metavar="PATH",
+                       help="transactions files or folders (default: the fraud handbook's, else simulated)")
+    bench.add_argument("--systems", type=_systems, default=SYSTEM_NAMES,
+                       help="comma list of " + ",".join(SYSTEM_NAMES) + " (eventray always runs)")
+    bench.add_argument("--loads", type=_loads, default=(0.2, 0.5, 0.8),
+                       help="offered rates for latency, fractions of eventray's peak (default 0.2,0.5,0.8)")
+    bench.add_argument("--latency-seconds", type=_seconds, default=8.0,
+                       help="length of each paced replay (default 8)")
+    bench.add_argument("--per-event-seconds", type=_seconds, default=30.0,
+                       help="time budget of the per-event design (default 30)")
+    bench.add_argument("--simulate-days", type=_count, default=61,
+                       help="days of simulator data when there is no other input (default 61)")
+    bench.add_argument("--bytewax-processes", type=_count, default=1,
+                       help="Bytewax processes, one worker each (default 1)")
+
+
+def command(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
+    """Run the bench; print the table; return the JSON summary."""
+    from cluster.bench.harness import BenchOptions, run_bench
+    from cluster.bench.report import compact, table
+
+    if not args.config.is_file():
+        from cluster.bench import BenchError
+
+        raise BenchError(f"no such config: {args.config}")
+    systems = tuple(dict.fromkeys(("eventray", *args.systems)))
+    doc = run_bench(BenchOptions(
+        config=args.config, work=args.work, inputs=tuple(args.input or ()), systems=systems,
+        loads=args.loads, latency_seconds=args.latency_seconds,
+        per_event_seconds=args.per_event_seconds, simulate_days=args.simulate_days,
+        bytewax_processes=args.bytewax_processes), log=log)
+    print(table(doc), flush=True)
+    return compact(doc)
