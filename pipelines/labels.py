@@ -28,6 +28,7 @@ import datetime as dt
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipelines.envelope import PayloadRegistry
 from pipelines.event_ids import uuid5_strings
@@ -77,16 +78,20 @@ class LabelFeed:
         return rest
 
     def _schedule(self, events: pa.Table) -> None:
-        frame = pl.from_arrow(events)
-        assert isinstance(frame, pl.DataFrame)
-        parents = frame.filter(pl.col("event_type") == self.spec.of)
-        if parents.height == 0:
+        parents = events.filter(pc.equal(events.column("event_type"), self.spec.of))
+        if parents.num_rows == 0:
             return
-        labels = self._labels(parents)
-        pending = pl.from_arrow(self.pending)
-        assert isinstance(pending, pl.DataFrame)
-        both = pl.concat([pending, labels]).sort("timestamp", maintain_order=True)
-        self.pending = both.to_arrow().cast(self.schema)
+        frame = pl.from_arrow(parents)
+        assert isinstance(frame, pl.DataFrame)
+        labels = self._labels(frame).to_arrow().cast(self.schema)
+        times = _micros(labels.column("timestamp"))
+        pending = _micros(self.pending.column("timestamp"))
+        ordered = bool((np.diff(times) >= 0).all()) and (
+            len(pending) == 0 or pending[-1] <= times[0])
+        both = pa.concat_tables([self.pending, labels])
+        if not ordered:  # a source out of time order: keep the schedule sorted (stably)
+            both = both.take(pa.array(np.argsort(np.concatenate([pending, times]), kind="stable")))
+        self.pending = both.combine_chunks()
 
     def _labels(self, parents: pl.DataFrame) -> pl.DataFrame:
         ids = uuid5_strings((parents["event_id"] + _LABEL_SUFFIX).to_arrow())
