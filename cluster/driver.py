@@ -196,6 +196,7 @@ class PipelineRun:
         self.transit = {c: pa.float64() for stage in spec.enrich for c in build_stage(stage).columns}
         schema = envelope_schema(spec.registry())
         self.labels = LabelFeed(spec.labels, spec.registry(), schema) if spec.labels else None
+        self.routed_schema = pa.schema([*schema, *(pa.field(c, t) for c, t in self.transit.items())])
 
     def restore_or_reset(self, resume: bool) -> bool:
         """Continue from the last checkpoint (``resume``) or clear the run's old output."""
@@ -280,15 +281,13 @@ class PipelineRun:
         return events
 
     def _with_transit(self, events: pa.Table) -> pa.Table:
-        """The batch with every enrichment column (nulls where a stage added none), in order."""
+        """The batch in the routed schema: the envelope, then every enrichment column (nulls
+        where a stage added none), so that any two pieces of a partition concatenate."""
         if not self.transit:
             return events
-        names = [c for c in events.column_names if c not in self.transit]
-        columns = [events.column(c) for c in names]
-        for name, dtype in self.transit.items():
-            columns.append(events.column(name).cast(dtype) if name in events.column_names
-                           else pa.nulls(events.num_rows, dtype))
-        return pa.table(columns, names=[*names, *self.transit])
+        columns = [events.column(field.name) if field.name in events.column_names
+                   else pa.nulls(events.num_rows, field.type) for field in self.routed_schema]
+        return pa.table(columns, names=self.routed_schema.names).cast(self.routed_schema)
 
     def dispatch(self, executor: PartitionExecutor) -> None:
         """Hand queued batches to partitions with room in flight, high lane first."""
