@@ -4,6 +4,8 @@ Commands:
     run CONFIG       run a pipeline (embedded local Ray, or ``--address`` of a cluster)
     submit CONFIG    submit the same run to a cluster as a Ray job and follow its logs
     simulate         write synthetic card transactions (the project's own generator)
+    train            fit a fraud model on the store's features and save it to a registry
+    evaluate         fraud models by the handbook's protocol; anomaly detectors on NAB
 
 Every command ends by printing one JSON line on stdout. Bad arguments print usage;
 bad configs print what is wrong with which field; neither prints a traceback.
@@ -57,6 +59,28 @@ def _parser() -> argparse.ArgumentParser:
     nab.add_argument("--partitions", type=_positive, default=2)
     nab.add_argument("--address", help="Ray cluster address; default: an embedded local Ray")
     nab.add_argument("--in-process", action="store_true", help="run without Ray")
+    fraud = benchmarks.add_parser("fraud", help="fraud models by the fraud handbook's protocol")
+    _feature_arguments(fraud)
+    fraud.add_argument("--models", nargs="+", metavar="NAME",
+                       help="recipes (presets or model names); default: baselines and tuned")
+    fraud.add_argument("--folds", action="store_true",
+                       help="also the handbook's 4 weekly test folds (chapter 5)")
+    fraud.add_argument("--parity", action="store_true",
+                       help="also compare the store's features with offline ones (needs --data)")
+    fraud.add_argument("--select", action="store_true",
+                       help="instead, rank the tuning candidates on the validation folds")
+    fraud.add_argument("--seed", type=int, default=0)
+
+    train = commands.add_parser("train", help="train a fraud model on the store's features")
+    _feature_arguments(train)
+    train.add_argument("--model", required=True, help="preset or model name, e.g. hgb_tuned")
+    train.add_argument("--params", help='factory arguments as JSON, e.g. \'{"max_iter": 300}\'')
+    train.add_argument("--start", required=True, type=_day, help="first training day, YYYY-MM-DD")
+    train.add_argument("--end", required=True, type=_day,
+                       help="the day after the last training day (exclusive), YYYY-MM-DD")
+    train.add_argument("--registry", required=True, type=Path, help="model registry directory")
+    train.add_argument("--name", help="registry name (default: the model name)")
+    train.add_argument("--seed", type=int, default=0)
 
     from cluster.bench.cli import add_arguments as add_bench_arguments
 
@@ -71,6 +95,23 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--start", default="2018-04-01", help="first day, YYYY-MM-DD")
     sim.add_argument("--seed", type=int, default=0)
     return parser
+
+
+def _feature_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--store", type=Path, help="event store a fraud pipeline run wrote")
+    parser.add_argument("--features", choices=("store", "offline"), default="store",
+                        help="read the pipeline's features from --store (default), or compute "
+                             "them offline from --data (development, parity cross-check)")
+    parser.add_argument("--data", type=Path, help="folder of transactions-*.parquet files")
+
+
+def _day(text: str) -> Any:
+    import datetime as dt
+
+    try:
+        return dt.date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a date YYYY-MM-DD") from None
 
 
 def _positive(text: str) -> int:
@@ -124,6 +165,19 @@ def command_simulate(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def command_evaluate(args: argparse.Namespace) -> dict[str, Any]:
+    if args.benchmark == "fraud":  # no Ray: scikit-learn fits over the store's features
+        from cluster.evaluate_fraud import DEFAULT_MODELS, evaluate_fraud, select_recipes
+
+        if args.select:
+            table, summary = select_recipes(source=args.features, store=args.store, data=args.data,
+                                            seed=args.seed, log=_log)
+        else:
+            table, summary = evaluate_fraud(
+                source=args.features, store=args.store, data=args.data,
+                models=args.models or DEFAULT_MODELS, folds=args.folds, parity=args.parity,
+                seed=args.seed, log=_log)
+        print(table, flush=True)
+        return summary
     from cluster.ray_runtime import prepare_environment
 
     prepare_environment(args.address)
@@ -138,6 +192,14 @@ def command_evaluate(args: argparse.Namespace) -> dict[str, Any]:
     raise AssertionError(args.benchmark)
 
 
+def command_train(args: argparse.Namespace) -> dict[str, Any]:
+    from cluster.train import parse_params, train_model
+
+    return train_model(model=args.model, start=args.start, end=args.end, registry=args.registry,
+                       name=args.name, params=parse_params(args.params), seed=args.seed,
+                       source=args.features, store=args.store, data=args.data, log=_log)
+
+
 def command_bench(args: argparse.Namespace) -> dict[str, Any]:
     from cluster.bench.cli import command
 
@@ -145,7 +207,7 @@ def command_bench(args: argparse.Namespace) -> dict[str, Any]:
 
 
 COMMANDS = {"run": command_run, "submit": command_submit, "simulate": command_simulate,
-            "evaluate": command_evaluate, "bench": command_bench}
+            "evaluate": command_evaluate, "train": command_train, "bench": command_bench}
 
 
 def main(argv: list[str] | None = None) -> int:

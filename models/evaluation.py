@@ -288,12 +288,26 @@ def prequential_folds(
 
 
 def evaluate_prequential(
-    factory: ModelFactory, df: pl.DataFrame, anchor: SplitSpec = DEFAULT_SPLIT, n_folds: int = 4
+    factory: ModelFactory,
+    df: pl.DataFrame,
+    anchor: SplitSpec = DEFAULT_SPLIT,
+    n_folds: int = 4,
+    on_fold: Callable[[int, SplitSpec, Metrics], None] | None = None,
 ) -> pl.DataFrame:
-    """One row of metrics per fold (column ``fold``, 0 = the anchor), fresh model per fold."""
+    """One row of metrics per fold (column ``fold``, 0 = the anchor), fresh model per fold.
+
+    Args:
+        factory: builds a fresh unfitted model.
+        df: the labelled transactions.
+        anchor: fold 0; fold ``i`` is ``anchor`` moved back ``i`` weeks.
+        n_folds: how many folds.
+        on_fold: called after each fold with its number, split and metrics (progress).
+    """
     rows = []
     for fold, spec in enumerate(prequential_folds(anchor, n_folds)):
         metrics = fit_and_evaluate(factory, df, spec)
+        if on_fold is not None:
+            on_fold(fold, spec, metrics)
         rows.append({"fold": fold, "test_start": spec.test_start} | asdict(metrics))
     return pl.DataFrame(rows)
 

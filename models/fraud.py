@@ -30,13 +30,13 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 import numpy as np
 import polars as pl
-from sklearn.ensemble import HistGradientBoostingClassifier, RandomForestClassifier
+from sklearn.ensemble import HistGradientBoostingClassifier, RandomForestClassifier, VotingClassifier
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
@@ -245,12 +245,46 @@ def hist_gradient_boosting(
     return FraudModel("hist_gradient_boosting", _pipeline(classifier), seed=seed, params=params)
 
 
+def forest_and_boosting(
+    seed: int = 0,
+    *,
+    forest: Mapping[str, Any] | None = None,
+    boosting: Mapping[str, Any] | None = None,
+    forest_weight: float = 0.5,
+    n_jobs: int | None = None,
+) -> FraudModel:
+    """The weighted mean of a random forest's and a gradient boosting's fraud probabilities.
+
+    Args:
+        seed: both members' seed.
+        forest: :func:`random_forest` parameters.
+        boosting: :func:`hist_gradient_boosting` parameters.
+        forest_weight: the forest's weight in [0, 1]; the boosting gets the rest.
+        n_jobs: the forest's cores (speed only).
+
+    Example:
+        >>> model = forest_and_boosting(forest={"n_estimators": 5}, boosting={"max_iter": 5})
+        >>> [name for name, _ in model.estimator[-1].estimators]
+        ['forest', 'boosting']
+    """
+    if not 0.0 <= forest_weight <= 1.0:
+        raise ValueError(f"forest_weight must be in [0, 1], got {forest_weight}")
+    members = (random_forest(seed, n_jobs=n_jobs, **(forest or {})),
+               hist_gradient_boosting(seed, **(boosting or {})))
+    params = {"forest": members[0].params, "boosting": members[1].params, "forest_weight": forest_weight}
+    classifier = VotingClassifier(
+        [("forest", members[0].estimator[-1]), ("boosting", members[1].estimator[-1])],
+        voting="soft", weights=[forest_weight, 1.0 - forest_weight])
+    return FraudModel("forest_and_boosting", _pipeline(classifier), seed=seed, params=params)
+
+
 #: Model name -> factory ``(seed, **params) -> FraudModel``.
 MODEL_FACTORIES: dict[str, Callable[..., FraudModel]] = {
     "logistic_regression": logistic_regression,
     "decision_tree": decision_tree,
     "random_forest": random_forest,
     "hist_gradient_boosting": hist_gradient_boosting,
+    "forest_and_boosting": forest_and_boosting,
 }
 
 
@@ -267,12 +301,73 @@ def make_model(name: str, seed: int = 0, **params: Any) -> FraudModel:
         ...     make_model("xgb")
         ... except UnknownModelError as error:
         ...     print(error.allowed[:2])
-        ['decision_tree', 'hist_gradient_boosting']
+        ['decision_tree', 'forest_and_boosting']
     """
     factory = MODEL_FACTORIES.get(name)
     if factory is None:
         raise UnknownModelError(name, list(MODEL_FACTORIES))
     return factory(seed, **params)
+
+
+@dataclass(frozen=True)
+class ModelPreset:
+    """A named training recipe: a factory name, its parameters and how much history to fit on.
+
+    Attributes:
+        model: a key of :data:`MODEL_FACTORIES`.
+        params: the factory's keyword arguments.
+        history_days: labelled days before the protocol's 7-day training week that the
+            model is also fitted on (:attr:`models.evaluation.SplitSpec.history_days`); the
+            test set is the same whatever this is.
+        description: where the parameters come from.
+
+    Example:
+        >>> MODEL_PRESETS["logistic_regression"].build(seed=1).params["C"]
+        1.0
+    """
+
+    model: str
+    params: Mapping[str, Any] = field(default_factory=dict)
+    history_days: int = 0
+    description: str = field(default="", compare=False)
+
+    def build(self, seed: int = 0, *, parallel: bool = False, **overrides: Any) -> FraudModel:
+        """An unfitted model of this recipe; ``overrides`` replace parameters.
+
+        ``parallel`` lets a random forest grow its trees on every core (the scores are the
+        same; histogram gradient boosting always uses the cores OpenMP gives it).
+        """
+        params = dict(self.params) | overrides
+        if parallel and self.model in ("random_forest", "forest_and_boosting"):
+            params.setdefault("n_jobs", -1)
+        return make_model(self.model, seed=seed, **params)
+
+
+#: Recipes by name: the handbook's baselines (library defaults, which reproduce its chapter 3
+#: numbers) and the recipes chosen on the validation folds (see ``docs/fraud-models.md``).
+MODEL_PRESETS: dict[str, ModelPreset] = {
+    "logistic_regression": ModelPreset("logistic_regression", description="handbook chapter 3 (C=1)"),
+    "decision_tree": ModelPreset("decision_tree", {"max_depth": 2}, description="handbook chapter 3"),
+    "random_forest": ModelPreset("random_forest", description="handbook chapter 3 (100 trees)"),
+    "hist_gradient_boosting": ModelPreset("hist_gradient_boosting", description="scikit-learn defaults"),
+}
+
+
+def find_preset(name: str) -> ModelPreset:
+    """The preset ``name``; a bare factory name without a preset gets its default parameters.
+
+    Raises:
+        UnknownModelError: ``name`` is neither a preset nor a factory (lists both).
+
+    Example:
+        >>> find_preset("decision_tree").params
+        {'max_depth': 2}
+    """
+    if name in MODEL_PRESETS:
+        return MODEL_PRESETS[name]
+    if name in MODEL_FACTORIES:
+        return ModelPreset(name)
+    raise UnknownModelError(name, sorted(set(MODEL_PRESETS) | set(MODEL_FACTORIES)))
 
 
 class AlertPolicy(Protocol):

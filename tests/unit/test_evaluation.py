@@ -327,3 +327,13 @@ def test_random_forest_matches_the_published_default_split(handbook: pl.DataFram
     metrics = fit_and_evaluate(partial(make_model, "random_forest", seed=0, n_jobs=2), handbook)
     assert isinstance(metrics, Metrics)
     assert metrics.rounded() == (0.867, 0.658, 0.287)
+
+
+def test_prequential_evaluation_reports_each_fold_as_it_goes() -> None:
+    frame = synthetic_history()
+    anchor = SplitSpec(dt.date(2018, 1, 29), train_days=5, delay_days=2, test_days=3)
+    seen: list[tuple[int, dt.date, float]] = []
+    per_fold = evaluate_prequential(partial(make_model, "logistic_regression", seed=0), frame, anchor,
+                                    n_folds=3, on_fold=lambda i, spec, m: seen.append((i, spec.test_start,
+                                                                                       m.roc_auc)))
+    assert seen == list(zip(per_fold["fold"], per_fold["test_start"], per_fold["roc_auc"], strict=True))

@@ -19,11 +19,14 @@ from models import registry as registry_module
 from models.fraud import (
     HANDBOOK_FEATURES,
     MODEL_FACTORIES,
+    MODEL_PRESETS,
     AlertThreshold,
     FeatureError,
     FraudModel,
+    ModelPreset,
     TopKAlerts,
     UnknownModelError,
+    find_preset,
     make_model,
 )
 from models.registry import ModelNotFoundError, ModelRegistry, RegistryError
@@ -36,6 +39,7 @@ FAST_PARAMS: dict[str, dict[str, object]] = {
     "decision_tree": {},
     "random_forest": {"n_estimators": 10, "max_depth": 6},
     "hist_gradient_boosting": {"max_iter": 20},
+    "forest_and_boosting": {"forest": {"n_estimators": 10, "max_depth": 6}, "boosting": {"max_iter": 20}},
 }
 
 
@@ -68,9 +72,10 @@ def fitted_tree(frame: pl.DataFrame) -> FraudModel:
 # --- models -----------------------------------------------------------------------------
 
 
-def test_registry_names_the_four_models() -> None:
+def test_registry_names_the_models() -> None:
     assert sorted(MODEL_FACTORIES) == [
         "decision_tree",
+        "forest_and_boosting",
         "hist_gradient_boosting",
         "logistic_regression",
         "random_forest",
@@ -81,7 +86,7 @@ def test_unknown_model_lists_the_allowed_names() -> None:
     with pytest.raises(UnknownModelError) as info:
         make_model("xgboost")
     assert info.value.allowed == sorted(MODEL_FACTORIES)
-    assert "allowed: decision_tree, hist_gradient_boosting" in str(info.value)
+    assert "allowed: decision_tree, forest_and_boosting, hist_gradient_boosting" in str(info.value)
 
 
 @pytest.mark.parametrize("name", sorted(MODEL_FACTORIES))
@@ -284,3 +289,30 @@ def test_pollers_only_ever_load_complete_versions(tmp_path: Path, fitted_tree: F
         poller.join()
     assert errors == []
     assert [v.version for v in registry.list()] == list(range(1, 10))
+
+
+# --- presets ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(MODEL_PRESETS))
+def test_every_preset_builds_its_model(name: str) -> None:
+    preset = MODEL_PRESETS[name]
+    model = preset.build(seed=4)
+    assert (model.name, model.seed) == (preset.model, 4)
+    assert {key: model.params[key] for key in preset.params} == dict(preset.params)
+    assert preset.history_days >= 0 and preset.description
+
+
+def test_find_preset_takes_factory_names_and_lists_both_kinds() -> None:
+    assert find_preset("decision_tree") == MODEL_PRESETS["decision_tree"]
+    assert find_preset("random_forest").build(n_estimators=3).params["n_estimators"] == 3
+    with pytest.raises(UnknownModelError) as info:
+        find_preset("xgboost")
+    assert set(MODEL_PRESETS) | set(MODEL_FACTORIES) == set(info.value.allowed)
+
+
+def test_parallel_changes_a_forest_s_cores_not_its_parameters() -> None:
+    forest = ModelPreset("random_forest", {"n_estimators": 5}).build(parallel=True)
+    assert forest.estimator[-1].n_jobs == -1 and "n_jobs" not in forest.params
+    logistic = ModelPreset("logistic_regression").build(parallel=True)
+    assert logistic.params == make_model("logistic_regression").params
