@@ -62,12 +62,18 @@ def add_arguments(bench: argparse.ArgumentParser) -> None:
                        help="offered rates for latency, fractions of eventray's peak (default 0.2,0.5,0.8)")
     bench.add_argument("--latency-seconds", type=_seconds, default=8.0,
                        help="length of each paced replay (default 8)")
+    bench.add_argument("--warmup-seconds", type=_seconds, default=15.0,
+                       help="quiet time before each paced replay's measured events, for actors to "
+                            "start (default 15)")
     bench.add_argument("--per-event-seconds", type=_seconds, default=30.0,
                        help="time budget of the per-event design (default 30)")
     bench.add_argument("--simulate-days", type=_count, default=61,
                        help="days of simulator data when there is no other input (default 61)")
-    bench.add_argument("--bytewax-processes", type=_count, default=1,
-                       help="Bytewax processes, one worker each (default 1)")
+    bench.add_argument("--alerts-table-only", action="store_true",
+                       help="eventray writes alerts to its alerts table only (as the other systems do), "
+                            "not also back into the stream as events")
+    bench.add_argument("--bytewax-processes", type=_count, default=2,
+                       help="Bytewax processes, one worker each, over 127.0.0.1 (default 2)")
 
 
 def command(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
@@ -82,8 +88,8 @@ def command(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, A
     systems = tuple(dict.fromkeys(("eventray", *args.systems)))
     doc = run_bench(BenchOptions(
         config=args.config, work=args.work, inputs=tuple(args.input or ()), systems=systems,
-        loads=args.loads, latency_seconds=args.latency_seconds,
+        loads=args.loads, latency_seconds=args.latency_seconds, warmup_seconds=args.warmup_seconds,
         per_event_seconds=args.per_event_seconds, simulate_days=args.simulate_days,
-        bytewax_processes=args.bytewax_processes), log=log)
+        bytewax_processes=args.bytewax_processes, alerts_table_only=args.alerts_table_only), log=log)
     print(table(doc), flush=True)
     return compact(doc)

@@ -24,6 +24,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import polars as pl
 import psutil
 
@@ -33,6 +34,7 @@ from cluster.bench.memory import TreeMemory
 from cluster.bench.workload import MODEL_NAME, Workload, find_input, train_model
 
 SYSTEMS = ("eventray", "batch", "per_event", "bytewax")
+WARMUP_ROWS = 500
 BENCH_DIR = Path(__file__).resolve().parent
 Log = Callable[[str], None]
 _EXCEPTION = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Invalid|Interrupt|Exit)\b:?")
@@ -48,10 +50,14 @@ class BenchOptions:
         inputs: Input files or folders; default the handbook's files, else simulated ones.
         systems: Which systems to run (eventray always, for the ratios).
         loads: Offered rates for latency, as fractions of eventray's measured peak.
-        latency_seconds: How long each paced replay offers events (its slice's length).
+        latency_seconds: How long each paced replay offers the measured events.
+        warmup_seconds: The quiet time before them, for the pipeline's actors to start
+            (events released in its first half are not measured).
         per_event_seconds: Time budget of the per-event design (it is measured on a prefix).
         simulate_days: Days of simulator data when there is no other input.
         bytewax_processes: Bytewax processes (one worker each).
+        alerts_table_only: eventray writes alerts to its alerts table only, as the other
+            systems do, instead of also routing them back as events.
         timeout_s: Limit for any one system's process.
     """
 
@@ -61,11 +67,13 @@ class BenchOptions:
     systems: tuple[str, ...] = SYSTEMS
     loads: tuple[float, ...] = (0.2, 0.5, 0.8)
     latency_seconds: float = 8.0
+    warmup_seconds: float = 15.0
     per_event_seconds: float = 30.0
     simulate_days: int = 61
-    bytewax_processes: int = 1
+    bytewax_processes: int = 2
     timeout_s: float = 1800.0
     model_seed: int = 0
+    alerts_table_only: bool = False
 
 
 def measure(name: str, command: list[str], work: Path, timeout_s: float) -> dict[str, Any]:
@@ -100,6 +108,12 @@ def failure(log: str, limit: int = 300) -> str:
     return (errors or lines or ["no output"])[-1][:limit]
 
 
+def _eventray(options: BenchOptions, registry: Path) -> list[str]:
+    command = [sys.executable, "-m", "cluster.bench.eventray_run", "--config", str(options.config),
+               "--registry", str(registry)]
+    return command + (["--alerts-table-only"] if options.alerts_table_only else [])
+
+
 def _commands(options: BenchOptions, workload: Workload, registry: Path, model: dict[str, Any],
               log: Log) -> dict[str, list[str] | str]:
     """Each system's command line (or, for an unavailable one, the reason)."""
@@ -107,8 +121,7 @@ def _commands(options: BenchOptions, workload: Workload, registry: Path, model: 
     common = ["--input", *files, "--registry", str(registry), "--model", model["name"]]
     outputs = options.work / "outputs"
     commands: dict[str, list[str] | str] = {
-        "eventray": [sys.executable, "-m", "cluster.bench.eventray_run", "--config", str(options.config),
-                     "--store", str(outputs / "eventray"), "--input", *files, "--registry", str(registry)],
+        "eventray": [*_eventray(options, registry), "--store", str(outputs / "eventray"), "--input", *files],
         "batch": [sys.executable, "-m", "cluster.bench.batch_job", *common, "--out", str(outputs / "batch")],
         "per_event": [sys.executable, "-m", "cluster.bench.per_event", *common,
                       "--out", str(outputs / "per_event"), "--max-seconds", str(options.per_event_seconds)],
@@ -153,31 +166,49 @@ def _brief(result: dict[str, Any]) -> str:
             f"peak {result['peak_pss_mb']} MB (PSS)")
 
 
-def write_slices(workload: Workload, rates: list[float], seconds: float, out: Path) -> list[Path]:
-    """For each rate, the input's first ``rate * seconds`` rows (at least 1,000) as one file."""
-    out.mkdir(parents=True, exist_ok=True)
-    frame = pl.scan_parquet(list(workload.files))
-    paths = []
-    for i, rate in enumerate(rates):
-        rows = int(min(workload.rows, max(1_000, rate * seconds)))
-        path = out / f"slice-{i}.parquet"
-        frame.head(rows).collect().write_parquet(path)
-        paths.append(path)
-    return paths
+@dataclass(frozen=True)
+class PacedSlice:
+    """One paced replay's input: a few warm-up rows, a quiet gap, then the measured rows."""
+
+    rate: float
+    speedup: float
+    path: Path
+    measured_rows: int
+
+
+def write_slice(frame: pl.DataFrame, rate: float, seconds: float, warmup_s: float, path: Path) -> PacedSlice:
+    """The replay of ``frame`` at ``rate`` events/s for ``seconds``, after a warm-up.
+
+    The first :data:`WARMUP_ROWS` rows start the pipeline's actors; the rows of the next
+    ``warmup_s`` seconds of replay (in event time at this speed-up) are left out, so the
+    actors are ready before the measured rows (the ``seconds x rate`` that follow) are due.
+    """
+    times = frame["TX_DATETIME"].dt.epoch("us").to_numpy()
+    warm = min(WARMUP_ROWS, len(times) // 10)
+    rows = int(min(len(times) - warm, max(1_000, rate * seconds)))
+    span_s = max(float(times[warm + rows - 1] - times[warm]) / 1e6, 1e-3)
+    speedup = span_s * rate / rows
+    begin = int(np.searchsorted(times, times[warm] + warmup_s * speedup * 1e6))
+    begin = min(begin, len(times) - rows)
+    pl.concat([frame.slice(0, warm), frame.slice(begin, rows)]).write_parquet(path)
+    return PacedSlice(rate, speedup, path, rows)
 
 
 def run_latency(options: BenchOptions, workload: Workload, registry: Path, peak: float,
                 log: Log) -> dict[str, Any]:
     """eventray's paced replays at ``options.loads`` x ``peak`` events/s, in one process."""
-    rates = [load * peak for load in options.loads]
-    slices = write_slices(workload, rates, options.latency_seconds, options.work / "latency")
+    out = options.work / "latency"
+    out.mkdir(parents=True, exist_ok=True)
+    frame = pl.read_parquet(list(workload.files), columns=None)
+    slices = [write_slice(frame, load * peak, options.latency_seconds, options.warmup_seconds,
+                          out / f"slice-{i}.parquet") for i, load in enumerate(options.loads)]
     store = options.work / "outputs" / "eventray-paced"
     _clear(store)
-    command = [sys.executable, "-m", "cluster.bench.eventray_run", "--config", str(options.config),
-               "--store", str(store), "--input", str(slices[0]), "--registry", str(registry)]
-    for rate, path in zip(rates, slices, strict=True):
-        command += ["--pace", f"{rate:.3f}", str(path)]
-    log(f"eventray latency: paced replays at {', '.join(f'{r:.0f}' for r in rates)} events/s")
+    command = [*_eventray(options, registry), "--store", str(store), "--input", str(slices[0].path),
+               "--warmup-seconds", str(options.warmup_seconds / 2)]
+    for piece in slices:
+        command += ["--pace", f"{piece.rate:.3f}", f"{piece.speedup:.6g}", str(piece.path)]
+    log(f"eventray latency: paced replays at {', '.join(f'{p.rate:.0f}' for p in slices)} events/s")
     result = measure("eventray-latency", command, options.work, options.timeout_s)
     for load, point in zip(options.loads, result.get("latency", []), strict=True):
         point["load"] = load

@@ -88,8 +88,11 @@ def test_bad_arguments_print_usage_not_a_traceback() -> None:
 @pytest.mark.slow
 def test_bench_runs_every_system_and_reports_ratios(tiny: Path, tmp_path: Path) -> None:
     work = tmp_path / "work"
+    # --alerts-table-only: alerts routed back as events meet terminal-enriched events of
+    # another string type in a partition's lane (cluster/driver.py, pipelines/lanes.py).
     result = _bench("--work", str(work), "--input", str(tiny), "--latency-seconds", "1",
-                    "--per-event-seconds", "2")
+                    "--warmup-seconds", "2", "--per-event-seconds", "2", "--alerts-table-only",
+                    "--loads", "0.2,0.8")
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     doc = json.loads((work / "bench.json").read_text())
@@ -97,27 +100,24 @@ def test_bench_runs_every_system_and_reports_ratios(tiny: Path, tmp_path: Path) 
     systems = doc["systems"]
     assert list(systems) == ["eventray", "batch", "per_event", "bytewax"]
     rows = summary["input"]["transactions"]
-    if "ArrowInvalid: Schema at index" in (systems["eventray"].get("reason") or ""):
-        # Alert events routed back meet terminal-enriched events of another string type in a
-        # partition's lane (cluster/driver.py, pipelines/lanes.py); reported, not ours to fix here.
-        pytest.xfail(f"eventray pipeline: {systems['eventray']['reason']}")
     for name in ("eventray", "batch", "per_event"):
         assert systems[name]["available"], systems[name].get("reason")
         assert systems[name]["events_per_s"] > 0 and systems[name]["peak_pss_mb"] > 0
         assert systems[name]["ratio"] > 0
         assert systems[name]["events"] == rows or not systems[name]["complete"]
     assert systems["eventray"]["ratio"] == 1.0 and systems["eventray"]["peak_processes"] > 3
-    assert systems["eventray"]["summary"]["alerts"] > 0  # the pipeline scored and alerted
+    for name in ("eventray", "batch"):  # both scored every transaction and wrote alerts
+        assert rows_written(work / "outputs" / name, "scores") == rows
+        assert rows_written(work / "outputs" / name, "alerts") > 0
     bytewax = systems["bytewax"]
     assert (bytewax["available"] and bytewax["events"] == rows) or bytewax["reason"]
-    assert [p["load"] for p in doc["latency"]["points"]] == [0.2, 0.5, 0.8]
+    assert [p["load"] for p in doc["latency"]["points"]] == [0.2, 0.8]
     for point in doc["latency"]["points"]:
         assert 0 <= point["latency_ms"]["p50"] <= point["latency_ms"]["p99"]
     table = result.stdout
     for label in ("eventray (Ray)", "Polars/sklearn batch", "per-event design", "Bytewax 0.21", "p99 ms"):
         assert label in table
-    assert scores_written(work / "outputs" / "batch") == rows
 
 
-def scores_written(out: Path) -> int:
-    return pl.scan_parquet(out / "scores" / "*.parquet").select(pl.len()).collect().item()
+def rows_written(out: Path, table: str) -> int:
+    return pl.scan_parquet(out / table / "**" / "*.parquet").select(pl.len()).collect().item()
