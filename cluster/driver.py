@@ -205,9 +205,13 @@ class PipelineRun:
             self.checkpoints.clear()
             self.store.truncate(self.run, {})
             return False
-        self.store.truncate(self.run, {
-            **{partition_writer(p): seq for p, seq in latest.partition_seqs.items()},
-            INGEST_WRITER: latest.deadletter_seq})
+        # Keep what each writer wrote before the checkpoint: a partition's events, and the
+        # tables its steps wrote under the same sequence numbers.
+        writers = {partition_writer(p): seq for p, seq in latest.partition_seqs.items()}
+        for step in self.spec.steps:
+            writers.update({f"{w}-{step.name}": seq for w, seq in list(writers.items())
+                            if "-" not in w})
+        self.store.truncate(self.run, {**writers, INGEST_WRITER: latest.deadletter_seq})
         self.duplicates.restore(self.checkpoints.read_state(latest.epoch, "dedup"))
         self.counts = RunCounts(**latest.counts, reasons=dict(latest.reasons))
         self.seqs = [latest.partition_seqs[p] for p in range(len(self.seqs))]

@@ -919,7 +919,9 @@ def _numpy(table: pa.Table, name: str) -> np.ndarray:
     if name not in table.column_names:
         raise StateRestoreError(f"snapshot lacks column {name!r}")
     column = table.column(name)
-    return column.to_numpy() if table.num_rows else np.empty(0, dtype=column.type.to_pandas_dtype())
+    if not table.num_rows:
+        return np.empty(0, dtype=column.type.to_pandas_dtype())
+    return column.to_numpy().copy()  # Arrow's buffers are read-only; the state is updated in place
 
 
 def window_features_batch(frame: FrameLike, spec: KeyedWindowSpec) -> pl.DataFrame:

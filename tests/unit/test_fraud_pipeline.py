@@ -134,12 +134,13 @@ def test_stage_state_survives_snapshot_restore(transactions: pa.Table) -> None:
     assert stream_features(spec, transactions.slice(0, 3000), 1000).height == 3000
 
 
-def train_into(registry: Path, table: pa.Table, seed: int) -> int:
+def train_into(registry: Path, table: pa.Table, seed: int, model: str = "logistic_regression") -> int:
     frame = handbook_features_batch(table).join(
         pl.from_arrow(table).select("TRANSACTION_ID", "TX_AMOUNT", "TX_FRAUD"), on="TRANSACTION_ID")
-    model = make_model("logistic_regression", seed=seed).fit(frame)
+    params = {"max_iter": 30} if model == "hist_gradient_boosting" else {}
+    fitted = make_model(model, seed=seed, **params).fit(frame)
     created = dt.datetime(2024, 1, 1, tzinfo=dt.UTC)
-    return ModelRegistry(registry).save(model, name="fraud", created_at=created)
+    return ModelRegistry(registry).save(fitted, name="fraud", created_at=created)
 
 
 def test_the_step_scores_alerts_and_picks_up_a_new_version(tmp_path: Path, transactions: pa.Table) -> None:

@@ -1,0 +1,141 @@
+"""Exactly-once for the fraud flow under failures: terminal-stage and customer-partition
+actors killed mid-run, and a driver killed and resumed. The label feed, the terminal
+stage's windows, the customer windows and the model all come back from the checkpoint;
+the store (events, labels, scores, alerts) must equal a fault-free run's."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import polars as pl
+import pyarrow as pa
+import pytest
+import yaml
+
+from cluster.driver import run_pipeline
+from cluster.partitions import NAMESPACE, LocalPartitions, RayPartitions, actor_name
+from pipelines.simulator import SimulationSpec, simulate_transactions, write_monthly
+from pipelines.spec import EnrichSpec, PipelineSpec
+from pipelines.testing import FakeClock
+from tests.integration.test_recovery import files_of
+from tests.unit.test_fraud_pipeline import fraud_spec, train_into
+
+
+class KillingExecutor(RayPartitions):
+    """Kills one of its own actors by name, as an operator would, every few batches."""
+
+    def __init__(self, *args: object, kill_every: int, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        self.kill_every, self.submitted, self.kills = kill_every, 0, 0
+
+    def submit(self, partition: int, seq: int, rows: pa.Table) -> None:
+        super().submit(partition, seq, rows)
+        self.submitted += 1
+        if self.submitted % self.kill_every == 0:
+            victim = (self.submitted // self.kill_every) % len(self.actors)
+            name = actor_name(victim, self.stage)
+            self._ray.kill(self._ray.get_actor(name, namespace=NAMESPACE))
+            self.kills += 1
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, pa.Table]:
+    root = tmp_path_factory.mktemp("fraud-recovery")
+    table = simulate_transactions(SimulationSpec(n_customers=200, n_terminals=400, n_days=45, seed=12))
+    write_monthly(table, root / "tx")
+    train_into(root / "registry", table, seed=0, model="hist_gradient_boosting")
+    return root / "tx", root / "registry", table
+
+
+def small_spec(registry: Path, batch_size: int, checkpoint_every: int) -> PipelineSpec:
+    base = fraud_spec()
+    return fraud_spec(
+        source={**base.source.model_dump(exclude_none=True), "batch_size": batch_size},
+        steps=[{"kind": "fraud", "threshold": 0.2,
+                "model": {"registry": str(registry), "name": "fraud", "version": 1}}],
+        runtime={**base.runtime.model_dump(exclude_none=True), "checkpoint_every": checkpoint_every})
+
+
+def sorted_table(store: Path, table: str, keep_metadata: bool = False) -> pl.DataFrame:
+    frame = pl.scan_parquet(store / table / "**" / "*.parquet", hive_partitioning=True)
+    if not keep_metadata and "metadata" in frame.collect_schema().names():
+        # ingestion time differs between runs with real clocks
+        frame = frame.with_columns(pl.col("metadata").struct.field("version")).drop("metadata")
+    return frame.sort("event_id").collect()
+
+
+@pytest.mark.ray
+def test_killed_stage_and_partition_actors_leave_the_fault_free_store(
+    ray_local: object, tmp_path: Path, inputs: tuple[Path, Path, pa.Table]
+) -> None:
+    data, registry, table = inputs
+    spec = small_spec(registry, batch_size=1500, checkpoint_every=4)
+    faulty, clean = tmp_path / "faulty", tmp_path / "clean"
+    killers: list[KillingExecutor] = []
+
+    def partitions(run: str) -> KillingExecutor:
+        killers.append(KillingExecutor(2, faulty, run, 2, 0.25, spec, kill_every=9))
+        return killers[-1]
+
+    def stage(run: str, enrich: EnrichSpec) -> KillingExecutor:
+        killers.append(KillingExecutor(enrich.partitions, faulty, run, 2, 0.25, spec, enrich,
+                                       kill_every=7))
+        return killers[-1]
+
+    summary = run_pipeline(spec, partitions, faulty, [str(data)], progress=False,
+                           clock=FakeClock(), stage_factory=stage)
+    run_pipeline(spec, lambda run: LocalPartitions(2, clean, run, spec), clean, [str(data)],
+                 progress=False, clock=FakeClock(),
+                 stage_factory=lambda run, enrich: LocalPartitions(
+                     enrich.partitions, clean, run, spec, enrich))
+
+    assert all(k.kills >= 3 for k in killers) and summary["restarts"] >= 6
+    assert summary["events_in"] == table.num_rows and summary["alerts"] > 0
+    assert {p.split("/")[0] for p in files_of(faulty)} == {"events", "scores", "alerts"}
+    # Adaptive batching sizes batches by measured speed, so the files differ; their rows
+    # (ingestion times included: one fake clock) must not.
+    for name in ("events", "scores", "alerts"):
+        assert sorted_table(faulty, name, keep_metadata=True).equals(
+            sorted_table(clean, name, keep_metadata=True)), name
+
+
+@pytest.mark.slow
+def test_a_killed_fraud_driver_resumes_to_the_fault_free_store(
+    tmp_path: Path, inputs: tuple[Path, Path, pa.Table]
+) -> None:
+    data, registry, table = inputs
+    config = tmp_path / "fraud.yaml"
+    config.write_text(yaml.safe_dump(small_spec(registry, 1200, 3).model_dump(
+        mode="json", by_alias=True, exclude_none=True)))
+    command = [str(Path(sys.executable).parent / "eventray"), "run", str(config), "--input",
+               str(data), "--no-progress"]
+    # Its own session: the kill takes the driver and its embedded Ray down together.
+    driver = subprocess.Popen([*command, "--store", str(tmp_path / "crashed")],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    manifests = tmp_path / "crashed" / "_checkpoints"
+    deadline = time.monotonic() + 180
+    while len(list(manifests.rglob("manifest-*.json"))) < 2 and time.monotonic() < deadline:
+        assert driver.poll() is None, driver.communicate()
+        time.sleep(0.05)
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+    resumed = subprocess.run([*command, "--store", str(tmp_path / "crashed"), "--resume"],
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert '"resumed": true' in resumed.stdout
+    clean = subprocess.run([*command, "--store", str(tmp_path / "clean")],
+                           capture_output=True, text=True, timeout=600)
+    assert clean.returncode == 0, clean.stderr[-2000:]
+    for name in ("events", "scores", "alerts"):
+        crashed, fault_free = sorted_table(tmp_path / "crashed", name), sorted_table(tmp_path / "clean", name)
+        assert crashed.height > 0 and crashed.equals(fault_free), name
+    assert sorted_table(tmp_path / "crashed", "events").height == 2 * table.num_rows + \
+        sorted_table(tmp_path / "crashed", "alerts").height
+
+
+
