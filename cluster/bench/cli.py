@@ -62,9 +62,9 @@ def add_arguments(bench: argparse.ArgumentParser) -> None:
                        help="offered rates for latency, fractions of eventray's peak (default 0.2,0.5,0.8)")
     bench.add_argument("--latency-seconds", type=_seconds, default=8.0,
                        help="length of each paced replay (default 8)")
-    bench.add_argument("--warmup-seconds", type=_seconds, default=15.0,
+    bench.add_argument("--warmup-seconds", type=_seconds, default=30.0,
                        help="quiet time before each paced replay's measured events, for actors to "
-                            "start (default 15)")
+                            "start (default 30)")
     bench.add_argument("--per-event-seconds", type=_seconds, default=30.0,
                        help="time budget of the per-event design (default 30)")
     bench.add_argument("--simulate-days", type=_count, default=61,

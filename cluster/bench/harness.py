@@ -67,7 +67,7 @@ class BenchOptions:
     systems: tuple[str, ...] = SYSTEMS
     loads: tuple[float, ...] = (0.2, 0.5, 0.8)
     latency_seconds: float = 8.0
-    warmup_seconds: float = 15.0
+    warmup_seconds: float = 30.0
     per_event_seconds: float = 30.0
     simulate_days: int = 61
     bytewax_processes: int = 2

@@ -11,6 +11,7 @@ per event, read back from the store (see :mod:`cluster.bench.eventray_run`).
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,7 @@ def summarise(options: Any, machine: dict[str, Any], workload: Any, model: dict[
               scoring: bool) -> dict[str, Any]:
     """The bench's result document; writes ``bench.json`` and ``bench.png`` in the work dir."""
     _ratios(results)
+    machine = {**machine, "load_average_at_end": [round(x, 2) for x in os.getloadavg()]}
     points = (latency or {}).get("latency", [])
     low = next((p for p in points if p.get("load") == min(options.loads)), None)
     doc = {
@@ -89,12 +91,22 @@ def table(doc: dict[str, Any]) -> str:
     points = doc["latency"]["points"]
     if points:
         lines += ["", "latency: ingestion (paced release) to the event's score and alerts written, per event",
-                  f"{'load':>6} {'offered ev/s':>13} {'achieved ev/s':>14} {'p50 ms':>8} {'p99 ms':>8}"]
+                  f"{'load':>6} {'offered ev/s':>13} {'released ev/s':>14} {'achieved ev/s':>14} "
+                  f"{'p50 ms':>8} {'p99 ms':>8}  note"]
         for p in points:
             lines.append(f"{p['load']:>6.0%} {p['offered_events_per_s']:>13,.0f} "
+                         f"{p.get('released_events_per_s') or 0:>14,.0f} "
                          f"{p['achieved_events_per_s'] or 0:>14,.0f} {p['latency_ms']['p50']:>8.2f} "
-                         f"{p['latency_ms']['p99']:>8.2f}")
+                         f"{p['latency_ms']['p99']:>8.2f}  {_pacing_note(p)}")
     return "\n".join(lines)
+
+
+def _pacing_note(point: dict[str, Any]) -> str:
+    """Why a point may not show the offered load: the source fell behind its schedule."""
+    released, offered = point.get("released_events_per_s"), point["offered_events_per_s"]
+    if released and not 0.8 <= released / offered <= 1.25:
+        return "source off schedule (start-up or overload): released in bursts"
+    return ""
 
 
 def _x(ratio: float | None) -> str:
@@ -128,12 +140,15 @@ def plot(doc: dict[str, Any], path: Path) -> None:
         for q, style in (("p50", "o-"), ("p99", "s--")):
             lat.plot(offered, [p["latency_ms"][q] for p in points], style, label=q)
         lat.axhline(P99_GOAL_MS, color="red", linewidth=0.8, linestyle=":", label="p99 goal at 20%")
+        lat.set_yscale("log")
         lat.legend(fontsize=8)
     lat.set_xlabel("offered rate (events/s)")
     lat.set_ylabel("ingestion to score/alert written (ms)")
     lat.set_title("eventray latency under paced replay", fontsize=9)
     m = doc["machine"]
-    fig.suptitle(f"eventray bench on {m['cores']} cores, {m['cpu']}", fontsize=10)
+    load = m.get("load_average_at_start", ["?"])[0], m.get("load_average_at_end", ["?"])[0]
+    fig.suptitle(f"eventray bench on {m['cores']} cores, {m['cpu']} (load average {load[0]} at start, "
+                 f"{load[1]} at end)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -88,11 +88,8 @@ def test_bad_arguments_print_usage_not_a_traceback() -> None:
 @pytest.mark.slow
 def test_bench_runs_every_system_and_reports_ratios(tiny: Path, tmp_path: Path) -> None:
     work = tmp_path / "work"
-    # --alerts-table-only: alerts routed back as events meet terminal-enriched events of
-    # another string type in a partition's lane (cluster/driver.py, pipelines/lanes.py).
     result = _bench("--work", str(work), "--input", str(tiny), "--latency-seconds", "1",
-                    "--warmup-seconds", "2", "--per-event-seconds", "2", "--alerts-table-only",
-                    "--loads", "0.2,0.8")
+                    "--warmup-seconds", "2", "--per-event-seconds", "2", "--loads", "0.2,0.8")
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     doc = json.loads((work / "bench.json").read_text())
@@ -106,6 +103,7 @@ def test_bench_runs_every_system_and_reports_ratios(tiny: Path, tmp_path: Path) 
         assert systems[name]["ratio"] > 0
         assert systems[name]["events"] == rows or not systems[name]["complete"]
     assert systems["eventray"]["ratio"] == 1.0 and systems["eventray"]["peak_processes"] > 3
+    assert systems["eventray"]["summary"]["alerts"] > 0  # alerts also routed back as events
     for name in ("eventray", "batch"):  # both scored every transaction and wrote alerts
         assert rows_written(work / "outputs" / name, "scores") == rows
         assert rows_written(work / "outputs" / name, "alerts") > 0
