@@ -14,7 +14,8 @@ The dataflow, written the way Bytewax's documentation builds keyed stateful flow
       -> output (Parquet: events, scores, alerts, every 50k rows per worker)
 
 Run as ``PYTHON bytewax_flow.py --input F... --model DIR --out DIR [--processes N]``; with
-N > 1 it runs N processes of one worker each, talking over 127.0.0.1. The last stdout line
+N > 1 it runs N processes of one worker each (the model on one thread each), talking over
+127.0.0.1. The last stdout line
 is a JSON result.
 """
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import os
 import socket
 import sys
 import time
@@ -203,6 +205,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.processes == 1:
         run_main(build_flow([str(f) for f in args.input], str(args.model), str(args.out), args.threshold))
     else:
+        # One worker per process and core: the model's OpenMP threads would only contend.
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
         addresses = [f"127.0.0.1:{port}" for port in _free_ports(args.processes)]
         procs = [multiprocessing.get_context("spawn").Process(target=_process, args=(args, addresses, i))
                  for i in range(args.processes)]
