@@ -56,9 +56,11 @@ def run_spec(
                 stage.partitions, store_root, prefix, spec, stage))
         return {**summary, "ray": "in-process"}
     with ray_session(address, object_store_mb=runtime.object_store_mb) as ray_facts:
-        cpus = max(ray_facts["cpus"], 1.0)
-        actors = runtime.partitions + sum(stage.partitions for stage in spec.enrich)
-        per_actor = min(1.0, cpus / actors)
+        # Ray's actor default: a CPU free to be placed, none held while running. A share of
+        # the cluster's CPUs per actor (cpus / actors) does not pack onto nodes it does not
+        # divide (four actors of 0.75 CPU on three 1-CPU nodes: one never starts and the run
+        # waits forever) and leaves no room to replace the actors of a lost node.
+        per_actor = None
         summary = run_pipeline(
             spec,
             lambda prefix: RayPartitions(runtime.partitions, store_root, prefix,

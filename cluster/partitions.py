@@ -178,8 +178,10 @@ class RayPartitions:
     """One named actor per partition, bounded in flight, recovering dead partitions."""
 
     def __init__(self, partitions: int, store_root: str | Path, run: str,
-                 max_in_flight: int, cpus_per_actor: float,
+                 max_in_flight: int, cpus_per_actor: float | None,
                  spec: PipelineSpec | None = None, stage: EnrichSpec | None = None) -> None:
+        """``cpus_per_actor``: CPUs each actor holds; ``None``: Ray's actor default (a CPU
+        free to be placed, none held while running)."""
         import ray
         from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 

@@ -3,9 +3,10 @@
 Run as a subprocess (never in pytest's process, which may hold its own Ray):
 
     python kill_partitions.py --address 127.0.0.1:PORT --partitions 2 --store S \
-        --total ROWS --stop-file FILE
+        --total ROWS --stop-file FILE --ready-file FILE
 
-It joins the cluster as a second driver, waits for ``partition-<i>`` (namespace
+It joins the cluster as a second driver (and creates ``--ready-file`` once joined, so the
+caller can start the run knowing the killer is watching), waits for ``partition-<i>`` (namespace
 ``eventray``), then every ``--interval`` seconds asks the next partition where it runs and
 kills it. It stops killing once the run's last committed checkpoint has read
 ``--stop-fraction`` of ``--total`` rows, so every kill lands before the run's final
@@ -50,6 +51,7 @@ def main() -> int:
     parser.add_argument("--store", type=Path, required=True)
     parser.add_argument("--total", type=int, required=True, help="rows the run will read")
     parser.add_argument("--stop-file", type=Path, required=True)
+    parser.add_argument("--ready-file", type=Path, required=True)
     parser.add_argument("--interval", type=float, default=0.6)
     parser.add_argument("--stop-fraction", type=float, default=0.75)
     parser.add_argument("--max-kills", type=int, default=20)
@@ -60,6 +62,7 @@ def main() -> int:
     addresses = sorted({n["NodeManagerAddress"] for n in ray.nodes()})
     assert addresses == ["127.0.0.1"], addresses
     assert ray.get_runtime_context().gcs_address.startswith("127.0.0.1:")
+    args.ready_file.touch()
 
     attempts, live_kills, pids = 0, 0, []
     victim, next_kill = 0, 0.0
