@@ -78,13 +78,17 @@ def add_arguments(bench: argparse.ArgumentParser) -> None:
 
 def command(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
     """Run the bench; print the table; return the JSON summary."""
+    from cluster.bench import BenchError
     from cluster.bench.harness import BenchOptions, run_bench
     from cluster.bench.report import compact, table
+    from pipelines.spec import load_pipeline
 
     if not args.config.is_file():
-        from cluster.bench import BenchError
-
         raise BenchError(f"no such config: {args.config}")
+    load_pipeline(args.config)  # a bad config names its field here (ConfigError), not in a child
+    missing = [str(p) for p in args.input or () if not p.exists()]
+    if missing:
+        raise BenchError(f"no such input: {', '.join(missing)}")
     systems = tuple(dict.fromkeys(("eventray", *args.systems)))
     doc = run_bench(BenchOptions(
         config=args.config, work=args.work, inputs=tuple(args.input or ()), systems=systems,

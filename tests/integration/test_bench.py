@@ -78,10 +78,11 @@ def _bench(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_bad_arguments_print_usage_not_a_traceback() -> None:
-    for args in (["--loads", "2"], ["--systems", "flink"], ["--config", "no/such.yaml"]):
+    for args in (["--loads", "2"], ["--systems", "flink"], ["--config", "no/such.yaml"],
+                 ["--config", "configs/events.yaml", "--input", "no/such/dir"]):
         result = _bench(*args)
         assert result.returncode == 2, result.stderr
-        assert "usage:" in result.stderr or "no such config" in result.stderr
+        assert "usage:" in result.stderr or "no such" in result.stderr
         assert "Traceback" not in result.stderr
 
 
