@@ -16,7 +16,12 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
+# The demo: stream the simulator's transactions (features and label events, no model yet),
+# train a fraud model on a week of the stored features, then stream again, now scored.
 demo: $(STAMP)
+	$(BIN)/eventray run configs/fraud.yaml --store demo-store
+	$(BIN)/eventray train --store demo-store --model hist_gradient_boosting \
+	    --start 2018-05-01 --end 2018-05-08 --registry data/registry --name fraud
 	$(BIN)/eventray run configs/fraud.yaml --store demo-store
 
 test: $(STAMP)
@@ -26,4 +31,4 @@ lint: $(STAMP)
 	$(BIN)/ruff check cluster pipelines models tests
 
 clean:
-	rm -rf $(VENV) demo-store data/simulated .pytest_cache
+	rm -rf $(VENV) demo-store data/simulated data/registry .pytest_cache
