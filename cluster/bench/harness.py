@@ -55,7 +55,8 @@ class BenchOptions:
             (events released in its first half are not measured).
         per_event_seconds: Time budget of the per-event design (it is measured on a prefix).
         simulate_days: Days of simulator data when there is no other input.
-        bytewax_processes: Bytewax processes (one worker each).
+        bytewax_processes: Bytewax processes (one worker each); more than one reorders a
+            terminal's events between the stages (see :mod:`cluster.bench.bytewax_flow`).
         alerts_table_only: eventray writes alerts to its alerts table only, as the other
             systems do, instead of also routing them back as events.
         timeout_s: Limit for any one system's process.
@@ -70,7 +71,7 @@ class BenchOptions:
     warmup_seconds: float = 30.0
     per_event_seconds: float = 30.0
     simulate_days: int = 61
-    bytewax_processes: int = 2
+    bytewax_processes: int = 1
     timeout_s: float = 1800.0
     model_seed: int = 0
     alerts_table_only: bool = False

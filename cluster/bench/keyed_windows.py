@@ -22,6 +22,7 @@ Example:
 
 from __future__ import annotations
 
+import bisect
 import datetime as dt
 
 DAY_US = 86_400 * 1_000_000
@@ -69,38 +70,41 @@ class CustomerWindows:
 
 
 class TerminalWindows:
-    """One terminal's count and fraud share over the 1, 7 and 30 days ending 7 days before."""
+    """One terminal's count and fraud share over the 1, 7 and 30 days ending 7 days before.
 
-    __slots__ = ("times", "frauds", "high", "starts")
+    Events may reach a terminal's state somewhat out of time order (in a dataflow, a
+    terminal's events come from every upstream worker): each row is inserted at its place
+    in time and each event's windows are found by bisection, so the result is the rows 7
+    days and more before the event whatever the arrival order, as long as rows are not
+    more than the label delay late. A prefix count of frauds makes a window's frauds a
+    difference; a late row shifts only the prefix entries after it (the recent week's).
+    """
+
+    __slots__ = ("times", "frauds")
 
     def __init__(self) -> None:
         self.times: list[int] = []
         self.frauds: list[int] = [0]  # frauds[i]: frauds among rows before row i
-        self.high = 0  # first row newer than the delayed windows' end
-        self.starts = [0, 0, 0]
 
     def update(self, t_us: int, fraud: int) -> tuple[float | int, ...]:
         """Add the event at ``t_us``; return (count, risk) per delayed window."""
-        times, frauds, starts = self.times, self.frauds, self.starts
-        end, hi = t_us - LABEL_DELAY_US, self.high
-        while hi < len(times) and times[hi] <= end:
-            hi += 1
-        self.high = hi
+        times, frauds = self.times, self.frauds
+        end = t_us - LABEL_DELAY_US
+        hi = bisect.bisect_right(times, end)
         out: list[float | int] = []
-        for w, days in enumerate(WINDOW_DAYS):
-            edge, lo = end - days * DAY_US, starts[w]
-            while lo < hi and times[lo] <= edge:
-                lo += 1
-            starts[w] = lo
+        for days in WINDOW_DAYS:
+            lo = bisect.bisect_right(times, end - days * DAY_US, 0, hi)
             n = hi - lo
             out += (n, (frauds[hi] - frauds[lo]) / n if n else 0.0)
-        times.append(t_us)
-        frauds.append(frauds[-1] + fraud)
-        if starts[2] > _TRIM:
-            cut = starts[2]
+        at = len(times) if not times or times[-1] <= t_us else bisect.bisect_right(times, t_us, hi)
+        times.insert(at, t_us)
+        frauds.insert(at + 1, frauds[at] + fraud)
+        if fraud:
+            for j in range(at + 2, len(frauds)):
+                frauds[j] += fraud
+        cut = bisect.bisect_left(times, end - WINDOW_DAYS[-1] * DAY_US - LABEL_DELAY_US)
+        if cut > _TRIM:  # rows no window of a (possibly late) event can reach any more
             del times[:cut], frauds[:cut]
-            self.high -= cut
-            self.starts = [s - cut for s in starts]
         return tuple(out)
 
 
