@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import datetime as dt
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -42,12 +42,13 @@ from models.evaluation import (
     prequential_folds,
     published_results,
 )
-from models.fraud import find_preset
+from models.fraud import ModelPreset, find_preset
 from models.tuning import SEARCH_SPACE, select_presets
 from pipelines.errors import ConfigError
 
 #: The recipes evaluated when none are named: the handbook's baselines and our tuned ones.
-DEFAULT_MODELS: tuple[str, ...] = ("logistic_regression", "random_forest", "hist_gradient_boosting")
+DEFAULT_MODELS: tuple[str, ...] = ("logistic_regression", "random_forest", "hist_gradient_boosting",
+                                   "hist_gradient_boosting_tuned", "random_forest_tuned")
 N_FOLDS = 4
 Log = Callable[[str], None]
 
@@ -74,18 +75,21 @@ def evaluate_recipe(name: str, frame: pl.DataFrame, folds: bool, seed: int, log:
         return preset.build(seed=seed, parallel=True)
 
     started = time.perf_counter()
-    default = fit_and_evaluate(factory, frame, anchor)
-    log(f"{name}: default split {_short(default)} ({time.perf_counter() - started:.1f} s)")
-    rows = [{"model": name, "protocol": "default split"} | asdict(default)]
-    if folds:
-        def progress(fold: int, spec: SplitSpec, metrics: Metrics) -> None:
-            log(f"{name}: fold {fold + 1}/{N_FOLDS} (test from {spec.test_start}) {_short(metrics)} "
-                f"({time.perf_counter() - started:.1f} s)")
 
-        per_fold = evaluate_prequential(factory, frame, anchor, N_FOLDS, on_fold=progress)
-        rows.append({"model": name, "protocol": "4 test folds"} | asdict(mean_metrics(per_fold))
-                    | {"per_fold": per_fold.with_columns(pl.col("test_start").cast(pl.String)).to_dicts()})
-    return rows
+    def progress(fold: int, spec: SplitSpec, metrics: Metrics) -> None:
+        log(f"{name}: fold {fold + 1}/{N_FOLDS} (test from {spec.test_start}) {_short(metrics)} "
+            f"({time.perf_counter() - started:.1f} s)")
+
+    if not folds:
+        default = fit_and_evaluate(factory, frame, anchor)
+        log(f"{name}: default split {_short(default)} ({time.perf_counter() - started:.1f} s)")
+        return [{"model": name, "protocol": "default split"} | asdict(default)]
+    # Fold 1 of the test folds is the default split itself: one fit serves both rows.
+    per_fold = evaluate_prequential(factory, frame, anchor, N_FOLDS, on_fold=progress)
+    default = per_fold.row(0, named=True)
+    return [{"model": name, "protocol": "default split"} | {key: default[key] for key in METRIC_NAMES},
+            {"model": name, "protocol": "4 test folds"} | asdict(mean_metrics(per_fold))
+            | {"per_fold": per_fold.with_columns(pl.col("test_start").cast(pl.String)).to_dicts()}]
 
 
 def _short(metrics: Metrics) -> str:
@@ -167,30 +171,35 @@ def select_recipes(
     source: FeatureSource = "store",
     store: str | Path | None = None,
     data: str | Path | None = None,
+    candidates: Mapping[str, ModelPreset] = SEARCH_SPACE,
     seed: int = 0,
     log: Log = print,
 ) -> tuple[str, dict[str, Any]]:
-    """Rank :data:`models.tuning.SEARCH_SPACE` on the validation folds; the ranking and a summary.
+    """Rank ``candidates`` on the validation folds; the ranking as text and a summary.
 
     Only transactions before the end of the last validation week (2018-08-01) are read, so
     the selection cannot see a test week of the default split.
     """
-    history = max(preset.history_days for preset in SEARCH_SPACE.values())
+    history = max(preset.history_days for preset in candidates.values())
     folds = prequential_folds(replace(VALIDATION_ANCHOR, history_days=history), N_FOLDS)
     start, end = min(spec.fit_start for spec in folds), VALIDATION_ANCHOR.test_end
     with model_errors():
         frame = load_frame(source, store=store, data=data, start=start, end=end)
-        log(f"selecting among {len(SEARCH_SPACE)} candidates on {frame.height} transactions "
+        log(f"selecting among {len(candidates)} candidates on {frame.height} transactions "
             f"({start}..{end - dt.timedelta(days=1)})")
         started = time.perf_counter()
 
         def progress(label: str, means: dict[str, float]) -> None:
             log(f"{label}: validation {_short(Metrics(**means))} ({time.perf_counter() - started:.0f} s)")
 
-        ranking = select_presets(frame, SEARCH_SPACE, seed=seed, on_candidate=progress)
+        ranking = select_presets(frame, candidates, seed=seed, on_candidate=progress)
     rows = ranking.to_dicts()
+    width = max(len("candidate"), *(len(row["candidate"]) for row in rows)) + 2
+    lines = [f"{'candidate':<{width}}{'AUC':>5}  {'AP':>5}  {'CP@100':>6}   (validation folds)"]
+    lines += [f"{row['candidate']:<{width}}{row['roc_auc']:.3f}  {row['average_precision']:.3f}   "
+              f"{row['card_precision_at_100']:.3f}" for row in rows]
     summary = {"selection": "validation folds", "metric": "average_precision", "read_until": str(end),
+               "rows": frame.height, "last_transaction": str(frame.get_column("TX_DATETIME").max()),
                "ranking": [{k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}
                            for row in rows], "chosen": rows[0]["candidate"]}
-    with pl.Config(tbl_rows=-1, fmt_str_lengths=80, tbl_hide_dataframe_shape=True):
-        return str(ranking), summary
+    return "\n".join(lines), summary

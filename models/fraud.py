@@ -344,12 +344,20 @@ class ModelPreset:
 
 
 #: Recipes by name: the handbook's baselines (library defaults, which reproduce its chapter 3
-#: numbers) and the recipes chosen on the validation folds (see ``docs/fraud-models.md``).
+#: numbers) and the ``*_tuned`` recipes chosen on the validation folds only (how: :mod:`models.tuning`).
 MODEL_PRESETS: dict[str, ModelPreset] = {
     "logistic_regression": ModelPreset("logistic_regression", description="handbook chapter 3 (C=1)"),
     "decision_tree": ModelPreset("decision_tree", {"max_depth": 2}, description="handbook chapter 3"),
     "random_forest": ModelPreset("random_forest", description="handbook chapter 3 (100 trees)"),
     "hist_gradient_boosting": ModelPreset("hist_gradient_boosting", description="scikit-learn defaults"),
+    "random_forest_tuned": ModelPreset(
+        "random_forest", {"min_samples_leaf": 5, "max_features": 0.5}, history_days=28,
+        description="best mean validation AP of models.tuning.SEARCH_SPACE"),
+    "hist_gradient_boosting_tuned": ModelPreset(
+        "hist_gradient_boosting",
+        {"learning_rate": 0.03, "max_iter": 300, "max_leaf_nodes": 15, "min_samples_leaf": 100,
+         "l2_regularization": 1.0}, history_days=21,
+        description="best mean validation AP of the boosting candidates of models.tuning.SEARCH_SPACE"),
 }
 
 

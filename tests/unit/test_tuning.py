@@ -52,3 +52,8 @@ def test_history_beyond_the_data_is_refused() -> None:
     with pytest.raises(EvaluationError, match="the split needs 2018-06-15"):
         select_presets(frame, {"stump": CANDIDATES["stump, more history"]})
 
+
+
+def test_the_tuned_presets_come_from_the_search_space() -> None:
+    tuned = {name: preset for name, preset in MODEL_PRESETS.items() if name.endswith("_tuned")}
+    assert tuned and all(preset in SEARCH_SPACE.values() for preset in tuned.values())
