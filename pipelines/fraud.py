@@ -27,19 +27,17 @@ from __future__ import annotations
 
 import base64
 import dataclasses
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from models.fraud import HANDBOOK_FEATURES as MODEL_INPUTS
-from models.fraud import FraudModel
-from models.registry import ModelRegistry
 from pipelines.envelope import TIMESTAMP
 from pipelines.features import (
     DAY,
     HANDBOOK_CUSTOMER_SPEC,
+    HANDBOOK_FEATURES,
     HANDBOOK_LABEL_DELAY,
     Aggregate,
     KeyedWindowOperator,
@@ -56,6 +54,13 @@ from pipelines.processing import (
 )
 from pipelines.routing import type_regex
 from pipelines.spec import EnrichSpec, FraudStepSpec
+
+if TYPE_CHECKING:  # scikit-learn and skops load only where a model is scored
+    from models.fraud import FraudModel
+    from models.registry import ModelRegistry
+
+#: The 15 model inputs in the handbook's order: the amount, then the engineered features.
+MODEL_INPUTS = ("TX_AMOUNT", *HANDBOOK_FEATURES)
 
 #: The customer windows as the partitions keep them. Priority lanes may send a customer's
 #: high-priority events ahead of other customers' earlier ones (never ahead of its own), so
@@ -163,7 +168,11 @@ class ModelSlot:
 
     def __init__(self, spec: FraudStepSpec) -> None:
         self.ref = spec.model
-        self.registry = ModelRegistry(self.ref.registry) if self.ref is not None else None
+        self.registry: ModelRegistry | None = None
+        if self.ref is not None:
+            from models.registry import ModelRegistry
+
+            self.registry = ModelRegistry(self.ref.registry)
         self.model: FraudModel | None = None
         self.label = "none"
         self.batches = 0
