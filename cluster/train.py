@@ -125,7 +125,8 @@ def train_model(
     """Fit ``model`` on ``[start, end)``, validate it when the data allows, save it; the summary.
 
     Args:
-        model: a preset or factory name (:func:`models.fraud.find_preset`).
+        model: a preset or factory name (:func:`models.fraud.find_preset`); a preset's
+            ``history_days`` does not apply here, the range is the training data.
         start: first training day.
         end: the day after the last training day.
         registry: the registry directory.
@@ -146,6 +147,8 @@ def train_model(
     if end <= start:
         raise ConfigError(f"--end {end} must be after --start {start}")
     fitted = build_model(model, params or {}, seed)
+    with model_errors():
+        ModelRegistry(registry).latest_version(name or model)  # a bad name fails before the fit
     spec = validation_spec(start, end)
     started = time.perf_counter()
     frame = load_frame(source, store=store, data=data, start=start, end=spec.test_end)

@@ -380,10 +380,11 @@ def format_comparison(ours: pl.DataFrame, published: pl.DataFrame | None = None)
     ).with_row_index("_ROW")
     # Group by protocol, protocols in order of first appearance, rows in input order.
     rows = rows.sort(pl.col("_ROW").min().over("protocol"), "_ROW")
-    lines = [f"{'protocol':<15}{'source':<10}{'model':<25}{'AUC':>5}  {'AP':>5}  {'CP@100':>6}"]
+    width = max(25, *(len(name) + 2 for name in rows.get_column("model")))
+    lines = [f"{'protocol':<15}{'source':<10}{'model':<{width}}{'AUC':>5}  {'AP':>5}  {'CP@100':>6}"]
     for row in rows.iter_rows(named=True):
         lines.append(
-            f"{row['protocol']:<15}{row['source']:<10}{row['model']:<25}{row['roc_auc']:.3f}  "
+            f"{row['protocol']:<15}{row['source']:<10}{row['model']:<{width}}{row['roc_auc']:.3f}  "
             f"{row['average_precision']:.3f}   {row['card_precision_at_100']:.3f}"
         )
     return "\n".join(lines)
