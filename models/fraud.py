@@ -36,6 +36,7 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 import polars as pl
+from scipy.special import expit
 from sklearn.ensemble import HistGradientBoostingClassifier, RandomForestClassifier, VotingClassifier
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline
@@ -140,7 +141,11 @@ class FraudModel:
         """
         if not self.is_fitted:
             raise FeatureError(f"model {self.name!r} is not fitted")
-        proba = self.estimator.predict_proba(self.feature_matrix(df))
+        matrix = self.feature_matrix(df)
+        final = self.estimator[-1] if isinstance(self.estimator, Pipeline) else None
+        if isinstance(final, LogisticRegression) and list(final.classes_) == [0, 1]:
+            return _linear_probability(self.estimator[:-1].transform(matrix), final)
+        proba = self.estimator.predict_proba(matrix)
         return np.asarray(proba[:, list(self.estimator.classes_).index(1)], dtype=np.float64)
 
     def feature_matrix(self, df: pl.DataFrame) -> np.ndarray:
@@ -149,6 +154,21 @@ class FraudModel:
         if missing:
             raise FeatureError(f"missing feature columns: {', '.join(missing)}")
         return df.select(pl.col(name).cast(pl.Float64) for name in self.features).to_numpy()
+
+
+def _linear_probability(scaled: np.ndarray, model: LogisticRegression) -> np.ndarray:
+    """A binary logistic regression's P(fraud), the same for a row whatever batch it is in.
+
+    ``predict_proba`` takes a matrix product, whose rounding may depend on the BLAS kernel,
+    its threads and how it blocks the batch; here each row's sum runs over the features in
+    one fixed order (a loop over the 15 columns, each step a vectorised operation over the
+    batch), so a row's score is the same bits in any batch and any process. Equal to
+    ``predict_proba`` up to rounding.
+    """
+    logit = np.full(scaled.shape[0], float(model.intercept_[0]))
+    for j, weight in enumerate(model.coef_[0]):
+        logit += scaled[:, j] * weight
+    return np.asarray(expit(logit), dtype=np.float64)
 
 
 def _pipeline(classifier: Any) -> Pipeline:

@@ -48,7 +48,7 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, pa.Tab
     root = tmp_path_factory.mktemp("fraud-recovery")
     table = simulate_transactions(SimulationSpec(n_customers=200, n_terminals=400, n_days=45, seed=12))
     write_monthly(table, root / "tx")
-    train_into(root / "registry", table, seed=0, model="hist_gradient_boosting")
+    train_into(root / "registry", table, seed=0, model="logistic_regression")
     return root / "tx", root / "registry", table
 
 

@@ -316,3 +316,17 @@ def test_parallel_changes_a_forest_s_cores_not_its_parameters() -> None:
     assert forest.estimator[-1].n_jobs == -1 and "n_jobs" not in forest.params
     logistic = ModelPreset("logistic_regression").build(parallel=True)
     assert logistic.params == make_model("logistic_regression").params
+
+
+def test_logistic_scores_do_not_depend_on_the_batch() -> None:
+    """A row's score is the same bits alone, in a small batch or in a large one."""
+    rng = np.random.default_rng(5)
+    rows = {name: rng.normal(size=3000) for name in HANDBOOK_FEATURES}
+    frame = pl.DataFrame(rows | {"TX_FRAUD": (rng.random(3000) < 0.1).astype(int)})
+    model = make_model("logistic_regression", seed=0).fit(frame)
+    whole = model.score(frame)
+    parts = np.concatenate([model.score(frame.slice(0, 1)), model.score(frame.slice(1, 17)),
+                            model.score(frame.slice(18, 1000)), model.score(frame.slice(1018))])
+    assert np.array_equal(whole, parts)
+    reference = model.estimator.predict_proba(model.feature_matrix(frame))[:, 1]
+    assert np.allclose(whole, reference, rtol=0, atol=1e-12)
