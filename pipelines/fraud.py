@@ -33,7 +33,6 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from pipelines.envelope import TIMESTAMP
 from pipelines.features import (
     DAY,
     HANDBOOK_CUSTOMER_SPEC,
@@ -47,6 +46,7 @@ from pipelines.features import (
 )
 from pipelines.processing import (
     ALERTS_SCHEMA,
+    SCORES_SCHEMA,
     Step,
     StepOutput,
     alert_events,
@@ -77,13 +77,10 @@ TERMINAL_FEATURES = tuple(
 TERMINAL_TRANSIT = tuple(f"_{name}" for name in TERMINAL_FEATURES)
 IDS = ("TRANSACTION_ID", "CUSTOMER_ID", "TERMINAL_ID")
 
+#: The ``scores`` rows of the fraud step: the common columns (``score`` null while no model
+#: is loaded), the ids, the transaction time and the 15 inputs under the handbook's names.
 FRAUD_SCORES_SCHEMA = pa.schema([
-    pa.field("event_id", pa.string(), nullable=False),
-    pa.field("event_type", pa.string(), nullable=False),
-    pa.field("timestamp", TIMESTAMP, nullable=False),
-    pa.field("key", pa.string(), nullable=False),
-    pa.field("step", pa.string(), nullable=False),
-    pa.field("model", pa.string(), nullable=False),
+    *(SCORES_SCHEMA.field(name) for name in ("event_id", "event_type", "timestamp", "key", "step", "model")),
     pa.field("score", pa.float64()),
     *(pa.field(name, pa.int64()) for name in IDS),
     pa.field("TX_DATETIME", pa.timestamp("us")),

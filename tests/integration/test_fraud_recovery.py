@@ -18,29 +18,12 @@ import pytest
 import yaml
 
 from cluster.driver import run_pipeline
-from cluster.partitions import NAMESPACE, LocalPartitions, RayPartitions, actor_name
+from cluster.partitions import LocalPartitions
 from pipelines.simulator import SimulationSpec, simulate_transactions, write_monthly
 from pipelines.spec import EnrichSpec, PipelineSpec
 from pipelines.testing import FakeClock
-from tests.integration.test_recovery import files_of
+from tests.integration.test_recovery import KillingPartitions, files_of
 from tests.unit.test_fraud_pipeline import fraud_spec, train_into
-
-
-class KillingExecutor(RayPartitions):
-    """Kills one of its own actors by name, as an operator would, every few batches."""
-
-    def __init__(self, *args: object, kill_every: int, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)
-        self.kill_every, self.submitted, self.kills = kill_every, 0, 0
-
-    def submit(self, partition: int, seq: int, rows: pa.Table) -> None:
-        super().submit(partition, seq, rows)
-        self.submitted += 1
-        if self.submitted % self.kill_every == 0:
-            victim = (self.submitted // self.kill_every) % len(self.actors)
-            name = actor_name(victim, self.stage)
-            self._ray.kill(self._ray.get_actor(name, namespace=NAMESPACE))
-            self.kills += 1
 
 
 @pytest.fixture(scope="module")
@@ -76,14 +59,14 @@ def test_killed_stage_and_partition_actors_leave_the_fault_free_store(
     data, registry, table = inputs
     spec = small_spec(registry, batch_size=1500, checkpoint_every=4)
     faulty, clean = tmp_path / "faulty", tmp_path / "clean"
-    killers: list[KillingExecutor] = []
+    killers: list[KillingPartitions] = []
 
-    def partitions(run: str) -> KillingExecutor:
-        killers.append(KillingExecutor(2, faulty, run, 2, 0.25, spec, kill_every=9))
+    def partitions(run: str) -> KillingPartitions:
+        killers.append(KillingPartitions(2, faulty, run, 2, 0.25, spec, kill_every=9))
         return killers[-1]
 
-    def stage(run: str, enrich: EnrichSpec) -> KillingExecutor:
-        killers.append(KillingExecutor(enrich.partitions, faulty, run, 2, 0.25, spec, enrich,
+    def stage(run: str, enrich: EnrichSpec) -> KillingPartitions:
+        killers.append(KillingPartitions(enrich.partitions, faulty, run, 2, 0.25, spec, enrich,
                                        kill_every=7))
         return killers[-1]
 

@@ -15,14 +15,14 @@ import pyarrow as pa
 import pytest
 
 from cluster.driver import run_pipeline
-from cluster.partitions import NAMESPACE, LocalPartitions, RayPartitions
+from cluster.partitions import NAMESPACE, LocalPartitions, RayPartitions, actor_name
 from pipelines.testing import FakeClock
 from tests.conftest import ROOT
 from tests.integration.test_ray_partitions import numbered_events, spec_for, stored_in_apply_order
 
 
 class KillingPartitions(RayPartitions):
-    """Kills a partition actor by name, the way an operator would, every few batches."""
+    """Kills one of its own actors by name, the way an operator would, every few batches."""
 
     def __init__(self, *args: object, kill_every: int, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)
@@ -33,7 +33,8 @@ class KillingPartitions(RayPartitions):
         self.submitted += 1
         if self.submitted % self.kill_every == 0:
             victim = (self.submitted // self.kill_every) % len(self.actors)
-            self._ray.kill(self._ray.get_actor(f"partition-{victim}", namespace=NAMESPACE))
+            name = actor_name(victim, self.stage)
+            self._ray.kill(self._ray.get_actor(name, namespace=NAMESPACE))
             self.kills += 1
 
 
