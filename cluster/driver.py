@@ -33,7 +33,7 @@ from pipelines.labels import LabelFeed
 from pipelines.lanes import BatchSizer, LaneQueues
 from pipelines.normalise import Clock, Normaliser, utc_now
 from pipelines.pacing import Pacer
-from pipelines.processing import build_stage
+from pipelines.processing import stage_class
 from pipelines.routing import Router
 from pipelines.sources import CsvSource, JsonLinesSource, ParquetSource, Source, iter_batches
 from pipelines.spec import EnrichSpec, PipelineSpec, SourceSpec
@@ -193,7 +193,7 @@ class PipelineRun:
         self.stage_factory = stage_factory
         self.stage_seqs = {stage.name: [0] * stage.partitions for stage in spec.enrich}
         self.stage_executors: list[tuple[EnrichSpec, PartitionExecutor]] = []
-        self.transit = {c: pa.float64() for stage in spec.enrich for c in build_stage(stage).columns}
+        self.transit = {c: pa.float64() for stage in spec.enrich for c in stage_class(stage).columns}
         schema = envelope_schema(spec.registry())
         self.labels = LabelFeed(spec.labels, spec.registry(), schema) if spec.labels else None
         self.routed_schema = pa.schema([*schema, *(pa.field(c, t) for c, t in self.transit.items())])

@@ -51,8 +51,8 @@ from pipelines.processing import (
     StepOutput,
     alert_events,
     alert_rows,
+    events_of_types,
 )
-from pipelines.routing import type_regex
 from pipelines.spec import EnrichSpec, FraudStepSpec
 
 if TYPE_CHECKING:  # scikit-learn and skops load only where a model is scored
@@ -210,9 +210,7 @@ class FraudStep(Step):
         self.slot = ModelSlot(spec)
 
     def process(self, events: pa.Table) -> StepOutput:
-        frame = pl.from_arrow(events)
-        assert isinstance(frame, pl.DataFrame)
-        mine = frame.filter(pl.col("event_type").str.contains(type_regex(self.spec.event_types)))
+        mine = events_of_types(events, self.spec.event_types)
         if mine.height == 0:
             return StepOutput()
         missing = [c for c in TERMINAL_TRANSIT if c not in mine.columns]

@@ -60,6 +60,8 @@ class Step(ABC):
     """A processing step inside a partition."""
 
     name: str
+    #: Transit columns an enrichment stage adds to the batch (none for a partition's steps).
+    columns: tuple[str, ...] = ()
 
     @abstractmethod
     def process(self, events: pa.Table) -> StepOutput: ...
@@ -89,9 +91,7 @@ class AnomalyStep(Step):
         self.model = f"{spec.detector}"
 
     def process(self, events: pa.Table) -> StepOutput:
-        frame = pl.from_arrow(events)
-        assert isinstance(frame, pl.DataFrame)
-        mine = frame.filter(pl.col("event_type").str.contains(type_regex(self.spec.event_types)))
+        mine = events_of_types(events, self.spec.event_types)
         if mine.height == 0:
             return StepOutput()
         value = mine["data"].struct.field(self.spec.value).cast(pl.Float64)
@@ -115,6 +115,13 @@ class AnomalyStep(Step):
 
     def restore(self, state: Any) -> None:
         self.detector.restore(state)
+
+
+def events_of_types(events: pa.Table, patterns: list[str]) -> pl.DataFrame:
+    """The batch's events whose type matches one of the shell-style ``patterns``, in order."""
+    frame = pl.from_arrow(events)
+    assert isinstance(frame, pl.DataFrame)
+    return frame.filter(pl.col("event_type").str.contains(type_regex(patterns)))
 
 
 def alert_rows(flagged: pl.DataFrame, step: str, alert_type: str, threshold: float) -> pl.DataFrame:
@@ -162,12 +169,17 @@ def build_steps(spec: PipelineSpec) -> list[Step]:
     return steps
 
 
-def build_stage(stage: EnrichSpec) -> Step:
-    """The logic of one partition of an enrichment stage, fresh (no state)."""
+def stage_class(stage: EnrichSpec) -> type[Step]:
+    """The class of an enrichment stage's kind (its ``columns`` name what it adds)."""
     from pipelines.fraud import TerminalRiskStage
 
     kinds: dict[str, type[Step]] = {"handbook_terminal": TerminalRiskStage}
     cls = kinds.get(stage.kind)
     if cls is None:
         raise UnknownPluginError("enrich kind", stage.kind, list(kinds))
-    return cls(stage)
+    return cls
+
+
+def build_stage(stage: EnrichSpec) -> Step:
+    """The logic of one partition of an enrichment stage, fresh (no state)."""
+    return stage_class(stage)(stage)
