@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import sys
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,6 +41,8 @@ from pipelines.spec import EnrichSpec, PipelineSpec, SourceSpec
 from pipelines.store import EventStore
 
 INGEST_WRITER = "ingest"
+#: How often the paced driver polls its executors while waiting for the next release.
+IDLE_POLL_S = 0.001
 
 SOURCE_FORMATS: dict[str, type[Source]] = {
     "parquet": ParquetSource,
@@ -52,6 +55,7 @@ class PartitionExecutor(Protocol):
     restarts: int
 
     def start_at(self, seqs: dict[int, int]) -> None: ...
+    def ready(self) -> None: ...
     def submit(self, partition: int, seq: int, rows: pa.Table) -> None: ...
     def completed(self) -> list[BatchReceipt]: ...
     def drain(self) -> list[BatchReceipt]: ...
@@ -64,6 +68,15 @@ class PartitionExecutor(Protocol):
 
 
 StageFactory = Callable[[str, EnrichSpec], PartitionExecutor]
+
+
+@dataclass
+class _Enriching:
+    """A released slice in the enrichment stages: the stage it waits on and its pieces there."""
+
+    frame: pl.DataFrame  # the slice, with its row positions
+    stage: int = 0
+    waiting: list[tuple[int, int]] = field(default_factory=list)  # (partition, seq) sent
 
 
 @dataclass
@@ -178,7 +191,7 @@ class PipelineRun:
         self.run = run_id(spec, source=self.source)
         self.checkpoints = CheckpointStore(store_root, self.run)
         self.normaliser, self.duplicates = Normaliser(spec, clock), DuplicateFilter()
-        self.pacer = Pacer(spec.source.pace.speedup) if spec.source.pace else None
+        self.pacer = Pacer(spec.source.pace.speedup, sleep=self._idle) if spec.source.pace else None
         self.router = Router(spec)
         self.queues = LaneQueues(spec.runtime.partitions)
         adaptive = spec.runtime.adaptive_batching
@@ -193,6 +206,9 @@ class PipelineRun:
         self.stage_factory = stage_factory
         self.stage_seqs = {stage.name: [0] * stage.partitions for stage in spec.enrich}
         self.stage_executors: list[tuple[EnrichSpec, PartitionExecutor]] = []
+        self.stage_answers: list[dict[tuple[int, int], pa.Table | None]] = [{} for _ in spec.enrich]
+        self.enriching: deque[_Enriching] = deque()
+        self.executor: PartitionExecutor | None = None
         self.transit = {c: pa.float64() for stage in spec.enrich for c in stage_class(stage).columns}
         schema = envelope_schema(spec.registry())
         self.labels = LabelFeed(spec.labels, spec.registry(), schema) if spec.labels else None
@@ -232,13 +248,15 @@ class PipelineRun:
             events, released = self.labels.merge(events)
             self.counts.derived += released
         for released_events in self.pacer.release(events) if self.pacer else [events]:
-            self.route(self.enrich(released_events))
+            self.enrich(released_events)
             self.dispatch(executor)
             while self._over_queued():
                 executor.wait()
                 self.acknowledge(executor.completed())
+                self.advance_enrichment()
                 self.dispatch(executor)
         self.offsets[raw.part] = raw.next_offset
+        self.advance_enrichment()
         self.acknowledge(executor.completed())
         self.dispatch(executor)
 
@@ -260,29 +278,96 @@ class PipelineRun:
                 self.counts.hop_limited += events.num_rows
                 break
 
-    def enrich(self, events: pa.Table) -> pa.Table:
-        """Run the enrichment stages on a batch; it comes back whole, in order, with their columns.
+    def enrich(self, events: pa.Table) -> None:
+        """Send a released slice into the enrichment stages; it is routed once they answer.
 
-        Each stage gets the rows of its event types, split by its own key over its partitions
-        (each key's order kept), and returns columns for them by row position.
+        Slices are pipelined: the driver goes on reading and routing while the stages work,
+        and slices leave the stages (and are routed) in the order they entered, each whole,
+        with the stages' columns joined back by row position.
         """
-        for stage, executor in self.stage_executors:
-            frame = pl.from_arrow(events)
-            assert isinstance(frame, pl.DataFrame)
-            frame = frame.with_row_index(POSITION).with_columns(pl.col(POSITION).cast(pl.Int64))
-            rows = frame.filter(pl.col("event_type").is_in(stage.event_types)).with_columns(
-                key=pl.col("data").struct.field(stage.key).cast(pl.String))
-            seqs = self.stage_seqs[stage.name]
-            for partition, piece in split_by_partition(rows.to_arrow(), stage.partitions):
-                executor.submit(partition, seqs[partition], piece)
-                seqs[partition] += 1
-            parts = [r.derived for r in executor.drain() if r.derived is not None]
-            if parts:
-                added = pl.from_arrow(pa.concat_tables(parts))
-                assert isinstance(added, pl.DataFrame)
-                frame = frame.join(added, on=POSITION, how="left", maintain_order="left")
-            events = self._with_transit(frame.drop(POSITION).to_arrow())
-        return events
+        if not self.stage_executors:
+            self.route(events)
+            return
+        frame = pl.from_arrow(events)
+        assert isinstance(frame, pl.DataFrame)
+        item = _Enriching(frame.with_row_index(POSITION).with_columns(pl.col(POSITION).cast(pl.Int64)))
+        self.enriching.append(item)
+        self._submit_to_stage(item, 0)
+        self.advance_enrichment()
+        while len(self.enriching) > self.spec.runtime.max_in_flight:
+            self._wait_enrichment()
+
+    def _submit_to_stage(self, item: _Enriching, index: int) -> None:
+        """Hand a slice's rows of stage ``index``'s event types to its partitions."""
+        stage, executor = self.stage_executors[index]
+        reads = stage_class(stage).reads
+        rows = item.frame.filter(pl.col("event_type").is_in(stage.event_types))
+        key = pl.col("data").struct.field(stage.key)
+        if reads is not None:  # only what the stage reads crosses to its actors
+            fields = dict.fromkeys([stage.key, *reads])
+            rows = rows.select(POSITION, "event_type", "timestamp",
+                               data=pl.struct(pl.col("data").struct.field(*fields)))
+        rows = rows.with_columns(key=key.cast(pl.String))
+        item.stage, item.waiting = index, []
+        seqs = self.stage_seqs[stage.name]
+        for partition, piece in split_by_partition(rows.to_arrow(), stage.partitions):
+            executor.submit(partition, seqs[partition], piece)
+            item.waiting.append((partition, seqs[partition]))
+            seqs[partition] += 1
+
+    def advance_enrichment(self) -> None:
+        """Join the stages' answers that came back; route finished slices, oldest first."""
+        for index, (_, executor) in enumerate(self.stage_executors):
+            for receipt in executor.completed():
+                self.stage_answers[index][(receipt.partition, receipt.seq)] = receipt.derived
+        last = len(self.stage_executors)
+        behind = last  # the lowest stage of the slices ahead: none may be overtaken in a stage
+        for item in self.enriching:
+            while item.stage < last and item.stage < behind and self._answered(item):
+                answers = self.stage_answers[item.stage]
+                parts = [answers.pop(piece) for piece in item.waiting]
+                parts = [p for p in parts if p is not None and p.num_rows]
+                if parts:
+                    added = pl.from_arrow(pa.concat_tables(parts))
+                    assert isinstance(added, pl.DataFrame)
+                    item.frame = item.frame.join(added, on=POSITION, how="left",
+                                                 maintain_order="left")
+                if item.stage + 1 < last:
+                    self._submit_to_stage(item, item.stage + 1)
+                else:
+                    item.stage, item.waiting = last, []
+            behind = min(behind, item.stage)
+        while self.enriching and self.enriching[0].stage == last:
+            self.route(self.enriching.popleft().frame.drop(POSITION).to_arrow())
+
+    def _answered(self, item: _Enriching) -> bool:
+        answers = self.stage_answers[item.stage]
+        return all(piece in answers for piece in item.waiting)
+
+    def _wait_enrichment(self) -> None:
+        """Block until the oldest slice's current stage has answered more, then advance."""
+        _, executor = self.stage_executors[self.enriching[0].stage]
+        executor.wait()
+        self.advance_enrichment()
+
+    def finish_enrichment(self) -> None:
+        """Route every slice still in the stages (before a checkpoint, at the end)."""
+        self.advance_enrichment()
+        while self.enriching:
+            self._wait_enrichment()
+
+    def _idle(self, seconds: float) -> None:
+        """The pacer's sleep: route what the stages answered and feed the partitions meanwhile."""
+        deadline = time.monotonic() + seconds
+        while True:
+            self.advance_enrichment()
+            if self.executor is not None:
+                self.acknowledge(self.executor.completed())
+                self.dispatch(self.executor)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            time.sleep(min(left, IDLE_POLL_S))
 
     def _with_transit(self, events: pa.Table) -> pa.Table:
         """The batch in the routed schema: the envelope, then every enrichment column (nulls
@@ -332,6 +417,7 @@ class PipelineRun:
     def checkpoint(self, executor: PartitionExecutor) -> None:
         """An aligned checkpoint at this source-batch boundary (drains in-flight batches)."""
         self.epoch += 1
+        self.finish_enrichment()
         while True:  # until no acknowledged batch brings derived events to dispatch
             self.flush(executor)
             self.acknowledge(executor.drain())
@@ -363,16 +449,20 @@ class PipelineRun:
 
     def execute(self, resume: bool, progress: bool | None) -> dict[str, Any]:
         resumed = self.restore_or_reset(resume)
-        executor = self.executor_factory(self.run)
+        starting = time.perf_counter()
+        executor = self.executor = self.executor_factory(self.run)
         executor.start_at(dict(enumerate(self.seqs)))
         for stage in self.spec.enrich:
             assert self.stage_factory is not None
             stage_executor = self.stage_factory(self.run, stage)
             stage_executor.start_at(dict(enumerate(self.stage_seqs[stage.name])))
             self.stage_executors.append((stage, stage_executor))
+        for ready in [executor, *(e for _, e in self.stage_executors)]:
+            ready.ready()  # actors up (imports, models, restored state) before the clock
         bar = Progress(estimate_rows(self.source), progress, initial=self.counts.read)
         every = self.spec.runtime.checkpoint_every
         started = time.perf_counter()
+        self.startup_s = started - starting
         try:
             for raw in iter_batches(self.source, self.offsets):
                 self.process(raw, executor)
@@ -382,7 +472,7 @@ class PipelineRun:
             if self.labels is not None:  # the source has ended: the rest of the label feed
                 rest = self.labels.flush()
                 self.counts.derived += rest.num_rows
-                self.route(self.enrich(rest))
+                self.enrich(rest)
             self.checkpoint(executor)
             self.counts.restarts = executor.restarts + sum(e.restarts for _, e in self.stage_executors)
         finally:
@@ -393,7 +483,7 @@ class PipelineRun:
         self.counts.check()
         elapsed = time.perf_counter() - started
         return {**_summary(self.spec, self.counts, self.receipts, elapsed, self.store),
-                "run": self.run, "resumed": resumed}
+                "startup_s": round(self.startup_s, 3), "run": self.run, "resumed": resumed}
 
 
 def run_pipeline(

@@ -125,6 +125,9 @@ class LocalPartitions:
     def start_at(self, seqs: dict[int, int]) -> None:
         pass
 
+    def ready(self) -> None:
+        pass
+
     def committed(self) -> None:
         pass
 
@@ -216,6 +219,15 @@ class RayPartitions:
         """Continue from a checkpoint: partition p's next sequence number is seqs[p]."""
         for p, seq in seqs.items():
             self.acked_next[p] = seq
+
+    def ready(self) -> None:
+        """Wait until every actor has started (imports, model, restored state): the run's
+        clock starts after this. An actor that fails to start is recovered here."""
+        for partition, actor in enumerate(self.actors):
+            try:
+                self._ray.get(actor.position.remote(), timeout=RECOVERY_TIMEOUT_S)
+            except self._failures:
+                self._recover(partition)
 
     def submit(self, partition: int, seq: int, rows: pa.Table) -> None:
         self.unacked[partition].append((seq, rows))

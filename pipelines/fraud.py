@@ -122,6 +122,8 @@ class TerminalRiskStage(Step):
 
     #: The transit columns it adds.
     columns = TERMINAL_TRANSIT
+    #: The payload field it reads besides its key (the label of ``fraud.reported``).
+    reads = ("TX_FRAUD",)
 
     def __init__(self, spec: EnrichSpec, transaction_type: str = "transaction.created",
                  label_type: str = "fraud.reported") -> None:

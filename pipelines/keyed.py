@@ -25,6 +25,7 @@ import pyarrow.compute as pc
 from pipelines.errors import PipelineError
 from pipelines.hashing import partition_of
 from pipelines.processing import Step
+from pipelines.tables import take_rows
 
 Clock = Callable[[], dt.datetime]
 
@@ -56,7 +57,7 @@ def split_by_partition(events: pa.Table, partitions: int) -> list[tuple[int, pa.
     owner = partition_of(events.column("key"), partitions)
     order = np.argsort(owner, kind="stable")
     counts = np.bincount(owner, minlength=partitions)
-    ordered = events.take(pa.array(order))
+    ordered = take_rows(events, order)
     bounds = np.concatenate([[0], np.cumsum(counts)])
     return [
         (p, ordered.slice(int(bounds[p]), int(counts[p])))

@@ -33,6 +33,7 @@ import pyarrow.compute as pc
 from pipelines.envelope import PayloadRegistry
 from pipelines.event_ids import uuid5_strings
 from pipelines.spec import ENVELOPE_KEY_FIELDS, LabelFeedSpec
+from pipelines.tables import take_rows
 
 _LABEL_SUFFIX = "/label"
 
@@ -69,7 +70,7 @@ class LabelFeed:
         # label j goes before event before[j]; events keep their order, labels theirs
         order = np.argsort(np.concatenate([2 * np.arange(events.num_rows) + 1, 2 * before]),
                            kind="stable")
-        merged = pa.concat_tables([events, due]).take(pa.array(order))
+        merged = take_rows(pa.concat_tables([events, due]), order)
         return merged, n_due
 
     def flush(self) -> pa.Table:
@@ -90,7 +91,7 @@ class LabelFeed:
             len(pending) == 0 or pending[-1] <= times[0])
         both = pa.concat_tables([self.pending, labels])
         if not ordered:  # a source out of time order: keep the schedule sorted (stably)
-            both = both.take(pa.array(np.argsort(np.concatenate([pending, times]), kind="stable")))
+            both = take_rows(both, np.argsort(np.concatenate([pending, times]), kind="stable"))
         self.pending = both.combine_chunks()
 
     def _labels(self, parents: pl.DataFrame) -> pl.DataFrame:

@@ -347,9 +347,13 @@ class Normaliser:
 
     def _typed_payload(self, frame: pl.DataFrame, source_columns: list[str]) -> pl.DataFrame:
         frame = self._upcast(frame, source_columns)
-        if not isinstance(self.spec.mapping.payload, JsonRef):
-            frame = frame.with_columns(__payload=self._payload_json(frame, source_columns))
         et = pl.col("__event_type")
+        if not isinstance(self.spec.mapping.payload, JsonRef):
+            # The payload's JSON text is kept (and checked) for untyped event types only:
+            # a batch of typed events skips encoding it.
+            typed = frame.select((et.is_in(self.typed) | et.is_null()).all()).item()
+            frame = frame.with_columns(__payload=pl.lit(None, pl.String) if typed
+                                       else self._payload_json(frame, source_columns))
         checks: list[tuple[pl.Expr, str, pl.Expr]] = []
         for field in self.registry.data_type():
             if field.name == JSON_FIELD:

@@ -62,6 +62,9 @@ class Step(ABC):
     name: str
     #: Transit columns an enrichment stage adds to the batch (none for a partition's steps).
     columns: tuple[str, ...] = ()
+    #: Payload fields an enrichment stage reads besides its key: the driver sends it only
+    #: ``event_type``, ``timestamp``, ``key`` and these (``None``: the whole envelope).
+    reads: tuple[str, ...] | None = None
 
     @abstractmethod
     def process(self, events: pa.Table) -> StepOutput: ...

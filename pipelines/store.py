@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 
 from pipelines.envelope import INVALID_EVENT_TYPE
 from pipelines.errors import StoreError
+from pipelines.tables import take_rows
 
 TABLES = ("events", "scores", "alerts", "actions", "deadletter")
 #: The column whose UTC date partitions each table.
@@ -46,8 +47,9 @@ def write_parquet_atomic(rows: pa.Table, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
-        # lz4: about 1.6x faster to write than zstd for these tables, files ~1.5x larger
-        pq.write_table(rows, tmp, compression="lz4")
+        # lz4: about 1.6x faster to write than zstd for these tables, files ~1.5x larger;
+        # no dictionaries: ids and keys are near-unique, and trying costs 1.5x the write
+        pq.write_table(rows, tmp, compression="lz4", use_dictionary=False)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -108,16 +110,19 @@ class EventStore:
         time_column = TIME_COLUMN.get(table, "timestamp")
         frame = pl.from_arrow(rows.select(["event_type", time_column]))
         assert isinstance(frame, pl.DataFrame)
-        groups = frame.with_row_index("__row").with_columns(
+        groups = frame.select(
             __dir=pl.col("event_type").map_batches(_safe_column, return_dtype=pl.String),
             __date=pl.col(time_column).dt.date().cast(pl.String),
-        ).partition_by(["__dir", "__date"], maintain_order=True, as_dict=True)
-        written = []
+        ).with_row_index("__row").group_by(["__dir", "__date"], maintain_order=True).agg(
+            pl.col("__row"), __rows=pl.len())
+        if groups.height > 1:  # one take into group order, then zero-copy slices
+            rows = take_rows(rows, groups["__row"].explode().to_numpy())
+        written, start = [], 0
         name = f"part-{writer}-{seq:012d}.parquet"
-        for (type_dir, date), group in groups.items():
+        for type_dir, date, count in groups.select("__dir", "__date", "__rows").iter_rows():
             directory = self.table_dir(table) / f"event_type={type_dir}" / f"date={date}"
-            piece = rows.take(pa.array(group["__row"].to_numpy()))
-            written.append(write_parquet_atomic(piece, directory / name))
+            written.append(write_parquet_atomic(rows.slice(start, count), directory / name))
+            start += count
         return written
 
     def truncate(self, run: str, next_seqs: dict[str, int]) -> list[Path]:
