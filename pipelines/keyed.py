@@ -110,16 +110,16 @@ class PartitionWorker:
         if seq > self.next_seq:
             raise SequenceGapError(self.partition, self.next_seq, seq)
         started = time.perf_counter()
-        if self.store_events:  # transit columns (``_``-prefixed) are never stored
-            stored = [c for c in events.column_names if not c.startswith("_")]
-            self.sink.write("events", events.select(stored), writer=self.writer, seq=seq)
         derived = []
-        for step in self.steps:
+        for step in self.steps:  # decisions (scores, alerts) first, then the events
             output = step.process(events)
             for table, rows in output.tables.items():
                 self.sink.write(table, rows, writer=f"{self.writer}-{step.name}", seq=seq)
             if output.derived is not None and output.derived.num_rows:
                 derived.append(output.derived)
+        if self.store_events:  # transit columns (``_``-prefixed) are never stored
+            stored = [c for c in events.column_names if not c.startswith("_")]
+            self.sink.write("events", events.select(stored), writer=self.writer, seq=seq)
         self.next_seq += 1
         return BatchReceipt(self.partition, seq, events.num_rows, True, self._latency(events),
                             time.perf_counter() - started,

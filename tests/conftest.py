@@ -39,3 +39,17 @@ def ray_local() -> Iterator[object]:
     finally:
         ray.shutdown()
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def unscored_fraud_config(directory: Path) -> Path:
+    """configs/fraud.yaml as a fresh clone runs it: its model registry empty (features and
+    label events, no scores or alerts), whatever ``make demo`` left in data/registry."""
+    import yaml
+
+    config = yaml.safe_load((ROOT / "configs" / "fraud.yaml").read_text())
+    for step in config["steps"]:
+        if "model" in step:
+            step["model"]["registry"] = str(directory / "empty-registry")
+    path = directory / "fraud.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path

@@ -12,7 +12,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, unscored_fraud_config
 
 EVENTRAY = str(Path(sys.executable).parent / "eventray")
 
@@ -85,8 +85,8 @@ def test_fraud_config_on_simulator_output(tmp_path: Path) -> None:
     sim = summary_of(eventray("simulate", "--out", str(tmp_path / "sim"), "--days", "20",
                               "--customers", "800", "--terminals", "1500", "--seed", "3"))
     store = tmp_path / "store"
-    summary = summary_of(eventray("run", "configs/fraud.yaml", "--input", str(tmp_path / "sim"),
-                                  "--store", str(store), "--partitions", "3"))
+    summary = summary_of(eventray("run", str(unscored_fraud_config(tmp_path)), "--input",
+                                  str(tmp_path / "sim"), "--store", str(store), "--partitions", "3"))
     # every transaction, and its label event (fraud.reported, 7 days later)
     assert summary["events_in"] == summary["derived"] == sim["transactions"] > 10_000
     assert summary["stored"] == 2 * sim["transactions"]

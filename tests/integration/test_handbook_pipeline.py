@@ -16,6 +16,7 @@ import pytest
 from polars.testing import assert_frame_equal
 
 from pipelines.features import HANDBOOK_FEATURES, handbook_features_batch
+from tests.conftest import unscored_fraud_config
 from tests.integration.test_cli_runs import eventray, summary_of
 from tests.unit.test_features import parity_report
 
@@ -26,7 +27,8 @@ N_TRANSACTIONS = 1_466_282
 @pytest.fixture(scope="module")
 def handbook_run(tmp_path_factory: pytest.TempPathFactory, handbook_dir: Path) -> tuple[dict, Path]:
     store = tmp_path_factory.mktemp("handbook") / "store"
-    summary = summary_of(eventray("run", "configs/fraud.yaml", "--input", str(handbook_dir),
+    config = unscored_fraud_config(store.parent)
+    summary = summary_of(eventray("run", str(config), "--input", str(handbook_dir),
                                   "--store", str(store), timeout=1500))
     return summary, store
 
