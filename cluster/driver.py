@@ -249,6 +249,7 @@ class PipelineRun:
             self.counts.derived += released
         for released_events in self.pacer.release(events) if self.pacer else [events]:
             self.enrich(released_events)
+            self.acknowledge(executor.completed())  # frees room in flight for what is queued
             self.dispatch(executor)
             while self._over_queued():
                 executor.wait()
