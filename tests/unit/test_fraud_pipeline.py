@@ -15,7 +15,9 @@ import pyarrow as pa
 import pytest
 import yaml
 
+from cluster.driver import run_pipeline
 from cluster.job import run_spec
+from cluster.partitions import LocalPartitions
 from models.fraud import make_model
 from models.registry import ModelRegistry
 from pipelines.envelope import envelope_schema
@@ -181,5 +183,58 @@ def test_the_in_process_runner_stores_features_labels_and_no_transit_columns(tmp
     assert summary["stored"] == 2 * table.num_rows  # transactions and their label events
     events = pl.scan_parquet(tmp_path / "store" / "events" / "**" / "*.parquet", hive_partitioning=True)
     assert not [c for c in events.collect_schema().names() if c.startswith("_")]
+    scores = pl.read_parquet(tmp_path / "store" / "scores" / "**" / "*.parquet", hive_partitioning=True)
+    assert mismatches(scores, handbook_features_batch(table)) == dict.fromkeys(FEATURES, 0)
+
+
+class LateStageAnswers(LocalPartitions):
+    """A stage executor whose answers come back late and out of order (a test double for
+    slow, unevenly loaded stage actors): each batch is applied when submitted, but its
+    receipt is held until a few more were submitted, then a random half of those held is
+    handed back, shuffled."""
+
+    def __init__(self, *args: object, lag: int = 3, seed: int = 0) -> None:
+        super().__init__(*args)  # type: ignore[arg-type]
+        self.lag, self.rng, self.held, self.most_held = lag, np.random.default_rng(seed), [], 0
+        self.waited = False
+
+    def completed(self) -> list:
+        self.held += super().completed()
+        self.most_held = max(self.most_held, len(self.held))
+        if len(self.held) <= self.lag and not self.waited:
+            return []
+        back = np.ones(len(self.held), bool) if self.waited else self.rng.random(len(self.held)) < 0.5
+        self.waited = False
+        out = [r for r, b in zip(self.held, back, strict=True) if b]
+        self.held = [r for r, b in zip(self.held, back, strict=True) if not b]
+        return [out[i] for i in self.rng.permutation(len(out))]
+
+    def wait(self) -> None:
+        self.waited = True  # a waiting driver gets everything held at its next look
+
+    def drain(self) -> list:
+        out, self.held = self.held + super().completed(), []
+        return out
+
+    def in_flight(self) -> int:
+        return len(self.held)
+
+
+def test_slices_leave_the_stage_in_order_when_its_answers_come_back_out_of_order(tmp_path: Path) -> None:
+    data = tmp_path / "tx"
+    table = simulate_transactions(SimulationSpec(n_customers=200, n_terminals=400, n_days=45, seed=5))
+    write_monthly(table, data)
+    spec = fraud_spec(source={**fraud_spec().source.model_dump(exclude_none=True), "batch_size": 3000},
+                      steps=[{"kind": "fraud"}])
+    stages: list[LateStageAnswers] = []
+
+    def stage_factory(run: str, stage: EnrichSpec) -> LateStageAnswers:
+        stages.append(LateStageAnswers(stage.partitions, tmp_path / "store", run, spec, stage))
+        return stages[-1]
+
+    summary = run_pipeline(spec, lambda run: LocalPartitions(2, tmp_path / "store", run, spec),
+                           tmp_path / "store", [str(data)], progress=False, stage_factory=stage_factory)
+    assert stages[0].most_held >= 4  # answers were held back: several slices in the stage at once
+    assert summary["stored"] == 2 * table.num_rows
     scores = pl.read_parquet(tmp_path / "store" / "scores" / "**" / "*.parquet", hive_partitioning=True)
     assert mismatches(scores, handbook_features_batch(table)) == dict.fromkeys(FEATURES, 0)
