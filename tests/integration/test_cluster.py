@@ -32,7 +32,7 @@ import pytest
 import yaml
 from polars.testing import assert_frame_equal
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, unscored_fraud_config
 from tests.integration.test_cli_runs import EVENTRAY, eventray, summary_of
 
 pytestmark = [pytest.mark.ray, pytest.mark.cluster]
@@ -160,10 +160,18 @@ class Reference:
 
 
 @pytest.fixture(scope="module")
-def fault_free(ray_head: Head, sim_input: Path, tmp_path_factory: pytest.TempPathFactory) -> Reference:
+def fraud_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """configs/fraud.yaml without a model (as a fresh clone, and a submitted job whose
+    working dir leaves data/ out, run it): the same alerts (none) in every run here."""
+    return unscored_fraud_config(tmp_path_factory.mktemp("config"))
+
+
+@pytest.fixture(scope="module")
+def fault_free(ray_head: Head, sim_input: Path, fraud_config: Path,
+               tmp_path_factory: pytest.TempPathFactory) -> Reference:
     """The reference: configs/fraud.yaml on the head with nothing going wrong."""
     store = tmp_path_factory.mktemp("fault-free") / "S0"
-    summary = run_on(ray_head, "configs/fraud.yaml", sim_input, store)
+    summary = run_on(ray_head, fraud_config, sim_input, store)
     assert summary["restarts"] == 0 and summary["dead_lettered"] == 200
     tables = comparable_tables(store)
     assert {"events", "deadletter"} <= set(tables)
@@ -214,7 +222,7 @@ def rows_in(data: Path) -> int:
     return pl.scan_parquet(data / "*.parquet").select(pl.len()).collect().item()
 
 
-def run_killing_partitions(head: Head, data: Path, store: Path, max_kills: int,
+def run_killing_partitions(head: Head, config: Path, data: Path, store: Path, max_kills: int,
                            interval_s: float) -> tuple[dict[str, Any], dict[str, Any]]:
     """configs/fraud.yaml on the head while kill_partitions.py kills partition actors by
     name from outside; returns the run's summary and the killer's report."""
@@ -227,7 +235,7 @@ def run_killing_partitions(head: Head, data: Path, store: Path, max_kills: int,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=RAY_ENV)
     try:
         wait_for_file(ready, killer)
-        summary = run_on(head, "configs/fraud.yaml", data, store)
+        summary = run_on(head, config, data, store)
     finally:
         stop.touch()
         out, err = killer.communicate(timeout=120)
@@ -236,9 +244,10 @@ def run_killing_partitions(head: Head, data: Path, store: Path, max_kills: int,
 
 
 def test_partitions_killed_from_outside_leave_the_fault_free_store(
-        ray_head: Head, sim_input: Path, fault_free: Reference, tmp_path: Path) -> None:
-    summary, kills = run_killing_partitions(ray_head, sim_input, tmp_path / "S1", max_kills=4,
-                                            interval_s=1.0)
+        ray_head: Head, sim_input: Path, fraud_config: Path, fault_free: Reference,
+        tmp_path: Path) -> None:
+    summary, kills = run_killing_partitions(ray_head, fraud_config, sim_input, tmp_path / "S1",
+                                            max_kills=4, interval_s=1.0)
     print(f"\nkills from outside: {kills}; restarts {summary['restarts']}; "
           f"elapsed {summary['elapsed_s']} s (fault-free {fault_free.summary['elapsed_s']} s)")
     assert kills["node_addresses"] == ["127.0.0.1"]
@@ -255,6 +264,7 @@ def test_a_submitted_job_writes_the_fault_free_store(
     store = tmp_path / "S2"
     # From the checkout: `.` is shipped as the job's working dir (without .venv, .git, data);
     # the job's interpreter is named (--python defaults to this one), not the head's python.
+    # Without data/ the job finds no model in data/registry: unscored, as the reference.
     result = eventray("submit", "configs/fraud.yaml", "--address", ray_head.dashboard,
                       "--input", str(sim_input), "--store", str(store))
     job = summary_of(result)
@@ -265,8 +275,9 @@ def test_a_submitted_job_writes_the_fault_free_store(
 
 
 def derived_config(tmp_path: Path, name: str, **changes: dict[str, Any]) -> Path:
-    """configs/fraud.yaml with some sections' keys replaced, written under ``tmp_path``."""
-    config = yaml.safe_load((ROOT / "configs" / "fraud.yaml").read_text())
+    """configs/fraud.yaml (without a model) with some sections' keys replaced, written under
+    ``tmp_path``."""
+    config = yaml.safe_load(unscored_fraud_config(tmp_path).read_text())
     for section, values in changes.items():
         config[section] = {**config.get(section, {}), **values}
     path = tmp_path / name
