@@ -463,7 +463,6 @@ class PipelineRun:
         bar = Progress(estimate_rows(self.source), progress, initial=self.counts.read)
         every = self.spec.runtime.checkpoint_every
         started = time.perf_counter()
-        self.startup_s = started - starting
         try:
             for raw in iter_batches(self.source, self.offsets):
                 self.process(raw, executor)
@@ -484,7 +483,7 @@ class PipelineRun:
         self.counts.check()
         elapsed = time.perf_counter() - started
         return {**_summary(self.spec, self.counts, self.receipts, elapsed, self.store),
-                "startup_s": round(self.startup_s, 3), "run": self.run, "resumed": resumed}
+                "startup_s": round(started - starting, 3), "run": self.run, "resumed": resumed}
 
 
 def run_pipeline(

@@ -5,11 +5,7 @@ the store (events, labels, scores, alerts) must equal a fault-free run's."""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import polars as pl
@@ -22,7 +18,7 @@ from cluster.partitions import LocalPartitions
 from pipelines.simulator import SimulationSpec, simulate_transactions, write_monthly
 from pipelines.spec import EnrichSpec, PipelineSpec
 from pipelines.testing import FakeClock
-from tests.integration.test_recovery import KillingPartitions, files_of
+from tests.integration.test_recovery import KillingPartitions, crash_resume_and_rerun, files_of
 from tests.unit.test_fraud_pipeline import fraud_spec, train_into
 
 
@@ -97,23 +93,7 @@ def test_a_killed_fraud_driver_resumes_to_the_fault_free_store(
         mode="json", by_alias=True, exclude_none=True)))
     command = [str(Path(sys.executable).parent / "eventray"), "run", str(config), "--input",
                str(data), "--no-progress"]
-    # Its own session: the kill takes the driver and its embedded Ray down together.
-    driver = subprocess.Popen([*command, "--store", str(tmp_path / "crashed")],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-    manifests = tmp_path / "crashed" / "_checkpoints"
-    deadline = time.monotonic() + 180
-    while len(list(manifests.rglob("manifest-*.json"))) < 2 and time.monotonic() < deadline:
-        assert driver.poll() is None, driver.communicate()
-        time.sleep(0.05)
-    os.killpg(driver.pid, signal.SIGKILL)
-    driver.wait()
-    resumed = subprocess.run([*command, "--store", str(tmp_path / "crashed"), "--resume"],
-                             capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert '"resumed": true' in resumed.stdout
-    clean = subprocess.run([*command, "--store", str(tmp_path / "clean")],
-                           capture_output=True, text=True, timeout=600)
-    assert clean.returncode == 0, clean.stderr[-2000:]
+    crash_resume_and_rerun(command, tmp_path, manifest_wait_s=180, timeout_s=600)
     for name in ("events", "scores", "alerts"):
         crashed, fault_free = sorted_table(tmp_path / "crashed", name), sorted_table(tmp_path / "clean", name)
         assert crashed.height > 0 and crashed.equals(fault_free), name

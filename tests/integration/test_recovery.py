@@ -85,25 +85,32 @@ def test_a_killed_driver_resumes_to_the_fault_free_store(tmp_path: Path) -> None
                       .replace("max_in_flight: 4", "max_in_flight: 4\n  checkpoint_every: 5"))
     command = [str(Path(sys.executable).parent / "eventray"), "run", str(config), "--input",
                str(tmp_path / "in.jsonl"), "--no-progress"]
+    crash_resume_and_rerun(command, tmp_path, manifest_wait_s=120, timeout_s=300)
+    crashed_events, clean_events = _sorted_events(tmp_path / "crashed"), _sorted_events(tmp_path / "clean")
+    assert crashed_events.height == 24_000
+    assert crashed_events.equals(clean_events)
+
+
+def crash_resume_and_rerun(command: list[str], tmp_path: Path, manifest_wait_s: float,
+                           timeout_s: float) -> None:
+    """Run ``command`` into ``tmp_path/crashed``, SIGKILL it after its second checkpoint,
+    ``--resume`` it to the end, and run it again fault-free into ``tmp_path/clean``."""
     # Its own session: the kill takes the driver and its embedded Ray down together,
     # like a lost machine, and leaves no orphan behind.
     driver = subprocess.Popen([*command, "--store", str(tmp_path / "crashed")],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               start_new_session=True)
     manifests = tmp_path / "crashed" / "_checkpoints"
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + manifest_wait_s
     while len(list(manifests.rglob("manifest-*.json"))) < 2 and time.monotonic() < deadline:
         assert driver.poll() is None, driver.communicate()
         time.sleep(0.05)
     os.killpg(driver.pid, signal.SIGKILL)  # no clean-up of any kind
     driver.wait()
     resumed = subprocess.run([*command, "--store", str(tmp_path / "crashed"), "--resume"],
-                             capture_output=True, text=True, timeout=300)
+                             capture_output=True, text=True, timeout=timeout_s)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert '"resumed": true' in resumed.stdout
     clean = subprocess.run([*command, "--store", str(tmp_path / "clean")],
-                           capture_output=True, text=True, timeout=300)
+                           capture_output=True, text=True, timeout=timeout_s)
     assert clean.returncode == 0, clean.stderr[-2000:]
-    crashed_events, clean_events = _sorted_events(tmp_path / "crashed"), _sorted_events(tmp_path / "clean")
-    assert crashed_events.height == 24_000
-    assert crashed_events.equals(clean_events)
