@@ -14,6 +14,9 @@ died (killed, its node lost) or refused a sequence gap, it starts a new actor un
 same name, which restores its state from the last committed checkpoint, asks it where it
 stands and resends the batches from there, in order. Re-applied batches rewrite the same
 store files (named by partition and sequence), so the store ends as if nothing happened.
+An actor that is alive but answers nothing for ``runtime.batch_timeout_s`` (hung, its
+process stopped) is stalled and replaced the same way. A partition that fails again and
+again without applying a batch ends the run with :class:`PartitionFailed`.
 
 :class:`LocalPartitions` runs the same :class:`~pipelines.keyed.PartitionWorker` in
 process: the in-process runner for tests and debugging.
@@ -29,9 +32,10 @@ from typing import Any
 import pyarrow as pa
 
 from pipelines.checkpoint import CheckpointStore
+from pipelines.errors import PipelineError
 from pipelines.keyed import BatchReceipt, PartitionWorker
 from pipelines.processing import build_stage, build_steps
-from pipelines.spec import EnrichSpec, PipelineSpec
+from pipelines.spec import EnrichSpec, PipelineSpec, RuntimeSpec
 from pipelines.store import EventStore
 
 NAMESPACE = "eventray"
@@ -40,6 +44,26 @@ RECOVERY_TIMEOUT_S = 120.0
 #: Recoveries of one partition in a row without an acknowledged batch before giving up:
 #: a batch that fails every time is a bug to report, not a crash to retry forever.
 MAX_FUTILE_RECOVERIES = 5
+
+
+class PartitionFailed(PipelineError):
+    """A partition could not go on, however often its actor was replaced.
+
+    The run stops; its checkpoints hold everything up to the last one, so once the cause
+    is fixed ``eventray run ... --resume`` continues from there.
+
+    Attributes:
+        actor: the actor's name (``partition-3``, ``terminal-0``).
+        what: what it could not do (``batch 12``, ``checkpoint 4``, ``to restart``).
+        attempts: how many times in a row it was tried.
+    """
+
+    def __init__(self, actor: str, what: str, attempts: int, cause: str) -> None:
+        self.actor, self.what, self.attempts = actor, what, attempts
+        times = "once" if attempts == 1 else f"{attempts} times in a row"
+        super().__init__(
+            f"{actor} failed {what} {times}; last: {cause}. The run's checkpoints hold it up "
+            "to the last one: fix the cause, then run again with --resume")
 
 
 def partition_writer(partition: int) -> str:
@@ -193,6 +217,7 @@ class RayPartitions:
         self._actor = _actor_class()
         self.store_root, self.run = str(Path(store_root).resolve()), run
         self.cpus_per_actor, self.spec, self.stage = cpus_per_actor, spec, stage
+        self.batch_timeout_s = (spec.runtime if spec else RuntimeSpec()).batch_timeout_s
         self.actors = [self._spawn(p) for p in range(partitions)]
         self.max_in_flight = max_in_flight
         self.pending: list[deque[tuple[int, Any]]] = [deque() for _ in range(partitions)]
@@ -235,18 +260,36 @@ class RayPartitions:
             self._collect_oldest(partition)
         self.pending[partition].append((seq, self.actors[partition].apply.remote(seq, rows)))
 
-    def _collect_oldest(self, partition: int) -> None:
-        _, ref = self.pending[partition].popleft()
+    def _collect_oldest(self, partition: int, timeout: float | None = None) -> None:
+        """Wait for the partition's oldest batch in flight (at most ``timeout``, by default
+        ``batch_timeout_s``); a failure or no answer in time replaces the actor."""
+        seq, ref = self.pending[partition].popleft()
         try:
-            receipt = self._ray.get(ref)
-        except self._failures:
-            self._futile[partition] += 1
-            if self._futile[partition] > MAX_FUTILE_RECOVERIES:
-                raise
-            self._recover(partition)
+            receipt = self._ray.get(ref, timeout=self.batch_timeout_s if timeout is None else timeout)
+        except self._failures as exc:
+            self._failed(partition, f"batch {seq}", exc)
             return
         self._futile[partition] = 0
         self._ack(partition, receipt)
+
+    def _failed(self, partition: int, what: str, exc: Exception) -> None:
+        """Recover the partition after ``exc``, unless it has failed too often in a row."""
+        self._futile[partition] += 1
+        if self._futile[partition] > MAX_FUTILE_RECOVERIES:
+            raise PartitionFailed(actor_name(partition, self.stage), what,
+                                  self._futile[partition], self._cause(exc)) from exc
+        self._recover(partition)
+
+    def _cause(self, exc: Exception) -> str:
+        """What went wrong, in a line: the step's own exception, not Ray's wrapping."""
+        from ray.exceptions import GetTimeoutError, RayTaskError
+
+        if isinstance(exc, GetTimeoutError):
+            return f"no answer within runtime.batch_timeout_s = {self.batch_timeout_s:g} s"
+        if isinstance(exc, RayTaskError) and getattr(exc, "cause", None) is not None:
+            return f"{type(exc.cause).__name__}: {exc.cause}"
+        lines = str(exc).strip().splitlines()
+        return f"{type(exc).__name__}: {lines[-1] if lines else ''}"
 
     def _ack(self, partition: int, receipt: BatchReceipt) -> None:
         # Replays after a recovery re-acknowledge batches already counted: count once.
@@ -268,9 +311,12 @@ class RayPartitions:
             try:
                 position = self._ray.get(self.actors[partition].position.remote(), timeout=60)
                 break
-            except self._failures:
+            except self._failures as exc:
                 if time.monotonic() > deadline:
-                    raise
+                    raise PartitionFailed(
+                        actor_name(partition, self.stage), "to restart", 1,
+                        f"no new actor started within {RECOVERY_TIMEOUT_S:g} s "
+                        f"({self._cause(exc)})") from exc
         actor = self.actors[partition]
         for seq, rows in self.unacked[partition]:
             if seq >= position:
@@ -303,10 +349,17 @@ class RayPartitions:
         return max(0, self.max_in_flight - len(self.pending[partition]))
 
     def wait(self) -> None:
-        """Block until at least one in-flight batch has finished (or failed)."""
+        """Block until at least one in-flight batch has finished (or failed); if none has
+        within ``batch_timeout_s``, every partition with work in flight is stalled: each is
+        collected now, which replaces its actor."""
         heads = [queue[0][1] for queue in self.pending if queue]
-        if heads:
-            self._ray.wait(heads, num_returns=1)
+        if not heads:
+            return
+        ready, _ = self._ray.wait(heads, num_returns=1, timeout=self.batch_timeout_s)
+        if not ready:
+            for partition, queue in enumerate(self.pending):
+                if queue:
+                    self._collect_oldest(partition, timeout=0)
 
     def checkpoint(self, epoch: int) -> dict[int, int]:
         """Every partition's state at this point, written for ``epoch``; flushes first."""
@@ -316,9 +369,11 @@ class RayPartitions:
             while partition not in seqs:
                 try:
                     seqs[partition] = self._ray.get(
-                        self.actors[partition].checkpoint.remote(epoch), timeout=60)
-                except self._failures:
-                    self._recover(partition)
+                        self.actors[partition].checkpoint.remote(epoch),
+                        timeout=self.batch_timeout_s)
+                    self._futile[partition] = 0
+                except self._failures as exc:
+                    self._failed(partition, f"checkpoint {epoch}", exc)
                     while self.pending[partition]:
                         self._collect_oldest(partition)
         return seqs

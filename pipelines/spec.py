@@ -134,6 +134,10 @@ class RuntimeSpec(_Frozen):
     object_store_mb: int = Field(default=512, ge=64)
     checkpoint_every: int = Field(default=10, ge=1, description="source batches per checkpoint")
     max_queued_batches: int = Field(default=8, ge=1, description="per partition, in the driver")
+    batch_timeout_s: float = Field(
+        default=300.0, gt=0,
+        description="seconds an actor may take to answer its oldest batch before it is "
+                    "replaced as stalled")
     adaptive_batching: AdaptiveBatching | None = None
 
 

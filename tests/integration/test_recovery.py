@@ -3,6 +3,7 @@ mid-run, and a driver killed and resumed. The store must equal a fault-free run'
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -11,11 +12,20 @@ import time
 from pathlib import Path
 
 import polars as pl
+import psutil
 import pyarrow as pa
 import pytest
+import ray
 
 from cluster.driver import run_pipeline
-from cluster.partitions import NAMESPACE, LocalPartitions, RayPartitions, actor_name
+from cluster.partitions import (
+    MAX_FUTILE_RECOVERIES,
+    NAMESPACE,
+    LocalPartitions,
+    PartitionFailed,
+    RayPartitions,
+    actor_name,
+)
 from pipelines.testing import FakeClock
 from tests.conftest import ROOT
 from tests.integration.test_ray_partitions import numbered_events, spec_for, stored_in_apply_order
@@ -36,6 +46,23 @@ class KillingPartitions(RayPartitions):
             name = actor_name(victim, self.stage)
             self._ray.kill(self._ray.get_actor(name, namespace=NAMESPACE))
             self.kills += 1
+
+
+class StallingPartitions(RayPartitions):
+    """Stops one of its own actors' processes (SIGSTOP, as ``kill -STOP PID`` would) after
+    ``stall_after`` batches: the actor stays alive and answers nothing, a hung step."""
+
+    def __init__(self, *args: object, stall_after: int, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        self.stall_after, self.submitted, self.stopped = stall_after, 0, []
+
+    def submit(self, partition: int, seq: int, rows: pa.Table) -> None:
+        super().submit(partition, seq, rows)
+        self.submitted += 1
+        if self.submitted == self.stall_after:
+            pid = self._ray.get(self.actors[partition].where.remote())["pid"]
+            os.kill(pid, signal.SIGSTOP)
+            self.stopped.append(pid)
 
 
 def files_of(store: Path) -> dict[str, bytes]:
@@ -68,6 +95,66 @@ def test_killed_partitions_recover_in_order_exactly_once(ray_local: object, tmp_
     # The store equals the fault-free run's, file for file, byte for byte.
     faulty_files = {k: v for k, v in files_of(faulty).items()}
     assert faulty_files == files_of(clean)
+
+
+@pytest.mark.ray
+def test_a_stalled_partition_is_replaced_and_the_run_ends_as_if_nothing_happened(
+        ray_local: object, tmp_path: Path) -> None:
+    numbered_events(tmp_path / "in.jsonl", keys=100, per_key=20, seed=6)
+    spec = spec_for(tmp_path, partitions=2, batch_size=100)
+    spec = spec.model_copy(update={"runtime": spec.runtime.model_copy(
+        update={"checkpoint_every": 4, "batch_timeout_s": 3.0})})
+    stalled, clean = tmp_path / "stalled", tmp_path / "clean"
+    executors: list[StallingPartitions] = []
+
+    def stalling(run: str) -> StallingPartitions:
+        executors.append(StallingPartitions(2, stalled, run, 2, 0.5, spec, stall_after=9))
+        return executors[0]
+
+    try:
+        summary = run_pipeline(spec, stalling, stalled, progress=False, clock=FakeClock())
+    finally:
+        for pid in executors[0].stopped if executors else []:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    run_pipeline(spec, lambda run: LocalPartitions(2, clean, run), clean, progress=False,
+                 clock=FakeClock())
+
+    stopped = executors[0].stopped
+    assert len(stopped) == 1 and summary["restarts"] >= 1
+    assert not psutil.pid_exists(stopped[0]) or psutil.Process(stopped[0]).status() == psutil.STATUS_ZOMBIE
+    assert summary["stored"] == summary["events_in"] == 2_000
+    assert files_of(stalled) == files_of(clean)
+
+
+@pytest.mark.ray
+def test_a_partition_that_fails_every_time_ends_the_run_with_an_error_naming_it(
+        ray_local: object, tmp_path: Path) -> None:
+    numbered_events(tmp_path / "in.jsonl", keys=50, per_key=10, seed=7)
+    spec = spec_for(tmp_path, partitions=1, batch_size=100)
+    store = tmp_path / "store"
+    # Where the partition writes its events, a file: every batch fails to be stored.
+    (store / "events").mkdir(parents=True)
+    (store / "events" / "event_type=iot.reading").write_text("not a directory")
+    started = time.monotonic()
+    with pytest.raises(PartitionFailed) as failed:
+        run_pipeline(spec, lambda run: RayPartitions(1, store, run, 2, 0.5, spec), store,
+                     progress=False, clock=FakeClock())
+    message = str(failed.value)
+    assert failed.value.actor == "partition-0" and failed.value.what == "batch 0"
+    assert failed.value.attempts == MAX_FUTILE_RECOVERIES + 1
+    assert "partition-0 failed batch 0 6 times in a row" in message
+    assert "event_type=iot.reading" in message and "--resume" in message
+    assert time.monotonic() - started < 120
+    deadline = time.monotonic() + 30  # the run's actor goes with it (ray.kill is asynchronous)
+    while time.monotonic() < deadline:
+        try:
+            ray.get_actor("partition-0", namespace=NAMESPACE)
+        except ValueError:
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail("partition-0 outlived its failed run")
 
 
 def _sorted_events(store: Path) -> pl.DataFrame:
