@@ -298,16 +298,15 @@ class RayPartitions:
             self._done.append(receipt)
 
     def _recover(self, partition: int) -> None:
-        """Replace the partition's actor and resend what it has not applied, in order."""
-        self.restarts += 1
+        """Replace the partition's actor and resend what it has not applied, in order.
+        ``restarts`` counts the actors started: a replacement that dies or does not answer
+        while it starts is killed and replaced again."""
         self.pending[partition].clear()
-        try:
-            self._ray.kill(self.actors[partition])
-        except Exception:  # already gone: nothing to kill
-            pass
         deadline = time.monotonic() + RECOVERY_TIMEOUT_S
         while True:
+            self._kill(partition)
             self.actors[partition] = self._spawn(partition)
+            self.restarts += 1
             try:
                 position = self._ray.get(self.actors[partition].position.remote(), timeout=60)
                 break
@@ -383,9 +382,12 @@ class RayPartitions:
         for queue in self.unacked:
             queue.clear()
 
+    def _kill(self, partition: int) -> None:
+        try:
+            self._ray.kill(self.actors[partition])
+        except Exception:  # already gone: nothing to kill
+            pass
+
     def close(self) -> None:
-        for actor in self.actors:
-            try:
-                self._ray.kill(actor)
-            except Exception:  # already dead
-                pass
+        for partition in range(len(self.actors)):
+            self._kill(partition)
