@@ -214,6 +214,7 @@ class RayPartitions:
 
         self._ray = ray
         self._failures = (RayActorError, RayTaskError, GetTimeoutError)
+        self._timeout, self._task_error = GetTimeoutError, RayTaskError
         self._actor = _actor_class()
         self.store_root, self.run = str(Path(store_root).resolve()), run
         self.cpus_per_actor, self.spec, self.stage = cpus_per_actor, spec, stage
@@ -282,11 +283,9 @@ class RayPartitions:
 
     def _cause(self, exc: Exception) -> str:
         """What went wrong, in a line: the step's own exception, not Ray's wrapping."""
-        from ray.exceptions import GetTimeoutError, RayTaskError
-
-        if isinstance(exc, GetTimeoutError):
+        if isinstance(exc, self._timeout):
             return f"no answer within runtime.batch_timeout_s = {self.batch_timeout_s:g} s"
-        if isinstance(exc, RayTaskError) and getattr(exc, "cause", None) is not None:
+        if isinstance(exc, self._task_error) and getattr(exc, "cause", None) is not None:
             return f"{type(exc.cause).__name__}: {exc.cause}"
         lines = str(exc).strip().splitlines()
         return f"{type(exc).__name__}: {lines[-1] if lines else ''}"

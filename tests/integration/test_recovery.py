@@ -31,35 +31,48 @@ from tests.conftest import ROOT
 from tests.integration.test_ray_partitions import numbered_events, spec_for, stored_in_apply_order
 
 
-class KillingPartitions(RayPartitions):
-    """Kills one of its own actors by name, the way an operator would, every few batches."""
+class FaultyPartitions(RayPartitions):
+    """Ray partitions that do something to one of their own actors after some submits:
+    ``fault(submitted, partition)`` runs after every batch is handed over."""
 
-    def __init__(self, *args: object, kill_every: int, **kwargs: object) -> None:
+    def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)
-        self.kill_every, self.submitted, self.kills = kill_every, 0, 0
+        self.submitted = 0
 
     def submit(self, partition: int, seq: int, rows: pa.Table) -> None:
         super().submit(partition, seq, rows)
         self.submitted += 1
-        if self.submitted % self.kill_every == 0:
-            victim = (self.submitted // self.kill_every) % len(self.actors)
+        self.fault(self.submitted, partition)
+
+    def fault(self, submitted: int, partition: int) -> None:
+        raise NotImplementedError
+
+
+class KillingPartitions(FaultyPartitions):
+    """Kills one of its own actors by name, the way an operator would, every few batches."""
+
+    def __init__(self, *args: object, kill_every: int, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        self.kill_every, self.kills = kill_every, 0
+
+    def fault(self, submitted: int, partition: int) -> None:
+        if submitted % self.kill_every == 0:
+            victim = (submitted // self.kill_every) % len(self.actors)
             name = actor_name(victim, self.stage)
             self._ray.kill(self._ray.get_actor(name, namespace=NAMESPACE))
             self.kills += 1
 
 
-class StallingPartitions(RayPartitions):
+class StallingPartitions(FaultyPartitions):
     """Stops one of its own actors' processes (SIGSTOP, as ``kill -STOP PID`` would) after
     ``stall_after`` batches: the actor stays alive and answers nothing, a hung step."""
 
     def __init__(self, *args: object, stall_after: int, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)
-        self.stall_after, self.submitted, self.stopped = stall_after, 0, []
+        self.stall_after, self.stopped = stall_after, []
 
-    def submit(self, partition: int, seq: int, rows: pa.Table) -> None:
-        super().submit(partition, seq, rows)
-        self.submitted += 1
-        if self.submitted == self.stall_after:
+    def fault(self, submitted: int, partition: int) -> None:
+        if submitted == self.stall_after:
             pid = self._ray.get(self.actors[partition].where.remote())["pid"]
             os.kill(pid, signal.SIGSTOP)
             self.stopped.append(pid)
