@@ -150,7 +150,7 @@ def command_submit(args: argparse.Namespace) -> dict[str, Any]:
 def command_simulate(args: argparse.Namespace) -> dict[str, Any]:
     import time
 
-    from pipelines.simulator import SimulationSpec, simulate_transactions, write_monthly
+    from pipelines.fraud.simulator import SimulationSpec, simulate_transactions, write_monthly
 
     started = time.perf_counter()
     table = simulate_transactions(SimulationSpec(
@@ -166,7 +166,7 @@ def command_simulate(args: argparse.Namespace) -> dict[str, Any]:
 
 def command_evaluate(args: argparse.Namespace) -> dict[str, Any]:
     if args.benchmark == "fraud":  # no Ray: scikit-learn fits over the store's features
-        from cluster.evaluate_fraud import DEFAULT_MODELS, evaluate_fraud, select_recipes
+        from pipelines.fraud.evaluation import DEFAULT_MODELS, evaluate_fraud, select_recipes
 
         if args.select:
             table, summary = select_recipes(source=args.features, store=args.store, data=args.data,
@@ -193,7 +193,7 @@ def command_evaluate(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def command_train(args: argparse.Namespace) -> dict[str, Any]:
-    from cluster.train import parse_params, train_model
+    from pipelines.fraud.train import parse_params, train_model
 
     return train_model(model=args.model, start=args.start, end=args.end, registry=args.registry,
                        name=args.name, params=parse_params(args.params), seed=args.seed,

@@ -1,12 +1,19 @@
-"""One run of a pipeline, as the CLI and a Ray job start it."""
+"""One run of a pipeline, as the CLI, a Ray job and :meth:`pipelines.Pipeline.run` start it.
+
+:func:`run_on_ray` and :func:`run_in_process` are the ``ray`` and ``local`` runners of the
+entry-point group ``eventray.runners``.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import inspect
+import sys
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from pipelines.spec import PipelineSpec, load_pipeline
+from pipelines.pipeline import load_pipeline
+from pipelines.spec import PipelineSpec
 
 
 def run_job(
@@ -21,15 +28,11 @@ def run_job(
     log: Callable[[str], None] = lambda _: None,
 ) -> dict[str, Any]:
     """Load and validate ``config``, then run it to the end; returns the summary."""
-    from cluster.driver import ensure_simulated_input
-
     overrides: dict[str, Any] = {}
     if partitions is not None:
         overrides["runtime"] = {"partitions": partitions}
     spec = load_pipeline(config, overrides)
     store_root = Path(store or spec.store.path)
-    if not inputs:
-        ensure_simulated_input(spec.source, log)
     return run_spec(spec, store_root, address, inputs, in_process, progress, resume)
 
 
@@ -41,21 +44,66 @@ def run_spec(
     in_process: bool = False,
     progress: bool | None = None,
     resume: bool = False,
+    objects: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Run a validated pipeline on an embedded Ray, a cluster, or in process."""
+    """Run a validated pipeline on an embedded Ray, a cluster, or in process.
+
+    ``objects``: processors registered in Python (by step name), shipped to the actors.
+    """
+    if in_process:
+        return run_in_process(spec, store_root, objects=objects, inputs=inputs,
+                              resume=resume, progress=progress)
+    return run_on_ray(spec, store_root, objects=objects, address=address, inputs=inputs,
+                      resume=resume, progress=progress)
+
+
+def run_in_process(spec: PipelineSpec, store_root: Path, *, objects: Mapping[str, Any] | None = None,
+                   inputs: list[str] | None = None, resume: bool = False,
+                   progress: bool | None = False, address: str | None = None) -> dict[str, Any]:
+    """The ``local`` runner: the same driver and partition logic, in this process."""
     from cluster.driver import run_pipeline
-    from cluster.partitions import LocalPartitions, RayPartitions
+    from cluster.partitions import LocalPartitions
+
+    if address is not None:
+        from pipelines.errors import ConfigError
+
+        raise ConfigError("runner 'local' runs in this process: it takes no address")
+    found = dict(objects or {})
+    summary = run_pipeline(
+        spec, lambda run: LocalPartitions(spec.runtime.partitions, store_root, run, spec, objects=found),
+        store_root, inputs, progress, resume=resume,
+        stage_factory=lambda run, stage: LocalPartitions(stage.partitions, store_root, run, spec, stage))
+    return {**summary, "ray": "in-process"}
+
+
+def code_folders(spec: PipelineSpec, objects: Mapping[str, Any] | None) -> list[str]:
+    """Folders the actors need on ``sys.path``: the spec's search path and the folders of
+    the modules that registered processors come from (a module outside any installed
+    package, such as a user's script folder)."""
+    folders = [str(Path(f).resolve()) for f in spec.search_path]
+    for processor in (objects or {}).values():
+        module = sys.modules.get(getattr(processor, "__module__", None) or
+                                 type(processor).__module__)
+        source = inspect.getsourcefile(module) if module is not None and \
+            getattr(module, "__file__", None) else None
+        if source is not None and module.__name__ != "__main__":
+            depth = module.__name__.count(".") + 1
+            folders.append(str(Path(source).resolve().parents[depth - 1]))
+    return list(dict.fromkeys(f for f in folders if Path(f).is_dir()))
+
+
+def run_on_ray(spec: PipelineSpec, store_root: Path, *, objects: Mapping[str, Any] | None = None,
+               address: str | None = None, inputs: list[str] | None = None, resume: bool = False,
+               progress: bool | None = False) -> dict[str, Any]:
+    """The ``ray`` runner: keyed actors on an embedded local Ray, or on the cluster at
+    ``address`` (a Ray job joins its own cluster)."""
+    from cluster.driver import run_pipeline
+    from cluster.partitions import RayPartitions
     from cluster.ray_runtime import ray_session
 
-    runtime = spec.runtime
-    if in_process:
-        summary = run_pipeline(
-            spec, lambda prefix: LocalPartitions(runtime.partitions, store_root, prefix, spec),
-            store_root, inputs, progress, resume=resume,
-            stage_factory=lambda prefix, stage: LocalPartitions(
-                stage.partitions, store_root, prefix, spec, stage))
-        return {**summary, "ray": "in-process"}
-    with ray_session(address, object_store_mb=runtime.object_store_mb) as ray_facts:
+    runtime, found = spec.runtime, dict(objects or {})
+    with ray_session(address, object_store_mb=runtime.object_store_mb,
+                     code_search_path=code_folders(spec, found)) as ray_facts:
         # Ray's actor default: a CPU free to be placed, none held while running. A share of
         # the cluster's CPUs per actor (cpus / actors) does not pack onto nodes it does not
         # divide (four actors of 0.75 CPU on three 1-CPU nodes: one never starts and the run
@@ -63,9 +111,9 @@ def run_spec(
         per_actor = None
         summary = run_pipeline(
             spec,
-            lambda prefix: RayPartitions(runtime.partitions, store_root, prefix,
-                                         runtime.max_in_flight, per_actor, spec),
+            lambda run: RayPartitions(runtime.partitions, store_root, run, runtime.max_in_flight,
+                                      per_actor, spec, objects=found),
             store_root, inputs, progress, resume=resume,
-            stage_factory=lambda prefix, stage: RayPartitions(
-                stage.partitions, store_root, prefix, runtime.max_in_flight, per_actor, spec, stage))
+            stage_factory=lambda run, stage: RayPartitions(
+                stage.partitions, store_root, run, runtime.max_in_flight, per_actor, spec, stage))
     return {**summary, "ray": ray_facts["mode"]}

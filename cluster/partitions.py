@@ -34,9 +34,10 @@ import pyarrow as pa
 from pipelines.checkpoint import CheckpointStore
 from pipelines.errors import PipelineError
 from pipelines.keyed import BatchReceipt, PartitionWorker
-from pipelines.processing import build_stage, build_steps
+from pipelines.kinds import build_stage, build_steps
 from pipelines.spec import EnrichSpec, PipelineSpec, RuntimeSpec
 from pipelines.store import EventStore
+from pipelines.writers import WriterId
 
 NAMESPACE = "eventray"
 LATENCY_BUCKETS_S = [0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0]
@@ -66,10 +67,6 @@ class PartitionFailed(PipelineError):
             "to the last one: fix the cause, then run again with --resume")
 
 
-def partition_writer(partition: int) -> str:
-    return f"p{partition:04d}"
-
-
 def actor_name(partition: int, stage: EnrichSpec | None = None) -> str:
     """``partition-<i>``, or ``<stage>-<i>`` for an enrichment stage's actors."""
     return f"{stage.name if stage else 'partition'}-{partition}"
@@ -83,30 +80,24 @@ class _RunWorker(PartitionWorker):
     """
 
     def __init__(self, partition: int, store_root: str | Path, run: str,
-                 spec: PipelineSpec | None = None, stage: EnrichSpec | None = None) -> None:
+                 spec: PipelineSpec | None = None, stage: EnrichSpec | None = None,
+                 objects: dict[str, Any] | None = None) -> None:
         if stage is not None:
-            steps = [build_stage(stage)]
+            assert spec is not None, "an enrichment stage needs its pipeline"
+            steps = [build_stage(stage, spec)]
         else:
-            steps = build_steps(spec) if spec is not None else []
-        super().__init__(partition, EventStore(store_root), steps=steps, store_events=stage is None)
+            steps = build_steps(spec, objects) if spec is not None else []
+        super().__init__(partition, EventStore(store_root), steps=steps, store_events=stage is None,
+                         writer=WriterId.partition(run, partition))
         self.run, self.stage = run, stage
+        self.owner = (WriterId.stage(run, stage.name, partition) if stage is not None
+                      else self.writer).local
         self.checkpoints = CheckpointStore(store_root, run)
         latest = self.checkpoints.latest()
-        seqs = latest.partition_seqs if latest is not None and stage is None else \
-            latest.stage_seqs.get(stage.name, {}) if latest is not None and stage is not None else {}
-        if latest is not None and partition in seqs:
-            self.restore(self.checkpoints.read_state(latest.epoch, self.owner))
-
-    @property
-    def owner(self) -> str:
-        """The name of this partition's state in checkpoints."""
-        if self.stage is None:
-            return partition_writer(self.partition)
-        return f"{self.stage.name}{self.partition:04d}"
-
-    @property
-    def writer(self) -> str:
-        return f"{self.run}-{partition_writer(self.partition)}"
+        if latest is not None:
+            seqs = latest.partition_seqs if stage is None else latest.stage_seqs.get(stage.name, {})
+            if partition in seqs:
+                self.restore(self.checkpoints.read_state(latest.epoch, self.owner))
 
     def checkpoint(self, epoch: int) -> int:
         """Write this partition's state for ``epoch``; returns its next sequence number."""
@@ -120,19 +111,21 @@ class LocalPartitions:
     restarts = 0
 
     def __init__(self, partitions: int, store_root: str | Path, run: str,
-                 spec: PipelineSpec | None = None, stage: EnrichSpec | None = None) -> None:
-        self.workers = [_RunWorker(p, store_root, run, spec, stage) for p in range(partitions)]
+                 spec: PipelineSpec | None = None, stage: EnrichSpec | None = None,
+                 objects: dict[str, Any] | None = None) -> None:
+        self.workers = [_RunWorker(p, store_root, run, spec, stage, objects)
+                        for p in range(partitions)]
         self._done: list[BatchReceipt] = []
+
+    def ready(self) -> None:
+        pass
 
     def submit(self, partition: int, seq: int, rows: pa.Table) -> None:
         self._done.append(self.workers[partition].apply(seq, rows))
 
-    def completed(self) -> list[BatchReceipt]:
+    def poll(self, block: bool = False) -> list[BatchReceipt]:
         done, self._done = self._done, []
         return done
-
-    def drain(self) -> list[BatchReceipt]:
-        return self.completed()
 
     def in_flight(self) -> int:
         return 0
@@ -140,20 +133,8 @@ class LocalPartitions:
     def capacity(self, partition: int) -> int:
         return 1 << 30
 
-    def wait(self) -> None:
-        pass
-
     def checkpoint(self, epoch: int) -> dict[int, int]:
         return {w.partition: w.checkpoint(epoch) for w in self.workers}
-
-    def start_at(self, seqs: dict[int, int]) -> None:
-        pass
-
-    def ready(self) -> None:
-        pass
-
-    def committed(self) -> None:
-        pass
 
     def close(self) -> None:
         pass
@@ -166,11 +147,11 @@ def _actor_class() -> Any:
     class PartitionActor:
         """Owns one partition: a thin shell around :class:`PartitionWorker`."""
 
-        def __init__(self, partition: int, store_root: str, run: str,
-                     spec: PipelineSpec | None, stage: EnrichSpec | None = None) -> None:
+        def __init__(self, partition: int, store_root: str, run: str, spec: PipelineSpec | None,
+                     stage: EnrichSpec | None = None, objects: dict[str, Any] | None = None) -> None:
             from ray.util.metrics import Counter, Histogram
 
-            self.worker = _RunWorker(partition, store_root, run, spec, stage)
+            self.worker = _RunWorker(partition, store_root, run, spec, stage, objects)
             self.tags = {"partition": str(partition)}
             self.stored = Counter("eventray_events_stored", "events applied and stored",
                                   tag_keys=("partition",))
@@ -206,9 +187,11 @@ class RayPartitions:
 
     def __init__(self, partitions: int, store_root: str | Path, run: str,
                  max_in_flight: int, cpus_per_actor: float | None,
-                 spec: PipelineSpec | None = None, stage: EnrichSpec | None = None) -> None:
+                 spec: PipelineSpec | None = None, stage: EnrichSpec | None = None,
+                 objects: dict[str, Any] | None = None) -> None:
         """``cpus_per_actor``: CPUs each actor holds; ``None``: Ray's actor default (a CPU
-        free to be placed, none held while running)."""
+        free to be placed, none held while running). ``objects``: processors registered in
+        Python, shipped to every actor (each unpickles its own copy)."""
         import ray
         from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
@@ -218,12 +201,15 @@ class RayPartitions:
         self._actor = _actor_class()
         self.store_root, self.run = str(Path(store_root).resolve()), run
         self.cpus_per_actor, self.spec, self.stage = cpus_per_actor, spec, stage
+        self.objects = objects
         self.batch_timeout_s = (spec.runtime if spec else RuntimeSpec()).batch_timeout_s
         self.actors = [self._spawn(p) for p in range(partitions)]
         self.max_in_flight = max_in_flight
         self.pending: list[deque[tuple[int, Any]]] = [deque() for _ in range(partitions)]
+        # every batch sent since the last committed checkpoint, to resend after a recovery
         self.unacked: list[deque[tuple[int, pa.Table]]] = [deque() for _ in range(partitions)]
         self.acked_next = [0] * partitions
+        self._checkpointed = [0] * partitions
         self.restarts = 0
         self._futile = [0] * partitions
         self._done: list[BatchReceipt] = []
@@ -235,23 +221,20 @@ class RayPartitions:
                 return self._actor.options(
                     name=actor_name(partition, self.stage), namespace=NAMESPACE,
                     num_cpus=self.cpus_per_actor, scheduling_strategy="SPREAD",
-                ).remote(partition, self.store_root, self.run, self.spec, self.stage)
+                ).remote(partition, self.store_root, self.run, self.spec, self.stage, self.objects)
             except ValueError:  # the dead actor's name is not released yet
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.2)
 
-    def start_at(self, seqs: dict[int, int]) -> None:
-        """Continue from a checkpoint: partition p's next sequence number is seqs[p]."""
-        for p, seq in seqs.items():
-            self.acked_next[p] = seq
-
     def ready(self) -> None:
         """Wait until every actor has started (imports, model, restored state): the run's
-        clock starts after this. An actor that fails to start is recovered here."""
+        clock starts after this. Each partition continues where its restored state stands
+        (the run's last checkpoint, or 0). An actor that fails to start is recovered here."""
         for partition, actor in enumerate(self.actors):
             try:
-                self._ray.get(actor.position.remote(), timeout=RECOVERY_TIMEOUT_S)
+                position = self._ray.get(actor.position.remote(), timeout=RECOVERY_TIMEOUT_S)
+                self.acked_next[partition] = self._checkpointed[partition] = position
             except self._failures:
                 self._recover(partition)
 
@@ -270,7 +253,6 @@ class RayPartitions:
         except self._failures as exc:
             self._failed(partition, f"batch {seq}", exc)
             return
-        self._futile[partition] = 0
         self._ack(partition, receipt)
 
     def _failed(self, partition: int, what: str, exc: Exception) -> None:
@@ -291,9 +273,12 @@ class RayPartitions:
         return f"{type(exc).__name__}: {lines[-1] if lines else ''}"
 
     def _ack(self, partition: int, receipt: BatchReceipt) -> None:
-        # Replays after a recovery re-acknowledge batches already counted: count once.
+        # Replays after a recovery re-acknowledge batches already counted: count once. Only
+        # a batch never acknowledged before is progress: replays that succeed while the batch
+        # after them fails every time must not reset the count of futile recoveries.
         if receipt.seq == self.acked_next[partition]:
             self.acked_next[partition] += 1
+            self._futile[partition] = 0
             self._done.append(receipt)
 
     def _recover(self, partition: int) -> None:
@@ -316,11 +301,23 @@ class RayPartitions:
                         f"no new actor started within {RECOVERY_TIMEOUT_S:g} s "
                         f"({self._cause(exc)})") from exc
         actor = self.actors[partition]
+        # an actor that failed while starting a resumed run: its restored position is where
+        # the partition stands (during a run, the position is never past what was acked)
+        self.acked_next[partition] = max(self.acked_next[partition], position)
+        self._checkpointed[partition] = max(self._checkpointed[partition], position)
         for seq, rows in self.unacked[partition]:
             if seq >= position:
                 self.pending[partition].append((seq, actor.apply.remote(seq, rows)))
 
-    def completed(self) -> list[BatchReceipt]:
+    def poll(self, block: bool = False) -> list[BatchReceipt]:
+        """Receipts of the batches finished since the last poll, each partition's in order.
+
+        ``block``: first wait until at least one in-flight batch has finished (or failed); if
+        none has within ``batch_timeout_s``, every partition with work in flight is stalled:
+        each is collected now, which replaces its actor.
+        """
+        if block:
+            self._wait_any()
         for partition, queue in enumerate(self.pending):
             while queue:
                 ready, _ = self._ray.wait([queue[0][1]], timeout=0)
@@ -330,26 +327,7 @@ class RayPartitions:
         done, self._done = self._done, []
         return done
 
-    def _flush(self) -> None:
-        for partition, queue in enumerate(self.pending):
-            while queue:
-                self._collect_oldest(partition)
-
-    def drain(self) -> list[BatchReceipt]:
-        self._flush()
-        return self.completed()
-
-    def in_flight(self) -> int:
-        return sum(len(q) for q in self.pending)
-
-    def capacity(self, partition: int) -> int:
-        """Batches the partition can take now without exceeding ``max_in_flight``."""
-        return max(0, self.max_in_flight - len(self.pending[partition]))
-
-    def wait(self) -> None:
-        """Block until at least one in-flight batch has finished (or failed); if none has
-        within ``batch_timeout_s``, every partition with work in flight is stalled: each is
-        collected now, which replaces its actor."""
+    def _wait_any(self) -> None:
         heads = [queue[0][1] for queue in self.pending if queue]
         if not heads:
             return
@@ -359,8 +337,27 @@ class RayPartitions:
                 if queue:
                     self._collect_oldest(partition, timeout=0)
 
+    def _flush(self) -> None:
+        for partition, queue in enumerate(self.pending):
+            while queue:
+                self._collect_oldest(partition)
+
+    def in_flight(self) -> int:
+        return sum(len(q) for q in self.pending)
+
+    def capacity(self, partition: int) -> int:
+        """Batches the partition can take now without exceeding ``max_in_flight``."""
+        return max(0, self.max_in_flight - len(self.pending[partition]))
+
     def checkpoint(self, epoch: int) -> dict[int, int]:
-        """Every partition's state at this point, written for ``epoch``; flushes first."""
+        """Every partition's state at this point, written for ``epoch``; flushes first (the
+        receipts come with the next :meth:`poll`).
+
+        The driver commits each checkpoint before it asks for the next, so batches before
+        the previous one are covered by a committed checkpoint and are never resent: they
+        are dropped here.
+        """
+        self._forget_committed()
         self._flush()
         seqs: dict[int, int] = {}
         for partition in range(len(self.actors)):
@@ -374,12 +371,13 @@ class RayPartitions:
                     self._failed(partition, f"checkpoint {epoch}", exc)
                     while self.pending[partition]:
                         self._collect_oldest(partition)
+        self._checkpointed = [seqs[p] for p in range(len(self.actors))]
         return seqs
 
-    def committed(self) -> None:
-        """The checkpoint is committed: batches before it are never resent."""
-        for queue in self.unacked:
-            queue.clear()
+    def _forget_committed(self) -> None:
+        for partition, queue in enumerate(self.unacked):
+            while queue and queue[0][0] < self._checkpointed[partition]:
+                queue.popleft()
 
     def _kill(self, partition: int) -> None:
         try:

@@ -56,6 +56,7 @@ def ray_session(
     address: str | None = None,
     num_cpus: int | None = None,
     object_store_mb: int = 512,
+    code_search_path: list[str] | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Connect to Ray for the duration of a ``with`` block; yields facts about it.
 
@@ -65,9 +66,15 @@ def ray_session(
             joins the job's cluster.
         num_cpus: CPUs of an embedded Ray (default: the machine's).
         object_store_mb: object store size of an embedded Ray.
+        code_search_path: folders the job's workers put on ``sys.path`` (user processors'
+            modules; on a cluster they must exist on every node, as a submitted job's
+            working directory does).
     """
     prepare_environment(address)
     import ray
+    from ray.job_config import JobConfig
+
+    job_config = JobConfig(code_search_path=code_search_path) if code_search_path else None
 
     temp_dir = None
     if address is None and "RAY_ADDRESS" not in os.environ:
@@ -80,10 +87,11 @@ def ray_session(
             _temp_dir=temp_dir,
             logging_level="ERROR",
             log_to_driver=True,
+            job_config=job_config,
         )
         mode = "embedded"
     else:
-        ray.init(address=address, logging_level="ERROR")
+        ray.init(address=address, logging_level="ERROR", job_config=job_config)
         mode = "cluster"
     try:
         yield {"mode": mode, "cpus": ray.cluster_resources().get("CPU", 0.0)}

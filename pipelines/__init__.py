@@ -1,7 +1,9 @@
 """Engine-agnostic event logic on Arrow batches; never imports Ray.
 
-The public surface: the envelope and its schemas, config specs, sources, normalisation,
-keyed partitioning, the event store, the simulator and the testing helpers.
+The public surface: :class:`Pipeline` (build, ``register_processor``, ``run``), the
+envelope and its schemas, config specs, sources, normalisation, keyed partitioning, the
+processing seams (:class:`Step`, :class:`StepOutput`, the plugin registries), the event
+store, and the testing kit in :mod:`pipelines.testing`.
 """
 
 from pipelines.dedup import DuplicateFilter
@@ -24,8 +26,13 @@ from pipelines.errors import (
 from pipelines.event_ids import derived_event_ids
 from pipelines.hashing import partition_of
 from pipelines.keyed import BatchReceipt, PartitionWorker, SequenceGapError, split_by_partition
+from pipelines.kinds import SOURCE_KINDS, STAGE_KINDS, STEP_KINDS, SourceKind
 from pipelines.normalise import Normalised, Normaliser
 from pipelines.pacing import Pacer
+from pipelines.pipeline import RUNNERS, Pipeline, load_pipeline
+from pipelines.plugins import PluginImportError, PluginRegistry
+from pipelines.processing import ROW_POSITION, Step, StepContext, StepOutput
+from pipelines.processors import ProcessorError
 from pipelines.sources import (
     CsvSource,
     JsonLinesSource,
@@ -36,11 +43,16 @@ from pipelines.sources import (
     SourceReader,
     iter_batches,
 )
-from pipelines.spec import PipelineSpec, load_pipeline
+from pipelines.spec import PipelineSpec
 from pipelines.store import EventStore
 
 __all__ = [
     "DEADLETTER_SCHEMA",
+    "ROW_POSITION",
+    "RUNNERS",
+    "SOURCE_KINDS",
+    "STAGE_KINDS",
+    "STEP_KINDS",
     "AccountingError",
     "BatchReceipt",
     "ConfigError",
@@ -57,14 +69,22 @@ __all__ = [
     "PartitionWorker",
     "PayloadRegistry",
     "PayloadSchema",
+    "Pipeline",
     "PipelineError",
     "PipelineSpec",
+    "PluginImportError",
+    "PluginRegistry",
+    "ProcessorError",
     "RawBatch",
     "SchemaError",
     "SequenceGapError",
     "Source",
     "SourceError",
+    "SourceKind",
     "SourceReader",
+    "Step",
+    "StepContext",
+    "StepOutput",
     "StoreError",
     "UnknownPluginError",
     "derived_event_ids",

@@ -33,9 +33,14 @@ class UnknownPluginError(ConfigError):
         allowed: the registered names.
     """
 
-    def __init__(self, kind: str, name: str, allowed: list[str]) -> None:
-        self.kind, self.name, self.allowed = kind, name, sorted(allowed)
-        super().__init__(f"unknown {kind} {name!r}; allowed: {', '.join(self.allowed)}")
+    def __init__(self, kind: str, name: str, allowed: list[str], field: str | None = None) -> None:
+        self.kind, self.name, self.allowed, self.field = kind, name, sorted(allowed), field
+        where = f"{field}: " if field else ""
+        super().__init__(f"{where}unknown {kind} {name!r}; allowed: {', '.join(self.allowed)}")
+
+    def at(self, field: str) -> UnknownPluginError:
+        """The same error, naming the config field that gave the name."""
+        return UnknownPluginError(self.kind, self.name, self.allowed, field)
 
 
 class SchemaError(PipelineError):

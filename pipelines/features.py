@@ -7,9 +7,8 @@ One concept, two implementations that must agree exactly ("online equals offline
 - :func:`window_features_batch` (offline): pure Polars over the whole history.
 
 Both are driven by a frozen :class:`KeyedWindowSpec`: a key column, an event-time column and
-:class:`Aggregate` s over :class:`Window` s. The fraud handbook's 15 model inputs are built on
-them: :data:`HANDBOOK_CUSTOMER_SPEC`, :data:`HANDBOOK_TERMINAL_SPEC`,
-:func:`handbook_features_batch` and the streaming :class:`HandbookFeatures`.
+:class:`Aggregate` s over :class:`Window` s. Applications build on them (the fraud
+handbook's 15 model inputs: :mod:`pipelines.fraud.features`).
 
 Window semantics, for an event of key ``k`` at time ``t`` (every input row is an event):
 
@@ -75,20 +74,17 @@ import pyarrow as pa
 from pipelines.errors import ConfigError, PipelineError
 
 __all__ = [
-    "HANDBOOK_CUSTOMER_SPEC",
-    "HANDBOOK_FEATURES",
-    "HANDBOOK_LABEL_DELAY",
-    "HANDBOOK_TERMINAL_SPEC",
     "Aggregate",
     "EventOrderError",
     "FeatureError",
-    "HandbookFeatures",
     "KeyedWindowOperator",
+    "FrameLike",
     "KeyedWindowSpec",
     "StateRestoreError",
     "Window",
-    "calendar_features",
-    "handbook_features_batch",
+    "as_frame",
+    "pack_states",
+    "unpack_states",
     "window_features_batch",
 ]
 
@@ -280,7 +276,7 @@ class _Plan:
         return slice(start, start + len(self.running[w]))
 
 
-def _as_frame(batch: FrameLike) -> pl.DataFrame:
+def as_frame(batch: FrameLike) -> pl.DataFrame:
     frame = batch if isinstance(batch, pl.DataFrame) else pl.from_arrow(batch)
     if not isinstance(frame, pl.DataFrame):
         raise FeatureError(f"expected a table or record batch, got {type(batch).__name__}")
@@ -609,7 +605,7 @@ class KeyedWindowOperator:
             FeatureError: a column is missing or has nulls (the state is unchanged).
             EventOrderError: a key's events go back in time (the state is unchanged).
         """
-        frame = _select(_as_frame(batch), self.spec, self._plan)
+        frame = _select(as_frame(batch), self.spec, self._plan)
         if frame.height == 0:
             return self._output({}, np.empty(0, dtype=np.int64))
         rows = _Batch.of(frame)
@@ -845,7 +841,7 @@ class KeyedWindowOperator:
                         metadata=meta)
         keys = pa.table({"key": table.keys, "rows": table.rows, "last": table.last,
                          **{f"s{i}": table.sums[:, i] for i in range(table.sums.shape[1])}})
-        return _pack([_ipc(rows), _ipc(keys)])
+        return pack_states([_ipc(rows), _ipc(keys)])
 
     def restore(self, data: bytes) -> None:
         """Replace the state with a :meth:`snapshot` of an operator with the same spec.
@@ -853,7 +849,7 @@ class KeyedWindowOperator:
         Raises:
             StateRestoreError: the snapshot is corrupt or its spec differs.
         """
-        parts = _unpack(data)
+        parts = unpack_states(data)
         if len(parts) != 2:
             raise StateRestoreError(f"expected 2 parts in a window-state snapshot, got {len(parts)}")
         rows, keys = _read_ipc(parts[0]), _read_ipc(parts[1])
@@ -879,13 +875,13 @@ class KeyedWindowOperator:
         self.late_rows = int(meta.get("late_rows", "0"))
 
 
-def _pack(parts: list[bytes]) -> bytes:
+def pack_states(parts: list[bytes]) -> bytes:
     """Frame byte strings: magic, count, then (length, bytes) per part."""
     head = _MAGIC + struct.pack("<I", len(parts))
     return head + b"".join(struct.pack("<Q", len(p)) + p for p in parts)
 
 
-def _unpack(data: bytes) -> list[bytes]:
+def unpack_states(data: bytes) -> list[bytes]:
     if not isinstance(data, bytes | bytearray | memoryview) or bytes(data[:len(_MAGIC)]) != _MAGIC:
         raise StateRestoreError("not a feature-state snapshot")
     try:
@@ -945,7 +941,7 @@ def window_features_batch(frame: FrameLike, spec: KeyedWindowSpec) -> pl.DataFra
         [1, 2, 3, 2]
     """
     plan = _Plan.of(spec)
-    data = _reference_rows(_as_frame(frame), spec, plan)
+    data = _reference_rows(as_frame(frame), spec, plan)
     columns: list[pl.Series] = []
     for w, window in enumerate(plan.windows):
         lo, hi = _reference_bounds(window)
@@ -1041,136 +1037,3 @@ def _reference_extremum(values: pl.Series, spans: pl.DataFrame, kind: str) -> pl
     members = members.with_columns(x=values.gather(members["j"]))
     agg = pl.col("x").min() if kind == "min" else pl.col("x").max()
     return members.group_by("e", maintain_order=True).agg(agg)["x"]
-
-
-# The fraud handbook's model inputs ------------------------------------------------------
-
-HANDBOOK_LABEL_DELAY = 7 * DAY
-_HANDBOOK_DAYS = (1, 7, 30)
-
-
-def _handbook_customer_spec() -> KeyedWindowSpec:
-    aggregates: list[Aggregate] = []
-    for n in _HANDBOOK_DAYS:
-        window = Window(n * DAY)
-        aggregates += [Aggregate(f"CUSTOMER_ID_NB_TX_{n}DAY_WINDOW", "count", window),
-                       Aggregate(f"CUSTOMER_ID_AVG_AMOUNT_{n}DAY_WINDOW", "mean", window, "TX_AMOUNT")]
-    # carry_residual: the handbook's pandas rolling sums never restart, even after long gaps.
-    return KeyedWindowSpec("CUSTOMER_ID", "TX_DATETIME", tuple(aggregates), carry_residual=True)
-
-
-def _handbook_terminal_spec() -> KeyedWindowSpec:
-    aggregates: list[Aggregate] = []
-    for n in _HANDBOOK_DAYS:
-        window = Window(n * DAY, delay=HANDBOOK_LABEL_DELAY)
-        aggregates += [Aggregate(f"TERMINAL_ID_NB_TX_{n}DAY_WINDOW", "count", window),
-                       Aggregate(f"TERMINAL_ID_RISK_{n}DAY_WINDOW", "share", window, "TX_FRAUD", empty=0.0)]
-    return KeyedWindowSpec("TERMINAL_ID", "TX_DATETIME", tuple(aggregates),
-                           label="TX_FRAUD", label_delay=HANDBOOK_LABEL_DELAY)
-
-
-#: Customer-keyed: count and mean amount over the 1, 7 and 30 days ending at the transaction.
-HANDBOOK_CUSTOMER_SPEC = _handbook_customer_spec()
-#: Terminal-keyed: count and fraud share over 1, 7 and 30 days ending 7 days (the label delay) before.
-HANDBOOK_TERMINAL_SPEC = _handbook_terminal_spec()
-#: The 15 model inputs, in the handbook's order.
-HANDBOOK_FEATURES = (
-    "TX_DURING_WEEKEND", "TX_DURING_NIGHT",
-    *(a.name for a in HANDBOOK_CUSTOMER_SPEC.aggregates),
-    *(a.name for a in HANDBOOK_TERMINAL_SPEC.aggregates),
-)
-
-
-def calendar_features(transactions: FrameLike) -> pl.DataFrame:
-    """``TX_DURING_WEEKEND`` (Saturday or Sunday) and ``TX_DURING_NIGHT`` (hour <= 6), as Int64.
-
-    Example:
-        >>> at = pl.DataFrame({"TX_DATETIME": [dt.datetime(2018, 7, 1, 6, 59), dt.datetime(2018, 7, 2, 7)]})
-        >>> calendar_features(at).rows()
-        [(1, 1), (0, 0)]
-    """
-    when = pl.col("TX_DATETIME")
-    return _as_frame(transactions).select(
-        (when.dt.weekday() >= 6).cast(pl.Int64).alias("TX_DURING_WEEKEND"),
-        (when.dt.hour() <= 6).cast(pl.Int64).alias("TX_DURING_NIGHT"),
-    )
-
-
-def _handbook_frame(
-    transactions: pl.DataFrame, customer: pl.DataFrame, terminal: pl.DataFrame
-) -> pl.DataFrame:
-    """``TRANSACTION_ID`` and the 15 inputs with the published dtypes (counts as Float64)."""
-    parts = [transactions.select("TRANSACTION_ID"), calendar_features(transactions), customer, terminal]
-    frame = pl.concat(parts, how="horizontal")
-    return frame.with_columns(pl.col(pl.Int64).exclude("TRANSACTION_ID", "TX_DURING_WEEKEND",
-                                                       "TX_DURING_NIGHT").cast(pl.Float64))
-
-
-def handbook_features_batch(transactions: FrameLike) -> pl.DataFrame:
-    """The handbook's 15 inputs over a whole history (offline, pure Polars).
-
-    Args:
-        transactions: Handbook transactions (``TRANSACTION_ID``, ``TX_DATETIME``,
-            ``CUSTOMER_ID``, ``TERMINAL_ID``, ``TX_AMOUNT``, ``TX_FRAUD``), each key's rows in
-            time order; include at least 37 days before the rows whose features you use.
-
-    Returns:
-        ``TRANSACTION_ID`` then :data:`HANDBOOK_FEATURES`, one row per input row, input order.
-
-    Example:
-        >>> from pipelines.simulator import SimulationSpec, simulate_transactions
-        >>> t = simulate_transactions(SimulationSpec(n_customers=20, n_terminals=40, n_days=3))
-        >>> handbook_features_batch(t).columns[:3]
-        ['TRANSACTION_ID', 'TX_DURING_WEEKEND', 'TX_DURING_NIGHT']
-    """
-    frame = _as_frame(transactions)
-    return _handbook_frame(frame, window_features_batch(frame, HANDBOOK_CUSTOMER_SPEC),
-                           window_features_batch(frame, HANDBOOK_TERMINAL_SPEC))
-
-
-class HandbookFeatures:
-    """The handbook's 15 inputs, streamed: a customer-keyed and a terminal-keyed operator.
-
-    The two operators share nothing: a runtime may run them in one actor (this class) or as
-    two keyed stages (``customer`` and ``terminal``, each partitioned by its own key). The
-    customer operator reads ``CUSTOMER_ID``, ``TX_DATETIME`` and ``TX_AMOUNT``; the terminal
-    operator reads ``TERMINAL_ID``, ``TX_DATETIME`` and the label ``TX_FRAUD``, the latter
-    only for rows at least 7 days older than the event (see the module docstring).
-
-    Attributes:
-        customer: The operator of :data:`HANDBOOK_CUSTOMER_SPEC`.
-        terminal: The operator of :data:`HANDBOOK_TERMINAL_SPEC`.
-
-    Example:
-        >>> from pipelines.simulator import SimulationSpec, simulate_transactions
-        >>> t = simulate_transactions(SimulationSpec(n_customers=20, n_terminals=40, n_days=3))
-        >>> online = HandbookFeatures()
-        >>> parts = [online.update(t.slice(0, 50)), online.update(t.slice(50))]
-        >>> pl.concat(parts).equals(handbook_features_batch(t))
-        True
-    """
-
-    def __init__(self) -> None:
-        self.customer = KeyedWindowOperator(HANDBOOK_CUSTOMER_SPEC)
-        self.terminal = KeyedWindowOperator(HANDBOOK_TERMINAL_SPEC)
-
-    def update(self, batch: FrameLike) -> pl.DataFrame:
-        """Add a batch of transactions; return ``TRANSACTION_ID`` and the 15 inputs per row."""
-        frame = _as_frame(batch)
-        return _handbook_frame(frame, self.customer.update(frame), self.terminal.update(frame))
-
-    def snapshot(self) -> bytes:
-        """Both operators' states as bytes."""
-        return _pack([self.customer.snapshot(), self.terminal.snapshot()])
-
-    def restore(self, data: bytes) -> None:
-        """Restore both operators from :meth:`snapshot`.
-
-        Raises:
-            StateRestoreError: the snapshot is corrupt or not a handbook snapshot.
-        """
-        parts = _unpack(data)
-        if len(parts) != 2:
-            raise StateRestoreError(f"expected 2 operator states, got {len(parts)}")
-        self.customer.restore(parts[0])
-        self.terminal.restore(parts[1])

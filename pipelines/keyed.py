@@ -26,6 +26,7 @@ from pipelines.errors import PipelineError
 from pipelines.hashing import partition_of
 from pipelines.processing import Step
 from pipelines.tables import take_rows
+from pipelines.writers import WriterId
 
 Clock = Callable[[], dt.datetime]
 
@@ -76,7 +77,8 @@ class BatchReceipt:
     applied: bool
     latency_s: float
     apply_s: float = 0.0
-    derived: pa.Table | None = None  # events the steps emitted (alerts), to route again
+    derived: pa.Table | None = None  # events the steps emitted (alerts...), to route again
+    alerts: int = 0  # rows the steps wrote to the ``alerts`` table
 
 
 class PartitionWorker:
@@ -92,17 +94,15 @@ class PartitionWorker:
     """
 
     def __init__(self, partition: int, sink: Sink, clock: Clock | None = None,
-                 steps: Sequence[Step] = (), store_events: bool = True) -> None:
+                 steps: Sequence[Step] = (), store_events: bool = True,
+                 writer: WriterId | None = None) -> None:
         self.partition = partition
+        self.writer = writer or WriterId.partition("local", partition)
         self.sink = sink
         self.store_events = store_events
         self.clock = clock or (lambda: dt.datetime.now(dt.UTC))
         self.steps = list(steps)
         self.next_seq = 0
-
-    @property
-    def writer(self) -> str:
-        return f"p{self.partition:04d}"
 
     def apply(self, seq: int, events: pa.Table) -> BatchReceipt:
         if seq < self.next_seq:
@@ -110,20 +110,21 @@ class PartitionWorker:
         if seq > self.next_seq:
             raise SequenceGapError(self.partition, self.next_seq, seq)
         started = time.perf_counter()
-        derived = []
+        derived, alerts = [], 0
         for step in self.steps:  # decisions (scores, alerts) first, then the events
             output = step.process(events)
             for table, rows in output.tables.items():
-                self.sink.write(table, rows, writer=f"{self.writer}-{step.name}", seq=seq)
+                self.sink.write(table, rows, writer=self.writer.for_step(step.name).name, seq=seq)
+                alerts += rows.num_rows if table == "alerts" else 0
             if output.derived is not None and output.derived.num_rows:
                 derived.append(output.derived)
         if self.store_events:  # transit columns (``_``-prefixed) are never stored
             stored = [c for c in events.column_names if not c.startswith("_")]
-            self.sink.write("events", events.select(stored), writer=self.writer, seq=seq)
+            self.sink.write("events", events.select(stored), writer=self.writer.name, seq=seq)
         self.next_seq += 1
         return BatchReceipt(self.partition, seq, events.num_rows, True, self._latency(events),
                             time.perf_counter() - started,
-                            pa.concat_tables(derived) if derived else None)
+                            pa.concat_tables(derived) if derived else None, alerts)
 
     def _latency(self, events: pa.Table) -> float:
         if events.num_rows == 0 or "metadata" not in events.column_names:

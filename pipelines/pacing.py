@@ -2,9 +2,10 @@
 
 For latency tests and demos: a recorded day replays in minutes with its real rhythm. The
 pacer works per batch: it computes every row's due time at once (event time relative to
-the first event, divided by the speed-up, monotone so one key's order is kept) and
-releases the longest due prefix, sleeping until the next row is due (or, with a linger,
-until the linger since the last release has passed). Released rows get
+the first event, divided by the speed-up, monotone so one key's order is kept);
+:meth:`Pacer.take` hands out the longest due prefix once the next row is due (or, with a
+linger, once the linger since the last release has passed), and :meth:`Pacer.next_wake`
+says when that is, so the driver does its other work while it waits. Released rows get
 ``metadata.ingested_at`` = their due time, when they arrive in the replayed stream, so
 latency is measured from arrival, whatever held them. The clock and the sleep are
 injected: tests drive them without waiting.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import datetime as dt
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -74,9 +76,11 @@ class Pacer:
         self._origin: tuple[int, float, int] | None = None
         self._high_water = np.iinfo(np.int64).min
         self._released_at = -np.inf
+        # (events, due times on the monotonic clock, arrival in wall-clock us), oldest first
+        self._scheduled: deque[tuple[pa.Table, np.ndarray, np.ndarray]] = deque()
 
-    def release(self, events: pa.Table) -> Iterator[pa.Table]:
-        """Yield ``events`` in due slices, in order, sleeping between them as needed."""
+    def add(self, events: pa.Table) -> None:
+        """Schedule ``events`` for release, after those scheduled before."""
         if events.num_rows == 0:
             return
         micros = pc.cast(events.column("timestamp"), pa.int64()).to_numpy()
@@ -88,16 +92,41 @@ class Pacer:
         self._high_water = int(running[-1])
         first_us, first_monotonic, first_wall_us = self._origin
         offset_s = (running - first_us) / 1e6 / self.speedup
-        due = first_monotonic + offset_s
         arrived_us = first_wall_us + np.round(offset_s * 1e6).astype(np.int64)
-        start = 0
-        while start < len(due):
-            now = self.monotonic()
-            wake = max(float(due[start]), self._released_at + self.linger_s)
-            if now < wake:
-                self.sleep(wake - now)
+        self._scheduled.append((events, first_monotonic + offset_s, arrived_us))
+
+    @property
+    def pending(self) -> bool:
+        """Whether scheduled events are still to be released."""
+        return bool(self._scheduled)
+
+    def next_wake(self) -> float | None:
+        """When (monotonic clock) the next slice may be taken; ``None`` when nothing waits."""
+        if not self._scheduled:
+            return None
+        return max(float(self._scheduled[0][1][0]), self._released_at + self.linger_s)
+
+    def take(self) -> pa.Table | None:
+        """The slice due now (stamped with its arrival), or ``None`` before :meth:`next_wake`."""
+        wake, now = self.next_wake(), self.monotonic()
+        if wake is None or now < wake:
+            return None
+        events, due, arrived_us = self._scheduled[0]
+        stop = int(np.searchsorted(due, now, side="right"))
+        self._released_at = now
+        if stop == len(due):
+            self._scheduled.popleft()
+        else:
+            self._scheduled[0] = (events.slice(stop), due[stop:], arrived_us[stop:])
+        return restamp_ingested(events.slice(0, stop), arrived_us[:stop])
+
+    def release(self, events: pa.Table) -> Iterator[pa.Table]:
+        """Yield ``events`` in due slices, in order, sleeping between them as needed (for
+        callers with nothing else to do; the driver takes slices and works while it waits)."""
+        self.add(events)
+        while self.pending:
+            piece = self.take()
+            if piece is None:
+                self.sleep(max(0.0, (self.next_wake() or 0.0) - self.monotonic()))
                 continue
-            stop = int(np.searchsorted(due, now, side="right"))
-            self._released_at = now
-            yield restamp_ingested(events.slice(start, stop - start), arrived_us[start:stop])
-            start = stop
+            yield piece

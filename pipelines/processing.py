@@ -1,11 +1,16 @@
 """Processing steps that run inside a partition, on each batch it applies.
 
-A step is keyed, stateful logic (a detector, a feature operator, a model) with a small
-surface: :meth:`Step.process` takes the partition's batch of envelope events, in per-key
-order, and returns rows for the store's tables (``scores``, ``alerts``) and derived events
-(alerts as events, routed again by the driver); :meth:`Step.snapshot` / :meth:`Step.restore`
-carry its state through checkpoints. Steps are built from config by :func:`build_steps`
-(a name -> class registry whose error lists the allowed kinds).
+A step is keyed, stateful logic (a detector, a feature operator, a model, a user's
+processor) with a small surface: :meth:`Step.process` takes the partition's batch of
+envelope events, in per-key order, and returns a :class:`StepOutput`: rows for named store
+tables (``scores``, ``alerts``, or a table of the step's own) and derived events (routed
+again by the driver); :meth:`Step.snapshot` / :meth:`Step.restore` carry its state through
+checkpoints. A step kind is a :class:`Step` subclass whose ``spec_class`` validates its
+config section; kinds are looked up by name in :mod:`pipelines.kinds`.
+
+An enrichment stage is a :class:`Step` too, run in actors keyed by its own key before
+routing: its input rows carry :data:`ROW_POSITION`, and its ``derived`` output is that
+column plus the columns it adds (``columns``), which the driver joins back by position.
 """
 
 from __future__ import annotations
@@ -19,11 +24,13 @@ import polars as pl
 import pyarrow as pa
 
 from models.anomaly import ThresholdPolicy, make_detector
-from pipelines.envelope import TIMESTAMP, envelope_schema
-from pipelines.errors import UnknownPluginError
+from pipelines.envelope import TIMESTAMP
 from pipelines.event_ids import uuid5_strings
 from pipelines.routing import type_regex
-from pipelines.spec import AnomalyStepSpec, EnrichSpec, PipelineSpec
+from pipelines.spec import AnomalyStepSpec, StepSpec
+
+#: The transit column of an enrichment stage's input: each row's position in its slice.
+ROW_POSITION = "_pos"
 
 SCORES_SCHEMA = pa.schema([
     pa.field("event_id", pa.string(), nullable=False),
@@ -50,15 +57,44 @@ ALERTS_SCHEMA = pa.schema([
 
 @dataclass
 class StepOutput:
-    """Rows a step produced for one batch: store tables by name, and derived events."""
+    """Rows a step produced for one batch: store tables by name, and derived events.
+
+    ``tables`` maps a store table name (``scores``, ``alerts``, or one of the step's own:
+    letters, digits, ``_``, ``-``) to rows; the rows need an ``event_type`` and a
+    ``timestamp`` column (UTC), which partition the table's files as they do ``events``.
+    ``derived`` are envelope events to store and route again.
+
+    Example:
+        >>> StepOutput(tables={"order_totals": pa.table({"n": [1]})}).derived is None
+        True
+    """
 
     tables: dict[str, pa.Table] = field(default_factory=dict)
     derived: pa.Table | None = None
 
 
-class Step(ABC):
-    """A processing step inside a partition."""
+@dataclass(frozen=True)
+class StepContext:
+    """What a step is built with besides its own spec.
 
+    Attributes:
+        envelope: the envelope schema of the pipeline's batches.
+        registry: the pipeline's payload registry (event types, keys, versions).
+        search_path: folders searched first for import paths.
+        objects: processors registered in Python (by step name), each partition's own copy.
+    """
+
+    envelope: pa.Schema
+    registry: Any = None
+    search_path: tuple[str, ...] = ()
+    objects: dict[str, Any] = field(default_factory=dict)
+
+
+class Step(ABC):
+    """A processing step inside a partition (or a partition of an enrichment stage)."""
+
+    #: The model that validates this kind's config section.
+    spec_class: type[StepSpec] = StepSpec
     name: str
     #: Transit columns an enrichment stage adds to the batch (none for a partition's steps).
     columns: tuple[str, ...] = ()
@@ -82,13 +118,16 @@ class AnomalyStep(Step):
     """Scores a payload field per key with a streaming detector; alerts over a threshold.
 
     Example:
-        >>> spec = AnomalyStepSpec(kind="anomaly", value="v", detector="robust_zscore")
-        >>> AnomalyStep(spec).name
+        >>> spec = AnomalyStepSpec(kind="anomaly", value="v", detector="robust_zscore",
+        ...                        event_types=["reading"])
+        >>> AnomalyStep(spec, StepContext(envelope_schema())).name
         'anomaly'
     """
 
-    def __init__(self, spec: AnomalyStepSpec, envelope: pa.Schema | None = None) -> None:
-        self.spec, self.name, self.envelope = spec, spec.name, envelope
+    spec_class = AnomalyStepSpec
+
+    def __init__(self, spec: AnomalyStepSpec, context: StepContext) -> None:
+        self.spec, self.name, self.envelope = spec, spec.name, context.envelope
         self.detector = make_detector(spec.detector, **spec.params)
         self.policy = ThresholdPolicy(spec.threshold)
         self.model = f"{spec.detector}"
@@ -150,39 +189,3 @@ def alert_events(alerts: pl.DataFrame, parents: pl.DataFrame, envelope: pa.Schem
         correlation_id="correlation_id", key="key",
         data=pl.struct(json=body).cast(data_type, strict=False), metadata="metadata")
     return events.to_arrow().cast(envelope)
-
-
-def step_kinds() -> dict[str, type[Step]]:
-    """Step kind name -> class (the fraud step builds on this module, so it loads late)."""
-    from pipelines.fraud import FraudStep
-
-    return {"anomaly": AnomalyStep, "fraud": FraudStep}
-
-
-def build_steps(spec: PipelineSpec) -> list[Step]:
-    """The pipeline's steps, in config order, fresh (no state)."""
-    envelope = envelope_schema(spec.registry())
-    kinds = step_kinds()
-    steps = []
-    for step in spec.steps:
-        cls = kinds.get(step.kind)
-        if cls is None:
-            raise UnknownPluginError("step kind", step.kind, list(kinds))
-        steps.append(cls(step, envelope))
-    return steps
-
-
-def stage_class(stage: EnrichSpec) -> type[Step]:
-    """The class of an enrichment stage's kind (its ``columns`` name what it adds)."""
-    from pipelines.fraud import TerminalRiskStage
-
-    kinds: dict[str, type[Step]] = {"handbook_terminal": TerminalRiskStage}
-    cls = kinds.get(stage.kind)
-    if cls is None:
-        raise UnknownPluginError("enrich kind", stage.kind, list(kinds))
-    return cls
-
-
-def build_stage(stage: EnrichSpec) -> Step:
-    """The logic of one partition of an enrichment stage, fresh (no state)."""
-    return stage_class(stage)(stage)

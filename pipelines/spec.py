@@ -1,7 +1,8 @@
 """Pipeline configuration: YAML in ``configs/``, validated once by frozen pydantic models.
 
 A :class:`PipelineSpec` is an inert description: building one runs nothing. The entry
-point (``eventray run``) loads it with :func:`load_pipeline`; each component then gets only
+point (``eventray run``) loads it with :func:`pipelines.load_pipeline`, which also has each
+plugin kind validate its own section; each component then gets only
 its own small settings object (``spec.source``, ``spec.mapping``, ``spec.runtime``...).
 A bad config fails here, at start-up, with a message naming the field.
 
@@ -19,11 +20,9 @@ from __future__ import annotations
 
 import importlib
 import re
-from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pipelines.envelope import (
     EVENT_TYPE_PATTERN,
@@ -31,9 +30,12 @@ from pipelines.envelope import (
     PayloadSchema,
     model_from_yaml,
 )
-from pipelines.errors import ConfigError, SchemaError
+from pipelines.errors import SchemaError
+from pipelines.plugins import IMPORT_PATH
 
 ENVELOPE_KEY_FIELDS = ("event_id", "event_type", "source", "correlation_id", "part")
+#: Names of steps, routes, patterns and actions: ``big-orders``, ``card_testing``.
+NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
 
 
 class _Frozen(BaseModel):
@@ -64,26 +66,30 @@ class PaceSpec(_Frozen):
     linger_ms: float = Field(default=100.0, ge=0, le=10_000)
 
 
-class SimulateIfMissing(_Frozen):
-    """Generate the source's files with the simulator when its path does not exist."""
+class _Open(BaseModel):
+    """The common fields of a plugin's section; the kind's own model validates the rest."""
 
-    n_days: int = Field(default=61, gt=0)
-    n_customers: int = Field(default=5000, gt=0)
-    n_terminals: int = Field(default=10000, gt=0)
-    start_date: str = "2018-04-01"
-    seed: int = 0
+    model_config = ConfigDict(frozen=True, extra="allow")
+
+    def options(self) -> dict[str, Any]:
+        """The fields only the kind knows (``model_extra``)."""
+        return dict(self.model_extra or {})
 
 
-class SourceSpec(_Frozen):
-    """Where events come from."""
+class SourceSpec(_Open):
+    """Where events come from: a source kind (``format``) and what it reads.
 
-    format: Literal["parquet", "csv", "jsonl"]
+    ``format`` names a source kind: ``parquet``, ``csv``, ``jsonl``, one an installed package
+    declares (entry-point group ``eventray.sources``) or an import path. Fields besides the
+    common ones below belong to the kind, which validates them with its own model.
+    """
+
+    format: str = Field(min_length=1)
     name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.-]+$")
     path: list[str] = Field(min_length=1)
     pattern: str | None = None
     batch_size: int = Field(default=10_000, gt=0)
     pace: PaceSpec | None = None
-    simulate_if_missing: SimulateIfMissing | None = None
 
     @property
     def source_name(self) -> str:
@@ -169,7 +175,7 @@ class RouteSpec(_Frozen):
     normal ones under load (never reordering one key).
     """
 
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    name: str = Field(pattern=NAME_PATTERN)
     event_types: list[str] = Field(default_factory=lambda: ["*"], min_length=1)
     filter: str | None = None
     priority: Literal["high", "normal"] = "normal"
@@ -194,11 +200,33 @@ class AdaptiveBatching(_Frozen):
     max_rows: int = Field(default=200_000, ge=1)
 
 
-class AnomalyStepSpec(_Frozen):
+class StepSpec(_Open):
+    """A processing step in the keyed partitions: its kind, name and event types.
+
+    ``kind`` names a step kind: ``anomaly``, ``python`` (a user's processor), one an installed
+    package declares (entry-point group ``eventray.processors``) or an import path. The
+    kind's own model (its class's ``spec_class``) validates the whole section at start-up.
+    """
+
+    kind: str = Field(min_length=1)
+    name: str = Field(pattern=NAME_PATTERN)
+    event_types: list[str] = Field(default_factory=lambda: ["*"], min_length=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _name_defaults_to_kind(cls, values: Any) -> Any:
+        if isinstance(values, dict) and "name" not in values and isinstance(values.get("kind"), str):
+            return {**values, "name": values["kind"]}
+        return values
+
+
+class AnomalyStepSpec(StepSpec):
     """Score a numeric payload field with a streaming per-key anomaly detector."""
 
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
     kind: Literal["anomaly"]
-    name: str = Field(default="anomaly", pattern=r"^[a-z0-9_]+$")
+    name: str = Field(default="anomaly", pattern=NAME_PATTERN)
     detector: str = "knn_novelty"
     params: dict[str, float | int | str | bool] = Field(default_factory=dict)
     value: str = Field(description="payload field holding the value")
@@ -208,55 +236,48 @@ class AnomalyStepSpec(_Frozen):
     emit_alerts: bool = True
 
 
-class ModelRef(_Frozen):
-    """A model in the registry: ``latest`` follows new versions while the pipeline runs."""
+class PythonStepSpec(StepSpec):
+    """A user's processor: ``function`` is ``package.module:attribute``, resolved on
+    ``sys.path`` with the config's folder and the working directory first.
 
-    registry: str = Field(description="the registry directory")
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
-    version: int | Literal["latest"] = "latest"
-    reload_every: int = Field(default=10, ge=1, description="batches between checks for a new version")
+    The attribute is a processor (a function, or an object with ``process``), or a class
+    that is instantiated with ``params`` (one instance per partition).
+    """
 
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
-class FraudStepSpec(_Frozen):
-    """The fraud handbook's 15 inputs per transaction (customer windows computed here,
-    terminal windows from the ``terminal`` enrichment stage), scored by a registry model."""
-
-    kind: Literal["fraud"]
-    name: str = Field(default="fraud", pattern=r"^[a-z0-9_]+$")
-    event_types: list[str] = Field(default_factory=lambda: ["transaction.created"], min_length=1)
-    model: ModelRef | None = Field(default=None, description="absent: features only, no score")
-    threshold: float = Field(default=0.5, ge=0, le=1)
-    alert_type: str = Field(default="fraud.suspected", pattern=EVENT_TYPE_PATTERN)
-    emit_alerts: bool = True
-
-
-StepSpec = Annotated[AnomalyStepSpec | FraudStepSpec, Field(discriminator="kind")]
+    kind: Literal["python"]
+    function: str = Field(pattern=IMPORT_PATH)
+    params: dict[str, Any] = Field(default_factory=dict)
 
 
 class LabelFeedSpec(_Frozen):
     """Labels as their own events: for every event of type ``of``, an event ``event_type``
     carrying ``fields`` (the label among them) is released ``delay_days`` after it, merged
     into the stream in event-time order (a label never arrives before its delay has passed).
-    Replays of recorded data (the handbook, the simulator) use it to play the label feed
-    that a card network delivers separately."""
+    Replays of recorded data use it to play back a feed that arrives separately in real
+    life (a card network's fraud reports, a carrier's delivery confirmations)."""
 
-    of: str = Field(default="transaction.created", pattern=EVENT_TYPE_PATTERN)
-    event_type: str = Field(default="fraud.reported", pattern=EVENT_TYPE_PATTERN)
-    label: str = "TX_FRAUD"
-    fields: list[str] = Field(default_factory=lambda: [
-        "TRANSACTION_ID", "CUSTOMER_ID", "TERMINAL_ID", "TX_DATETIME", "TX_FRAUD"])
-    delay_days: float = Field(default=7.0, gt=0)
+    of: str = Field(pattern=EVENT_TYPE_PATTERN)
+    event_type: str = Field(pattern=EVENT_TYPE_PATTERN)
+    label: str
+    fields: list[str] = Field(min_length=1)
+    delay_days: float = Field(gt=0)
 
 
-class EnrichSpec(_Frozen):
+class EnrichSpec(_Open):
     """A keyed stage that runs before routing, partitioned by its own key (a payload field),
-    adding columns to the events it sees; its actors are named ``<name>-<i>``."""
+    adding columns to the events it sees; its actors are named ``<name>-<i>``.
+
+    ``kind`` names a stage kind (entry-point group ``eventray.stages``, or an import path);
+    fields besides these belong to the kind.
+    """
 
     name: str = Field(pattern=r"^[a-z][a-z0-9_]*$")
-    kind: Literal["handbook_terminal"]
+    kind: str = Field(min_length=1)
     key: str = Field(description="payload field the stage is partitioned by")
     partitions: int = Field(default=2, ge=1, le=1024)
-    event_types: list[str] = Field(default_factory=lambda: ["transaction.created", "fraud.reported"])
+    event_types: list[str] = Field(min_length=1)
 
 
 class StoreSpec(_Frozen):
@@ -278,6 +299,17 @@ class PipelineSpec(_Frozen):
     steps: list[StepSpec] = Field(default_factory=list)
     runtime: RuntimeSpec = Field(default_factory=RuntimeSpec)
     store: StoreSpec = Field(default_factory=StoreSpec)
+    #: Folders searched first for import paths (``module:attr``): the config's folder and
+    #: the working directory, filled in by :func:`pipelines.load_pipeline`.
+    search_path: list[str] = Field(default_factory=list)
+
+    @field_validator("steps")
+    @classmethod
+    def _unique_step_names(cls, value: list[StepSpec]) -> list[StepSpec]:
+        names = [step.name for step in value]
+        if len(set(names)) != len(names):
+            raise ValueError(f"step names must be unique, got {names}")
+        return value
 
     @field_validator("event_types")
     @classmethod
@@ -308,42 +340,3 @@ def _payload_schema(name: str, spec: EventTypeSpec) -> PayloadSchema:
         except (ImportError, AttributeError) as exc:
             raise SchemaError(f"event_types.{name}.payload_model: cannot import: {exc}") from exc
     return PayloadSchema(name, model, version=spec.version, key=spec.key, region=spec.region)
-
-
-def _format_validation_error(path: str, exc: ValidationError) -> str:
-    lines = [f"{path}: invalid pipeline config"]
-    for err in exc.errors():
-        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        lines.append(f"  {where}: {err['msg']}")
-    return "\n".join(lines)
-
-
-def load_pipeline(path: str | Path, overrides: dict[str, Any] | None = None) -> PipelineSpec:
-    """Read, validate and freeze a pipeline config; raise :class:`ConfigError` naming fields.
-
-    Args:
-        path: the YAML file.
-        overrides: top-level sections to update before validation, e.g.
-            ``{"source": {"path": ["in/"]}}`` (merged one level deep).
-    """
-    try:
-        raw = yaml.safe_load(Path(path).read_text())
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: a pipeline config is a YAML mapping")
-    for section, values in (overrides or {}).items():
-        raw[section] = {**(raw.get(section) or {}), **values}
-    try:
-        spec = PipelineSpec.model_validate(raw)
-        spec.registry()
-        from pipelines.routing import Router  # routing needs the spec's envelope schema
-
-        Router(spec)
-    except ValidationError as exc:
-        raise ConfigError(_format_validation_error(str(path), exc)) from None
-    except SchemaError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
-    return spec

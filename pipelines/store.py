@@ -37,7 +37,7 @@ TABLES = ("events", "scores", "alerts", "actions", "deadletter")
 #: The column whose UTC date partitions each table.
 TIME_COLUMN = {"deadletter": "ingested_at"}
 _SAFE_VALUE = re.compile(r"^[a-z0-9_][a-z0-9_.-]{0,127}$")
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 _FILE_NAME = re.compile(r"^part-(?P<run>[^-]+)-(?P<writer>.+)-(?P<seq>\d{12})\.parquet$")
 
 

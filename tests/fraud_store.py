@@ -27,8 +27,8 @@ import polars as pl
 import pyarrow as pa
 
 from models.fraud import HANDBOOK_FEATURES
-from pipelines.features import handbook_features_batch
-from pipelines.simulator import SimulationSpec, simulate_transactions, write_monthly
+from pipelines.fraud.features import handbook_features_batch
+from pipelines.fraud.simulator import SimulationSpec, simulate_transactions, write_monthly
 from pipelines.store import EventStore
 
 LABEL_DELAY = dt.timedelta(days=7)

@@ -82,7 +82,7 @@ def command(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, A
     from cluster.bench import BenchError
     from cluster.bench.harness import BenchOptions, run_bench
     from cluster.bench.report import compact, table
-    from pipelines.spec import load_pipeline
+    from pipelines.pipeline import load_pipeline
 
     if not args.config.is_file():
         raise BenchError(f"no such config: {args.config}")

@@ -44,7 +44,7 @@ def find_input(paths: list[Path] | None, work: Path, simulate_days: int, seed: i
     handbook = sorted(HANDBOOK_DIR.glob(PATTERN))
     if handbook:
         return _workload(handbook, "fraud-handbook")
-    from pipelines.simulator import SimulationSpec, simulate_transactions, write_monthly
+    from pipelines.fraud.simulator import SimulationSpec, simulate_transactions, write_monthly
 
     target = work / f"simulated-{simulate_days}d-seed{seed}"
     if not sorted(target.glob(PATTERN)):
@@ -70,7 +70,7 @@ def train_model(workload: Workload, registry: Path, name: str = MODEL_NAME, seed
     """
     from models.fraud import make_model
     from models.registry import ModelRegistry
-    from pipelines.features import handbook_features_batch
+    from pipelines.fraud.features import handbook_features_batch
 
     frame = pl.read_parquet(list(workload.files))
     inputs = frame.select("TX_AMOUNT", "TX_FRAUD", "TX_DATETIME").hstack(

@@ -20,8 +20,8 @@ import pytest
 from cluster.bench.batch_job import features as batch_features
 from cluster.bench.keyed_windows import FEATURES, CustomerWindows, TerminalWindows, calendar
 from models.fraud import HANDBOOK_FEATURES
-from pipelines.features import handbook_features_batch
-from pipelines.simulator import SimulationSpec, simulate_transactions, write_monthly
+from pipelines.fraud.features import handbook_features_batch
+from pipelines.fraud.simulator import SimulationSpec, simulate_transactions, write_monthly
 from tests.conftest import ROOT
 
 EVENTRAY = str(Path(sys.executable).parent / "eventray")

@@ -358,8 +358,8 @@ def source_rows_per_s(config: Path, passes: int = 3) -> float:
     from cluster.driver import build_source
     from pipelines.dedup import DuplicateFilter
     from pipelines.normalise import Normaliser
+    from pipelines.pipeline import load_pipeline
     from pipelines.sources import iter_batches
-    from pipelines.spec import load_pipeline
 
     spec = load_pipeline(config)
     best = 0.0

@@ -15,7 +15,7 @@ import yaml
 
 from cluster.driver import run_pipeline
 from cluster.partitions import LocalPartitions
-from pipelines.simulator import SimulationSpec, simulate_transactions, write_monthly
+from pipelines.fraud.simulator import SimulationSpec, simulate_transactions, write_monthly
 from pipelines.spec import EnrichSpec, PipelineSpec
 from pipelines.testing import FakeClock
 from tests.integration.test_recovery import KillingPartitions, crash_resume_and_rerun, files_of

@@ -12,8 +12,8 @@ import pytest
 
 from cluster.driver import run_pipeline
 from cluster.partitions import RayPartitions
-from pipelines.features import handbook_features_batch
-from pipelines.simulator import SimulationSpec, simulate_transactions, write_monthly
+from pipelines.fraud.features import handbook_features_batch
+from pipelines.fraud.simulator import SimulationSpec, simulate_transactions, write_monthly
 from pipelines.spec import PipelineSpec
 from tests.unit.test_fraud_pipeline import FEATURES, fraud_spec, mismatches, train_into
 

@@ -17,12 +17,12 @@ import pytest
 from threadpoolctl import threadpool_limits
 
 from cluster.cli import main
-from cluster.evaluate_fraud import evaluate_fraud, select_recipes
-from cluster.fraud_data import feature_frame
 from models.evaluation import evaluate_scores, split_train_test
 from models.fraud import HANDBOOK_FEATURES, ModelPreset
 from models.registry import ModelRegistry
-from pipelines.simulator import SimulationSpec
+from pipelines.fraud.data import feature_frame
+from pipelines.fraud.evaluation import evaluate_fraud, select_recipes
+from pipelines.fraud.simulator import SimulationSpec
 from tests.conftest import HANDBOOK
 from tests.fraud_store import small_transactions, write_stand_in_store, write_transaction_files
 from tests.integration.test_cli_runs import eventray, summary_of
@@ -69,7 +69,7 @@ def test_train_saves_a_version_that_loads_back_with_its_metadata(simulated: tupl
 
 
 def facts_split(facts: dict):
-    from cluster.train import validation_spec
+    from pipelines.fraud.train import validation_spec
 
     extra = facts["extra"]["range"]
     return validation_spec(dt.date.fromisoformat(extra["start"]), dt.date.fromisoformat(extra["end"]))

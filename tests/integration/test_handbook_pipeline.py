@@ -15,7 +15,7 @@ import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
 
-from pipelines.features import HANDBOOK_FEATURES, handbook_features_batch
+from pipelines.fraud.features import HANDBOOK_FEATURES, handbook_features_batch
 from tests.conftest import unscored_fraud_config
 from tests.integration.test_cli_runs import eventray, summary_of
 from tests.unit.test_features import parity_report

@@ -10,7 +10,7 @@ import pytest
 from nbclient import NotebookClient
 
 from cluster.job import run_spec
-from pipelines.simulator import SimulationSpec, simulate_transactions, write_monthly
+from pipelines.fraud.simulator import SimulationSpec, simulate_transactions, write_monthly
 from tests.unit.test_fraud_pipeline import fraud_spec
 
 ROOT = Path(__file__).resolve().parents[2]

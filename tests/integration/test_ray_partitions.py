@@ -12,7 +12,7 @@ import pytest
 
 from cluster.driver import run_pipeline
 from cluster.partitions import LocalPartitions, RayPartitions
-from pipelines.spec import load_pipeline
+from pipelines.pipeline import load_pipeline
 from pipelines.testing import FakeClock
 from tests.conftest import ROOT
 

@@ -24,23 +24,25 @@ from polars.testing import assert_frame_equal
 from pipelines import features
 from pipelines.errors import ConfigError
 from pipelines.features import (
-    HANDBOOK_CUSTOMER_SPEC,
-    HANDBOOK_FEATURES,
-    HANDBOOK_LABEL_DELAY,
-    HANDBOOK_TERMINAL_SPEC,
     Aggregate,
     EventOrderError,
     FeatureError,
-    HandbookFeatures,
     KeyedWindowOperator,
     KeyedWindowSpec,
     StateRestoreError,
     Window,
-    calendar_features,
-    handbook_features_batch,
     window_features_batch,
 )
-from pipelines.simulator import SimulationSpec, simulate_transactions
+from pipelines.fraud.features import (
+    HANDBOOK_CUSTOMER_SPEC,
+    HANDBOOK_FEATURES,
+    HANDBOOK_LABEL_DELAY,
+    HANDBOOK_TERMINAL_SPEC,
+    HandbookFeatures,
+    calendar_features,
+    handbook_features_batch,
+)
+from pipelines.fraud.simulator import SimulationSpec, simulate_transactions
 
 HANDBOOK = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "fraud-handbook"
 needs_handbook = pytest.mark.skipif(

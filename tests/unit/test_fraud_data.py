@@ -1,4 +1,4 @@
-"""cluster.fraud_data: the labelled feature frame from a store, and offline, agree."""
+"""pipelines.fraud.data: the labelled feature frame from a store, and offline, agree."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from cluster.fraud_data import (
+from pipelines.errors import ConfigError, StoreError
+from pipelines.fraud.data import (
     FRAME_COLUMNS,
     compare_frames,
     feature_frame,
@@ -16,8 +17,7 @@ from cluster.fraud_data import (
     offline_feature_frame,
     offline_features,
 )
-from pipelines.errors import ConfigError, StoreError
-from pipelines.simulator import SimulationSpec
+from pipelines.fraud.simulator import SimulationSpec
 from pipelines.store import EventStore
 from tests.fraud_store import small_transactions, write_stand_in_store, write_transaction_files
 

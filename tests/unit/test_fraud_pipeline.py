@@ -21,13 +21,21 @@ from cluster.partitions import LocalPartitions
 from models.fraud import make_model
 from models.registry import ModelRegistry
 from pipelines.envelope import envelope_schema
-from pipelines.features import handbook_features_batch
-from pipelines.fraud import POSITION, FraudStep, TerminalRiskStage
+from pipelines.fraud.features import handbook_features_batch
+from pipelines.fraud.flow import (
+    POSITION,
+    FraudStep,
+    FraudStepSpec,
+    ModelRef,
+    TerminalRiskStage,
+    TerminalStageSpec,
+)
+from pipelines.fraud.simulator import SimulationSpec, simulate_transactions, write_monthly
 from pipelines.labels import LabelFeed
 from pipelines.normalise import Normaliser
-from pipelines.simulator import SimulationSpec, simulate_transactions, write_monthly
+from pipelines.processing import StepContext
 from pipelines.sources import RawBatch
-from pipelines.spec import EnrichSpec, FraudStepSpec, ModelRef, PipelineSpec
+from pipelines.spec import EnrichSpec, PipelineSpec
 from pipelines.testing import FakeClock
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -62,7 +70,7 @@ def normalised_batches(spec: PipelineSpec, table: pa.Table, size: int) -> list[p
 def stream_features(spec: PipelineSpec, table: pa.Table, size: int) -> pl.DataFrame:
     """Both stages in one process, the way the driver joins them (by row position)."""
     feed = LabelFeed(spec.labels, spec.registry(), envelope_schema(spec.registry()))
-    stage = TerminalRiskStage(EnrichSpec(name="terminal", kind="handbook_terminal", key="TERMINAL_ID"))
+    stage = TerminalRiskStage(TerminalStageSpec(name="terminal", key="TERMINAL_ID"))
     step = FraudStep(FraudStepSpec(kind="fraud"))
     scores = []
     for events in normalised_batches(spec, table, size):
@@ -126,7 +134,7 @@ def test_label_feed_snapshot_restore_round_trip(transactions: pa.Table) -> None:
 
 def test_stage_state_survives_snapshot_restore(transactions: pa.Table) -> None:
     spec = fraud_spec()
-    stage = TerminalRiskStage(EnrichSpec(name="terminal", kind="handbook_terminal", key="TERMINAL_ID"))
+    stage = TerminalRiskStage(TerminalStageSpec(name="terminal", key="TERMINAL_ID"))
     step = FraudStep(FraudStepSpec(kind="fraud"))
     fresh_stage = TerminalRiskStage(stage.spec)
     fresh_step = FraudStep(step.spec)
@@ -151,8 +159,8 @@ def test_the_step_scores_alerts_and_picks_up_a_new_version(tmp_path: Path, trans
     train_into(registry, transactions, seed=0)
     step_spec = FraudStepSpec(kind="fraud", threshold=0.3,
                               model=ModelRef(registry=str(registry), name="fraud", reload_every=2))
-    step = FraudStep(step_spec, envelope_schema(spec.registry()))
-    stage = TerminalRiskStage(EnrichSpec(name="terminal", kind="handbook_terminal", key="TERMINAL_ID"))
+    step = FraudStep(step_spec, StepContext(envelope_schema(spec.registry()), spec.registry()))
+    stage = TerminalRiskStage(TerminalStageSpec(name="terminal", key="TERMINAL_ID"))
     feed = LabelFeed(spec.labels, spec.registry(), envelope_schema(spec.registry()))
     versions, alerts = [], 0
     for i, events in enumerate(normalised_batches(spec, transactions, 6000)):
@@ -196,25 +204,17 @@ class LateStageAnswers(LocalPartitions):
     def __init__(self, *args: object, lag: int = 3, seed: int = 0) -> None:
         super().__init__(*args)  # type: ignore[arg-type]
         self.lag, self.rng, self.held, self.most_held = lag, np.random.default_rng(seed), [], 0
-        self.waited = False
 
-    def completed(self) -> list:
-        self.held += super().completed()
+    def poll(self, block: bool = False) -> list:
+        self.held += super().poll()
         self.most_held = max(self.most_held, len(self.held))
-        if len(self.held) <= self.lag and not self.waited:
+        if len(self.held) <= self.lag and not block:
             return []
-        back = np.ones(len(self.held), bool) if self.waited else self.rng.random(len(self.held)) < 0.5
-        self.waited = False
+        # a waiting driver gets everything held; a look in passing a random half
+        back = np.ones(len(self.held), bool) if block else self.rng.random(len(self.held)) < 0.5
         out = [r for r, b in zip(self.held, back, strict=True) if b]
         self.held = [r for r, b in zip(self.held, back, strict=True) if not b]
         return [out[i] for i in self.rng.permutation(len(out))]
-
-    def wait(self) -> None:
-        self.waited = True  # a waiting driver gets everything held at its next look
-
-    def drain(self) -> list:
-        out, self.held = self.held + super().completed(), []
-        return out
 
     def in_flight(self) -> int:
         return len(self.held)

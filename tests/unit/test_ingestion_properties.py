@@ -30,7 +30,8 @@ from cluster.driver import run_pipeline
 from cluster.partitions import LocalPartitions
 from pipelines.envelope import EVENT_TYPE_PATTERN, INVALID_EVENT_TYPE
 from pipelines.event_ids import EVENTRAY_NAMESPACE
-from pipelines.spec import PipelineSpec, load_pipeline
+from pipelines.pipeline import load_pipeline
+from pipelines.spec import PipelineSpec
 from pipelines.store import EventStore, safe_partition_value
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"

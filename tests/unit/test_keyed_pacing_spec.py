@@ -17,7 +17,7 @@ from pipelines.envelope import TIMESTAMP
 from pipelines.errors import ConfigError
 from pipelines.keyed import PartitionWorker, SequenceGapError, split_by_partition
 from pipelines.pacing import Pacer
-from pipelines.spec import load_pipeline
+from pipelines.pipeline import load_pipeline
 from pipelines.testing import FakeClock, ListSink
 from tests.conftest import ROOT
 
@@ -135,11 +135,14 @@ def test_shipped_configs_are_valid() -> None:
 
 def test_public_surface_is_pinned() -> None:
     assert sorted(pipelines.__all__) == sorted([
-        "DEADLETTER_SCHEMA", "AccountingError", "BatchReceipt", "ConfigError", "CsvSource",
+        "DEADLETTER_SCHEMA", "ROW_POSITION", "RUNNERS", "SOURCE_KINDS", "STAGE_KINDS", "STEP_KINDS",
+        "AccountingError", "BatchReceipt", "ConfigError", "CsvSource",
         "DuplicateFilter", "Envelope", "EventStore", "JsonLinesSource", "Metadata", "Normalised",
         "Normaliser", "Pacer", "ParquetSource", "PartitionWorker", "PayloadRegistry",
-        "PayloadSchema", "PipelineError", "PipelineSpec", "RawBatch", "SchemaError",
-        "SequenceGapError", "Source", "SourceError", "SourceReader", "StoreError",
+        "PayloadSchema", "Pipeline", "PipelineError", "PipelineSpec", "PluginImportError",
+        "PluginRegistry", "ProcessorError", "RawBatch", "SchemaError",
+        "SequenceGapError", "Source", "SourceError", "SourceKind", "SourceReader", "Step",
+        "StepContext", "StepOutput", "StoreError",
         "UnknownPluginError", "derived_event_ids", "envelope_schema", "iter_batches",
         "load_pipeline", "partition_of", "split_by_partition",
     ])
@@ -152,7 +155,7 @@ def test_pipelines_and_models_never_import_ray() -> None:
     import subprocess
     import sys
 
-    code = ("import pipelines, pipelines.simulator, pipelines.testing, models, sys; "
+    code = ("import pipelines, pipelines.fraud.simulator, pipelines.testing, models, sys; "
             "print('ray' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

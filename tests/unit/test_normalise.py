@@ -21,8 +21,9 @@ from pipelines.dedup import DuplicateFilter
 from pipelines.envelope import DEADLETTER_SCHEMA, INVALID_EVENT_TYPE, TIMESTAMP
 from pipelines.event_ids import EVENTRAY_NAMESPACE
 from pipelines.normalise import Normalised, Normaliser
+from pipelines.pipeline import load_pipeline
 from pipelines.sources import RawBatch
-from pipelines.spec import PipelineSpec, load_pipeline
+from pipelines.spec import PipelineSpec
 from pipelines.testing import FakeClock
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"

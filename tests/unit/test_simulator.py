@@ -1,4 +1,4 @@
-"""Unit tests for pipelines.simulator (the handbook's transaction generator, no Ray)."""
+"""Unit tests for pipelines.fraud.simulator (the handbook's transaction generator, no Ray)."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipelines import simulator as sim
-from pipelines.simulator import (
+from pipelines.fraud import simulator as sim
+from pipelines.fraud.simulator import (
     LABEL_SCHEMA,
     TRANSACTION_SCHEMA,
     SimulationSpec,

@@ -1,7 +1,7 @@
 """``eventray train``: fit a fraud model on the store's features over a time range, save it.
 
 The training set is every labelled transaction with time in ``[start, end)`` (whole days),
-read with :func:`cluster.fraud_data.feature_frame` (or computed offline, for development).
+read with :func:`pipelines.fraud.data.feature_frame` (or computed offline, for development).
 When the data also holds the week that starts 7 days after the range (the labels of the
 range's last days arrive 7 days late, so the handbook waits that long before testing), the
 model is validated on it by the handbook's protocol (known compromised cards removed, ROC
@@ -23,11 +23,11 @@ from typing import Any
 
 import polars as pl
 
-from cluster.fraud_data import FeatureSource, ModelCommandError, load_frame, model_errors
 from models.evaluation import EvaluationError, SplitSpec, evaluate_scores, split_train_test
 from models.fraud import LABEL, FraudModel, find_preset
 from models.registry import ModelRegistry, ModelVersion
 from pipelines.errors import ConfigError
+from pipelines.fraud.data import FeatureSource, ModelCommandError, load_frame, model_errors
 
 VALIDATION_DELAY_DAYS = 7
 VALIDATION_DAYS = 7

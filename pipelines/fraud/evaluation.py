@@ -6,7 +6,7 @@ tested on the handbook's default split (train 2018-07-25..07-31, 7 days of delay
 weekly test folds (test weeks starting 08-08, 08-01, 07-25, 07-18; the mean is reported).
 The features come from the event store a fraud pipeline run wrote (the default) or, for a
 parity cross-check and for development without a pipeline run, are computed offline from
-the handbook's files (:mod:`cluster.fraud_data`). The result is the handbook's published
+the handbook's files (:mod:`pipelines.fraud.data`). The result is the handbook's published
 table with our rows beside it (:func:`models.evaluation.format_comparison`) and a summary.
 """
 
@@ -21,14 +21,6 @@ from typing import Any
 
 import polars as pl
 
-from cluster.fraud_data import (
-    FeatureSource,
-    compare_frames,
-    feature_frame,
-    load_frame,
-    model_errors,
-    offline_feature_frame,
-)
 from models.evaluation import (
     DEFAULT_SPLIT,
     METRIC_NAMES,
@@ -45,6 +37,14 @@ from models.evaluation import (
 from models.fraud import ModelPreset, find_preset
 from models.tuning import SEARCH_SPACE, select_presets
 from pipelines.errors import ConfigError
+from pipelines.fraud.data import (
+    FeatureSource,
+    compare_frames,
+    feature_frame,
+    load_frame,
+    model_errors,
+    offline_feature_frame,
+)
 
 #: The recipes evaluated when none are named: the handbook's baselines and our tuned ones.
 DEFAULT_MODELS: tuple[str, ...] = ("logistic_regression", "random_forest", "hist_gradient_boosting",

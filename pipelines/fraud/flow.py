@@ -1,4 +1,4 @@
-"""The fraud handbook's model inputs, streamed through two keyed stages, and fraud scoring.
+"""The fraud flow: the handbook's model inputs, streamed through two keyed stages, and scoring.
 
 Transactions are keyed by customer, but six of the handbook's inputs are terminal windows.
 The flow has two keyed stages:
@@ -7,18 +7,21 @@ The flow has two keyed stages:
    terminal's transactions and its label events (``fraud.reported``, released by
    :class:`pipelines.labels.LabelFeed` a label delay after each transaction) in source
    order, and returns per transaction its terminal's count of transactions and share of
-   frauds over 1, 7 and 30 days ending 7 days before it. It never sees a label before its
-   delay has passed: the count of frauds in a window is a count of label *events*, and a
-   label event exists in the stream only once its time has come. The driver joins the
-   returned columns back onto the source batch (by row position), so the batch keeps its
-   order and goes on to stage 2 as one piece; these columns travel as ``_``-prefixed
-   transit columns that the store never writes.
-2. :class:`FraudStep`, in the customer-keyed partitions, adds the customer windows and the
-   calendar flags, scores the 15 inputs with a registry model and writes ``scores`` (the
-   inputs under the handbook's names, the score and the model version) and ``alerts``.
+   frauds over 1, 7 and 30 days ending 7 days before it (stage kind ``handbook_terminal``).
+   It never sees a label before its delay has passed: the count of frauds in a window is
+   a count of label *events*, and a label event exists in the stream only once its time
+   has come. The driver joins the returned columns back onto the source batch (by row
+   position), so the batch keeps its order and goes on to stage 2 as one piece; these
+   columns travel as ``_``-prefixed transit columns that the store never writes.
+2. :class:`FraudStep` (step kind ``fraud``), in the customer-keyed partitions, adds the
+   customer windows and the calendar flags, scores the 15 inputs with a registry model and
+   writes ``scores`` (the inputs under the handbook's names, the score and the model
+   version) and ``alerts``.
 
-Both equal :func:`pipelines.features.handbook_features_batch` over the whole history (tested
-on the handbook's published features and on simulator data). A model named ``latest`` is
+Both plug into the engine through its public seams (the entry points of the
+``eventray.stages`` and ``eventray.processors`` groups); the engine imports nothing from
+here. Both equal :func:`pipelines.fraud.features.handbook_features_batch` over the whole
+history (tested on the handbook's published features and on simulator data). A model named ``latest`` is
 re-resolved every ``reload_every`` batches, so a new registry version is picked up without
 a restart; every score row records ``name:version``.
 """
@@ -27,33 +30,33 @@ from __future__ import annotations
 
 import base64
 import dataclasses
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import polars as pl
 import pyarrow as pa
+from pydantic import BaseModel, ConfigDict, Field
 
-from pipelines.features import (
-    DAY,
+from pipelines.envelope import EVENT_TYPE_PATTERN
+from pipelines.features import DAY, Aggregate, KeyedWindowOperator, KeyedWindowSpec, Window
+from pipelines.fraud.features import (
     HANDBOOK_CUSTOMER_SPEC,
     HANDBOOK_FEATURES,
     HANDBOOK_LABEL_DELAY,
-    Aggregate,
-    KeyedWindowOperator,
-    KeyedWindowSpec,
-    Window,
     calendar_features,
 )
 from pipelines.processing import (
     ALERTS_SCHEMA,
+    ROW_POSITION,
     SCORES_SCHEMA,
     Step,
+    StepContext,
     StepOutput,
     alert_events,
     alert_rows,
     events_of_types,
 )
-from pipelines.spec import EnrichSpec, FraudStepSpec
+from pipelines.spec import NAME_PATTERN, EnrichSpec, StepSpec
 
 if TYPE_CHECKING:  # scikit-learn and skops load only where a model is scored
     from models.fraud import FraudModel
@@ -68,8 +71,7 @@ MODEL_INPUTS = ("TX_AMOUNT", *HANDBOOK_FEATURES)
 #: idle for their horizon are expired only this far behind the latest time seen, which keeps
 #: the results exact (expiry changes memory, never values).
 CUSTOMER_SPEC = dataclasses.replace(HANDBOOK_CUSTOMER_SPEC, allowed_lateness=90 * DAY)
-#: The transit column of an enrichment stage's input: the row's position in its batch.
-POSITION = "_pos"
+POSITION = ROW_POSITION
 _DAYS = (1, 7, 30)
 TERMINAL_FEATURES = tuple(
     name for n in _DAYS for name in (f"TERMINAL_ID_NB_TX_{n}DAY_WINDOW", f"TERMINAL_ID_RISK_{n}DAY_WINDOW"))
@@ -89,6 +91,43 @@ FRAUD_SCORES_SCHEMA = pa.schema([
     pa.field("TX_DURING_NIGHT", pa.int64()),
     *(pa.field(name, pa.float64()) for name in MODEL_INPUTS[3:]),
 ])
+
+
+class ModelRef(BaseModel):
+    """A model in the registry: ``latest`` follows new versions while the pipeline runs."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    registry: str = Field(description="the registry directory")
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    version: int | Literal["latest"] = "latest"
+    reload_every: int = Field(default=10, ge=1, description="batches between checks for a new version")
+
+
+class FraudStepSpec(StepSpec):
+    """The fraud handbook's 15 inputs per transaction (customer windows computed here,
+    terminal windows from the ``terminal`` enrichment stage), scored by a registry model."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: str = "fraud"
+    name: str = Field(default="fraud", pattern=NAME_PATTERN)
+    event_types: list[str] = Field(default_factory=lambda: ["transaction.created"], min_length=1)
+    model: ModelRef | None = Field(default=None, description="absent: features only, no score")
+    threshold: float = Field(default=0.5, ge=0, le=1)
+    alert_type: str = Field(default="fraud.suspected", pattern=EVENT_TYPE_PATTERN)
+    emit_alerts: bool = True
+
+
+class TerminalStageSpec(EnrichSpec):
+    """The terminal stage: transactions and their label events, by terminal."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: str = "handbook_terminal"
+    event_types: list[str] = Field(default_factory=lambda: ["transaction.created", "fraud.reported"])
+    transaction_type: str = Field(default="transaction.created", pattern=EVENT_TYPE_PATTERN)
+    label_type: str = Field(default="fraud.reported", pattern=EVENT_TYPE_PATTERN)
 
 
 def _terminal_spec() -> KeyedWindowSpec:
@@ -114,21 +153,20 @@ class TerminalRiskStage(Step):
     ``derived``) has :data:`POSITION` and :data:`TERMINAL_TRANSIT` for the transactions.
 
     Example:
-        >>> from pipelines.spec import EnrichSpec
-        >>> spec = EnrichSpec(name="terminal", kind="handbook_terminal", key="TERMINAL_ID")
+        >>> spec = TerminalStageSpec(name="terminal", key="TERMINAL_ID")
         >>> TerminalRiskStage(spec).name
         'terminal'
     """
 
+    spec_class = TerminalStageSpec
     #: The transit columns it adds.
     columns = TERMINAL_TRANSIT
     #: The payload field it reads besides its key (the label of ``fraud.reported``).
     reads = ("TX_FRAUD",)
 
-    def __init__(self, spec: EnrichSpec, transaction_type: str = "transaction.created",
-                 label_type: str = "fraud.reported") -> None:
+    def __init__(self, spec: TerminalStageSpec, context: StepContext | None = None) -> None:
         self.spec, self.name = spec, spec.name
-        self.transaction_type, self.label_type = transaction_type, label_type
+        self.transaction_type, self.label_type = spec.transaction_type, spec.label_type
         self.operator = KeyedWindowOperator(_terminal_spec())
 
     def process(self, events: pa.Table) -> StepOutput:
@@ -206,8 +244,11 @@ class FraudStep(Step):
         'fraud'
     """
 
-    def __init__(self, spec: FraudStepSpec, envelope: pa.Schema | None = None) -> None:
-        self.spec, self.name, self.envelope = spec, spec.name, envelope
+    spec_class = FraudStepSpec
+
+    def __init__(self, spec: FraudStepSpec, context: StepContext | None = None) -> None:
+        self.spec, self.name = spec, spec.name
+        self.envelope = context.envelope if context is not None else None
         self.customer = KeyedWindowOperator(CUSTOMER_SPEC)
         self.slot = ModelSlot(spec)
 
@@ -255,9 +296,3 @@ class FraudStep(Step):
         self.customer = KeyedWindowOperator(CUSTOMER_SPEC)
         if state is not None:
             self.customer.restore(base64.b64decode(state))
-
-
-def terminal_transit_columns(n_rows: int) -> dict[str, pa.Array]:
-    """Null transit columns, for batches the terminal stage did not enrich (derived events)."""
-    return {name: pa.nulls(n_rows, pa.float64()) for name in TERMINAL_TRANSIT}
-

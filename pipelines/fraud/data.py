@@ -41,7 +41,7 @@ import polars as pl
 
 from models.fraud import HANDBOOK_FEATURES, LABEL, ModelError
 from pipelines.errors import ConfigError, PipelineError, StoreError
-from pipelines.features import handbook_features_batch
+from pipelines.fraud.features import handbook_features_batch
 from pipelines.store import EventStore
 
 FeatureSource = Literal["store", "offline"]
@@ -153,7 +153,7 @@ def offline_features(transactions: pl.DataFrame) -> pl.DataFrame:
     """:data:`FRAME_COLUMNS` for every row of ``transactions`` (the whole history, so warm).
 
     Example:
-        >>> from pipelines.simulator import SimulationSpec, simulate_transactions
+        >>> from pipelines.fraud.simulator import SimulationSpec, simulate_transactions
         >>> t = pl.from_arrow(simulate_transactions(SimulationSpec(n_customers=20, n_terminals=40, n_days=3)))
         >>> offline_features(t).columns == list(FRAME_COLUMNS)
         True
@@ -214,7 +214,7 @@ def compare_frames(
     the offline ones should not differ at all.
 
     Example:
-        >>> from pipelines.simulator import SimulationSpec, simulate_transactions
+        >>> from pipelines.fraud.simulator import SimulationSpec, simulate_transactions
         >>> t = pl.from_arrow(simulate_transactions(SimulationSpec(n_customers=20, n_terminals=40, n_days=3)))
         >>> compare_frames(offline_features(t), offline_features(t))["differing_rows"]
         0

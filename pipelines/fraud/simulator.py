@@ -331,7 +331,7 @@ def _to_table(
     ]
     fields = TRANSACTION_SCHEMA
     arrays = [pa.array(col, type=f.type) for col, f in zip(columns, fields, strict=True)]
-    metadata = {"sorted_by": SORTED_BY, "source": f"eventray pipelines.simulator {spec!r}"}
+    metadata = {"sorted_by": SORTED_BY, "source": f"eventray pipelines.fraud.simulator {spec!r}"}
     return pa.Table.from_arrays(arrays, schema=TRANSACTION_SCHEMA.with_metadata(metadata))
 
 

@@ -1,0 +1,145 @@
+"""Enrichment stages: keyed operators that run before routing, each by its own key.
+
+A released slice enters the first stage: its rows of the stage's event types are split by
+the stage's key over the stage's partitions (only the columns the stage reads cross to its
+actors). When every piece has answered, the added columns are joined back onto the slice
+by row position (:data:`~pipelines.processing.ROW_POSITION`) and the slice goes on to the
+next stage. Slices are pipelined (up to ``max_in_flight`` in the stages at once) and leave
+the last stage in the order they entered, each whole, so every key keeps its order.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+import polars as pl
+import pyarrow as pa
+
+from cluster.operators import KeyedExecutor
+from pipelines.keyed import split_by_partition
+from pipelines.kinds import stage_class
+from pipelines.processing import ROW_POSITION
+from pipelines.spec import EnrichSpec, PipelineSpec
+
+
+@dataclass
+class _Slice:
+    """A released slice in the stages: the stage it waits on and its pieces there."""
+
+    frame: pl.DataFrame  # the slice, with its row positions
+    stage: int = 0
+    waiting: list[tuple[int, int]] = field(default_factory=list)  # (partition, seq) sent
+
+
+class EnrichmentChain:
+    """The pipeline's enrichment stages, in config order, and the slices inside them.
+
+    Args:
+        spec: the pipeline.
+        executors: one executor per stage of ``spec.enrich``.
+        seqs: each stage's partitions' next sequence numbers (from a checkpoint).
+    """
+
+    def __init__(self, spec: PipelineSpec, executors: list[KeyedExecutor],
+                 seqs: dict[str, list[int]]) -> None:
+        self.stages: list[tuple[EnrichSpec, KeyedExecutor]] = list(zip(spec.enrich, executors, strict=True))
+        self.reads = [stage_class(s, tuple(spec.search_path)).reads for s in spec.enrich]
+        self.seqs = seqs
+        self.max_in_flight = spec.runtime.max_in_flight
+        self.answers: list[dict[tuple[int, int], pa.Table | None]] = [{} for _ in self.stages]
+        self.slices: deque[_Slice] = deque()
+
+    def __len__(self) -> int:
+        return len(self.slices)
+
+    def submit(self, events: pa.Table) -> list[pa.Table]:
+        """Send a slice into the first stage; returns the slices that finished meanwhile,
+        oldest first (waiting while ``max_in_flight`` slices are in the stages)."""
+        if not self.stages:
+            return [events]
+        frame = pl.from_arrow(events)
+        assert isinstance(frame, pl.DataFrame)
+        item = _Slice(frame.with_row_index(ROW_POSITION).with_columns(pl.col(ROW_POSITION).cast(pl.Int64)))
+        self.slices.append(item)
+        self._send(item, 0)
+        finished = self.advance()
+        while len(self.slices) > self.max_in_flight:
+            finished += self.wait()
+        return finished
+
+    def _send(self, item: _Slice, index: int) -> None:
+        """Hand a slice's rows of stage ``index``'s event types to its partitions."""
+        stage, executor = self.stages[index]
+        rows = item.frame.filter(pl.col("event_type").is_in(stage.event_types))
+        key = pl.col("data").struct.field(stage.key)
+        if self.reads[index] is not None:  # only what the stage reads crosses to its actors
+            fields = dict.fromkeys([stage.key, *self.reads[index]])
+            rows = rows.select(ROW_POSITION, "event_type", "timestamp",
+                               data=pl.struct(pl.col("data").struct.field(*fields)))
+        rows = rows.with_columns(key=key.cast(pl.String))
+        item.stage, item.waiting = index, []
+        seqs = self.seqs[stage.name]
+        for partition, piece in split_by_partition(rows.to_arrow(), stage.partitions):
+            executor.submit(partition, seqs[partition], piece)
+            item.waiting.append((partition, seqs[partition]))
+            seqs[partition] += 1
+
+    def advance(self) -> list[pa.Table]:
+        """Join the answers that came back; returns the slices that left the last stage."""
+        for index, (_, executor) in enumerate(self.stages):
+            for receipt in executor.poll():
+                self.answers[index][(receipt.partition, receipt.seq)] = receipt.derived
+        last = len(self.stages)
+        behind = last  # the lowest stage of the slices ahead: none may be overtaken in a stage
+        for item in self.slices:
+            while item.stage < last and item.stage < behind and self._answered(item):
+                self._join(item)
+                if item.stage + 1 < last:
+                    self._send(item, item.stage + 1)
+                else:
+                    item.stage, item.waiting = last, []
+            behind = min(behind, item.stage)
+        finished = []
+        while self.slices and self.slices[0].stage == last:
+            finished.append(self.slices.popleft().frame.drop(ROW_POSITION).to_arrow())
+        return finished
+
+    def _answered(self, item: _Slice) -> bool:
+        answers = self.answers[item.stage]
+        return all(piece in answers for piece in item.waiting)
+
+    def _join(self, item: _Slice) -> None:
+        answers = self.answers[item.stage]
+        parts = [answers.pop(piece) for piece in item.waiting]
+        parts = [p for p in parts if p is not None and p.num_rows]
+        if parts:
+            added = pl.from_arrow(pa.concat_tables(parts))
+            assert isinstance(added, pl.DataFrame)
+            item.frame = item.frame.join(added, on=ROW_POSITION, how="left", maintain_order="left")
+
+    def wait(self) -> list[pa.Table]:
+        """Block until the oldest slice's current stage has answered more, then advance."""
+        _, executor = self.stages[self.slices[0].stage]
+        for receipt in executor.poll(block=True):
+            self.answers[self.slices[0].stage][(receipt.partition, receipt.seq)] = receipt.derived
+        return self.advance()
+
+    def finish(self) -> list[pa.Table]:
+        """Every slice still in the stages, once answered (before a checkpoint, at the end)."""
+        finished = self.advance()
+        while self.slices:
+            finished += self.wait()
+        return finished
+
+    def checkpoint(self, epoch: int) -> dict[str, dict[int, int]]:
+        """Every stage's partitions' state for ``epoch`` (call :meth:`finish` first)."""
+        return {stage.name: executor.checkpoint(epoch) for stage, executor in self.stages}
+
+    @property
+    def restarts(self) -> int:
+        return sum(executor.restarts for _, executor in self.stages)
+
+    def close(self) -> None:
+        for _, executor in self.stages:
+            executor.close()

@@ -1,0 +1,51 @@
+"""The one interface every keyed operator's executor answers: partitions and enrichment
+stages alike, on Ray (:class:`~cluster.partitions.RayPartitions`) or in process
+(:class:`~cluster.partitions.LocalPartitions`).
+
+The driver hands an executor batches and collects their receipts, nothing else:
+
+- ``submit(partition, seq, rows)``: apply ``rows`` as the partition's batch ``seq`` (blocks
+  while the partition has ``max_in_flight`` batches outstanding);
+- ``poll(block=False)``: receipts of the batches finished since the last poll, each
+  partition's in sequence order (``block``: wait for at least one first);
+- ``checkpoint(epoch)``: finish everything in flight, have every partition write its state
+  for ``epoch``, return each partition's next sequence number; the driver commits the
+  checkpoint before it asks for the next one, so the executor may forget what the previous
+  one covers;
+- ``close()``.
+
+Besides those, three questions: ``ready()`` (wait until the actors have started, so the
+run's clock starts after), ``capacity(partition)`` and ``in_flight()`` (for dispatch and
+progress), and the ``restarts`` counter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+import pyarrow as pa
+
+from pipelines.keyed import BatchReceipt
+from pipelines.spec import EnrichSpec
+
+
+class KeyedExecutor(Protocol):
+    """Where a keyed operator's partitions apply their batches."""
+
+    restarts: int
+
+    def ready(self) -> None: ...
+    def submit(self, partition: int, seq: int, rows: pa.Table) -> None: ...
+    def poll(self, block: bool = False) -> list[BatchReceipt]: ...
+    def checkpoint(self, epoch: int) -> dict[int, int]: ...
+    def capacity(self, partition: int) -> int: ...
+    def in_flight(self) -> int: ...
+    def close(self) -> None: ...
+
+
+#: Builds the executor of the partitions (``stage`` None) or of an enrichment stage, given
+#: the run's id and where each partition starts (its next sequence number).
+ExecutorFactory = Callable[[str, "EnrichSpec | None", dict[int, int]], KeyedExecutor]
+
+__all__ = ["ExecutorFactory", "KeyedExecutor"]

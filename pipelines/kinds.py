@@ -1,0 +1,174 @@
+"""The open registries of step, stage and source kinds, and building a pipeline's parts.
+
+Three plugin families, each a :class:`~pipelines.plugins.PluginRegistry`:
+
+- :data:`STEP_KINDS` (entry-point group ``eventray.processors``): processing steps in the
+  keyed partitions. Built in: ``anomaly``, ``python`` (a user's processor).
+- :data:`STAGE_KINDS` (``eventray.stages``): enrichment stages keyed by their own key.
+- :data:`SOURCE_KINDS` (``eventray.sources``): where events come from. Built in:
+  ``parquet``, ``csv``, ``jsonl``.
+
+A step or stage kind is a :class:`~pipelines.processing.Step` subclass whose
+``spec_class`` validates its config section; a source kind is a :class:`SourceKind`.
+:func:`validate_kinds` runs every kind's validation at start-up, so a bad section fails
+before any actor starts, with a message naming the field.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from pipelines.envelope import envelope_schema
+from pipelines.errors import ConfigError, UnknownPluginError
+from pipelines.plugins import PluginImportError, PluginRegistry
+from pipelines.processing import AnomalyStep, Step, StepContext
+from pipelines.processors import PythonStep
+from pipelines.sources import CsvSource, JsonLinesSource, ParquetSource, Source
+from pipelines.spec import EnrichSpec, PipelineSpec, SourceSpec, StepSpec
+
+
+class FileSourceOptions(BaseModel):
+    """The built-in file sources take no options besides the common source fields."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+@dataclass(frozen=True)
+class SourceKind:
+    """A source kind: the model of its options and how it is built.
+
+    Attributes:
+        options: validates the kind's own fields of the ``source`` section.
+        build: ``build(spec, paths, options) -> Source``; ``paths`` are the inputs to read
+            (the config's ``path``, or the command line's ``--input``).
+    """
+
+    options: type[BaseModel]
+    build: Callable[[SourceSpec, list[str], Any], Source]
+
+
+def file_source(cls: type[Source]) -> SourceKind:
+    """The source kind of a file source class (``ParquetSource``...)."""
+    def build(spec: SourceSpec, paths: list[str], _: Any) -> Source:
+        kwargs: dict[str, Any] = {"batch_size": spec.batch_size}
+        if spec.pattern is not None:
+            kwargs["pattern"] = spec.pattern
+        return cls(spec.source_name, paths, **kwargs)
+
+    return SourceKind(FileSourceOptions, build)
+
+
+STEP_KINDS = PluginRegistry("step kind", "eventray.processors",
+                            {"anomaly": AnomalyStep, "python": PythonStep})
+STAGE_KINDS = PluginRegistry("enrich kind", "eventray.stages")
+SOURCE_KINDS = PluginRegistry("source format", "eventray.sources", {
+    "parquet": file_source(ParquetSource),
+    "csv": file_source(CsvSource),
+    "jsonl": file_source(JsonLinesSource),
+})
+
+
+def _validated(model: type[BaseModel], values: Mapping[str, Any], where: str) -> Any:
+    try:
+        return model.model_validate(dict(values))
+    except ValidationError as exc:
+        lines = [f"{where}: invalid"]
+        for err in exc.errors():
+            field = ".".join(str(p) for p in err["loc"])
+            lines.append(f"  {where}.{field}: {err['msg']}" if field else f"  {where}: {err['msg']}")
+        raise ConfigError("\n".join(lines)) from None
+
+
+def step_class(step: StepSpec | EnrichSpec, search_path: tuple[str, ...] = (),
+               stage: bool = False) -> type[Step]:
+    """The class of a step's (or an enrichment stage's) kind."""
+    registry = STAGE_KINDS if stage else STEP_KINDS
+    cls = registry.resolve(step.kind, search_path)
+    if not (isinstance(cls, type) and issubclass(cls, Step)):
+        raise ConfigError(f"{registry.kind} {step.kind!r} is {cls!r}, not a Step class")
+    return cls
+
+
+def step_spec(step: StepSpec | EnrichSpec, cls: type[Step], where: str) -> Any:
+    """The step's section validated by its kind's model."""
+    return _validated(cls.spec_class, step.model_dump(by_alias=True, exclude_unset=True), where)
+
+
+def source_kind(spec: SourceSpec, search_path: tuple[str, ...] = ()) -> tuple[SourceKind, Any]:
+    """The source's kind and its validated options."""
+    kind = SOURCE_KINDS.resolve(spec.format, search_path)
+    if not isinstance(kind, SourceKind):
+        raise ConfigError(f"source format {spec.format!r} is {kind!r}, not a SourceKind")
+    return kind, _validated(kind.options, spec.options(), "source")
+
+
+def validate_kinds(spec: PipelineSpec, objects: Mapping[str, Any] | None = None) -> None:
+    """Resolve every kind the pipeline names and validate its section; import paths of
+    ``python`` steps are imported now, so a bad one fails before any actor starts."""
+    search = tuple(spec.search_path)
+    try:
+        source_kind(spec.source, search)
+    except UnknownPluginError as exc:
+        raise exc.at("source.format") from None
+    for index, step in enumerate(spec.steps):
+        try:
+            cls = step_class(step, search)
+        except UnknownPluginError as exc:
+            raise exc.at(f"steps.{index}.kind") from None
+        typed = step_spec(step, cls, f"steps.{index}")
+        if step.kind == "python" and step.name not in (objects or {}):
+            try:
+                PythonStep(typed, StepContext(envelope_schema(spec.registry()), spec.registry(), search))
+            except PluginImportError as exc:
+                raise ConfigError(f"steps.{index}.function: {exc}") from None
+    for index, stage in enumerate(spec.enrich):
+        try:
+            cls = step_class(stage, search, stage=True)
+        except UnknownPluginError as exc:
+            raise exc.at(f"enrich.{index}.kind") from None
+        step_spec(stage, cls, f"enrich.{index}")
+        if not getattr(cls, "columns", ()):
+            raise ConfigError(f"enrich.{index}.kind: {stage.kind!r} adds no columns")
+
+
+def build_source(spec: SourceSpec, inputs: list[str] | None = None,
+                 search_path: tuple[str, ...] = ()) -> Source:
+    """The configured source, reading ``inputs`` instead of ``spec.path`` when given."""
+    kind, options = source_kind(spec, search_path)
+    return kind.build(spec, list(inputs or spec.path), options)
+
+
+def build_steps(spec: PipelineSpec, objects: Mapping[str, Any] | None = None) -> list[Step]:
+    """The pipeline's steps, in config order, fresh (no state).
+
+    Args:
+        spec: the pipeline.
+        objects: processors registered in Python, by step name; each call gets its own
+            copies, so partitions in one process never share a stateful processor.
+    """
+    registry = spec.registry()
+    context = StepContext(envelope_schema(registry), registry, tuple(spec.search_path),
+                          copy.deepcopy(dict(objects or {})))
+    steps = []
+    for index, step in enumerate(spec.steps):
+        cls = step_class(step, context.search_path)
+        steps.append(cls(step_spec(step, cls, f"steps.{index}"), context))
+    return steps
+
+
+def stage_class(stage: EnrichSpec, search_path: tuple[str, ...] = ()) -> type[Step]:
+    """The class of an enrichment stage's kind (its ``columns`` name what it adds)."""
+    return step_class(stage, search_path, stage=True)
+
+
+def build_stage(stage: EnrichSpec, spec: PipelineSpec) -> Step:
+    """The logic of one partition of an enrichment stage, fresh (no state)."""
+    cls = stage_class(stage, tuple(spec.search_path))
+    registry = spec.registry()
+    context = StepContext(envelope_schema(registry), registry, tuple(spec.search_path))
+    return cls(step_spec(stage, cls, f"enrich.{stage.name}"), context)
