@@ -206,8 +206,10 @@ class FraudStep(Step):
         'fraud'
     """
 
-    def __init__(self, spec: FraudStepSpec, envelope: pa.Schema | None = None) -> None:
+    def __init__(self, spec: FraudStepSpec, envelope: pa.Schema | None = None,
+                 alert_version: str = "1") -> None:
         self.spec, self.name, self.envelope = spec, spec.name, envelope
+        self.alert_version = alert_version
         self.customer = KeyedWindowOperator(CUSTOMER_SPEC)
         self.slot = ModelSlot(spec)
 
@@ -232,7 +234,8 @@ class FraudStep(Step):
         flagged = scored["score"] >= self.spec.threshold
         alerts = alert_rows(scored.filter(flagged), self.name, self.spec.alert_type, self.spec.threshold)
         tables["alerts"] = alerts.to_arrow().cast(ALERTS_SCHEMA)
-        derived = alert_events(alerts, mine.filter(flagged), self.envelope, self.name) \
+        derived = alert_events(alerts, mine.filter(flagged), self.envelope, self.name,
+                               self.alert_version) \
             if self.spec.emit_alerts else None
         return StepOutput(tables=tables, derived=derived)
 

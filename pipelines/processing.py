@@ -87,8 +87,10 @@ class AnomalyStep(Step):
         'anomaly'
     """
 
-    def __init__(self, spec: AnomalyStepSpec, envelope: pa.Schema | None = None) -> None:
+    def __init__(self, spec: AnomalyStepSpec, envelope: pa.Schema | None = None,
+                 alert_version: str = "1") -> None:
         self.spec, self.name, self.envelope = spec, spec.name, envelope
+        self.alert_version = alert_version
         self.detector = make_detector(spec.detector, **spec.params)
         self.policy = ThresholdPolicy(spec.threshold)
         self.model = f"{spec.detector}"
@@ -106,7 +108,8 @@ class AnomalyStep(Step):
         flagged = pl.Series(self.policy.alerts(scores))
         alerts = alert_rows(scored.filter(flagged), self.name, self.spec.alert_type,
                             self.spec.threshold)
-        derived = alert_events(alerts, mine.filter(flagged), self.envelope, self.name) \
+        derived = alert_events(alerts, mine.filter(flagged), self.envelope, self.name,
+                               self.alert_version) \
             if self.spec.emit_alerts else None
         return StepOutput(tables={
             "scores": scored.to_arrow().cast(SCORES_SCHEMA),
@@ -137,8 +140,12 @@ def alert_rows(flagged: pl.DataFrame, step: str, alert_type: str, threshold: flo
 
 
 def alert_events(alerts: pl.DataFrame, parents: pl.DataFrame, envelope: pa.Schema | None,
-                 step: str) -> pa.Table | None:
-    """Alerts as envelope events (same key and time as the events that raised them)."""
+                 step: str, version: str = "1") -> pa.Table | None:
+    """Alerts as envelope events (same key and time as the events that raised them).
+
+    The pipeline is their producer: ``metadata.version`` is the alert type's current version
+    (``version``), the rest of the metadata the parent's.
+    """
     if envelope is None or alerts.height == 0:
         return None
     data_type = pl.from_arrow(pa.array([], envelope.field("data").type)).dtype
@@ -148,7 +155,8 @@ def alert_events(alerts: pl.DataFrame, parents: pl.DataFrame, envelope: pa.Schem
         event_id=alerts["alert_id"], event_type=alerts["event_type"],
         timestamp="timestamp", source=pl.lit(f"step:{step}"),
         correlation_id="correlation_id", key="key",
-        data=pl.struct(json=body).cast(data_type, strict=False), metadata="metadata")
+        data=pl.struct(json=body).cast(data_type, strict=False),
+        metadata=pl.col("metadata").struct.with_fields(version=pl.lit(version, pl.String)))
     return events.to_arrow().cast(envelope)
 
 
@@ -161,14 +169,16 @@ def step_kinds() -> dict[str, type[Step]]:
 
 def build_steps(spec: PipelineSpec) -> list[Step]:
     """The pipeline's steps, in config order, fresh (no state)."""
-    envelope = envelope_schema(spec.registry())
+    registry = spec.registry()
+    envelope = envelope_schema(registry)
     kinds = step_kinds()
     steps = []
     for step in spec.steps:
         cls = kinds.get(step.kind)
         if cls is None:
             raise UnknownPluginError("step kind", step.kind, list(kinds))
-        steps.append(cls(step, envelope))
+        alert_version = str(registry.schema_for(step.alert_type).version)
+        steps.append(cls(step, envelope, alert_version))
     return steps
 
 
