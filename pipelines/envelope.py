@@ -11,9 +11,14 @@ text of payloads of unregistered types (null for typed ones). One struct for the
 pipeline keeps every file of a table on one schema, so ``pl.scan_parquet`` reads the table
 as a whole; typed fields stay typed to the store.
 
-Versions. ``metadata.version`` is the payload's schema version. An event arriving with an
-older version is brought up to date by the upcasters registered for its type
-(:meth:`PayloadRegistry.register_upcaster`), one version step at a time, per batch.
+Versions. ``metadata.version`` is the payload's schema version, kept as text the way the
+producer wrote it: a JSON integer (``1``, stored as ``"1"``) or a dotted string (``"1"``,
+``"1.0"``, ``"2.1"``, ``"1.2.3"``, :data:`VERSION_PATTERN`). Only its major part selects the
+payload schema: ``1.x`` events are schema version 1, a minor version being compatible by
+definition. An event whose major version is older than its type's current version is brought
+up to date by the upcasters registered for its type
+(:meth:`PayloadRegistry.register_upcaster`), one major step at a time, per batch, and then
+carries the current version (``"2"``); the producer's text stays in ``metadata.tags``.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from typing import Any, Literal
 
 import polars as pl
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
 from pipelines.errors import SchemaError
 
@@ -35,12 +40,14 @@ from pipelines.errors import SchemaError
 EVENT_TYPE_PATTERN = r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)*$"
 MAX_EVENT_TYPE_LENGTH = 128
 JSON_FIELD = "json"
+#: Versions as producers send them: a major number >= 1, then any dotted minor parts.
+VERSION_PATTERN = r"^[1-9][0-9]*(\.[0-9]+)*$"
 
 TIMESTAMP = pa.timestamp("us", tz="UTC")
 
 METADATA_TYPE = pa.struct(
     [
-        pa.field("version", pa.int32(), nullable=False),
+        pa.field("version", pa.string(), nullable=False),  # "1", "1.0", "2.1.3"
         pa.field("region", pa.string()),
         pa.field("ingested_at", TIMESTAMP, nullable=False),
         pa.field("tags", pa.string()),  # JSON object text: free tags
@@ -72,9 +79,15 @@ class Metadata(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    version: int = 1
+    version: str = Field(default="1", pattern=VERSION_PATTERN)
     region: str | None = None
     ingested_at: dt.datetime
+
+    @field_validator("version", mode="before")
+    @classmethod
+    def _integer_as_text(cls, value: Any) -> Any:
+        """A JSON integer version (``1``) is the text ``"1"``; ``True`` is not a version."""
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
     tags: dict[str, str] = Field(default_factory=dict)
 
 

@@ -118,7 +118,7 @@ class LabelFeed:
             key=key,
             data=data,
             metadata=pl.col("metadata").struct.with_fields(
-                version=pl.lit(self.version, pl.Int32)),
+                version=pl.lit(str(self.version), pl.String)),
         )
 
     def snapshot(self) -> bytes:

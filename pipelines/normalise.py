@@ -41,6 +41,7 @@ from pipelines.envelope import (
     INVALID_EVENT_TYPE,
     JSON_FIELD,
     MAX_EVENT_TYPE_LENGTH,
+    VERSION_PATTERN,
     PayloadRegistry,
     envelope_schema,
 )
@@ -91,6 +92,31 @@ def invalid_utf8_rows(lines: pa.Array) -> np.ndarray:
     return bad
 
 
+def producer_version(text: pl.Expr, number: pl.Expr) -> tuple[pl.Expr, pl.Expr, pl.Expr]:
+    """(version text, major part, well formed) of ``metadata.version`` as a producer gave it.
+
+    Args:
+        text: the version's JSON text (a string's without quotes; null when absent).
+        number: the same text where the version is a JSON number, else null.
+
+    A JSON integer >= 1 and a string matching :data:`VERSION_PATTERN` are versions; anything
+    else (``"abc"``, ``"1..2"``, ``0``, ``-1``, ``1.5``, ``true``, a list) is not. The major
+    part is null where the version is not well formed or does not fit an ``Int32``.
+
+    Example:
+        >>> df = pl.DataFrame({"t": ["1.0", "2", "1.5", "x"], "n": [None, "2", "1.5", None]})
+        >>> v, major, ok = producer_version(pl.col("t"), pl.col("n"))
+        >>> df.select(v, major, ok=ok).rows()
+        [('1.0', 1, True), ('2', 2, True), ('1.5', None, False), ('x', None, False)]
+    """
+    integer = r"^[1-9][0-9]*$"
+    well_formed = (pl.when(number.is_not_null()).then(text.str.contains(integer))
+                   .otherwise(text.str.contains(VERSION_PATTERN)))
+    major = text.str.extract(r"^([0-9]+)", 1).cast(pl.Int32, strict=False)
+    well_formed = well_formed.fill_null(False) & major.is_not_null()
+    return text, pl.when(well_formed).then(major), well_formed
+
+
 def _reason(checks: list[tuple[pl.Expr, str, pl.Expr]]) -> tuple[pl.Expr, pl.Expr]:
     """(reason, message) expressions: the first failing check of each row wins."""
     if not checks:
@@ -139,7 +165,10 @@ class Normaliser:
         if m.metadata is not None:
             root = m.metadata.json_
             paths |= {"__meta_version": f"$.{root}.version", "__meta_region": f"$.{root}.region",
-                      "__meta_tags": f"$.{root}"}
+                      "__meta_tags": f"$.{root}",
+                      # Matches only where the version is a JSON number: a path match gives a
+                      # string's text without its quotes, so "1.5" and 1.5 read the same.
+                      "__meta_version_number": f"$.{root}[?(@.version >= 0)].version"}
         return paths
 
     def _decode_lines(self, lines: pa.Array) -> pl.DataFrame:
@@ -256,15 +285,19 @@ class Normaliser:
         current = self._per_type(lambda s: pl.lit(s.version, pl.Int32))
         region = self._per_type(lambda s: pl.lit(s.region, pl.String))
         if "__meta_version" in frame.columns:
-            given = pl.col("__meta_version").cast(pl.Int32, strict=False)
-            bad = pl.col("__meta_version").is_not_null() & given.is_null()
-            version = pl.when(bad).then(pl.lit(-1, pl.Int32)).otherwise(pl.coalesce(given, current))
             region = pl.coalesce(pl.col("__meta_region"), region)
             tags = pl.col("__meta_tags")
         else:
-            version, tags = current, pl.lit(None, pl.String)
-        frame = frame.with_columns(__version=version, __region=region, __tags=tags,
-                                   __current_version=current)
+            frame = frame.with_columns(__meta_version=pl.lit(None, pl.String),
+                                       __meta_version_number=pl.lit(None, pl.String))
+            tags = pl.lit(None, pl.String)
+        given, major, well_formed = producer_version(pl.col("__meta_version"),
+                                                     pl.col("__meta_version_number"))
+        frame = frame.with_columns(
+            __version=pl.coalesce(given, current.cast(pl.String)),
+            __major=pl.when(given.is_null()).then(current).otherwise(major),
+            __version_ok=given.is_null() | well_formed,
+            __region=region, __tags=tags, __current_version=current)
         ts, eid, v = pl.col("__timestamp"), pl.col("__event_id"), pl.col("__version")
         checks = [
             (et.is_null() | (et == ""), "missing_event_type", pl.lit("event type is missing")),
@@ -277,8 +310,12 @@ class Normaliser:
             (eid.is_null() | ~eid.str.len_chars().is_between(1, 128) | eid.is_in(_JSON_LITERALS)
              | (self._json_valued(self.spec.mapping.event_id) & eid.str.contains(r"^[\[{]")), "bad_event_id",
              pl.lit("event id must be a string or number of 1 to 128 characters")),
-            ((v < 1) | (v > pl.col("__current_version")), "bad_version",
-             pl.format("metadata.version {} is not between 1 and {}", v,
+            (~pl.col("__version_ok"), "bad_version", pl.format(
+                "metadata.version {} is not a version: give an integer >= 1 or a dotted string "
+                "such as \"1.0\" (a JSON number with a fraction is ambiguous: 1.10 reads as 1.1)",
+                v)),
+            (pl.col("__major") > pl.col("__current_version"), "bad_version",
+             pl.format("metadata.version {} is newer than {}'s current version {}", v, et,
                        pl.col("__current_version"))),
         ]
         return self._apply_checks(frame, checks)
@@ -311,21 +348,22 @@ class Normaliser:
 
     def _upcast(self, frame: pl.DataFrame, source_columns: list[str]) -> pl.DataFrame:
         """Bring payloads of older versions up to date with the registered upcasters."""
-        old = pl.col("__reason").is_null() & (pl.col("__version") < pl.col("__current_version"))
+        old = pl.col("__reason").is_null() & (pl.col("__major") < pl.col("__current_version"))
         if frame.select(old.any()).item() is not True:
             return frame
         frame = frame.with_row_index("__row")
-        groups = frame.filter(old).select("__event_type", "__version").unique().rows()
+        groups = frame.filter(old).select("__event_type", "__major").unique().rows()
         payload_cols = self._payload_frame_columns(frame, source_columns)
         parts = [frame.filter(~old)]
         for event_type, version in sorted(groups):
             rows = frame.filter(old & (pl.col("__event_type") == event_type)
-                                & (pl.col("__version") == version))
+                                & (pl.col("__major") == version))
             parts.append(self._upcast_group(rows, event_type, version, payload_cols))
         return pl.concat(parts, how="diagonal_relaxed").sort("__row").drop("__row")
 
     def _upcast_group(self, rows: pl.DataFrame, event_type: str, version: int,
                       payload_cols: list[str]) -> pl.DataFrame:
+        """Upcast one type's events of one major ``version`` to the type's current one."""
         current = self.registry.schema_for(event_type).version
         payload = rows.select(payload_cols).rename({"__payload": JSON_FIELD}, strict=False)
         for step in range(version, current):
@@ -342,8 +380,11 @@ class Normaliser:
                     f"upcaster {event_type} v{step}: {type(exc).__name__}: {exc}"))
         payload = payload.rename({JSON_FIELD: "__payload"}, strict=False)
         kept = rows.drop([c for c in payload.columns if c in rows.columns])
+        # The payload now has the current schema, so it carries the current version; the
+        # producer's version stays in the metadata tags.
         return pl.concat([kept, payload], how="horizontal").with_columns(
-            __version=pl.col("__current_version"))
+            __version=pl.col("__current_version").cast(pl.String),
+            __major=pl.col("__current_version"))
 
     def _typed_payload(self, frame: pl.DataFrame, source_columns: list[str]) -> pl.DataFrame:
         frame = self._upcast(frame, source_columns)
@@ -415,7 +456,7 @@ class Normaliser:
             key=pl.col("__key"),
             data=pl.struct(data),
             metadata=pl.struct(
-                version=pl.col("__version").cast(pl.Int32),
+                version=pl.col("__version"),
                 region=pl.col("__region"),
                 ingested_at=pl.lit(ingested_at).dt.cast_time_unit("us"),
                 tags=pl.col("__tags"),

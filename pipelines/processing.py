@@ -90,6 +90,13 @@ class StepContext:
     objects: dict[str, Any] = field(default_factory=dict)
 
 
+def alert_version_of(context: StepContext | None, alert_type: str) -> str:
+    """The schema version alert events of ``alert_type`` carry (their type's current one)."""
+    if context is None or context.registry is None:
+        return "1"
+    return str(context.registry.schema_for(alert_type).version)
+
+
 class Step(ABC):
     """A processing step inside a partition (or a partition of an enrichment stage)."""
 
@@ -128,6 +135,7 @@ class AnomalyStep(Step):
 
     def __init__(self, spec: AnomalyStepSpec, context: StepContext) -> None:
         self.spec, self.name, self.envelope = spec, spec.name, context.envelope
+        self.alert_version = alert_version_of(context, spec.alert_type)
         self.detector = make_detector(spec.detector, **spec.params)
         self.policy = ThresholdPolicy(spec.threshold)
         self.model = f"{spec.detector}"
@@ -145,7 +153,8 @@ class AnomalyStep(Step):
         flagged = pl.Series(self.policy.alerts(scores))
         alerts = alert_rows(scored.filter(flagged), self.name, self.spec.alert_type,
                             self.spec.threshold)
-        derived = alert_events(alerts, mine.filter(flagged), self.envelope, self.name) \
+        derived = alert_events(alerts, mine.filter(flagged), self.envelope, self.name,
+                               self.alert_version) \
             if self.spec.emit_alerts else None
         return StepOutput(tables={
             "scores": scored.to_arrow().cast(SCORES_SCHEMA),
@@ -176,8 +185,12 @@ def alert_rows(flagged: pl.DataFrame, step: str, alert_type: str, threshold: flo
 
 
 def alert_events(alerts: pl.DataFrame, parents: pl.DataFrame, envelope: pa.Schema | None,
-                 step: str) -> pa.Table | None:
-    """Alerts as envelope events (same key and time as the events that raised them)."""
+                 step: str, version: str = "1") -> pa.Table | None:
+    """Alerts as envelope events (same key and time as the events that raised them).
+
+    The pipeline is their producer: ``metadata.version`` is the alert type's current version
+    (``version``), the rest of the metadata the parent's.
+    """
     if envelope is None or alerts.height == 0:
         return None
     data_type = pl.from_arrow(pa.array([], envelope.field("data").type)).dtype
@@ -187,5 +200,6 @@ def alert_events(alerts: pl.DataFrame, parents: pl.DataFrame, envelope: pa.Schem
         event_id=alerts["alert_id"], event_type=alerts["event_type"],
         timestamp="timestamp", source=pl.lit(f"step:{step}"),
         correlation_id="correlation_id", key="key",
-        data=pl.struct(json=body).cast(data_type, strict=False), metadata="metadata")
+        data=pl.struct(json=body).cast(data_type, strict=False),
+        metadata=pl.col("metadata").struct.with_fields(version=pl.lit(version, pl.String)))
     return events.to_arrow().cast(envelope)

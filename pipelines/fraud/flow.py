@@ -54,6 +54,7 @@ from pipelines.processing import (
     StepOutput,
     alert_events,
     alert_rows,
+    alert_version_of,
     events_of_types,
 )
 from pipelines.spec import NAME_PATTERN, EnrichSpec, StepSpec
@@ -249,6 +250,7 @@ class FraudStep(Step):
     def __init__(self, spec: FraudStepSpec, context: StepContext | None = None) -> None:
         self.spec, self.name = spec, spec.name
         self.envelope = context.envelope if context is not None else None
+        self.alert_version = alert_version_of(context, spec.alert_type)
         self.customer = KeyedWindowOperator(CUSTOMER_SPEC)
         self.slot = ModelSlot(spec)
 
@@ -273,7 +275,8 @@ class FraudStep(Step):
         flagged = scored["score"] >= self.spec.threshold
         alerts = alert_rows(scored.filter(flagged), self.name, self.spec.alert_type, self.spec.threshold)
         tables["alerts"] = alerts.to_arrow().cast(ALERTS_SCHEMA)
-        derived = alert_events(alerts, mine.filter(flagged), self.envelope, self.name) \
+        derived = alert_events(alerts, mine.filter(flagged), self.envelope, self.name,
+                               self.alert_version) \
             if self.spec.emit_alerts else None
         return StepOutput(tables=tables, derived=derived)
 

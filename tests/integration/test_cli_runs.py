@@ -7,19 +7,32 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tests.conftest import ROOT, unscored_fraud_config
+from tests.seed_events import (
+    NON_VERSIONS,
+    jsonl,
+    seed_events,
+    seed_file_with_malformed,
+    stored_version,
+)
 
 EVENTRAY = str(Path(sys.executable).parent / "eventray")
 
 
-def eventray(*args: str, cwd: Path = ROOT, timeout: float = 600) -> subprocess.CompletedProcess:
+def eventray(*args: str, cwd: Path = ROOT, timeout: float = 600,
+             env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([EVENTRAY, *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+                          timeout=timeout,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})})
 
 
 def summary_of(result: subprocess.CompletedProcess) -> dict:
@@ -36,7 +49,7 @@ def seed_event(i: int, event_type: str = "user.login", **extra: object) -> str:
     event = {"eventId": f"evt-{i}", "eventType": event_type,
              "timestamp": f"2024-05-01T10:{i % 60:02d}:00Z", "source": "web",
              "correlationId": f"corr-{i % 7}", "data": {"n": i},
-             "metadata": {"version": 1, "region": "eu-west"}}
+             "metadata": {"version": "1.0", "region": "us-east"}}
     event.update(extra)
     return json.dumps(event)
 
@@ -79,6 +92,75 @@ def test_events_config_stores_valid_and_dead_letters_malformed(tmp_path: Path) -
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "store"]
     for path in store.rglob("*"):
         assert path.resolve().is_relative_to(store.resolve())
+
+
+def files_under(root: Path) -> dict[str, tuple[int, int]]:
+    """Every file below ``root`` (the git directory aside) with its size and modification time."""
+    found = {}
+    for path in root.rglob("*"):
+        if ".git" not in path.relative_to(root).parts and not path.is_dir():
+            stat = path.lstat()
+            found[str(path.relative_to(root))] = (stat.st_size, stat.st_mtime_ns)
+    return found
+
+
+def test_seed_example_events_with_version_1_0_are_stored_and_nothing_is_written_elsewhere(
+        tmp_path: Path) -> None:
+    """The seed's example shape, "version": "1.0", 5,000 times with 500 malformed lines."""
+    source = tmp_path / "in" / "seed-events.jsonl"
+    source.parent.mkdir()
+    source.write_bytes(seed_file_with_malformed(5_000, MALFORMED, every=10))
+    store = tmp_path / "store"
+    # A private temporary directory: the embedded Ray's files must go and leave nothing.
+    private_tmp = Path(tempfile.mkdtemp(prefix="er-"))
+    # Bytecode caches are the interpreter's, not the run's: keep them out of the comparison.
+    env = {"TMPDIR": str(private_tmp), "PYTHONDONTWRITEBYTECODE": "1"}
+    repo_before = files_under(ROOT)
+    try:
+        summary = summary_of(eventray("run", "configs/events.yaml", "--input", str(source),
+                                      "--store", str(store), env=env))
+        leftovers = sorted(p.name for p in private_tmp.iterdir())
+    finally:
+        shutil.rmtree(private_tmp, ignore_errors=True)
+
+    assert (summary["events_in"], summary["stored"], summary["dead_lettered"]) == (5_500, 5_000, 500)
+    assert summary["ray"] == "embedded" and "bad_version" not in summary["reasons"]
+    events = scan(store, "events")
+    assert events.height == events["event_id"].n_unique() == 5_000
+    assert set(events["metadata"].struct.field("version")) == {"1.0"}
+    assert set(events["metadata"].struct.field("region")) == {"us-east"}
+    assert scan(store, "deadletter").height == 500
+    # Nothing written outside the store: not in the repository (the run's working
+    # directory), not beside the input, not in the temporary directory.
+    assert files_under(ROOT) == repo_before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "store"]
+    assert [p.name for p in source.parent.iterdir()] == [source.name]
+    assert leftovers == []
+
+
+@settings(max_examples=2, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(st.lists(seed_events(), min_size=20, max_size=60, unique_by=lambda e: e["eventId"]),
+       st.lists(seed_events(NON_VERSIONS), min_size=1, max_size=20,
+                unique_by=lambda e: e["eventId"]),
+       st.randoms(use_true_random=False))
+def test_seed_events_with_any_version_form_through_the_cli_on_ray(
+        valid: list[dict[str, Any]], bad: list[dict[str, Any]], random: Any) -> None:
+    """The in-process property of tests/unit/test_version_properties.py, on Ray."""
+    events = valid + bad
+    random.shuffle(events)
+    with tempfile.TemporaryDirectory(prefix="eventray-cli-versions-") as tmp:
+        source, store = Path(tmp) / "events.jsonl", Path(tmp) / "store"
+        source.write_bytes(jsonl(events))
+        summary = summary_of(eventray("run", "configs/events.yaml", "--input", str(source),
+                                      "--store", str(store)))
+        assert summary["ray"] == "embedded"
+        assert (summary["stored"], summary["dead_lettered"]) == (len(valid), len(bad))
+        assert summary["reasons"] == {"bad_version": len(bad)}
+        stored = scan(store, "events").select(
+            "event_id", version=pl.col("metadata").struct.field("version"))
+        assert dict(stored.iter_rows()) == {
+            e["eventId"]: stored_version(e["metadata"]["version"]) for e in valid}
 
 
 def test_fraud_config_on_simulator_output(tmp_path: Path) -> None:

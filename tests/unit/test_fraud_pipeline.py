@@ -20,7 +20,7 @@ from cluster.job import run_spec
 from cluster.partitions import LocalPartitions
 from models.fraud import make_model
 from models.registry import ModelRegistry
-from pipelines.envelope import envelope_schema
+from pipelines.envelope import PayloadSchema, envelope_schema
 from pipelines.fraud.features import handbook_features_batch
 from pipelines.fraud.flow import (
     POSITION,
@@ -116,6 +116,9 @@ def test_label_events_come_a_delay_later_and_before_same_time_transactions(trans
     assert (np.diff(times.astype("int64")) >= 0).all()
     # a label's payload carries only its fields: no amount
     assert labels["data"].struct.field("TX_AMOUNT").null_count() == labels.height
+    # the pipeline produced it: its type's current version, as text
+    assert set(labels["metadata"].struct.field("version")) == {
+        str(spec.registry().schema_for("fraud.reported").version)}
 
 
 def test_label_feed_snapshot_restore_round_trip(transactions: pa.Table) -> None:
@@ -159,7 +162,9 @@ def test_the_step_scores_alerts_and_picks_up_a_new_version(tmp_path: Path, trans
     train_into(registry, transactions, seed=0)
     step_spec = FraudStepSpec(kind="fraud", threshold=0.3,
                               model=ModelRef(registry=str(registry), name="fraud", reload_every=2))
-    step = FraudStep(step_spec, StepContext(envelope_schema(spec.registry()), spec.registry()))
+    payloads = spec.registry()  # alert events carry their own type's current version
+    payloads.register(PayloadSchema("fraud.suspected", None, version=3, key="CUSTOMER_ID"))
+    step = FraudStep(step_spec, StepContext(envelope_schema(spec.registry()), payloads))
     stage = TerminalRiskStage(TerminalStageSpec(name="terminal", key="TERMINAL_ID"))
     feed = LabelFeed(spec.labels, spec.registry(), envelope_schema(spec.registry()))
     versions, alerts = [], 0
@@ -176,6 +181,8 @@ def test_the_step_scores_alerts_and_picks_up_a_new_version(tmp_path: Path, trans
         versions.append(scores["model"].unique().to_list())
         alerts += out.tables["alerts"].num_rows
         assert out.derived is None or out.derived.num_rows == out.tables["alerts"].num_rows
+        if out.derived is not None:  # alert events carry the alert type's version
+            assert set(pl.from_arrow(out.derived)["metadata"].struct.field("version")) <= {"3"}
     assert versions[0] == ["fraud:1"] and versions[-1] == ["fraud:2"]
     assert alerts > 0
 

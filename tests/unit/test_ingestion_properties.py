@@ -33,6 +33,7 @@ from pipelines.event_ids import EVENTRAY_NAMESPACE
 from pipelines.pipeline import load_pipeline
 from pipelines.spec import PipelineSpec
 from pipelines.store import EventStore, safe_partition_value
+from tests.seed_events import ACCEPTED_VERSIONS, NON_VERSIONS, stored_version
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 LIMIT = 4096
@@ -140,7 +141,7 @@ def valid_events(draw: st.DrawFn, event_id: str | None) -> tuple[dict[str, Any],
     if draw(st.booleans()):
         event["data"] = draw(PAYLOADS)
     if draw(st.booleans()):
-        event["metadata"] = {"version": 1, "region": draw(SHORT_TEXT)}
+        event["metadata"] = {"version": draw(ACCEPTED_VERSIONS), "region": draw(SHORT_TEXT)}
     return event, instant
 
 
@@ -158,6 +159,7 @@ def expected_envelope(event: dict[str, Any], line_no: int) -> dict[str, Any]:
         "correlation_id": correlation,
         "key": correlation,
         "data": event.get("data"),
+        "version": stored_version(event["metadata"]["version"]) if "metadata" in event else "1",
     }
 
 
@@ -218,7 +220,7 @@ def bad_lines(draw: st.DrawFn, line_no: int) -> Line:
         "object_time": ({"at": "2024-05-01T10:00:00Z"}, "bad_timestamp"),
         "list_time": (["2024-05-01T10:00:00Z"], "bad_timestamp"),
         "bad_time": (draw(st.sampled_from(BAD_TIMESTAMPS)), "bad_timestamp"),
-        "bad_version": ({"version": draw(st.sampled_from([0, 2, -1, "x", 1.5, True]))},
+        "bad_version": ({"version": draw(NON_VERSIONS)},
                         "bad_version"),
         "empty_id": ("", "bad_event_id"),
         "long_id": ("i" * 129, "bad_event_id"),
@@ -311,7 +313,7 @@ def check_events(store: EventStore, lines: list[Line]) -> None:
             assert row[name] == want[name], (name, row, want)
         payload = row["data"]["json"]
         assert (None if payload is None else json.loads(payload)) == want["data"]
-        assert row["metadata"]["version"] == 1
+        assert row["metadata"]["version"] == want["version"]
 
 
 def check_dead_letters(store: EventStore, lines: list[Line]) -> None:
@@ -389,11 +391,17 @@ def test_the_example_file_runs_cleanly(tmp_path: Path) -> None:
     content = (CONFIGS.parent / "examples" / "events.jsonl").read_bytes()
     summary = run_file(tmp_path, content, batch_size=5, partitions=2)
     assert summary["events_in"] == summary["stored"] + summary["dead_lettered"]
+    # The seed's example shape, string versions included, is stored; one line sends "1..2".
+    assert (summary["stored"], summary["dead_lettered"]) == (20, 5)
+    assert summary["reasons"] == {"bad_event_type": 1, "bad_json": 1, "bad_timestamp": 1,
+                                  "bad_version": 1, "missing_event_type": 1}
     assert summary["events_in"] == len([ln for ln in content.splitlines() if ln.strip()])
     store = EventStore(tmp_path / "store")
     dead = store.scan("deadletter").collect()
     lines = content.splitlines()
     assert all(lines[row["offset"]] == row["raw"] for row in dead.to_dicts())
+    versions = store.scan("events").select(pl.col("metadata").struct.field("version")).collect()
+    assert set(versions["version"]) == {"1.0", "1.2", "1"}
     check_files(tmp_path, tmp_path / "store")
 
 

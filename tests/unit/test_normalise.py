@@ -39,7 +39,8 @@ UTC = dt.UTC
 
 
 def seed_event(**changes: Any) -> dict[str, Any]:
-    """An event in the seed's JSON Lines schema; a change to ``...`` removes the field."""
+    """An event in the seed's JSON Lines schema, shaped as the seed's example (version "1.0");
+    a change to ``...`` removes the field."""
     event = {
         "eventId": "evt-1",
         "eventType": "user.login",
@@ -47,7 +48,7 @@ def seed_event(**changes: Any) -> dict[str, Any]:
         "source": "web",
         "correlationId": "c7",
         "data": {"n": 1, "user": "u1"},
-        "metadata": {"version": 1, "region": "eu-west"},
+        "metadata": {"version": "1.0", "region": "us-east"},
     }
     for name, value in changes.items():
         if value is ...:
@@ -114,8 +115,8 @@ def test_valid_seed_event_fills_every_envelope_field() -> None:
     assert event["key"] == "c7"  # configs/events.yaml keys by correlation id
     assert json.loads(event["data"]["json"]) == {"n": 1, "user": "u1"}
     meta = event["metadata"]
-    assert (meta["version"], meta["region"], meta["ingested_at"]) == (1, "eu-west", START)
-    assert json.loads(meta["tags"]) == {"version": 1, "region": "eu-west"}
+    assert (meta["version"], meta["region"], meta["ingested_at"]) == ("1.0", "us-east", START)
+    assert json.loads(meta["tags"]) == {"version": "1.0", "region": "us-east"}
     assert out.events.schema.field("timestamp").type == TIMESTAMP
 
 
@@ -172,7 +173,7 @@ def test_ingested_at_is_stamped_by_the_injected_clock() -> None:
 
 
 def test_metadata_defaults_come_from_the_event_type_config() -> None:
-    spec = with_changes(EVENTS_SPEC, default_event_type={"key": "correlation_id", "region": "us-east"})
+    spec = with_changes(EVENTS_SPEC, default_event_type={"key": "correlation_id", "region": "eu-north"})
     out = normalise_lines([
         line(eventId="a", metadata=...),
         line(eventId="b", metadata={"region": "ap-south"}),
@@ -180,7 +181,7 @@ def test_metadata_defaults_come_from_the_event_type_config() -> None:
     ], spec=spec)
     metas = out.events.column("metadata").to_pylist()
     assert [(m["version"], m["region"]) for m in metas] == [
-        (1, "us-east"), (1, "ap-south"), (1, "us-east")]
+        ("1", "eu-north"), ("1", "ap-south"), ("1", "eu-north")]
     assert metas[0]["tags"] is None
 
 
@@ -247,6 +248,15 @@ REASON_CASES: list[tuple[str, bytes, str]] = [
     ("zero-version", line(metadata={"version": 0}), "bad_version"),
     ("text-version", line(metadata={"version": "one"}), "bad_version"),
     ("fraction-version", line(metadata={"version": 1.5}), "bad_version"),
+    ("float-version", line(metadata={"version": 1.0}), "bad_version"),
+    ("future-text-version", line(metadata={"version": "2.0"}), "bad_version"),
+    ("double-dot-version", line(metadata={"version": "1..2"}), "bad_version"),
+    ("zero-text-version", line(metadata={"version": "0.9"}), "bad_version"),
+    ("negative-version", line(metadata={"version": -1}), "bad_version"),
+    ("empty-version", line(metadata={"version": ""}), "bad_version"),
+    ("list-version", line(metadata={"version": [1]}), "bad_version"),
+    ("object-version", line(metadata={"version": {"major": 1}}), "bad_version"),
+    ("bool-version", line(metadata={"version": True}), "bad_version"),
     ("empty-key", line(correlationId=""), "missing_key"),
 ]
 
@@ -506,17 +516,62 @@ def add_channel(df: pl.DataFrame) -> pl.DataFrame:
     return df.with_columns(json=pl.col("json").str.replace(r"^\{", '{"channel":"web",'))
 
 
+@pytest.mark.parametrize(("given", "stored"), [
+    ("1", "1"), ("1.0", "1.0"), ("1.2.3", "1.2.3"), ("1.10", "1.10"), (1, "1"), ("2", "2"),
+    ("2.1", "2.1"), (2, "2"), ("2.0.7", "2.0.7")])
+def test_integer_and_dotted_versions_are_stored_as_the_producer_gave_them(
+        given: Any, stored: str) -> None:
+    spec = with_changes(EVENTS_SPEC, event_types={"user.login": {"version": 2}})
+    normaliser = Normaliser(spec, FakeClock(START))
+    normaliser.registry.register_upcaster("user.login", from_version=1)(add_channel)
+    out = run(normaliser, jsonl_batch([line(metadata={"version": given, "region": "us-east"})]))
+    assert reasons(out) == []
+    (event,) = out.events.to_pylist()
+    if stored.split(".")[0] == "2":  # the current major: payload and version as given
+        assert (event["metadata"]["version"], json.loads(event["data"]["json"])) == (
+            stored, {"n": 1, "user": "u1"})
+    else:  # an older major: upcast, with the producer's version kept in the tags
+        assert event["metadata"]["version"] == "2"
+        assert json.loads(event["data"]["json"])["channel"] == "web"
+        assert json.loads(event["metadata"]["tags"])["version"] == given
+
+
+def test_minor_versions_select_their_major_schema_and_upcaster() -> None:
+    normaliser = Normaliser(TYPED_V2, FakeClock(START))
+    normaliser.registry.register_upcaster("user.login", from_version=1)(add_channel)
+    out = run(normaliser, jsonl_batch([
+        line(eventId="a", data={"user": "u1"}, metadata={"version": "1.7"}),
+        line(eventId="b", data={"user": "u2", "channel": "app"}, metadata={"version": "2.3"}),
+        line(eventId="c", data={"user": "u3"}, metadata={"version": "3.0"}),
+    ]))
+    events = {e["event_id"]: e for e in out.events.to_pylist()}
+    assert (events["a"]["metadata"]["version"], events["a"]["data"]["channel"]) == ("2", "web")
+    assert (events["b"]["metadata"]["version"], events["b"]["data"]["channel"]) == ("2.3", "app")
+    (dead,) = out.deadletters.to_pylist()
+    assert (dead["event_id"], dead["reason"]) == ("c", "bad_version")
+    assert "3.0" in dead["message"] and "current version 2" in dead["message"]
+
+
+def test_a_fractional_json_number_is_not_a_version_but_its_string_is() -> None:
+    out = normalise_lines([line(eventId="n", metadata={"version": 1.5}),
+                           line(eventId="s", metadata={"version": "1.5"})])
+    assert out.events.column("event_id").to_pylist() == ["s"]
+    assert out.events.column("metadata").to_pylist()[0]["version"] == "1.5"
+    (message,) = out.deadletters.column("message").to_pylist()
+    assert "1.5 is not a version" in message
+
+
 def test_upcaster_brings_version_1_payloads_to_version_2() -> None:
     normaliser = Normaliser(TYPED_V2, FakeClock(START))
     normaliser.registry.register_upcaster("user.login", from_version=1)(add_channel)
     out = run(normaliser, jsonl_batch(upcast_lines()))
     events = {e["event_id"]: e for e in out.events.to_pylist()}
     assert sorted(events) == ["other", "v1", "v2"]
-    assert events["v1"]["metadata"]["version"] == 2
+    assert events["v1"]["metadata"]["version"] == "2"
     assert (events["v1"]["data"]["user"], events["v1"]["data"]["channel"]) == ("u1", "web")
     assert (events["v2"]["data"]["user"], events["v2"]["data"]["channel"]) == ("u2", "app")
     assert events["v1"]["key"] == "u1"
-    assert events["other"]["metadata"]["version"] == 1
+    assert events["other"]["metadata"]["version"] == "1"
     assert out.deadletters.to_pylist()[0]["event_id"] == "v3"
     assert reasons(out) == ["bad_version"]
 
@@ -574,7 +629,7 @@ def test_upcaster_of_an_untyped_payload_rewrites_data_json() -> None:
     normaliser.registry.register_upcaster("user.login", from_version=1)(add_channel)
     out = run(normaliser, jsonl_batch([line(metadata={"version": 1})]))
     (event,) = out.events.to_pylist()
-    assert event["metadata"]["version"] == 2
+    assert event["metadata"]["version"] == "2"
     assert event["data"]["json"] is not None
     assert json.loads(event["data"]["json"]) == {"channel": "web", "n": 1, "user": "u1"}
 

@@ -35,7 +35,7 @@ def events(rows: list[tuple[str, str, float | None]]) -> pa.Table:
     return pa.Table.from_pylist([{
         "event_id": f"e{i}", "event_type": event_type, "timestamp": when, "source": "s",
         "correlation_id": key, "key": key, "data": {"amount": amount, "json": None},
-        "metadata": {"version": 1, "region": None, "ingested_at": when, "tags": None},
+        "metadata": {"version": "1", "region": None, "ingested_at": when, "tags": None},
     } for i, (event_type, key, amount) in enumerate(rows)], schema=schema)
 
 
