@@ -7,9 +7,14 @@ a message that says what was wrong:
 
 1. decoding (JSON Lines only): ``bad_encoding``, ``payload_too_large``, ``bad_json``,
    ``not_an_object``;
+   CSV only: ``malformed_row`` (wrong column count, broken quoting), ``bad_encoding``;
 2. envelope: ``missing_event_type``, ``bad_event_type``, ``missing_timestamp``,
-   ``bad_timestamp``, ``bad_event_id``, ``bad_version``, ``upcast_failed``;
-3. payload: ``missing_field``, ``bad_field``, ``payload_too_large``, then ``missing_key``.
+   ``bad_timestamp``, ``bad_event_id``, ``bad_version``, ``timestamp_out_of_range`` (after
+   the clock's now plus ``source.max_future``, or outside what ``timestamp[us]`` and
+   nanosecond arithmetic hold: 1677..2262), ``upcast_failed``;
+3. payload: ``missing_field`` (null, absent or blank text), ``bad_field`` (unreadable, NaN,
+   infinite or out of the type's range), ``payload_too_large``, then ``missing_key`` and
+   ``bad_field`` for a partition key or correlation id over ``limits.max_key_length``.
 
 Example:
     >>> from pipelines.spec import PipelineSpec
@@ -45,10 +50,10 @@ from pipelines.envelope import (
     envelope_schema,
 )
 from pipelines.event_ids import derived_event_ids
-from pipelines.payloads import cast_field
+from pipelines.payloads import cast_field, is_blank
 from pipelines.sources import RawBatch
 from pipelines.spec import ENVELOPE_KEY_FIELDS, Constant, JsonRef, PipelineSpec
-from pipelines.timestamps import parse_timestamp
+from pipelines.timestamps import MAX_TIME, outside_representable_range, parse_timestamp
 
 Clock = Callable[[], dt.datetime]
 #: JSON literals that a JSON path extraction turns into text: never a valid type or id.
@@ -89,6 +94,21 @@ def invalid_utf8_rows(lines: pa.Array) -> np.ndarray:
                 mid = (lo + hi) // 2
                 pending += [(lo, mid), (mid, hi)]
     return bad
+
+
+def _is_text(arrow: pa.DataType) -> bool:
+    return pa.types.is_string(arrow) or pa.types.is_large_string(arrow)
+
+
+def _kind(arrow: pa.DataType) -> str:
+    """How a bad field's message names its type: numbers must also be finite and in range."""
+    if pa.types.is_floating(arrow):
+        return f"a finite {arrow}"
+    if pa.types.is_integer(arrow):
+        return f"{arrow} (a whole number in range)"
+    if pa.types.is_timestamp(arrow):
+        return "a timestamp between 1677 and 2262"
+    return str(arrow)
 
 
 def _reason(checks: list[tuple[pl.Expr, str, pl.Expr]]) -> tuple[pl.Expr, pl.Expr]:
@@ -217,6 +237,7 @@ class Normaliser:
         frame = frame.with_columns(__offset=pl.Series(raw.offsets, dtype=pl.Int64),
                                    __part=pl.lit(raw.part))
         frame = self._envelope_columns(frame, raw, source_columns)
+        frame = self._check_event_time(frame, ingested_at)
         frame = self._typed_payload(frame, source_columns)
         if duplicates is not None:
             frame = self._mark_duplicates(frame, duplicates)
@@ -282,6 +303,23 @@ class Normaliser:
                        pl.col("__current_version"))),
         ]
         return self._apply_checks(frame, checks)
+
+    def _check_event_time(self, frame: pl.DataFrame, now: dt.datetime) -> pl.DataFrame:
+        """Event times past the clock's now plus ``source.max_future``, or past what can be
+        represented, are ``timestamp_out_of_range``: one such event would otherwise move
+        event time (windows, label release, pacing) years ahead. The distant past is left to
+        the lateness rules."""
+        max_future = self.spec.source.max_future
+        latest = min(now + max_future, MAX_TIME)
+        ts = pl.col("__timestamp")
+        shown = pl.col("__ts_raw").cast(pl.String)
+        return self._apply_checks(frame, [
+            (outside_representable_range(ts), "timestamp_out_of_range",
+             pl.format("timestamp {} is outside the representable range 1677..2262", shown)),
+            (ts > pl.lit(latest), "timestamp_out_of_range",
+             pl.format(f"timestamp {{}} is later than now ({now.isoformat()}) plus "
+                       f"source.max_future ({max_future})", shown)),
+        ])
 
     def _json_valued(self, ref: str | Constant | None) -> pl.Expr:
         """Whether a field was read out of a JSON line (where objects arrive as their text)."""
@@ -367,11 +405,14 @@ class Normaliser:
             frame = frame.with_columns(
                 pl.when(et.is_in(having)).then(cast_field(src, dtype, field.type)).alias(
                     out.meta.output_name()))
+            # Blank text is a missing value for anything but a string field.
+            absent = src.is_null() | (is_blank(src, dtype) if not _is_text(field.type)
+                                      else pl.lit(False))
             checks += [
-                (et.is_in(required) & src.is_null(), "missing_field",
+                (et.is_in(required) & absent, "missing_field",
                  pl.lit(f"payload field {field.name} is missing")),
-                (et.is_in(having) & src.is_not_null() & out.is_null(), "bad_field",
-                 pl.format(f"payload field {field.name}: cannot read {{}} as {field.type}",
+                (et.is_in(having) & ~absent & out.is_null(), "bad_field",
+                 pl.format(f"payload field {field.name}: cannot read {{}} as {_kind(field.type)}",
                            src.cast(pl.String))),
             ]
         size = pl.col("__payload").str.len_bytes()
@@ -380,10 +421,18 @@ class Normaliser:
                        pl.format("payload of {} bytes exceeds limits.max_payload_bytes", size)))
         frame = self._apply_checks(frame, checks)
         frame = frame.with_columns(__key=self._per_type(self._key_expr))
-        key = pl.col("__key")
+        key, correlation = pl.col("__key"), pl.col("__correlation_id")
+        longest = self.spec.limits.max_key_length
         return self._apply_checks(frame, [
             (key.is_null() | (key == ""), "missing_key", self._per_type(
-                lambda s: pl.lit(f"partition key {s.key} is missing")))])
+                lambda s: pl.lit(f"partition key {s.key} is missing"))),
+            (key.str.len_chars() > longest, "bad_field", self._per_type(
+                lambda s: pl.format(f"partition key {s.key} of {{}} characters exceeds "
+                                    "limits.max_key_length", key.str.len_chars()))),
+            (correlation.str.len_chars() > longest, "bad_field",
+             pl.format("correlation id of {} characters exceeds limits.max_key_length",
+                       correlation.str.len_chars())),
+        ])
 
     def _key_expr(self, schema) -> pl.Expr:
         if schema.key in ENVELOPE_KEY_FIELDS:

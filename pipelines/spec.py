@@ -17,13 +17,23 @@ Example:
 
 from __future__ import annotations
 
+import datetime as dt
 import importlib
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 from pipelines.envelope import (
     EVENT_TYPE_PATTERN,
@@ -32,6 +42,7 @@ from pipelines.envelope import (
     model_from_yaml,
 )
 from pipelines.errors import ConfigError, SchemaError
+from pipelines.timestamps import parse_duration
 
 ENVELOPE_KEY_FIELDS = ("event_id", "event_type", "source", "correlation_id", "part")
 
@@ -48,6 +59,18 @@ class Constant(_Frozen):
 
 #: A mapped field: a source column (or JSON field) name, or a constant.
 FieldRef = str | Constant
+
+#: A duration setting: ``500ms``, ``20m``, ``1h``, ``7d``, ``1d12h`` or seconds (see
+#: :func:`pipelines.timestamps.parse_duration`); dumped as seconds, which it reads back.
+def _duration(value: Any, info: ValidationInfo) -> dt.timedelta:
+    return parse_duration(value, info.field_name or "duration")
+
+
+Duration = Annotated[
+    dt.timedelta,
+    BeforeValidator(_duration),
+    PlainSerializer(lambda value: value.total_seconds(), return_type=float, when_used="json"),
+]
 
 
 class PaceSpec(_Frozen):
@@ -75,7 +98,12 @@ class SimulateIfMissing(_Frozen):
 
 
 class SourceSpec(_Frozen):
-    """Where events come from."""
+    """Where events come from.
+
+    ``max_future``: how far past the injected clock's now an event's time may lie; later
+    events are dead letters (``timestamp_out_of_range``), so that one far-off timestamp
+    never moves event time (windows, label release, pacing) years ahead.
+    """
 
     format: Literal["parquet", "csv", "jsonl"]
     name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.-]+$")
@@ -84,6 +112,7 @@ class SourceSpec(_Frozen):
     batch_size: int = Field(default=10_000, gt=0)
     pace: PaceSpec | None = None
     simulate_if_missing: SimulateIfMissing | None = None
+    max_future: Duration = dt.timedelta(days=1)
 
     @property
     def source_name(self) -> str:
@@ -130,8 +159,20 @@ class EventTypeSpec(_Frozen):
     payload_model: str | None = Field(default=None, pattern=r"^[\w.]+:\w+$")
 
 
+#: The longest line a JSON Lines source buffers (:class:`pipelines.sources.JsonLinesSource`):
+#: ``max_payload_bytes`` may not exceed it.
+MAX_LINE_BYTES = 64 << 20
+
+
 class LimitsSpec(_Frozen):
-    max_payload_bytes: int = Field(default=1 << 20, gt=0)
+    """Size limits on input: larger payloads, keys and correlation ids are dead letters.
+
+    ``max_key_length``: characters of an event's partition key and of its correlation id
+    (``bad_field`` beyond it).
+    """
+
+    max_payload_bytes: int = Field(default=1 << 20, gt=0, le=MAX_LINE_BYTES)
+    max_key_length: int = Field(default=256, gt=0)
 
 
 class RuntimeSpec(_Frozen):
