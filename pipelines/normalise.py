@@ -38,6 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipelines.dedup import DuplicateFilter
 from pipelines.envelope import (
@@ -51,11 +52,18 @@ from pipelines.envelope import (
 )
 from pipelines.event_ids import derived_event_ids
 from pipelines.payloads import cast_field, is_blank
-from pipelines.sources import RawBatch
+from pipelines.sources import (
+    MALFORMED_MESSAGE,
+    MALFORMED_RAW,
+    MALFORMED_REASON,
+    RawBatch,
+    invalid_utf8_rows,
+)
 from pipelines.spec import ENVELOPE_KEY_FIELDS, Constant, JsonRef, PipelineSpec
 from pipelines.timestamps import MAX_TIME, outside_representable_range, parse_timestamp
 
 Clock = Callable[[], dt.datetime]
+_MALFORMED = (MALFORMED_REASON, MALFORMED_MESSAGE, MALFORMED_RAW)
 #: JSON literals that a JSON path extraction turns into text: never a valid type or id.
 _JSON_LITERALS = ["true", "false", "null"]
 
@@ -72,28 +80,6 @@ class Normalised:
     events: pa.Table
     deadletters: pa.Table
     read: int
-
-
-def invalid_utf8_rows(lines: pa.Array) -> np.ndarray:
-    """Mask of rows that are not valid UTF-8, by bisecting a failing vectorised cast.
-
-    Example:
-        >>> invalid_utf8_rows(pa.array([b"ok", b"\\xff", b"fine"])).tolist()
-        [False, True, False]
-    """
-    bad = np.zeros(len(lines), dtype=bool)
-    pending = [(0, len(lines))] if len(lines) else []
-    while pending:
-        lo, hi = pending.pop()
-        try:
-            lines.slice(lo, hi - lo).cast(pa.string())
-        except pa.ArrowInvalid:
-            if hi - lo == 1:
-                bad[lo] = True
-            else:
-                mid = (lo + hi) // 2
-                pending += [(lo, mid), (mid, hi)]
-    return bad
 
 
 def _is_text(arrow: pa.DataType) -> bool:
@@ -173,8 +159,9 @@ class Normaliser:
         line, limit = pl.col("__line"), self.spec.limits.max_payload_bytes
         reason, message = _reason([
             (pl.col("__bad_encoding"), "bad_encoding", pl.lit("line is not valid UTF-8")),
+            # The source cuts an over-long line short: its length says "more than", no more.
             (line.str.len_bytes() > limit, "payload_too_large",
-             pl.format("line of {} bytes exceeds limits.max_payload_bytes", line.str.len_bytes())),
+             pl.lit(f"line of more than {limit} bytes exceeds limits.max_payload_bytes")),
             (line.str.json_path_match("$").is_null(), "bad_json", pl.lit("line is not valid JSON")),
             (~line.str.strip_chars_start().str.starts_with("{"), "not_an_object",
              pl.lit("line is JSON but not an object")),
@@ -225,14 +212,16 @@ class Normaliser:
         """
         ingested_at = self.clock()
         records = raw.records
-        source_columns = [c for c in records.schema.names]
+        source_columns = [c for c in records.schema.names if c not in _MALFORMED]
         if self.json_lines:
             frame = self._decode_lines(records.column("line"))
         else:
             frame = pl.from_arrow(records)
             assert isinstance(frame, pl.DataFrame)
+            malformed = MALFORMED_REASON in frame.columns  # rows the source could not parse
             frame = frame.with_columns(
-                __reason=pl.lit(None, pl.String), __message=pl.lit(None, pl.String)
+                __reason=pl.col(MALFORMED_REASON) if malformed else pl.lit(None, pl.String),
+                __message=pl.col(MALFORMED_MESSAGE) if malformed else pl.lit(None, pl.String),
             )
         frame = frame.with_columns(__offset=pl.Series(raw.offsets, dtype=pl.Int64),
                                    __part=pl.lit(raw.part))
@@ -476,10 +465,14 @@ class Normaliser:
                      ingested_at: dt.datetime) -> pa.Table:
         if self.json_lines:
             positions = np.searchsorted(raw.offsets, frame["__offset"].to_numpy())
-            raw_bytes = pl.Series(raw.records.column("line").take(pa.array(positions)))
+            lines = raw.records.column("line").take(pa.array(positions))
+            # An over-long line is kept up to the limit: enough to see what it was.
+            raw_bytes = pl.Series(pc.binary_slice(lines, 0, self.spec.limits.max_payload_bytes))
         else:
-            raw_bytes = frame.select(pl.struct(source_columns).struct.json_encode()).to_series()
-            raw_bytes = raw_bytes.cast(pl.Binary)
+            row = pl.struct(source_columns).struct.json_encode().cast(pl.Binary)
+            if MALFORMED_RAW in frame.columns:  # a row the source could not parse: its line
+                row = pl.coalesce(pl.col(MALFORMED_RAW), row)
+            raw_bytes = frame.select(row).to_series()
         out = frame.select(
             event_id=pl.col("__event_id"),
             event_type=pl.when(pl.col("__event_type").str.contains(EVENT_TYPE_PATTERN)

@@ -16,7 +16,7 @@ import pytest
 
 from pipelines.errors import ConfigError
 from pipelines.normalise import Normaliser
-from pipelines.sources import RawBatch
+from pipelines.sources import CsvSource, JsonLinesSource, RawBatch, iter_batches
 from pipelines.spec import LimitsSpec, SourceSpec, load_pipeline
 from pipelines.testing import FakeClock
 from pipelines.timestamps import MAX_TIME, MIN_TIME, parse_duration
@@ -24,6 +24,7 @@ from tests.unit.test_normalise import (
     EVENTS_SPEC,
     FRAUD_SPEC,
     START,
+    derived_id,
     fraud_csv_batch,
     fraud_parquet_batch,
     line,
@@ -268,3 +269,50 @@ def test_max_key_length_is_configurable() -> None:
                            line(eventId="b", correlationId="abcde")], spec=spec)
     assert out.events.column("event_id").to_pylist() == ["a"]
     assert reasons(out) == ["bad_field"]
+
+
+# ------------------------------------------------------------------------------------------
+# lines the sources could not read whole
+# ------------------------------------------------------------------------------------------
+
+
+def test_an_over_long_jsonl_line_is_payload_too_large_with_its_raw_cut_to_the_limit(
+    tmp_path: Path,
+) -> None:
+    limit = 512
+    spec = with_changes(EVENTS_SPEC, limits={"max_payload_bytes": limit})
+    giant = line(eventId="giant", data={"blob": "x" * (6 * limit)})
+    (tmp_path / "e.jsonl").write_bytes(line(eventId="a") + b"\n" + giant)  # no final newline
+    source = JsonLinesSource("events", [tmp_path], max_line_bytes=limit, _chunk_size=64)
+    outs = [run(Normaliser(spec, FakeClock(START)), raw) for raw in iter_batches(source)]
+    events = [e for out in outs for e in out.events.column("event_id").to_pylist()]
+    (dead,) = [d for out in outs for d in out.deadletters.to_pylist()]
+    assert events == ["a"]
+    assert (dead["reason"], dead["offset"], dead["raw"]) == ("payload_too_large", 1, giant[:limit])
+    assert "limits.max_payload_bytes" in dead["message"]
+
+
+def test_malformed_csv_rows_are_dead_letters_with_their_raw_line(tmp_path: Path) -> None:
+    header = ",".join(FRAUD_ROWS_CSV[0]).encode()
+    good = [",".join(row).encode() for row in FRAUD_ROWS_CSV[1:]]
+    hostile = [b"1,2,3", b'9,2018-04-01 00:00:31,"596,3156,57.16,31,0,0,0', b"\xff,\xfe"]
+    lines = [header, good[0], hostile[0], b"", hostile[1], good[1], hostile[2]]
+    (tmp_path / "tx.csv").write_bytes(b"\n".join(lines) + b"\n")
+    normaliser = Normaliser(FRAUD_SPEC, FakeClock(START))
+    (out,) = [run(normaliser, raw) for raw in iter_batches(CsvSource("tx", [tmp_path]))]
+    dead = out.deadletters.to_pylist()
+    assert [(d["offset"], d["reason"], d["raw"]) for d in dead] == [
+        (1, "malformed_row", hostile[0]), (2, "malformed_row", hostile[1]),
+        (4, "bad_encoding", hostile[2])]
+    assert "expected 9 columns, got 3" in dead[0]["message"]
+    assert [d["TRANSACTION_ID"] for d in out.events.column("data").to_pylist()] == [0, 1]
+    assert out.events.column("event_id").to_pylist() == [
+        derived_id(0, source="tx", part="tx.csv"), derived_id(3, source="tx", part="tx.csv")]
+
+
+FRAUD_ROWS_CSV = [
+    ["TRANSACTION_ID", "TX_DATETIME", "CUSTOMER_ID", "TERMINAL_ID", "TX_AMOUNT",
+     "TX_TIME_SECONDS", "TX_TIME_DAYS", "TX_FRAUD", "TX_FRAUD_SCENARIO"],
+    ["0", "2018-04-01 00:00:31", "596", "3156", "57.16", "31", "0", "0", "0"],
+    ["1", "2018-04-01 00:02:10", "4961", "3412", "81.51", "130", "0", "1", "1"],
+]
