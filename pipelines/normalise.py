@@ -418,7 +418,9 @@ class Normaliser:
             (key.str.len_chars() > longest, "bad_field", self._per_type(
                 lambda s: pl.format(f"partition key {s.key} of {{}} characters exceeds "
                                     "limits.max_key_length", key.str.len_chars()))),
-            (correlation.str.len_chars() > longest, "bad_field",
+            # A correlation id defaulted to the event id is bounded as the event id is.
+            ((correlation.str.len_chars() > longest) & (correlation != pl.col("__event_id")),
+             "bad_field",
              pl.format("correlation id of {} characters exceeds limits.max_key_length",
                        correlation.str.len_chars())),
         ])

@@ -316,3 +316,10 @@ FRAUD_ROWS_CSV = [
     ["0", "2018-04-01 00:00:31", "596", "3156", "57.16", "31", "0", "0", "0"],
     ["1", "2018-04-01 00:02:10", "4961", "3412", "81.51", "130", "0", "1", "1"],
 ]
+
+
+def test_a_derived_correlation_id_is_not_held_to_a_short_key_limit() -> None:
+    spec = with_changes(EVENTS_SPEC, limits={"max_key_length": 8},
+                        event_types={"user.login": {"key": "source"}})
+    out = normalise_lines([line(eventId=..., correlationId=...)], spec=spec)
+    assert out.deadletters.num_rows == 0 and len(out.events.column("correlation_id")[0].as_py()) == 36
