@@ -121,7 +121,7 @@ class PipelineRun:
         if spec.enrich and stages is None:
             raise ConfigError("enrich: this runner has no executor for enrichment stages")
         self.spec = spec
-        self.source = build_source(spec.source, inputs, tuple(spec.search_path))
+        self.source = build_source(spec, inputs)
         self.store = EventStore(store_root)
         self.run = run_id(spec, self.source)
         self.counts = RunCounts()

@@ -29,7 +29,7 @@ from pipelines.plugins import PluginImportError, PluginRegistry
 from pipelines.processing import AnomalyStep, Step, StepContext
 from pipelines.processors import PythonStep
 from pipelines.sources import CsvSource, JsonLinesSource, ParquetSource, Source
-from pipelines.spec import EnrichSpec, PipelineSpec, SourceSpec, StepSpec
+from pipelines.spec import EnrichSpec, LimitsSpec, PipelineSpec, SourceSpec, StepSpec
 
 
 class FileSourceOptions(BaseModel):
@@ -44,20 +44,23 @@ class SourceKind:
 
     Attributes:
         options: validates the kind's own fields of the ``source`` section.
-        build: ``build(spec, paths, options) -> Source``; ``paths`` are the inputs to read
-            (the config's ``path``, or the command line's ``--input``).
+        build: ``build(spec, paths, options, limits) -> Source``; ``paths`` are the inputs
+            to read (the config's ``path``, or the command line's ``--input``), ``limits``
+            the pipeline's (a source never buffers a record over ``max_payload_bytes``).
     """
 
     options: type[BaseModel]
-    build: Callable[[SourceSpec, list[str], Any], Source]
+    build: Callable[[SourceSpec, list[str], Any, LimitsSpec], Source]
 
 
 def file_source(cls: type[Source]) -> SourceKind:
     """The source kind of a file source class (``ParquetSource``...)."""
-    def build(spec: SourceSpec, paths: list[str], _: Any) -> Source:
+    def build(spec: SourceSpec, paths: list[str], _: Any, limits: LimitsSpec) -> Source:
         kwargs: dict[str, Any] = {"batch_size": spec.batch_size}
         if spec.pattern is not None:
             kwargs["pattern"] = spec.pattern
+        if cls is JsonLinesSource:  # an unterminated line is cut at the limit, not buffered
+            kwargs["max_line_bytes"] = limits.max_payload_bytes
         return cls(spec.source_name, paths, **kwargs)
 
     return SourceKind(FileSourceOptions, build)
@@ -136,11 +139,11 @@ def validate_kinds(spec: PipelineSpec, objects: Mapping[str, Any] | None = None)
             raise ConfigError(f"enrich.{index}.kind: {stage.kind!r} adds no columns")
 
 
-def build_source(spec: SourceSpec, inputs: list[str] | None = None,
-                 search_path: tuple[str, ...] = ()) -> Source:
-    """The configured source, reading ``inputs`` instead of ``spec.path`` when given."""
-    kind, options = source_kind(spec, search_path)
-    return kind.build(spec, list(inputs or spec.path), options)
+def build_source(pipeline: PipelineSpec, inputs: list[str] | None = None) -> Source:
+    """The pipeline's source, reading ``inputs`` instead of ``source.path`` when given."""
+    spec = pipeline.source
+    kind, options = source_kind(spec, tuple(pipeline.search_path))
+    return kind.build(spec, list(inputs or spec.path), options, pipeline.limits)
 
 
 def build_steps(spec: PipelineSpec, objects: Mapping[str, Any] | None = None) -> list[Step]:

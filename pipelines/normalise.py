@@ -7,9 +7,14 @@ a message that says what was wrong:
 
 1. decoding (JSON Lines only): ``bad_encoding``, ``payload_too_large``, ``bad_json``,
    ``not_an_object``;
+   CSV only: ``malformed_row`` (wrong column count, broken quoting), ``bad_encoding``;
 2. envelope: ``missing_event_type``, ``bad_event_type``, ``missing_timestamp``,
-   ``bad_timestamp``, ``bad_event_id``, ``bad_version``, ``upcast_failed``;
-3. payload: ``missing_field``, ``bad_field``, ``payload_too_large``, then ``missing_key``.
+   ``bad_timestamp``, ``bad_event_id``, ``bad_version``, ``timestamp_out_of_range`` (after
+   the clock's now plus ``source.max_future``, or outside what ``timestamp[us]`` and
+   nanosecond arithmetic hold: 1677..2262), ``upcast_failed``;
+3. payload: ``missing_field`` (null, absent or blank text), ``bad_field`` (unreadable, NaN,
+   infinite or out of the type's range), ``payload_too_large``, then ``missing_key`` and
+   ``bad_field`` for a partition key or correlation id over ``limits.max_key_length``.
 
 Example:
     >>> from pipelines.spec import PipelineSpec
@@ -33,6 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipelines.dedup import DuplicateFilter
 from pipelines.envelope import (
@@ -46,12 +52,19 @@ from pipelines.envelope import (
     envelope_schema,
 )
 from pipelines.event_ids import derived_event_ids
-from pipelines.payloads import cast_field
-from pipelines.sources import RawBatch
+from pipelines.payloads import cast_field, is_blank
+from pipelines.sources import (
+    MALFORMED_MESSAGE,
+    MALFORMED_RAW,
+    MALFORMED_REASON,
+    RawBatch,
+    invalid_utf8_rows,
+)
 from pipelines.spec import ENVELOPE_KEY_FIELDS, Constant, JsonRef, PipelineSpec
-from pipelines.timestamps import parse_timestamp
+from pipelines.timestamps import MAX_TIME, outside_representable_range, parse_timestamp
 
 Clock = Callable[[], dt.datetime]
+_MALFORMED = (MALFORMED_REASON, MALFORMED_MESSAGE, MALFORMED_RAW)
 #: JSON literals that a JSON path extraction turns into text: never a valid type or id.
 _JSON_LITERALS = ["true", "false", "null"]
 
@@ -70,26 +83,19 @@ class Normalised:
     read: int
 
 
-def invalid_utf8_rows(lines: pa.Array) -> np.ndarray:
-    """Mask of rows that are not valid UTF-8, by bisecting a failing vectorised cast.
+def _is_text(arrow: pa.DataType) -> bool:
+    return pa.types.is_string(arrow) or pa.types.is_large_string(arrow)
 
-    Example:
-        >>> invalid_utf8_rows(pa.array([b"ok", b"\\xff", b"fine"])).tolist()
-        [False, True, False]
-    """
-    bad = np.zeros(len(lines), dtype=bool)
-    pending = [(0, len(lines))] if len(lines) else []
-    while pending:
-        lo, hi = pending.pop()
-        try:
-            lines.slice(lo, hi - lo).cast(pa.string())
-        except pa.ArrowInvalid:
-            if hi - lo == 1:
-                bad[lo] = True
-            else:
-                mid = (lo + hi) // 2
-                pending += [(lo, mid), (mid, hi)]
-    return bad
+
+def _kind(arrow: pa.DataType) -> str:
+    """How a bad field's message names its type: numbers must also be finite and in range."""
+    if pa.types.is_floating(arrow):
+        return f"a finite {arrow}"
+    if pa.types.is_integer(arrow):
+        return f"{arrow} (a whole number in range)"
+    if pa.types.is_timestamp(arrow):
+        return "a timestamp between 1677 and 2262"
+    return str(arrow)
 
 
 def producer_version(text: pl.Expr, number: pl.Expr) -> tuple[pl.Expr, pl.Expr, pl.Expr]:
@@ -182,8 +188,9 @@ class Normaliser:
         line, limit = pl.col("__line"), self.spec.limits.max_payload_bytes
         reason, message = _reason([
             (pl.col("__bad_encoding"), "bad_encoding", pl.lit("line is not valid UTF-8")),
+            # The source cuts an over-long line short: its length says "more than", no more.
             (line.str.len_bytes() > limit, "payload_too_large",
-             pl.format("line of {} bytes exceeds limits.max_payload_bytes", line.str.len_bytes())),
+             pl.lit(f"line of more than {limit} bytes exceeds limits.max_payload_bytes")),
             (line.str.json_path_match("$").is_null(), "bad_json", pl.lit("line is not valid JSON")),
             (~line.str.strip_chars_start().str.starts_with("{"), "not_an_object",
              pl.lit("line is JSON but not an object")),
@@ -234,18 +241,21 @@ class Normaliser:
         """
         ingested_at = self.clock()
         records = raw.records
-        source_columns = [c for c in records.schema.names]
+        source_columns = [c for c in records.schema.names if c not in _MALFORMED]
         if self.json_lines:
             frame = self._decode_lines(records.column("line"))
         else:
             frame = pl.from_arrow(records)
             assert isinstance(frame, pl.DataFrame)
+            malformed = MALFORMED_REASON in frame.columns  # rows the source could not parse
             frame = frame.with_columns(
-                __reason=pl.lit(None, pl.String), __message=pl.lit(None, pl.String)
+                __reason=pl.col(MALFORMED_REASON) if malformed else pl.lit(None, pl.String),
+                __message=pl.col(MALFORMED_MESSAGE) if malformed else pl.lit(None, pl.String),
             )
         frame = frame.with_columns(__offset=pl.Series(raw.offsets, dtype=pl.Int64),
                                    __part=pl.lit(raw.part))
         frame = self._envelope_columns(frame, raw, source_columns)
+        frame = self._check_event_time(frame, ingested_at)
         frame = self._typed_payload(frame, source_columns)
         if duplicates is not None:
             frame = self._mark_duplicates(frame, duplicates)
@@ -319,6 +329,23 @@ class Normaliser:
                        pl.col("__current_version"))),
         ]
         return self._apply_checks(frame, checks)
+
+    def _check_event_time(self, frame: pl.DataFrame, now: dt.datetime) -> pl.DataFrame:
+        """Event times past the clock's now plus ``source.max_future``, or past what can be
+        represented, are ``timestamp_out_of_range``: one such event would otherwise move
+        event time (windows, label release, pacing) years ahead. The distant past is left to
+        the lateness rules."""
+        max_future = self.spec.source.max_future
+        latest = min(now + max_future, MAX_TIME)
+        ts = pl.col("__timestamp")
+        shown = pl.col("__ts_raw").cast(pl.String)
+        return self._apply_checks(frame, [
+            (outside_representable_range(ts), "timestamp_out_of_range",
+             pl.format("timestamp {} is outside the representable range 1677..2262", shown)),
+            (ts > pl.lit(latest), "timestamp_out_of_range",
+             pl.format(f"timestamp {{}} is later than now ({now.isoformat()}) plus "
+                       f"source.max_future ({max_future})", shown)),
+        ])
 
     def _json_valued(self, ref: str | Constant | None) -> pl.Expr:
         """Whether a field was read out of a JSON line (where objects arrive as their text)."""
@@ -408,11 +435,14 @@ class Normaliser:
             frame = frame.with_columns(
                 pl.when(et.is_in(having)).then(cast_field(src, dtype, field.type)).alias(
                     out.meta.output_name()))
+            # Blank text is a missing value for anything but a string field.
+            absent = src.is_null() | (is_blank(src, dtype) if not _is_text(field.type)
+                                      else pl.lit(False))
             checks += [
-                (et.is_in(required) & src.is_null(), "missing_field",
+                (et.is_in(required) & absent, "missing_field",
                  pl.lit(f"payload field {field.name} is missing")),
-                (et.is_in(having) & src.is_not_null() & out.is_null(), "bad_field",
-                 pl.format(f"payload field {field.name}: cannot read {{}} as {field.type}",
+                (et.is_in(having) & ~absent & out.is_null(), "bad_field",
+                 pl.format(f"payload field {field.name}: cannot read {{}} as {_kind(field.type)}",
                            src.cast(pl.String))),
             ]
         size = pl.col("__payload").str.len_bytes()
@@ -421,10 +451,20 @@ class Normaliser:
                        pl.format("payload of {} bytes exceeds limits.max_payload_bytes", size)))
         frame = self._apply_checks(frame, checks)
         frame = frame.with_columns(__key=self._per_type(self._key_expr))
-        key = pl.col("__key")
+        key, correlation = pl.col("__key"), pl.col("__correlation_id")
+        longest = self.spec.limits.max_key_length
         return self._apply_checks(frame, [
             (key.is_null() | (key == ""), "missing_key", self._per_type(
-                lambda s: pl.lit(f"partition key {s.key} is missing")))])
+                lambda s: pl.lit(f"partition key {s.key} is missing"))),
+            (key.str.len_chars() > longest, "bad_field", self._per_type(
+                lambda s: pl.format(f"partition key {s.key} of {{}} characters exceeds "
+                                    "limits.max_key_length", key.str.len_chars()))),
+            # A correlation id defaulted to the event id is bounded as the event id is.
+            ((correlation.str.len_chars() > longest) & (correlation != pl.col("__event_id")),
+             "bad_field",
+             pl.format("correlation id of {} characters exceeds limits.max_key_length",
+                       correlation.str.len_chars())),
+        ])
 
     def _key_expr(self, schema) -> pl.Expr:
         if schema.key in ENVELOPE_KEY_FIELDS:
@@ -468,10 +508,14 @@ class Normaliser:
                      ingested_at: dt.datetime) -> pa.Table:
         if self.json_lines:
             positions = np.searchsorted(raw.offsets, frame["__offset"].to_numpy())
-            raw_bytes = pl.Series(raw.records.column("line").take(pa.array(positions)))
+            lines = raw.records.column("line").take(pa.array(positions))
+            # An over-long line is kept up to the limit: enough to see what it was.
+            raw_bytes = pl.Series(pc.binary_slice(lines, 0, self.spec.limits.max_payload_bytes))
         else:
-            raw_bytes = frame.select(pl.struct(source_columns).struct.json_encode()).to_series()
-            raw_bytes = raw_bytes.cast(pl.Binary)
+            row = pl.struct(source_columns).struct.json_encode().cast(pl.Binary)
+            if MALFORMED_RAW in frame.columns:  # a row the source could not parse: its line
+                row = pl.coalesce(pl.col(MALFORMED_RAW), row)
+            raw_bytes = frame.select(row).to_series()
         out = frame.select(
             event_id=pl.col("__event_id"),
             event_type=pl.when(pl.col("__event_type").str.contains(EVENT_TYPE_PATTERN)

@@ -18,11 +18,21 @@ Example:
 
 from __future__ import annotations
 
+import datetime as dt
 import importlib
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from pipelines.envelope import (
     EVENT_TYPE_PATTERN,
@@ -32,6 +42,7 @@ from pipelines.envelope import (
 )
 from pipelines.errors import SchemaError
 from pipelines.plugins import IMPORT_PATH
+from pipelines.timestamps import parse_duration
 
 ENVELOPE_KEY_FIELDS = ("event_id", "event_type", "source", "correlation_id", "part")
 #: Names of steps, routes, patterns and actions: ``big-orders``, ``card_testing``.
@@ -50,6 +61,18 @@ class Constant(_Frozen):
 
 #: A mapped field: a source column (or JSON field) name, or a constant.
 FieldRef = str | Constant
+
+#: A duration setting: ``500ms``, ``20m``, ``1h``, ``7d``, ``1d12h`` or seconds (see
+#: :func:`pipelines.timestamps.parse_duration`); dumped as seconds, which it reads back.
+def _duration(value: Any, info: ValidationInfo) -> dt.timedelta:
+    return parse_duration(value, info.field_name or "duration")
+
+
+Duration = Annotated[
+    dt.timedelta,
+    BeforeValidator(_duration),
+    PlainSerializer(lambda value: value.total_seconds(), return_type=float, when_used="json"),
+]
 
 
 class PaceSpec(_Frozen):
@@ -82,6 +105,10 @@ class SourceSpec(_Open):
     ``format`` names a source kind: ``parquet``, ``csv``, ``jsonl``, one an installed package
     declares (entry-point group ``eventray.sources``) or an import path. Fields besides the
     common ones below belong to the kind, which validates them with its own model.
+
+    ``max_future``: how far past the injected clock's now an event's time may lie; later
+    events are dead letters (``timestamp_out_of_range``), so that one far-off timestamp
+    never moves event time (windows, label release, pacing) years ahead.
     """
 
     format: str = Field(min_length=1)
@@ -90,6 +117,7 @@ class SourceSpec(_Open):
     pattern: str | None = None
     batch_size: int = Field(default=10_000, gt=0)
     pace: PaceSpec | None = None
+    max_future: Duration = dt.timedelta(days=1)
 
     @property
     def source_name(self) -> str:
@@ -136,8 +164,20 @@ class EventTypeSpec(_Frozen):
     payload_model: str | None = Field(default=None, pattern=r"^[\w.]+:\w+$")
 
 
+#: The longest line a JSON Lines source buffers (:class:`pipelines.sources.JsonLinesSource`):
+#: ``max_payload_bytes`` may not exceed it.
+MAX_LINE_BYTES = 64 << 20
+
+
 class LimitsSpec(_Frozen):
-    max_payload_bytes: int = Field(default=1 << 20, gt=0)
+    """Size limits on input: larger payloads, keys and correlation ids are dead letters.
+
+    ``max_key_length``: characters of an event's partition key and of its correlation id
+    (``bad_field`` beyond it).
+    """
+
+    max_payload_bytes: int = Field(default=1 << 20, gt=0, le=MAX_LINE_BYTES)
+    max_key_length: int = Field(default=256, gt=0)
 
 
 class RuntimeSpec(_Frozen):

@@ -5,10 +5,21 @@ epoch numbers (``unit``; ``auto`` reads magnitudes as s, ms, us or ns) and strin
 either ISO 8601 (``2018-04-01T00:00:31Z``, ``...+02:00``, ``2018-04-01 00:00:31``, a date)
 or an epoch number. Anything else becomes null, which validation reports as
 ``bad_timestamp``.
+
+Range. Event times are ``timestamp[us]`` but pass through nanosecond arithmetic downstream
+(Polars, pandas), so only :data:`MIN_TIME` .. :data:`MAX_TIME` (1677-09-21 .. 2262-04-11,
+what int64 nanoseconds hold) can be represented. A finite epoch beyond that range parses to
+one microsecond past the nearest bound rather than to null, so that validation reports it
+as out of range (:func:`outside_representable_range`), not as unreadable.
+
+Durations in configs (``20m``, ``1d12h``) are read by :func:`parse_duration`.
 """
 
 from __future__ import annotations
 
+import datetime as dt
+import math
+import re
 from typing import Literal
 
 import polars as pl
@@ -22,8 +33,13 @@ _ISO_FORMATS = (
     "%Y-%m-%d %H:%M:%S%.f",
 )
 _US_PER = {"s": 1_000_000, "ms": 1_000, "us": 1, "ns": 0.001}
-# Years 1677..2262 fit in int64 nanoseconds; bound epochs so nothing overflows.
-_MAX_EPOCH_US = 9_000_000_000_000_000
+# int64 nanoseconds span 1677-09-21 .. 2262-04-11: the range in whole microseconds.
+_MAX_US = (2**63 - 1) // 1_000
+_MIN_US = -_MAX_US
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+#: The earliest and latest event times that can be represented (see the module docstring).
+MIN_TIME = _EPOCH + dt.timedelta(microseconds=_MIN_US)
+MAX_TIME = _EPOCH + dt.timedelta(microseconds=_MAX_US)
 
 
 def _epoch_to_us(number: pl.Expr, unit: TimeUnit) -> pl.Expr:
@@ -38,7 +54,13 @@ def _epoch_to_us(number: pl.Expr, unit: TimeUnit) -> pl.Expr:
     else:
         scale = pl.lit(float(_US_PER[unit]))
     micros = (number.cast(pl.Float64) * scale).round(0)
-    return pl.when(micros.abs() < _MAX_EPOCH_US).then(micros.cast(pl.Int64)).otherwise(None)
+    # Saturate just past the range (not null): too far off is not the same as unreadable.
+    return (
+        pl.when(micros.is_nan() | micros.is_infinite()).then(None)
+        .when(micros > _MAX_US).then(_MAX_US + 1)
+        .when(micros < _MIN_US).then(_MIN_US - 1)
+        .otherwise(micros.cast(pl.Int64, strict=False))
+    )
 
 
 def _from_micros(micros: pl.Expr) -> pl.Expr:
@@ -75,3 +97,52 @@ def parse_timestamp(expr: pl.Expr, dtype: pl.DataType, unit: TimeUnit = "auto") 
             _from_micros(_epoch_to_us(number, unit)),
         )
     return pl.lit(None, dtype=pl.Datetime("us", "UTC"))
+
+
+def outside_representable_range(timestamp: pl.Expr) -> pl.Expr:
+    """Whether a parsed ``Datetime('us', 'UTC')`` lies outside :data:`MIN_TIME`..:data:`MAX_TIME`.
+
+    Example:
+        >>> df = pl.DataFrame({"t": ["9999-01-01", "2024-01-01", "1e300"]})
+        >>> df.select(outside_representable_range(parse_timestamp(pl.col("t"), pl.String))
+        ...           ).to_series().to_list()
+        [True, False, True]
+    """
+    return (timestamp < pl.lit(MIN_TIME)) | (timestamp > pl.lit(MAX_TIME))
+
+
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3_600.0, "d": 86_400.0, "w": 604_800.0}
+_MAX_DURATION_S = 1_000 * 365.25 * 86_400
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w)")
+_DURATION = re.compile(rf"(?:{_DURATION_PART.pattern})+")
+
+
+def parse_duration(value: str | float | dt.timedelta, field: str = "duration") -> dt.timedelta:
+    """A non-negative duration from config: ``500ms``, ``20m``, ``1h``, ``7d``, ``1d12h``, or
+    a plain number of seconds (``90``, ``"1.5"``); ``timedelta`` values pass through.
+
+    Units: ``ms``, ``s``, ``m`` (minutes), ``h``, ``d``, ``w``; parts add up, largest first
+    or not. ``field`` names the setting in the error.
+
+    Raises:
+        ValueError: naming ``field``, for anything else (negative, empty, unknown unit).
+
+    Example:
+        >>> parse_duration("1d12h"), parse_duration("500ms"), parse_duration(90)
+        (datetime.timedelta(days=1, seconds=43200), datetime.timedelta(microseconds=500000), \
+datetime.timedelta(seconds=90))
+    """
+    if isinstance(value, dt.timedelta):
+        seconds = value.total_seconds()
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        seconds = float(value)
+    elif isinstance(value, str) and _DURATION.fullmatch(text := value.strip().lower()):
+        seconds = sum(float(n) * _DURATION_UNITS[u] for n, u in _DURATION_PART.findall(text))
+    elif isinstance(value, str) and re.fullmatch(r"\d+(?:\.\d+)?", value.strip()):
+        seconds = float(value)
+    else:
+        raise ValueError(f"{field}: {value!r} is not a duration "
+                         "(examples: 500ms, 20m, 1h, 7d, 1d12h, or a number of seconds)")
+    if not math.isfinite(seconds) or not 0 <= seconds < _MAX_DURATION_S:
+        raise ValueError(f"{field}: {value!r} is not a non-negative duration under 1000 years")
+    return dt.timedelta(seconds=seconds)

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from pipelines.kinds import SourceKind, file_source
 from pipelines.sources import ParquetSource, Source
-from pipelines.spec import SourceSpec
+from pipelines.spec import LimitsSpec, SourceSpec
 
 
 class SimulateIfMissing(BaseModel):
@@ -42,7 +42,8 @@ class TransactionsOptions(BaseModel):
     simulate_if_missing: SimulateIfMissing | None = None
 
 
-def build_transactions(spec: SourceSpec, paths: list[str], options: TransactionsOptions) -> Source:
+def build_transactions(spec: SourceSpec, paths: list[str], options: TransactionsOptions,
+                       limits: LimitsSpec) -> Source:
     """A Parquet source over ``paths``; the configured folder is simulated first if missing
     (never an input given on the command line: a missing input is an error)."""
     sim, target = options.simulate_if_missing, Path(paths[0])
@@ -54,7 +55,7 @@ def build_transactions(spec: SourceSpec, paths: list[str], options: Transactions
         write_monthly(simulate_transactions(SimulationSpec(
             n_customers=sim.n_customers, n_terminals=sim.n_terminals,
             start_date=sim.start_date, n_days=sim.n_days, seed=sim.seed)), target)
-    return file_source(ParquetSource).build(spec, paths, None)
+    return file_source(ParquetSource).build(spec, paths, None, limits)
 
 
 #: The source kind, registered under ``transactions`` (entry-point group ``eventray.sources``).

@@ -355,8 +355,8 @@ NOTE_BYTES = 13_000
 def source_rows_per_s(config: Path, passes: int = 3) -> float:
     """How fast the driver's side alone goes: read and normalise the whole input, no Ray
     (the best of a few passes: other processes share the machine)."""
-    from cluster.driver import build_source
     from pipelines.dedup import DuplicateFilter
+    from pipelines.kinds import build_source
     from pipelines.normalise import Normaliser
     from pipelines.pipeline import load_pipeline
     from pipelines.sources import iter_batches
@@ -366,7 +366,7 @@ def source_rows_per_s(config: Path, passes: int = 3) -> float:
     for _ in range(passes):
         normaliser, duplicates, rows = Normaliser(spec), DuplicateFilter(), 0
         started = time.perf_counter()
-        for raw in iter_batches(build_source(spec.source)):
+        for raw in iter_batches(build_source(spec)):
             rows += normaliser.normalise(raw, duplicates).events.num_rows
         best = max(best, rows / (time.perf_counter() - started))
     return best

@@ -37,7 +37,10 @@ from tests.seed_events import ACCEPTED_VERSIONS, NON_VERSIONS, stored_version
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 LIMIT = 4096
-BASE_SPEC = load_pipeline(CONFIGS / "events.yaml", {"limits": {"max_payload_bytes": LIMIT}})
+# Valid moments reach 2200: source.max_future (against the wall clock) is widened past them;
+# its own rule is tested with an injected clock in test_hostile_values.
+BASE_SPEC = load_pipeline(CONFIGS / "events.yaml", {"limits": {"max_payload_bytes": LIMIT},
+                                                   "source": {"max_future": "100000d"}})
 SOURCE = BASE_SPEC.source.source_name
 INPUT = "input.jsonl"
 PIPELINE_RUNS = settings(
@@ -93,6 +96,7 @@ PATH_LIKE_TYPES = ["../../x", "/etc/passwd", "a/b", "..", ".hidden", "../events"
 BAD_TIMESTAMPS = ["yesterday", "2024-13-45T00:00:00Z", "2024-02-30", "10:00:00", "", "  ",
                   "2024/05/01", "NaN", "1e400", "May 1 2024", "2024-05-01T25:00:00Z", "-inf",
                   "0x10", "2024-05-01T10:00:00+25:00", "2024-W18", "T"]
+FAR_TIMESTAMPS = ["2263-01-01T00:00:00Z", "9999-12-31T23:59:59Z", "1500-01-01", 1e300, "-1e300"]
 BROKEN_JSON = [b"{", b"}", b"{'eventType': 'a.b'}", b"not json", b'{"eventType": "a.b",}',
                b'{"a": 1} x', b'{"a": NaN}', b"NaN", b'{"a": 1}{"b": 2}', b'{"a" 1}', b"{]"]
 NOT_OBJECTS = [b"[1, 2]", b"42", b'"user.login"', b"true", b"[]", b"  [ ]", b"-1.5e3"]
@@ -183,7 +187,7 @@ def bad_lines(draw: st.DrawFn, line_no: int) -> Line:
     kind = draw(st.sampled_from([
         "truncated", "broken", "not_object", "no_type", "null_type", "numeric_type", "list_type",
         "object_type", "path_type", "text_type", "no_time", "null_time", "bool_time",
-        "object_time", "list_time", "bad_time", "non_utf8", "binary", "huge", "bad_version",
+        "object_time", "list_time", "bad_time", "far_time", "non_utf8", "binary", "huge", "bad_version",
         "empty_id", "long_id", "empty_key",
     ]))
     if kind == "truncated":
@@ -220,6 +224,7 @@ def bad_lines(draw: st.DrawFn, line_no: int) -> Line:
         "object_time": ({"at": "2024-05-01T10:00:00Z"}, "bad_timestamp"),
         "list_time": (["2024-05-01T10:00:00Z"], "bad_timestamp"),
         "bad_time": (draw(st.sampled_from(BAD_TIMESTAMPS)), "bad_timestamp"),
+        "far_time": (draw(st.sampled_from(FAR_TIMESTAMPS)), "timestamp_out_of_range"),
         "bad_version": ({"version": draw(NON_VERSIONS)},
                         "bad_version"),
         "empty_id": ("", "bad_event_id"),
@@ -327,7 +332,7 @@ def check_dead_letters(store: EventStore, lines: list[Line]) -> None:
     assert set(offsets) == set(bad)
     for row in frame.to_dicts():
         line = bad[row["offset"]]
-        assert row["raw"] == line.raw
+        assert row["raw"] == line.raw[:LIMIT]  # over-long lines are cut to the limit
         assert row["reason"] == line.reason, (row["reason"], row["message"], line)
         assert row["message"]
         assert (row["source"], row["part"]) == (SOURCE, INPUT)

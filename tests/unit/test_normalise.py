@@ -240,7 +240,9 @@ REASON_CASES: list[tuple[str, bytes, str]] = [
     ("feb-30", line(timestamp="2024-02-30"), "bad_timestamp"),
     ("bool-timestamp", line(timestamp=True), "bad_timestamp"),
     ("object-timestamp", line(timestamp={"at": "2024-05-01"}), "bad_timestamp"),
-    ("huge-epoch", line(timestamp=1e300), "bad_timestamp"),
+    ("huge-epoch", line(timestamp=1e300), "timestamp_out_of_range"),
+    ("year-9999", line(timestamp="9999-12-31T00:00:00Z"), "timestamp_out_of_range"),
+    ("year-2100", line(timestamp="2100-01-01T00:00:00Z"), "timestamp_out_of_range"),
     ("nan-timestamp", line(timestamp="NaN"), "bad_timestamp"),
     ("empty-event-id", line(eventId=""), "bad_event_id"),
     ("long-event-id", line(eventId="x" * 129), "bad_event_id"),
@@ -258,6 +260,7 @@ REASON_CASES: list[tuple[str, bytes, str]] = [
     ("object-version", line(metadata={"version": {"major": 1}}), "bad_version"),
     ("bool-version", line(metadata={"version": True}), "bad_version"),
     ("empty-key", line(correlationId=""), "missing_key"),
+    ("long-key", line(correlationId="k" * 257), "bad_field"),
 ]
 
 

@@ -16,6 +16,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pipelines.sources import (
+    MALFORMED_MESSAGE,
+    MALFORMED_RAW,
+    MALFORMED_REASON,
     CsvSource,
     JsonLinesSource,
     ParquetSource,
@@ -61,11 +64,19 @@ def read_all(source: Source, resume: dict[str, int] | None = None) -> list[RawBa
     return list(iter_batches(source, resume))
 
 
+MALFORMED = [MALFORMED_REASON, MALFORMED_MESSAGE, MALFORMED_RAW]
+
+
+def data_of(records: pa.RecordBatch) -> pa.RecordBatch:
+    """The data columns of a batch (without a CSV batch's malformed-row columns)."""
+    return records.drop_columns([c for c in MALFORMED if c in records.schema.names])
+
+
 def rows_of(batches: list[RawBatch]) -> list[tuple[str, int, tuple]]:
     """Flatten batches into (part, offset, row values) triples."""
     out: list[tuple[str, int, tuple]] = []
     for b in batches:
-        values = zip(*(c.to_pylist() for c in b.records.columns), strict=True)
+        values = zip(*(c.to_pylist() for c in data_of(b.records).columns), strict=True)
         out.extend(zip([b.part] * b.num_rows, b.offsets.tolist(), values, strict=True))
     return out
 
@@ -184,10 +195,11 @@ def test_csv_columns_are_raw_strings(tmp_path: Path) -> None:
         b'\xef\xbb\xbfid,amount,flag,when\n007,1.50,NA,2018-04-01 00:00:00\n,"1,5",null,x\n'
     )
     (batch,) = read_all(CsvSource("c", [tmp_path / "t.csv"]))
-    assert batch.records.schema == pa.schema(
+    assert data_of(batch.records).schema == pa.schema(
         [(name, pa.string()) for name in ["id", "amount", "flag", "when"]]
     )
-    assert batch.records.to_pylist() == [
+    assert batch.records.select(MALFORMED).to_pylist() == [dict.fromkeys(MALFORMED)] * 2
+    assert data_of(batch.records).to_pylist() == [
         {"id": "007", "amount": "1.50", "flag": "NA", "when": "2018-04-01 00:00:00"},
         {"id": "", "amount": "1,5", "flag": "null", "when": "x"},
     ]
@@ -199,6 +211,91 @@ def test_csv_types_not_inferred_from_first_block(tmp_path: Path) -> None:
     source = CsvSource("c", [tmp_path], batch_size=1_000, _block_size=128)
     (batch,) = read_all(source)
     assert batch.records.column("id").to_pylist() == ids
+
+
+# ------------------------------------------------------------------------------------------
+# malformed CSV rows: rows of their own, never an exception
+# ------------------------------------------------------------------------------------------
+
+CSV_HOSTILE = [
+    (b"1,2", "malformed_row", "expected 3 columns, got 2"),
+    (b"1,2,3,4", "malformed_row", "expected 3 columns, got 4"),
+    (b'5,"open,6', "malformed_row", ""),
+    (b'5,6,"open', "malformed_row", "quot"),
+    (b"7,\xff\xfe,8", "bad_encoding", "UTF-8"),
+    (b"  ", "malformed_row", "expected 3 columns, got 1"),
+]
+
+
+def hostile_csv(path: Path, rows: int = 40) -> tuple[list[tuple[int, bytes, str, str]], int]:
+    """A CSV with a hostile line after every fifth good one (and blank lines); returns
+    (offset, raw, reason, message part) of each hostile line and the number of rows."""
+    lines, hostile, offset = [b"a,b,c"], [], 0
+    for i in range(rows):
+        lines.append(b'%d,"x,%d",z' % (i, i))
+        offset += 1
+        if i % 5 == 4:
+            raw, reason, words = CSV_HOSTILE[(i // 5) % len(CSV_HOSTILE)]
+            lines += [raw, b""]
+            hostile.append((offset, raw, reason, words))
+            offset += 1
+    path.write_bytes(b"\r\n".join(lines) + b"\n")
+    return hostile, offset
+
+
+@pytest.mark.parametrize("block_size", [16, 64, 1 << 20])
+@pytest.mark.parametrize("batch_size", [1, 7, 10_000])
+def test_malformed_csv_rows_are_marked_in_place_and_the_rest_is_read(
+    tmp_path: Path, block_size: int, batch_size: int
+) -> None:
+    hostile, total = hostile_csv(tmp_path / "t.csv")
+    source = CsvSource("c", [tmp_path], batch_size=batch_size, _block_size=block_size)
+    batches = read_all(source)
+    offsets = np.concatenate([b.offsets for b in batches])
+    assert offsets.tolist() == list(range(total))
+    rows = [r for b in batches for r in b.records.to_pylist()]
+    bad = {o: (r[MALFORMED_RAW], r[MALFORMED_REASON], r[MALFORMED_MESSAGE])
+           for o, r in zip(offsets.tolist(), rows, strict=True) if r[MALFORMED_REASON]}
+    assert sorted(bad) == [o for o, _, _, _ in hostile]
+    for offset, raw, reason, words in hostile:
+        assert bad[offset][:2] == (raw, reason) and words in bad[offset][2]
+        assert (rows[offset]["a"], rows[offset]["b"]) == (None, None)
+    good = [(r["a"], r["b"], r["c"]) for r in rows if not r[MALFORMED_REASON]]
+    assert good == [(str(i), f"x,{i}", "z") for i in range(40)]
+
+
+def test_valid_rows_keep_their_offsets_whatever_lies_between(tmp_path: Path) -> None:
+    hostile, total = hostile_csv(tmp_path / "t.csv")
+    offsets: dict[bool, list[int]] = {True: [], False: []}
+    for batch in read_all(CsvSource("c", [tmp_path], batch_size=3, _block_size=32)):
+        for offset, row in zip(batch.offsets.tolist(), batch.records.to_pylist(), strict=True):
+            offsets[row[MALFORMED_REASON] is None].append(offset)
+    # Every line that is a row takes one offset, in file order: the valid rows' offsets are
+    # their row numbers, as if the hostile lines had been valid rows.
+    assert sorted(offsets[True] + offsets[False]) == list(range(total))
+    assert offsets[False] == [o for o, _, _, _ in hostile]
+
+
+@pytest.mark.parametrize("start", [0, 4, 5, 6, 13, 47])
+def test_resume_across_malformed_csv_rows_equals_the_tail(tmp_path: Path, start: int) -> None:
+    hostile_csv(tmp_path / "t.csv")
+    source = CsvSource("c", [tmp_path], batch_size=4, _block_size=48)
+    everything = [r for b in read_all(source) for r in zip(b.offsets.tolist(), b.records.to_pylist(),
+                                                            strict=True)]
+    tail = [r for b in read_all(source, {"t.csv": start})
+            for r in zip(b.offsets.tolist(), b.records.to_pylist(), strict=True)]
+    assert tail == [r for r in everything if r[0] >= start]
+
+
+def test_a_quote_left_open_does_not_swallow_the_following_rows(tmp_path: Path) -> None:
+    (tmp_path / "t.csv").write_bytes(b'a,b,c\n1,"2,3\n4,5,6\n7,8,9\n10,11,"12\n13,14,15\n')
+    (batch,) = read_all(CsvSource("c", [tmp_path]))
+    rows = batch.records.to_pylist()
+    assert [r[MALFORMED_REASON] for r in rows] == ["malformed_row", None, None, "malformed_row",
+                                                   None]
+    assert [(r["a"], r["b"], r["c"]) for r in rows if not r[MALFORMED_REASON]] == [
+        ("4", "5", "6"), ("7", "8", "9"), ("13", "14", "15")]
+    assert [r[MALFORMED_RAW] for r in rows if r[MALFORMED_REASON]] == [b'1,"2,3', b'10,11,"12']
 
 
 # ------------------------------------------------------------------------------------------
@@ -478,3 +575,53 @@ def test_reads_the_fraud_handbook_transactions() -> None:
         assert batch.offsets[0] % 50_000 == 0
         total += batch.num_rows
     assert total == HANDBOOK_ROWS
+
+
+# ------------------------------------------------------------------------------------------
+# JSON Lines: an over-long line is cut short in bounded memory
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("chunk_size", [1, 5, 64, 1 << 20])
+@pytest.mark.parametrize("terminated", [True, False])
+def test_an_over_long_jsonl_line_is_cut_and_the_next_lines_are_read(
+    tmp_path: Path, chunk_size: int, terminated: bool
+) -> None:
+    limit = 100
+    giant = b'{"blob": "' + b"x" * (7 * limit) + b'"}'
+    data = b'{"n": 0}\n' + giant + (b'\n{"n": 2}\n{"n": 3}\n' if terminated else b"")
+    (tmp_path / "t.jsonl").write_bytes(data)
+    source = JsonLinesSource("j", [tmp_path], max_line_bytes=limit, _chunk_size=chunk_size)
+    rows = rows_of(read_all(source))
+    assert [(offset, len(row[0]) > limit) for _, offset, row in rows] == [
+        (0, False), (1, True), *([(2, False), (3, False)] if terminated else [])]
+    (cut,) = [row[0] for _, _, row in rows if len(row[0]) > limit]
+    # Cut where it had to be: whole when it came in one chunk, else limit + 1 bytes.
+    assert giant.startswith(cut) and len(cut) in (limit + 1, len(giant))
+    assert len(cut) == limit + 1 or chunk_size >= len(data)
+
+
+def test_an_unterminated_giant_line_is_read_in_bounded_memory(tmp_path: Path) -> None:
+    import tracemalloc
+
+    limit, chunk = 4 << 10, 256 << 10
+    path = tmp_path / "t.jsonl"
+    with open(path, "wb") as handle:
+        handle.write(b'{"n": 0}\n{"blob": "')
+        for _ in range(64):  # a 16 MiB line with no newline
+            handle.write(b"x" * (256 << 10))
+    source = JsonLinesSource("j", [tmp_path], max_line_bytes=limit, _chunk_size=chunk)
+    tracemalloc.start()
+    try:
+        rows = rows_of(read_all(source))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert [len(row[0]) for _, _, row in rows] == [8, limit + 1]
+    assert peak < 4 * chunk, f"peak {peak} bytes for a 16 MiB line"
+
+
+def test_max_line_bytes_is_validated(tmp_path: Path) -> None:
+    (tmp_path / "t.jsonl").write_text("{}\n")
+    with pytest.raises(SourceError, match="max_line_bytes"):
+        JsonLinesSource("j", [tmp_path], max_line_bytes=0)

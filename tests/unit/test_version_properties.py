@@ -105,7 +105,7 @@ def upcaster(major: int) -> Callable[[pl.DataFrame], pl.DataFrame]:
                 min_size=1, max_size=20))
 def test_every_major_up_to_the_current_one_is_accepted(
         drawn: list[tuple[Any, str, Any, dict[str, Any], str]]) -> None:
-    normaliser = Normaliser(MULTI_MAJOR, FakeClock(dt.datetime(2024, 6, 1, tzinfo=dt.UTC)))
+    normaliser = Normaliser(MULTI_MAJOR, FakeClock(dt.datetime(2026, 1, 1, tzinfo=dt.UTC)))
     for event_type in {event_type for _, event_type, *_ in drawn}:
         for major in range(1, CURRENT):
             normaliser.registry.register_upcaster(event_type, major)(upcaster(major))
