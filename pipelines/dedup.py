@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from pipelines.hashing import fnv1a64
+from pipelines.hashing import stable_hash64
 
 
 class DuplicateFilter:
@@ -60,7 +60,7 @@ class DuplicateFilter:
             keep: optional mask of rows that are candidates at all (rows already rejected
                 for another reason are neither duplicates nor recorded).
         """
-        hashes = fnv1a64(event_ids)
+        hashes = stable_hash64(event_ids)
         candidates = np.ones(len(hashes), bool) if keep is None else np.asarray(keep, bool)
         duplicate = np.zeros(len(hashes), dtype=bool)
         rows = np.flatnonzero(candidates)

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 
 import numpy as np
 import pyarrow as pa
+import xxhash
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipelines.dedup import DuplicateFilter
 from pipelines.event_ids import EVENTRAY_NAMESPACE, derived_event_ids
-from pipelines.hashing import fnv1a64, partition_of
+from pipelines.hashing import partition_of, stable_hash64
 
 
 @settings(max_examples=60, deadline=None)
@@ -22,29 +24,40 @@ def test_derived_ids_equal_uuid5(source: str, part: str, offsets: list[int]) -> 
     assert got == [str(uuid.uuid5(EVENTRAY_NAMESPACE, f"{source}/{part}#{o}")) for o in offsets]
 
 
-def _fnv(text: str) -> int:
-    h = 0xCBF29CE484222325
-    for byte in text.encode():
-        h = ((h ^ byte) * 0x100000001B3) % 2**64
-    return h
-
-
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.one_of(st.none(), st.text(max_size=40)), max_size=40))
-def test_fnv1a64_matches_the_definition(values: list[str | None]) -> None:
+def test_stable_hash_is_the_reference_xxh3(values: list[str | None]) -> None:
     arr = pa.array(values, pa.string())
-    assert fnv1a64(arr).tolist() == [_fnv(v or "") for v in values]
-    if len(values) > 2:  # sliced arrays hash the same as fresh ones
-        assert fnv1a64(arr.slice(1)).tolist() == fnv1a64(pa.array(values[1:], pa.string())).tolist()
+    assert stable_hash64(arr).tolist() == [xxhash.xxh3_64_intdigest((v or "").encode()) for v in values]
+    if len(values) > 2:  # sliced and chunked arrays hash the same as fresh ones
+        fresh = pa.array(values[1:], pa.string())
+        assert stable_hash64(arr.slice(1)).tolist() == stable_hash64(fresh).tolist()
+        chunked = pa.chunked_array([arr.slice(0, 1), arr.slice(1)])
+        assert stable_hash64(chunked).tolist() == stable_hash64(arr).tolist()
+
+
+def test_stable_hash_golden_values() -> None:
+    # Pinned: partitions and duplicate filters must agree across processes and releases.
+    got = stable_hash64(pa.array(["", "a", "C0000042", "é", None])).tolist()
+    assert got == [0x2D06800538D394C2, 0xE6C632B61E964E1F, 0xB6D305E88DCD9A8C, 0xF7940A006CF10CB3,
+                   0x2D06800538D394C2]
 
 
 def test_partition_of_is_stable_and_spread() -> None:
     keys = pa.array([str(i) for i in range(20_000)])
     owners = partition_of(keys, 8)
-    # Stable across processes and releases: pinned values.
-    assert owners[:8].tolist() == [int(_fnv(str(i)) % 8) for i in range(8)]
+    assert owners[:8].tolist() == [5, 0, 4, 0, 7, 2, 5, 2]
     counts = np.bincount(owners, minlength=8)
     assert counts.min() > 0.9 * 20_000 / 8
+
+
+def test_one_huge_key_hashes_in_one_vector_step() -> None:
+    # A per-byte loop took seconds for one 1 MB key; the hash is linear in bytes, not rows.
+    keys = pa.array([f"k{i}" for i in range(1_000)] + ["x" * 1_000_000])
+    started = time.perf_counter()
+    owners = partition_of(keys, 4)
+    assert time.perf_counter() - started < 0.5
+    assert owners[-1] == xxhash.xxh3_64_intdigest(b"x" * 1_000_000) % 4
 
 
 @settings(max_examples=60, deadline=None)
