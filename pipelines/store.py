@@ -36,8 +36,10 @@ import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipelines.envelope import INVALID_EVENT_TYPE
@@ -270,6 +272,34 @@ class EventStore:
         if keys is not None:
             frame = frame.filter(pl.col("key").is_in(list(keys)))
         return frame
+
+    def stored_ids(self, event_ids: pa.Array | pa.ChunkedArray, start: dt.datetime,
+                   end: dt.datetime, table: str = "events") -> np.ndarray:
+        """Which of ``event_ids`` the table already holds with an event time in
+        ``[start, end]``: a mask in the order given, for idempotent appends across runs.
+
+        Only the ``date=`` folders between ``start`` and ``end`` are read (and only the
+        ``event_id`` and time columns of them), so the cost follows the time span, not the
+        store's size.
+
+        Example:
+            >>> import tempfile
+            >>> store = EventStore(tempfile.mkdtemp())
+            >>> day = dt.datetime(2024, 1, 1, tzinfo=dt.UTC)
+            >>> _ = store.write("events", pa.table({"event_id": ["a"], "event_type": ["t"],
+            ...     "timestamp": pa.array([day], pa.timestamp("us", "UTC"))}), "p0", 0)
+            >>> store.stored_ids(pa.array(["a", "b"]), day, day).tolist()
+            [True, False]
+        """
+        wanted = pc.unique(pc.drop_null(event_ids))
+        if len(wanted) == 0 or not self.files(table):
+            return np.zeros(len(event_ids), dtype=bool)
+        found = (self.scan(table, start=start, end=_utc(end) + dt.timedelta(microseconds=1))
+                 .select("event_id")
+                 .filter(pl.col("event_id").is_in(pl.from_arrow(wanted.cast(pa.large_string()))))
+                 .unique().collect())
+        hits = pc.is_in(event_ids, value_set=found["event_id"].to_arrow().cast(event_ids.type))
+        return pc.fill_null(hits, False).to_numpy(zero_copy_only=False)
 
 
 def _utc(moment: dt.datetime) -> dt.datetime:

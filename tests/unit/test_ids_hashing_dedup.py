@@ -7,10 +7,12 @@ import uuid
 
 import numpy as np
 import pyarrow as pa
+import pytest
 import xxhash
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pipelines import dedup
 from pipelines.dedup import DuplicateFilter
 from pipelines.event_ids import EVENTRAY_NAMESPACE, derived_event_ids
 from pipelines.hashing import partition_of, stable_hash64
@@ -82,3 +84,64 @@ def test_rejected_rows_are_neither_duplicates_nor_remembered() -> None:
     f = DuplicateFilter()
     assert f.mark(pa.array(["a", "a"]), keep=np.array([False, True])).tolist() == [False, False]
     assert f.mark(pa.array(["a"])).tolist() == [True]
+
+
+HOUR = 3_600_000_000
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.lists(st.tuples(st.sampled_from("abcdef"), st.integers(0, 30)), max_size=12),
+                max_size=8),
+       st.integers(0, 10))
+def test_filter_is_exact_within_the_horizon(batches: list[list[tuple[str, int]]],
+                                             horizon_hours: int) -> None:
+    # Reference: a set of (id, hour) pairs, forgetting hours older than watermark - horizon.
+    f, seen, watermark = DuplicateFilter(horizon_us=horizon_hours * HOUR), set(), 0
+    for batch in batches:
+        hours = np.array([h for _, h in batch], dtype=np.int64)
+        marks = f.mark(pa.array([i for i, _ in batch], pa.string()), hours * HOUR).tolist()
+        floor = watermark - horizon_hours if watermark else None
+        expected = []
+        for event in batch:
+            inside = floor is None or event[1] >= floor
+            expected.append(inside and event in seen)
+            if inside:
+                seen.add(event)
+        assert marks == expected
+        watermark = max([watermark, *hours.tolist()])
+        f.advance(watermark * HOUR)
+        seen = {e for e in seen if e[1] >= watermark - horizon_hours}
+        assert len(f) == len(seen)  # memory is the horizon's ids, no more
+
+
+def test_equal_hashes_never_make_a_duplicate(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Every id hashes alike: the 64-bit hash alone would call every new id a duplicate.
+    monkeypatch.setattr(dedup, "stable_hash64", lambda ids: np.zeros(len(ids), np.uint64))
+    f, t = DuplicateFilter(), np.zeros(4, np.int64)
+    assert f.mark(pa.array(["a", "b", "c", "a"]), t).tolist() == [False, False, False, True]
+    assert f.mark(pa.array(["d", "b", "e", "c"]), t).tolist() == [False, True, False, True]
+
+
+def test_old_events_are_never_duplicates_and_memory_is_released() -> None:
+    f = DuplicateFilter(horizon_us=2 * HOUR)
+    ids = pa.array([f"id{i}" for i in range(100)])
+    assert not f.mark(ids, np.arange(100) * HOUR // 10).any()
+    f.advance(12 * HOUR)  # keeps the buckets from hour 10 on: nothing of hours 0-9 is left
+    assert len(f) == 0
+    again = f.mark(ids, np.arange(100) * HOUR // 10)
+    assert not again.any() and len(f) == 0  # older than the horizon: not called, not kept
+
+
+def test_snapshots_restore_in_full_and_by_changed_buckets() -> None:
+    f = DuplicateFilter(horizon_us=24 * HOUR)
+    f.mark(pa.array(["a", "b"]), np.array([0, 5 * HOUR]))
+    base = f.snapshot()
+    f.mark(pa.array(["c"]), np.array([5 * HOUR]))
+    f.advance(25 * HOUR)  # drops hour 0
+    delta = f.snapshot(changed_only=True)
+    assert len(delta) < len(base) + 200
+    restored = DuplicateFilter(horizon_us=24 * HOUR)
+    restored.restore(base, delta)
+    assert len(restored) == len(f) == 2
+    probe = pa.array(["a", "b", "c", "d"]), np.array([0, 5 * HOUR, 5 * HOUR, 5 * HOUR])
+    assert restored.mark(*probe).tolist() == f.mark(*probe).tolist() == [False, True, True, False]

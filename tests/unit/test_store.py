@@ -143,3 +143,20 @@ def test_folders_are_synced_once_per_checkpoint_not_per_file(
     assert len(fake.paths) == 3  # three data files, no folder yet
     assert store.sync() == 1
     assert fake.paths[-1] == tmp_path / "events" / "event_type=a.x" / "date=2024-01-01"
+
+
+def test_stored_ids_reads_only_the_dates_asked(tmp_path: Path) -> None:
+    store = EventStore(tmp_path)
+    events = rows(["a.x", "a.x", "b.y"], [1, 2, 3])
+    events = events.append_column("event_id", pa.array(["e1", "e2", "e3"]))
+    store.write("events", events, writer="p0", seq=0)
+    # A broken file on a day outside the range: read, it would raise.
+    far = tmp_path / "events" / "event_type=a.x" / "date=2024-01-09"
+    far.mkdir()
+    (far / "part-x-000000000000.parquet").write_text("no")
+    start, end = dt.datetime(2024, 1, 2, tzinfo=dt.UTC), dt.datetime(2024, 1, 3, 12, tzinfo=dt.UTC)
+    probe = pa.array(["e1", "e2", "e3", "e4", None])
+    assert store.stored_ids(probe, start, end).tolist() == [False, True, True, False, False]
+    before_e3 = dt.datetime(2024, 1, 3, 11, 59, 59, 999_999, tzinfo=dt.UTC)
+    assert store.stored_ids(probe, start, before_e3).tolist() == [False, True, False, False, False]
+    assert EventStore(tmp_path / "empty").stored_ids(probe, start, end).tolist() == [False] * 5
