@@ -2,9 +2,10 @@
 
 Layout: ``ROOT/<name>/<version>/model.skops`` and ``ROOT/<name>/<version>/metadata.json``,
 versions numbered 1, 2, 3... per name. The estimator is written with ``skops.io.dump``
-(never pickle); the types skops does not trust by default are computed when saving,
-checked against an allow-list of library prefixes, stored in the metadata, and passed
-explicitly to ``skops.io.load`` when loading. A file that needs any other type is refused.
+(never pickle). The types skops does not trust by default are fixed here, in code
+(:data:`TRUSTED_TYPES`: exactly those the project's fraud models need); they are checked
+when saving and, from the artifact itself, again when loading. The metadata records them
+for information only: whoever can write the registry cannot widen what loads.
 
 A version appears atomically: it is written into a hidden temporary directory next to
 the versions and renamed into place, so a running pipeline that polls
@@ -49,8 +50,16 @@ from models.fraud import FraudModel, ModelError
 MODEL_FILE = "model.skops"
 METADATA_FILE = "metadata.json"
 METADATA_FORMAT = 1
-#: Only types from these libraries may be trusted when loading an artifact.
-TRUSTED_PREFIXES: tuple[str, ...] = ("sklearn.", "numpy.", "scipy.")
+#: The only types, beyond skops' own defaults (scikit-learn estimators, numpy dtypes and
+#: ufuncs), an artifact may need: the fitted trees inside the tree models and the
+#: gradient-boosting predictors (found with ``skops.io.get_untrusted_types`` on every model
+#: of :data:`models.fraud.MODEL_FACTORIES`). A new model kind that needs another type is
+#: added here, in review, never through a file.
+TRUSTED_TYPES: frozenset[str] = frozenset({
+    "sklearn.tree._tree.Tree",
+    "sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor",
+    "sklearn.utils._bunch.Bunch",
+})
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _LIBRARIES = ("scikit-learn", "numpy", "scipy", "skops", "polars")
 _SAVE_ATTEMPTS = 100
@@ -113,7 +122,7 @@ class ModelRegistry:
 
         Raises:
             RegistryError: bad name, unfitted model, naive ``created_at``, or a type
-                outside :data:`TRUSTED_PREFIXES` in the artifact.
+                outside :data:`TRUSTED_TYPES` in the artifact.
         """
         name = _checked_name(name or model.name)
         if not model.is_fitted:
@@ -195,16 +204,12 @@ class ModelRegistry:
 
         Raises:
             ModelNotFoundError: no such name or version.
-            RegistryError: the metadata trusts a type outside :data:`TRUSTED_PREFIXES`, or
-                the artifact needs a type its metadata does not trust.
+            RegistryError: the artifact needs a type outside :data:`TRUSTED_TYPES`, or its
+                metadata claims one (a tampered registry), or the file is broken.
         """
         facts = self.metadata(name, version)
-        trusted = _checked_types(facts.get("trusted_types", []))
-        path = self._version_dir(name, facts["version"]) / MODEL_FILE
-        try:
-            estimator = sio.load(path, trusted=trusted)
-        except Exception as error:  # skops raises several types for refused or broken files
-            raise RegistryError(f"cannot load {path}: {error}") from error
+        _checked_types(facts.get("trusted_types", []))
+        estimator = load_estimator(self._version_dir(name, facts["version"]) / MODEL_FILE)
         model = FraudModel(
             facts["model"], estimator, features=facts["features"], seed=facts["seed"], params=facts["params"]
         )
@@ -228,10 +233,30 @@ def _checked_name(name: str) -> str:
 
 
 def _checked_types(types: Sequence[str]) -> list[str]:
-    refused = [name for name in types if not name.startswith(TRUSTED_PREFIXES)]
+    refused = sorted(set(types) - TRUSTED_TYPES)
     if refused:
         raise RegistryError(f"refusing untrusted types: {', '.join(refused)}")
     return sorted(types)
+
+
+def load_estimator(path: str | os.PathLike[str]) -> Any:
+    """Load a ``.skops`` file trusting only :data:`TRUSTED_TYPES` beyond skops' defaults.
+
+    The types to trust come from this module, never from a file beside the artifact: the
+    types the artifact needs are read from the artifact and refused unless allowed here.
+
+    Raises:
+        RegistryError: the artifact needs another type, or cannot be read.
+    """
+    try:
+        needed = sio.get_untrusted_types(file=path)
+    except Exception as error:  # skops raises several types for broken files
+        raise RegistryError(f"cannot load {path}: {error}") from error
+    trusted = _checked_types(needed)
+    try:
+        return sio.load(path, trusted=trusted)
+    except Exception as error:  # skops raises several types for refused or broken files
+        raise RegistryError(f"cannot load {path}: {error}") from error
 
 
 def _metadata(

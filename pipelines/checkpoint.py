@@ -6,7 +6,10 @@ snapshots its state after applying them (calls run in order) and writes it here,
 driver commits a manifest naming the source offsets, every partition's next sequence
 number and state file, the dead-letter sequence, the duplicate filter and the counters.
 The manifest is the commit: written last, atomically, fsync'ed. A state file without a
-manifest is ignored.
+manifest is ignored. Before any state file or manifest is written, the store folders this
+process changed are fsynced (:func:`pipelines.store.sync_written_folders`; each data file
+itself was fsynced before its rename), so the order on disk is data files, their folders,
+state, manifest: a committed checkpoint never covers a file a crash could lose.
 
 Layout: ``STORE/_checkpoints/<run>/{manifest-<epoch>.json, p<i>-<epoch>.state, dedup-<epoch>.bin}``.
 """
@@ -21,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from pipelines.errors import PipelineError
+from pipelines.store import fsync_directory, make_directories, sync_written_folders
 
 CHECKPOINT_DIR = "_checkpoints"
 _MANIFEST = re.compile(r"^manifest-(\d{12})\.json$")
@@ -61,7 +65,7 @@ class Checkpoint:
 
 def write_durably(path: Path, payload: bytes) -> None:
     """Write ``payload`` to ``path`` atomically and durably (temp file, fsync, rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    created_in = make_directories(path.parent)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
         with open(tmp, "wb") as handle:
@@ -69,11 +73,8 @@ def write_durably(path: Path, payload: bytes) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-        directory = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
+        for folder in [path.parent, *sorted(created_in, key=lambda p: len(p.parts), reverse=True)]:
+            fsync_directory(folder)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -94,6 +95,7 @@ class CheckpointStore:
         self.directory = Path(store_root) / CHECKPOINT_DIR / run
 
     def write_state(self, epoch: int, owner: str, state: bytes) -> None:
+        sync_written_folders()  # the store files this state covers are durable first
         write_durably(self.directory / f"{owner}-{epoch:012d}.state", state)
 
     def read_state(self, epoch: int, owner: str) -> bytes:
@@ -104,6 +106,8 @@ class CheckpointStore:
             raise StateRestoreError(f"checkpoint {epoch}: state of {owner} unreadable: {exc}") from exc
 
     def commit(self, checkpoint: Checkpoint) -> None:
+        """Commit a checkpoint: this process's store folders, then the manifest, durably."""
+        sync_written_folders()
         write_durably(self.directory / f"manifest-{checkpoint.epoch:012d}.json",
                       checkpoint.to_json().encode())
         self._prune(keep=2)

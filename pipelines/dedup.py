@@ -1,83 +1,239 @@
 """Exactly-once by event id: the filter that recognises an event seen before.
 
 A re-read file, a producer retry or a replay after recovery brings events whose ids were
-already stored; they go to the dead-letter store as ``duplicate_event_id`` instead of
-being stored twice. The state is the sorted array of 64-bit FNV-1a hashes of the ids
-stored so far (8 bytes per event), checked and extended per batch with numpy.
+already seen. The filter is **exact within a horizon of event time** and bounded in memory:
+
+- ids are kept per event-time bucket (one hour by default), as the id strings themselves,
+  sorted by their 64-bit XXH3 hash for a vectorised binary search; a hash match is always
+  confirmed on the strings, so two different ids never collide;
+- :meth:`DuplicateFilter.advance` drops the buckets that end before ``watermark - horizon``;
+- an event older than that (its bucket is gone, or was never kept) is **never called a
+  duplicate**, and is not recorded: the filter never dead-letters a genuine event. Outside
+  the horizon, idempotence is the store's job (:meth:`pipelines.store.EventStore.stored_ids`).
+
+An event is a duplicate when an earlier event with the same id fell in the same time bucket
+(a retry or a re-read carries the same event time). Memory is the ids of the horizon: about
+8 bytes of hash, 8 of offset and the id's bytes per event (~52 bytes for a UUID).
 """
 
 from __future__ import annotations
 
-import numpy as np
-import pyarrow as pa
+import json
 
-from pipelines.hashing import fnv1a64
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipelines.errors import PipelineError
+from pipelines.hashing import stable_hash64
+
+HOUR_US = 3_600_000_000
+DAY_US = 24 * HOUR_US
+#: Events without a time (the old call style) share one bucket that never expires.
+_TIMELESS = np.iinfo(np.int64).max
+_FORMAT = 1
+
+_Run = tuple[np.ndarray, pa.LargeStringArray]  # hashes sorted, ids in the same order
+
+
+class DedupRestoreError(PipelineError):
+    """A duplicate filter snapshot cannot be read back."""
 
 
 class DuplicateFilter:
-    """Remembers stored event ids; marks repeats within and across batches.
+    """Remembers event ids per event-time bucket; marks repeats within and across batches.
 
-    The seen hashes are kept as a few sorted runs of doubling sizes (a log-structured
-    merge): a batch is checked with one binary search per run and appended as a new run;
-    runs of similar size are merged, so the cost per event stays logarithmic instead of
-    re-sorting everything seen for every batch.
+    Within a bucket the ids are a few sorted runs of doubling sizes (a log-structured
+    merge): a batch is checked with one binary search per run and appended as a new run.
+
+    Args:
+        horizon_us: how far behind the watermark ids are remembered (default 7 days).
+        bucket_us: width of an event-time bucket (default 1 hour); memory is released a
+            bucket at a time.
 
     Example:
-        >>> f = DuplicateFilter()
-        >>> f.mark(pa.array(["a", "b", "a"])).tolist()
+        >>> f = DuplicateFilter(horizon_us=DAY_US)
+        >>> t = np.array([0, 0, 0])
+        >>> f.mark(pa.array(["a", "b", "a"]), t).tolist()
         [False, False, True]
-        >>> f.mark(pa.array(["b", "c"])).tolist()
+        >>> f.mark(pa.array(["b", "c"]), np.array([0, 0])).tolist()
         [True, False]
+        >>> f.advance(3 * DAY_US); len(f)
+        0
     """
 
-    def __init__(self) -> None:
-        self._runs: list[np.ndarray] = []
+    def __init__(self, horizon_us: int = 7 * DAY_US, bucket_us: int = HOUR_US) -> None:
+        if horizon_us < 0 or bucket_us <= 0:
+            raise ValueError("horizon_us must be >= 0 and bucket_us > 0")
+        self.horizon_us, self.bucket_us = horizon_us, bucket_us
+        self._buckets: dict[int, list[_Run]] = {}
+        self._floor: int | None = None  # buckets below it are outside the horizon
+        self._changed: set[int] = set()
 
     def __len__(self) -> int:
-        return sum(len(run) for run in self._runs)
+        return sum(len(h) for runs in self._buckets.values() for h, _ in runs)
 
-    def _seen(self, hashes: np.ndarray) -> np.ndarray:
-        found = np.zeros(len(hashes), dtype=bool)
-        for run in self._runs:
-            position = np.minimum(np.searchsorted(run, hashes), len(run) - 1)
-            found |= run[position] == hashes
-        return found
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the remembered ids and their hashes."""
+        return sum(h.nbytes + ids.nbytes for runs in self._buckets.values() for h, ids in runs)
 
-    def _add(self, hashes: np.ndarray) -> None:
-        if len(hashes) == 0:
+    def advance(self, watermark_us: int) -> None:
+        """Forget the buckets that end before ``watermark_us - horizon_us``."""
+        floor = (watermark_us - self.horizon_us) // self.bucket_us
+        if self._floor is not None and floor <= self._floor:
             return
-        self._runs.append(np.sort(hashes))
-        while len(self._runs) > 1 and len(self._runs[-2]) <= 2 * len(self._runs[-1]):
-            newer = self._runs.pop()
-            older = self._runs.pop()
-            self._runs.append(np.sort(np.concatenate([older, newer]), kind="mergesort"))
+        self._floor = floor
+        for bucket in [b for b in self._buckets if b < floor]:
+            del self._buckets[bucket]
+            self._changed.discard(bucket)
 
-    def mark(self, event_ids: pa.Array, keep: np.ndarray | None = None) -> np.ndarray:
+    def mark(self, event_ids: pa.Array | pa.ChunkedArray, timestamps: object = None,
+             keep: np.ndarray | None = None) -> np.ndarray:
         """Mask of duplicates among ``event_ids``; records the others as seen.
 
         Args:
             event_ids: ids of one batch, in source order (the first occurrence wins).
+            timestamps: event times (microseconds since the epoch: an int64 numpy array
+                or an Arrow timestamp/int column); ``None`` puts every id in one bucket
+                that never expires (exact, unbounded: the former behaviour).
             keep: optional mask of rows that are candidates at all (rows already rejected
                 for another reason are neither duplicates nor recorded).
         """
-        hashes = fnv1a64(event_ids)
-        candidates = np.ones(len(hashes), bool) if keep is None else np.asarray(keep, bool)
-        duplicate = np.zeros(len(hashes), dtype=bool)
+        ids = _large_strings(event_ids)
+        n = len(ids)
+        buckets = self._bucket_of(timestamps, n)
+        candidates = np.ones(n, bool) if keep is None else np.asarray(keep, bool).copy()
+        if self._floor is not None:
+            candidates &= buckets >= self._floor  # outside the horizon: never a duplicate
+        duplicate = np.zeros(n, dtype=bool)
         rows = np.flatnonzero(candidates)
         if len(rows) == 0:
             return duplicate
-        h = hashes[rows]
-        _, first = np.unique(h, return_index=True)
-        repeated = np.ones(len(h), dtype=bool)
-        repeated[first] = False
-        duplicate[rows] = repeated | self._seen(h)
-        self._add(h[~duplicate[rows]])
+        order = rows[np.argsort(buckets[rows], kind="stable")]
+        ordered_ids, ordered_buckets = ids.take(pa.array(order)), buckets[order]
+        repeated = ~pl.DataFrame({"b": ordered_buckets, "id": ordered_ids}).select(
+            pl.struct("b", "id").is_first_distinct()).to_series().to_numpy()
+        hashes = stable_hash64(ordered_ids)
+        for start, end in _segments(ordered_buckets):
+            bucket = int(ordered_buckets[start])
+            h, bucket_ids = hashes[start:end], ordered_ids.slice(start, end - start)
+            seen = self._seen(bucket, h, bucket_ids) | repeated[start:end]
+            fresh = np.flatnonzero(~seen)
+            if len(fresh):
+                self._add(bucket, h[fresh], bucket_ids.take(pa.array(fresh)))
+            duplicate[order[start:end]] = seen
         return duplicate
 
-    def snapshot(self) -> bytes:
-        """The state as immutable bytes (for checkpoints)."""
-        return np.sort(np.concatenate(self._runs)).tobytes() if self._runs else b""
+    def _bucket_of(self, timestamps: object, n: int) -> np.ndarray:
+        if timestamps is None:
+            return np.full(n, _TIMELESS // self.bucket_us, dtype=np.int64)
+        if isinstance(timestamps, pa.ChunkedArray | pa.Array):
+            timestamps = pc.fill_null(timestamps.cast(pa.int64()), _TIMELESS).to_numpy()
+        micros = np.asarray(timestamps, dtype=np.int64)
+        if len(micros) != n:
+            raise ValueError(f"{n} event ids but {len(micros)} timestamps")
+        return micros // self.bucket_us
 
-    def restore(self, state: bytes) -> None:
-        run = np.frombuffer(state, dtype=np.uint64).copy()
-        self._runs = [run] if len(run) else []
+    def _seen(self, bucket: int, hashes: np.ndarray, ids: pa.LargeStringArray) -> np.ndarray:
+        found = np.zeros(len(hashes), dtype=bool)
+        for run_hashes, run_ids in self._buckets.get(bucket, []):
+            position = np.minimum(np.searchsorted(run_hashes, hashes), len(run_hashes) - 1)
+            hit = np.flatnonzero(run_hashes[position] == hashes)
+            if len(hit) == 0:
+                continue
+            same = pc.equal(run_ids.take(pa.array(position[hit])), ids.take(pa.array(hit)))
+            same = same.to_numpy(zero_copy_only=False)
+            found[hit[same]] = True
+            for row in hit[~same]:  # equal 64-bit hashes, other id: rare, confirm exactly
+                found[row] |= _in_equal_range(run_hashes, run_ids, int(position[row]), ids[row])
+        return found
+
+    def _add(self, bucket: int, hashes: np.ndarray, ids: pa.LargeStringArray) -> None:
+        order = np.argsort(hashes, kind="stable")
+        runs = self._buckets.setdefault(bucket, [])
+        runs.append((hashes[order], ids.take(pa.array(order))))
+        while len(runs) > 1 and len(runs[-2][0]) <= 2 * len(runs[-1][0]):
+            newer, older = runs.pop(), runs.pop()
+            runs.append(_merge([older, newer]))
+        self._changed.add(bucket)
+
+    def snapshot(self, changed_only: bool = False) -> bytes:
+        """The state as immutable bytes (Arrow IPC), for checkpoints.
+
+        Args:
+            changed_only: only the buckets changed since the last snapshot, plus the list
+                of live buckets: apply it on top of the earlier snapshots with
+                :meth:`restore`. A full snapshot (the default) stands alone.
+        """
+        wanted = self._changed if changed_only else set(self._buckets)
+        tables = []
+        for bucket in sorted(wanted):
+            runs = self._buckets[bucket] = [_merge(self._buckets[bucket])]
+            ids = runs[0][1]
+            tables.append(pa.table({"bucket": pa.array(np.full(len(ids), bucket)), "id": ids}))
+        self._changed.clear()
+        table = pa.concat_tables(tables) if tables else pa.table(
+            {"bucket": pa.array([], pa.int64()), "id": pa.array([], pa.large_string())})
+        header = {"format": _FORMAT, "horizon_us": self.horizon_us, "bucket_us": self.bucket_us,
+                  "floor": self._floor, "delta": changed_only, "live": sorted(self._buckets)}
+        table = table.replace_schema_metadata({"dedup": json.dumps(header)})
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table)
+        return sink.getvalue().to_pybytes()
+
+    def restore(self, *states: bytes) -> None:
+        """Replace the state by a full snapshot, then apply any ``changed_only`` ones in order
+        (no state, or an empty one, starts empty)."""
+        self._buckets, self._floor, self._changed = {}, None, set()
+        for state in states:
+            if state:
+                self._apply(state)
+
+    def _apply(self, state: bytes) -> None:
+        try:
+            table = pa.ipc.open_stream(state).read_all()
+            header = json.loads(table.schema.metadata[b"dedup"])
+        except (pa.ArrowInvalid, KeyError, TypeError, ValueError) as exc:
+            raise DedupRestoreError(f"duplicate filter snapshot unreadable: {exc}") from exc
+        if header["format"] != _FORMAT or header["bucket_us"] != self.bucket_us:
+            raise DedupRestoreError(f"snapshot of another format or bucket width: {header}")
+        live = set(header["live"])
+        self._buckets = {b: runs for b, runs in self._buckets.items() if b in live}
+        self._floor = header["floor"]
+        buckets = table["bucket"].to_numpy()
+        ids = _large_strings(table["id"])
+        for start, end in _segments(buckets):
+            run_ids = ids.slice(start, end - start)  # saved in hash order
+            self._buckets[int(buckets[start])] = [(stable_hash64(run_ids), run_ids)]
+
+
+def _large_strings(values: pa.Array | pa.ChunkedArray) -> pa.LargeStringArray:
+    if isinstance(values, pa.ChunkedArray):
+        values = values.combine_chunks() if values.num_chunks else pa.array([], pa.string())
+    return pc.fill_null(values.cast(pa.large_string()), "")
+
+
+def _segments(values: np.ndarray) -> list[tuple[int, int]]:
+    """``(start, end)`` of each run of equal values in a sorted array."""
+    if len(values) == 0:
+        return []
+    starts = np.flatnonzero(np.r_[True, values[1:] != values[:-1]]).tolist()
+    return list(zip(starts, [*starts[1:], len(values)], strict=True))
+
+
+def _merge(runs: list[_Run]) -> _Run:
+    if len(runs) == 1:
+        return runs[0]
+    hashes = np.concatenate([h for h, _ in runs])
+    order = np.argsort(hashes, kind="stable")
+    ids = pa.concat_arrays([i for _, i in runs]).take(pa.array(order))
+    return hashes[order], ids
+
+
+def _in_equal_range(hashes: np.ndarray, ids: pa.LargeStringArray, start: int,
+                    wanted: pa.Scalar) -> bool:
+    end = int(np.searchsorted(hashes, hashes[start], side="right"))
+    return any(ids[j] == wanted for j in range(start, end))

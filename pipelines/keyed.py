@@ -49,9 +49,9 @@ def split_by_partition(events: pa.Table, partitions: int) -> list[tuple[int, pa.
     """``(partition, rows)`` for every partition that has rows, source order kept per key.
 
     Example:
-        >>> t = pa.table({"key": ["a", "b", "a", "c"], "n": [1, 2, 3, 4]})
+        >>> t = pa.table({"key": ["a", "d", "a", "c"], "n": [1, 2, 3, 4]})
         >>> [(p, rows["n"].to_pylist()) for p, rows in split_by_partition(t, 2)]
-        [(0, [1, 3, 4]), (1, [2])]
+        [(0, [2]), (1, [1, 3, 4])]
     """
     if events.num_rows == 0:
         return []

@@ -2,7 +2,13 @@
 
 Routes are tried in order; the first whose event-type patterns and filter match takes an
 event (a filter is a SQL expression that Polars compiles to an expression over the
-envelope's columns). Routing is per batch: every route is one vectorised mask. Events a
+envelope's columns). A filter is parsed first (sqlglot) and only a safe subset compiles:
+column references (``key``, ``data.amount``), literals, comparison, boolean and arithmetic
+operators, ``IN`` lists, ``IS [NOT] NULL``, ``LIKE``, ``BETWEEN``, ``CAST`` and the scalar
+functions of :data:`FILTER_FUNCTIONS`. Anything else (``read_parquet``, ``read_csv``, any
+table function, a subquery, an unknown function) is refused at start-up, and Polars
+compiles the checked tree as sqlglot writes it back, never the raw text, so both parsers
+agree on what runs. Routing is per batch: every route is one vectorised mask. Events a
 route drops, or that no route takes when ``unrouted: drop``, are counted as filtered.
 
 Priority lanes never reorder one key: when a key has a high-priority event in a batch,
@@ -22,11 +28,56 @@ from dataclasses import dataclass
 
 import polars as pl
 import pyarrow as pa
+import sqlglot
+from sqlglot import exp
 
 from pipelines.envelope import envelope_schema
 from pipelines.errors import ConfigError
 from pipelines.event_ids import uuid5_strings
 from pipelines.spec import PipelineSpec, RouteSpec
+
+#: Scalar functions a route filter may call (Polars SQL supports each of them).
+FILTER_FUNCTIONS: tuple[type[exp.Expression], ...] = (
+    exp.Lower, exp.Upper, exp.Length, exp.Abs, exp.Coalesce, exp.StartsWith, exp.EndsWith,
+)
+_FILTER_NODES: tuple[type[exp.Expression], ...] = (
+    exp.Column, exp.Dot, exp.Identifier, exp.Literal, exp.Boolean, exp.Null, exp.Paren,
+    exp.EQ, exp.NEQ, exp.GT, exp.GTE, exp.LT, exp.LTE, exp.And, exp.Or, exp.Not, exp.Neg,
+    exp.Add, exp.Sub, exp.Mul, exp.Div, exp.Mod, exp.In, exp.Is, exp.Like, exp.ILike,
+    exp.Between, exp.Cast, exp.DataType, *FILTER_FUNCTIONS,
+)
+
+
+def safe_filter_sql(text: str) -> str:
+    """The filter ``text`` rewritten from its parsed tree, if every part of it is allowed.
+
+    Raises:
+        ValueError: it does not parse, or names the first part outside the safe subset.
+
+    Example:
+        >>> safe_filter_sql("lower(key) IN ('a', 'b') AND data.amount > 1")
+        "LOWER(key) IN ('a', 'b') AND data.amount > 1"
+        >>> safe_filter_sql("read_csv('/etc/passwd') IS NULL")
+        Traceback (most recent call last):
+        ...
+        ValueError: function READ_CSV is not allowed in a filter: READ_CSV('/etc/passwd')
+    """
+    try:
+        tree = sqlglot.parse_one(text, read="postgres")
+    except sqlglot.errors.SqlglotError as exc:
+        raise ValueError(f"not a SQL expression: {exc}") from None
+    for node in tree.walk():
+        if isinstance(node, _FILTER_NODES) and not (isinstance(node, exp.In) and node.args.get("query")):
+            continue
+        if isinstance(node, exp.Func):
+            name = node.name if isinstance(node, exp.Anonymous) else node.sql_name()
+            kind = f"function {name.upper()}"
+        elif isinstance(node, exp.Subquery | exp.Select | exp.In):
+            kind = "a subquery"
+        else:
+            kind = f"{node.key!r}"
+        raise ValueError(f"{kind} is not allowed in a filter: {node.sql(dialect='postgres')}")
+    return tree.sql(dialect="postgres")
 
 
 @dataclass(frozen=True)
@@ -98,11 +149,12 @@ class Router:
         if route.filter is None:
             return mask
         try:
-            condition = pl.sql_expr(route.filter)
+            condition = pl.sql_expr(safe_filter_sql(route.filter))
             empty = pl.DataFrame(schema=pl.from_arrow(self.schema.empty_table()).schema)
             empty.filter(condition)  # type errors show now, not at the first batch
         except Exception as exc:  # polars raises several kinds for a bad expression
-            raise ConfigError(f"routing.routes.{index}.filter: {route.filter!r}: {exc}") from None
+            raise ConfigError(f"routing.routes.{index}.filter (route {route.name!r}): "
+                              f"{route.filter!r}: {exc}") from None
         return mask & condition.fill_null(False)
 
     def route(self, events: pa.Table) -> Routed:

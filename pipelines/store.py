@@ -8,8 +8,18 @@ Tables: ``events``, ``deadletter`` (and, as the pipeline grows, ``scores``, ``al
 ``actions``). ``date`` is the UTC date of the row's event time (``ingested_at`` for dead
 letters). Files are written atomically (temporary name, then rename) and named by
 (writer, batch sequence): a batch written again after a retry replaces its file instead of
-adding a copy, which makes writes idempotent. Compaction can later merge a partition
-directory's files into one and remove the originals without changing any reader.
+adding a copy, which makes writes idempotent.
+
+Durability: every data file is fsynced before it is renamed into place, so a name never
+points at a torn file. The folders whose entries changed (the renamed file, and any folder
+created on the way) are fsynced in one pass by :meth:`EventStore.sync`, which whoever
+commits a checkpoint calls first (:class:`pipelines.checkpoint.CheckpointStore` does it for
+its process): files, then folders, then the checkpoint. Measured here (ext4, 20 batches of
+50k rows over 2 partitions, 200 files): no fsync 0.8 s, file fsyncs plus one folder pass
+per 10 batches 1.8 s, a folder fsync per file 2.3 s; batching the folders saves ~2 ms a file.
+
+Compaction can later merge a partition directory's files into one and remove the originals
+without changing any reader.
 
 Every table reads as a whole with
 ``pl.scan_parquet(STORE/"<table>"/"**"/"*.parquet", hive_partitioning=True)``:
@@ -21,12 +31,15 @@ from __future__ import annotations
 import datetime as dt
 import os
 import re
+import threading
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipelines.envelope import INVALID_EVENT_TYPE
@@ -41,18 +54,78 @@ _SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 _FILE_NAME = re.compile(r"^part-(?P<run>[^-]+)-(?P<writer>.+)-(?P<seq>\d{12})\.parquet$")
 
 
-def write_parquet_atomic(rows: pa.Table, path: Path) -> Path:
-    """Write a Parquet file under a temporary name in its directory, then rename it:
-    readers see the whole file or none of it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+#: Folders whose entries this process changed since the last :func:`sync_written_folders`.
+#: Per process, not per store object: whoever commits a checkpoint in this process makes
+#: all of them durable first, whichever object wrote the files.
+_PENDING_FOLDERS: set[Path] = set()
+_PENDING_LOCK = threading.Lock()
+
+
+def sync_written_folders() -> int:
+    """fsync every folder whose entries this process changed since the last call; returns
+    how many. Call it before committing anything that refers to the files written."""
+    with _PENDING_LOCK:
+        folders = sorted(_PENDING_FOLDERS, key=lambda p: len(p.parts), reverse=True)
+        _PENDING_FOLDERS.clear()
+    for folder in folders:
+        if folder.is_dir():  # a folder removed since (truncate, compaction) needs nothing
+            fsync_directory(folder)
+    return len(folders)
+
+
+def fsync_directory(directory: Path) -> None:
+    """Make a directory's entries (renames, new files and folders in it) durable."""
+    descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def make_directories(directory: Path) -> set[Path]:
+    """Create ``directory`` and its missing parents; returns the folders whose entries
+    changed (the parent of each folder created), which need an fsync to be durable."""
+    missing = []
+    probe = directory
+    while not probe.is_dir():
+        missing.append(probe)
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    directory.mkdir(parents=True, exist_ok=True)
+    return {folder.parent for folder in missing}
+
+
+def write_parquet_atomic(rows: pa.Table, path: Path, sync_folder: bool = True) -> Path:
+    """Write a Parquet file under a temporary name in its directory, fsync it, then rename
+    it: readers see the whole file or none of it, and a crash never leaves a torn file
+    under the final name.
+
+    Args:
+        rows: the table to write.
+        path: the final name.
+        sync_folder: also fsync the folders whose entries changed, making the file's name
+            durable now; an :class:`EventStore` passes ``False`` and batches them in
+            :meth:`EventStore.sync`.
+    """
+    changed = make_directories(path.parent) | {path.parent}
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
-        # lz4: about 1.6x faster to write than zstd for these tables, files ~1.5x larger;
-        # no dictionaries: ids and keys are near-unique, and trying costs 1.5x the write
-        pq.write_table(rows, tmp, compression="lz4", use_dictionary=False)
+        with open(tmp, "wb") as handle:
+            # lz4: about 1.6x faster to write than zstd for these tables, files ~1.5x
+            # larger; no dictionaries: ids and keys are near-unique, and trying costs 1.5x
+            pq.write_table(rows, handle, compression="lz4", use_dictionary=False)
+            handle.flush()
+            os.fsync(handle.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+    if sync_folder:
+        for folder in sorted(changed, key=lambda p: len(p.parts), reverse=True):
+            fsync_directory(folder)
+    else:
+        with _PENDING_LOCK:
+            _PENDING_FOLDERS.update(changed)
     return path
 
 
@@ -100,7 +173,8 @@ class EventStore:
     def write(self, table: str, rows: pa.Table, writer: str, seq: int) -> list[Path]:
         """Write one batch, one file per (event type, date); returns the files written.
 
-        Writing the same (table, writer, seq) again replaces the same files.
+        Writing the same (table, writer, seq) again replaces the same files. Each file's
+        data is fsynced before its rename; its folder is fsynced by :meth:`sync`.
         """
         _check_name("writer", writer)
         if seq < 0:
@@ -121,9 +195,20 @@ class EventStore:
         name = f"part-{writer}-{seq:012d}.parquet"
         for type_dir, date, count in groups.select("__dir", "__date", "__rows").iter_rows():
             directory = self.table_dir(table) / f"event_type={type_dir}" / f"date={date}"
-            written.append(write_parquet_atomic(rows.slice(start, count), directory / name))
+            written.append(write_parquet_atomic(rows.slice(start, count), directory / name,
+                                                sync_folder=False))
             start += count
         return written
+
+    def sync(self) -> int:
+        """Make the names of the files written so far durable (their data already is):
+        one fsync per folder changed since the last sync. The checkpoint store calls it
+        before writing anything, so a checkpoint never covers a file a crash could lose.
+
+        Returns:
+            the number of folders fsynced.
+        """
+        return sync_written_folders()
 
     def truncate(self, run: str, next_seqs: dict[str, int]) -> list[Path]:
         """Remove a run's files written at or after a checkpoint; returns what was removed.
@@ -187,6 +272,34 @@ class EventStore:
         if keys is not None:
             frame = frame.filter(pl.col("key").is_in(list(keys)))
         return frame
+
+    def stored_ids(self, event_ids: pa.Array | pa.ChunkedArray, start: dt.datetime,
+                   end: dt.datetime, table: str = "events") -> np.ndarray:
+        """Which of ``event_ids`` the table already holds with an event time in
+        ``[start, end]``: a mask in the order given, for idempotent appends across runs.
+
+        Only the ``date=`` folders between ``start`` and ``end`` are read (and only the
+        ``event_id`` and time columns of them), so the cost follows the time span, not the
+        store's size.
+
+        Example:
+            >>> import tempfile
+            >>> store = EventStore(tempfile.mkdtemp())
+            >>> day = dt.datetime(2024, 1, 1, tzinfo=dt.UTC)
+            >>> _ = store.write("events", pa.table({"event_id": ["a"], "event_type": ["t"],
+            ...     "timestamp": pa.array([day], pa.timestamp("us", "UTC"))}), "p0", 0)
+            >>> store.stored_ids(pa.array(["a", "b"]), day, day).tolist()
+            [True, False]
+        """
+        wanted = pc.unique(pc.drop_null(event_ids))
+        if len(wanted) == 0 or not self.files(table):
+            return np.zeros(len(event_ids), dtype=bool)
+        found = (self.scan(table, start=start, end=_utc(end) + dt.timedelta(microseconds=1))
+                 .select("event_id")
+                 .filter(pl.col("event_id").is_in(pl.from_arrow(wanted.cast(pa.large_string()))))
+                 .unique().collect())
+        hits = pc.is_in(event_ids, value_set=found["event_id"].to_arrow().cast(event_ids.type))
+        return pc.fill_null(hits, False).to_numpy(zero_copy_only=False)
 
 
 def _utc(moment: dt.datetime) -> dt.datetime:

@@ -97,10 +97,21 @@ class Scorer:
 
 
 def load_model(model_dir: str) -> Any:
-    """The estimator of one registry version (``model.skops`` and its trusted types)."""
-    path = Path(model_dir)
-    trusted = json.loads((path / "metadata.json").read_text()).get("trusted_types", [])
-    return sio.load(path / "model.skops", trusted=trusted)
+    """The estimator of one registry version, trusting only the types the registry fixes in
+    code (``models.registry.TRUSTED_TYPES``, repeated here: this file imports none of our
+    packages), never what a file beside the artifact lists."""
+    path = Path(model_dir) / "model.skops"
+    needed = sio.get_untrusted_types(file=path)
+    if refused := sorted(set(needed) - _TRUSTED_TYPES):
+        raise ValueError(f"refusing untrusted types: {', '.join(refused)}")
+    return sio.load(path, trusted=needed)
+
+
+_TRUSTED_TYPES = frozenset({
+    "sklearn.tree._tree.Tree",
+    "sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor",
+    "sklearn.utils._bunch.Bunch",
+})
 
 
 class ParquetPartition(StatefulSourcePartition):

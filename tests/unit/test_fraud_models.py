@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
+import skops.io as sio
 from threadpoolctl import threadpool_limits
 
 from models import registry as registry_module
@@ -220,11 +221,30 @@ def test_untrusted_types_are_refused(tmp_path: Path, fitted_tree: FraudModel) ->
     registry.save(fitted_tree, created_at=CREATED)
     path = tmp_path / "decision_tree" / "1" / "metadata.json"
     facts = json.loads(path.read_text())
-    path.write_text(json.dumps(facts | {"trusted_types": ["builtins.eval"]}))
-    with pytest.raises(RegistryError, match="refusing untrusted types: builtins.eval"):
-        registry.load("decision_tree")
-    path.write_text(json.dumps(facts | {"trusted_types": []}))
-    with pytest.raises(RegistryError, match="cannot load"):
+    for tampered in (["builtins.eval"], ["os.system", "sklearn.tree._tree.Tree"]):
+        path.write_text(json.dumps(facts | {"trusted_types": tampered}))
+        with pytest.raises(RegistryError, match=f"refusing untrusted types: {tampered[0]}"):
+            registry.load("decision_tree")
+    path.write_text(json.dumps(facts | {"trusted_types": []}))  # trust comes from code
+    assert registry.load("decision_tree").model.name == "decision_tree"
+
+
+def test_a_tampered_registry_cannot_widen_what_loads(
+    tmp_path: Path, fitted_tree: FraudModel
+) -> None:
+    # An artifact carrying a function from a trusted library (numpy.load can unpickle), with
+    # metadata that lists it: only the types fixed in code may load.
+    registry = ModelRegistry(tmp_path)
+    registry.save(fitted_tree, created_at=CREATED)
+    version = tmp_path / "decision_tree" / "1"
+    estimator = sio.load(version / "model.skops", trusted=["sklearn.tree._tree.Tree"])
+    estimator.loader = np.load
+    sio.dump(estimator, version / "model.skops")
+    needed = sio.get_untrusted_types(file=version / "model.skops")
+    assert any("load" in name for name in needed)
+    facts = json.loads((version / "metadata.json").read_text())
+    (version / "metadata.json").write_text(json.dumps(facts | {"trusted_types": needed}))
+    with pytest.raises(RegistryError, match="refusing untrusted types: .*load"):
         registry.load("decision_tree")
 
 

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 
 import numpy as np
 import pyarrow as pa
+import pytest
+import xxhash
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pipelines import dedup
 from pipelines.dedup import DuplicateFilter
 from pipelines.event_ids import EVENTRAY_NAMESPACE, derived_event_ids
-from pipelines.hashing import fnv1a64, partition_of
+from pipelines.hashing import partition_of, stable_hash64
 
 
 @settings(max_examples=60, deadline=None)
@@ -22,29 +26,40 @@ def test_derived_ids_equal_uuid5(source: str, part: str, offsets: list[int]) -> 
     assert got == [str(uuid.uuid5(EVENTRAY_NAMESPACE, f"{source}/{part}#{o}")) for o in offsets]
 
 
-def _fnv(text: str) -> int:
-    h = 0xCBF29CE484222325
-    for byte in text.encode():
-        h = ((h ^ byte) * 0x100000001B3) % 2**64
-    return h
-
-
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.one_of(st.none(), st.text(max_size=40)), max_size=40))
-def test_fnv1a64_matches_the_definition(values: list[str | None]) -> None:
+def test_stable_hash_is_the_reference_xxh3(values: list[str | None]) -> None:
     arr = pa.array(values, pa.string())
-    assert fnv1a64(arr).tolist() == [_fnv(v or "") for v in values]
-    if len(values) > 2:  # sliced arrays hash the same as fresh ones
-        assert fnv1a64(arr.slice(1)).tolist() == fnv1a64(pa.array(values[1:], pa.string())).tolist()
+    assert stable_hash64(arr).tolist() == [xxhash.xxh3_64_intdigest((v or "").encode()) for v in values]
+    if len(values) > 2:  # sliced and chunked arrays hash the same as fresh ones
+        fresh = pa.array(values[1:], pa.string())
+        assert stable_hash64(arr.slice(1)).tolist() == stable_hash64(fresh).tolist()
+        chunked = pa.chunked_array([arr.slice(0, 1), arr.slice(1)])
+        assert stable_hash64(chunked).tolist() == stable_hash64(arr).tolist()
+
+
+def test_stable_hash_golden_values() -> None:
+    # Pinned: partitions and duplicate filters must agree across processes and releases.
+    got = stable_hash64(pa.array(["", "a", "C0000042", "é", None])).tolist()
+    assert got == [0x2D06800538D394C2, 0xE6C632B61E964E1F, 0xB6D305E88DCD9A8C, 0xF7940A006CF10CB3,
+                   0x2D06800538D394C2]
 
 
 def test_partition_of_is_stable_and_spread() -> None:
     keys = pa.array([str(i) for i in range(20_000)])
     owners = partition_of(keys, 8)
-    # Stable across processes and releases: pinned values.
-    assert owners[:8].tolist() == [int(_fnv(str(i)) % 8) for i in range(8)]
+    assert owners[:8].tolist() == [5, 0, 4, 0, 7, 2, 5, 2]
     counts = np.bincount(owners, minlength=8)
     assert counts.min() > 0.9 * 20_000 / 8
+
+
+def test_one_huge_key_hashes_in_one_vector_step() -> None:
+    # A per-byte loop took seconds for one 1 MB key; the hash is linear in bytes, not rows.
+    keys = pa.array([f"k{i}" for i in range(1_000)] + ["x" * 1_000_000])
+    started = time.perf_counter()
+    owners = partition_of(keys, 4)
+    assert time.perf_counter() - started < 0.5
+    assert owners[-1] == xxhash.xxh3_64_intdigest(b"x" * 1_000_000) % 4
 
 
 @settings(max_examples=60, deadline=None)
@@ -69,3 +84,64 @@ def test_rejected_rows_are_neither_duplicates_nor_remembered() -> None:
     f = DuplicateFilter()
     assert f.mark(pa.array(["a", "a"]), keep=np.array([False, True])).tolist() == [False, False]
     assert f.mark(pa.array(["a"])).tolist() == [True]
+
+
+HOUR = 3_600_000_000
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.lists(st.tuples(st.sampled_from("abcdef"), st.integers(0, 30)), max_size=12),
+                max_size=8),
+       st.integers(0, 10))
+def test_filter_is_exact_within_the_horizon(batches: list[list[tuple[str, int]]],
+                                             horizon_hours: int) -> None:
+    # Reference: a set of (id, hour) pairs, forgetting hours older than watermark - horizon.
+    f, seen, watermark = DuplicateFilter(horizon_us=horizon_hours * HOUR), set(), 0
+    for batch in batches:
+        hours = np.array([h for _, h in batch], dtype=np.int64)
+        marks = f.mark(pa.array([i for i, _ in batch], pa.string()), hours * HOUR).tolist()
+        floor = watermark - horizon_hours if watermark else None
+        expected = []
+        for event in batch:
+            inside = floor is None or event[1] >= floor
+            expected.append(inside and event in seen)
+            if inside:
+                seen.add(event)
+        assert marks == expected
+        watermark = max([watermark, *hours.tolist()])
+        f.advance(watermark * HOUR)
+        seen = {e for e in seen if e[1] >= watermark - horizon_hours}
+        assert len(f) == len(seen)  # memory is the horizon's ids, no more
+
+
+def test_equal_hashes_never_make_a_duplicate(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Every id hashes alike: the 64-bit hash alone would call every new id a duplicate.
+    monkeypatch.setattr(dedup, "stable_hash64", lambda ids: np.zeros(len(ids), np.uint64))
+    f, t = DuplicateFilter(), np.zeros(4, np.int64)
+    assert f.mark(pa.array(["a", "b", "c", "a"]), t).tolist() == [False, False, False, True]
+    assert f.mark(pa.array(["d", "b", "e", "c"]), t).tolist() == [False, True, False, True]
+
+
+def test_old_events_are_never_duplicates_and_memory_is_released() -> None:
+    f = DuplicateFilter(horizon_us=2 * HOUR)
+    ids = pa.array([f"id{i}" for i in range(100)])
+    assert not f.mark(ids, np.arange(100) * HOUR // 10).any()
+    f.advance(12 * HOUR)  # keeps the buckets from hour 10 on: nothing of hours 0-9 is left
+    assert len(f) == 0
+    again = f.mark(ids, np.arange(100) * HOUR // 10)
+    assert not again.any() and len(f) == 0  # older than the horizon: not called, not kept
+
+
+def test_snapshots_restore_in_full_and_by_changed_buckets() -> None:
+    f = DuplicateFilter(horizon_us=24 * HOUR)
+    f.mark(pa.array(["a", "b"]), np.array([0, 5 * HOUR]))
+    base = f.snapshot()
+    f.mark(pa.array(["c"]), np.array([5 * HOUR]))
+    f.advance(25 * HOUR)  # drops hour 0
+    delta = f.snapshot(changed_only=True)
+    assert len(delta) < len(base) + 200
+    restored = DuplicateFilter(horizon_us=24 * HOUR)
+    restored.restore(base, delta)
+    assert len(restored) == len(f) == 2
+    probe = pa.array(["a", "b", "c", "d"]), np.array([0, 5 * HOUR, 5 * HOUR, 5 * HOUR])
+    assert restored.mark(*probe).tolist() == f.mark(*probe).tolist() == [False, True, True, False]

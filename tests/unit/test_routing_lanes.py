@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
+from pathlib import Path
 from typing import Any
 
 import polars as pl
 import pyarrow as pa
 import pytest
+import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -18,7 +20,7 @@ from pipelines.errors import ConfigError
 from pipelines.event_ids import EVENTRAY_NAMESPACE
 from pipelines.lanes import BatchSizer, LaneQueues
 from pipelines.routing import Router
-from pipelines.spec import AdaptiveBatching, PipelineSpec
+from pipelines.spec import AdaptiveBatching, PipelineSpec, load_pipeline
 
 
 def spec(routing: dict[str, Any]) -> PipelineSpec:
@@ -151,3 +153,46 @@ def test_routed_tables_keep_the_envelope_schema() -> None:
     assert routed.normal.schema == batch.schema
     assert pl.from_arrow(routed.high).height == 0
     assert routed.high.schema == batch.schema and TIMESTAMP == batch.schema.field("timestamp").type
+
+
+@pytest.mark.parametrize(("hostile", "part"), [
+    ("read_parquet('/etc/passwd') IS NOT NULL", "function READ_PARQUET"),
+    ("key IN (SELECT key FROM read_csv('/etc/passwd'))", "a subquery"),
+    ("data.TX_AMOUNT > (SELECT 1)", "a subquery"),
+    ("read_csv('x.csv') IS NULL", "function READ_CSV"),
+    ("nosuchfunction(key) = 1", "function NOSUCHFUNCTION"),
+])
+def test_filters_that_read_files_or_query_are_refused_at_start_up(
+    tmp_path: Path, hostile: str, part: str
+) -> None:
+    config = yaml.safe_load(Path("configs/fraud.yaml").read_text())
+    config["routing"]["routes"][0]["filter"] = hostile
+    path = tmp_path / "hostile.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises(ConfigError, match=rf"route 'large-amounts'.*{part}"):
+        load_pipeline(path)
+
+
+SAFE_FILTERS = [
+    "data.amount > 100", "key IN ('a', 'c')", "key = 'a' OR data.amount IS NULL",
+    "lower(key) LIKE 'a%' AND NOT data.amount BETWEEN 1 AND 50", "abs(data.amount - 100) < 60",
+    "coalesce(data.amount, 0) * 2 % 7 >= 3", "length(upper(key)) = 1 AND starts_with(key, 'a')",
+    "ends_with(correlation_id, 'b') OR CAST(data.amount AS INT) = 5",
+]
+
+
+@pytest.mark.parametrize("text", SAFE_FILTERS)
+def test_safe_filters_route_as_polars_compiles_them(text: str) -> None:
+    batch = events([("tx.created", k, a) for k, a in
+                    [("a", 5.0), ("b", 150.0), ("c", None), ("ab", 40.0), ("d", 101.0)]])
+    routed = Router(spec({"routes": [{"name": "f", "filter": text}], "unrouted": "drop"})).route(batch)
+    frame = pl.from_arrow(batch)
+    assert isinstance(frame, pl.DataFrame)
+    expected = frame.filter(pl.sql_expr(text).fill_null(False))["event_id"].to_list()
+    assert ids(routed.normal) == expected
+
+
+def test_the_shipped_configs_still_load() -> None:
+    for path in sorted(Path("configs").glob("*.yaml")):
+        if "routing" in (yaml.safe_load(path.read_text()) or {}):
+            load_pipeline(path)

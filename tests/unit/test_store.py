@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
 from pathlib import Path
 
 import polars as pl
 import pyarrow as pa
 import pytest
 
+from pipelines.checkpoint import Checkpoint, CheckpointStore
 from pipelines.envelope import TIMESTAMP
 from pipelines.errors import StoreError
 from pipelines.store import EventStore, safe_partition_value
@@ -86,3 +88,75 @@ def test_table_and_writer_names_are_checked(bad: tuple[str, str], tmp_path: Path
     table, writer = bad
     with pytest.raises(StoreError):
         EventStore(tmp_path).write(table, rows(["a.x"], [1]), writer=writer, seq=0)
+
+
+# durability
+
+
+class FakeFsync:
+    """Stands in for os.fsync: records which path each call made durable, then does it."""
+
+    def __init__(self, real: object) -> None:
+        self.real, self.paths = real, []
+
+    def __call__(self, descriptor: int) -> None:
+        self.paths.append(Path(os.readlink(f"/proc/self/fd/{descriptor}")))
+        self.real(descriptor)  # type: ignore[operator]
+
+
+def test_checkpoint_commits_after_data_files_and_their_folders_are_fsynced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake = FakeFsync(os.fsync)
+    monkeypatch.setattr(os, "fsync", fake)
+    store = EventStore(tmp_path)
+    files = store.write("events", rows(["a.x", "a.x"], [1, 2]), writer="r1-p0", seq=0)
+    data_syncs = [p for p in fake.paths if p.suffix == ".tmp" and ".parquet." in p.name]
+    assert len(data_syncs) == 2  # each file's data before its rename
+    assert {p.parent for p in data_syncs} == {f.parent for f in files}
+    checkpoints = CheckpointStore(tmp_path, "r1")
+    checkpoints.write_state(1, "p0", b"state")
+    checkpoints.commit(Checkpoint(1, {"in": 2}, {0: 1}, deadletter_seq=0))
+    order = [str(p.relative_to(tmp_path)) if p.is_relative_to(tmp_path) else str(p)
+             for p in fake.paths]
+    folders = {"events/event_type=a.x/date=2024-01-01", "events/event_type=a.x/date=2024-01-02",
+               "events/event_type=a.x", "events", "."}  # new folders: their parents too
+    first_folder = min(order.index(f) for f in folders)
+    state = next(i for i, p in enumerate(order) if p.startswith("_checkpoints/r1/.p0-"))
+    manifest = next(i for i, p in enumerate(order) if p.startswith("_checkpoints/r1/.manifest-"))
+    assert max(order.index(str(p.relative_to(tmp_path))) for p in data_syncs) < first_folder
+    assert max(order.index(f) for f in folders) < state < manifest
+    assert order[manifest + 1] == "_checkpoints/r1"  # the manifest's name, durably
+    assert store.sync() == 0  # nothing left to sync
+
+
+def test_folders_are_synced_once_per_checkpoint_not_per_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = EventStore(tmp_path)
+    store.write("events", rows(["a.x"], [1]), writer="p0", seq=0)
+    store.sync()
+    fake = FakeFsync(os.fsync)
+    monkeypatch.setattr(os, "fsync", fake)
+    for seq in range(1, 4):
+        store.write("events", rows(["a.x"], [1]), writer="p0", seq=seq)
+    assert len(fake.paths) == 3  # three data files, no folder yet
+    assert store.sync() == 1
+    assert fake.paths[-1] == tmp_path / "events" / "event_type=a.x" / "date=2024-01-01"
+
+
+def test_stored_ids_reads_only_the_dates_asked(tmp_path: Path) -> None:
+    store = EventStore(tmp_path)
+    events = rows(["a.x", "a.x", "b.y"], [1, 2, 3])
+    events = events.append_column("event_id", pa.array(["e1", "e2", "e3"]))
+    store.write("events", events, writer="p0", seq=0)
+    # A broken file on a day outside the range: read, it would raise.
+    far = tmp_path / "events" / "event_type=a.x" / "date=2024-01-09"
+    far.mkdir()
+    (far / "part-x-000000000000.parquet").write_text("no")
+    start, end = dt.datetime(2024, 1, 2, tzinfo=dt.UTC), dt.datetime(2024, 1, 3, 12, tzinfo=dt.UTC)
+    probe = pa.array(["e1", "e2", "e3", "e4", None])
+    assert store.stored_ids(probe, start, end).tolist() == [False, True, True, False, False]
+    before_e3 = dt.datetime(2024, 1, 3, 11, 59, 59, 999_999, tzinfo=dt.UTC)
+    assert store.stored_ids(probe, start, before_e3).tolist() == [False, True, False, False, False]
+    assert EventStore(tmp_path / "empty").stored_ids(probe, start, end).tolist() == [False] * 5
