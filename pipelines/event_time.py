@@ -3,7 +3,7 @@
 Events arrive out of order (files given in any order, producers that retry, a network that
 delays). Keyed operators must still see each key's events in event-time order, so every
 source has a *watermark*: an event time ``W`` such that the source promises no more events
-older than ``W``. Events up to ``W`` are released sorted; newer ones wait in a buffer.
+older than ``W``. Events older than ``W`` are released sorted; the others wait in a buffer.
 
 The watermark rule (:class:`RobustWatermark`), with ``L = lateness``:
 
@@ -11,14 +11,17 @@ The watermark rule (:class:`RobustWatermark`), with ``L = lateness``:
   the start). Let ``m`` be its size and ``k = max(min_support, ceil(outlier_share * m))``.
 * The candidate ``C`` is the k-th largest event time in the window: the latest time that at
   least ``k`` of the recent events have reached.
-* ``W = max(W, C - L)``; whenever ``W`` moves, the window starts afresh.
+* ``W = max(W, C - L)``; whenever ``W`` moves, the window starts afresh, and every buffered
+  event older than ``W`` is released, sorted by (time, optional tiebreak, arrival).
 
 Guarantee: the watermark never passes a time that fewer than ``min_support`` events, or
 fewer than ``outlier_share`` of the events since its last move, have reached. One row dated
 2025 in a 2018 replay (or a handful of them, scattered over the stream) never moves it: the
 watermark is driven by the stream's bulk. And for a source whose out-of-orderness is bounded
 by ``L`` (every event arriving after an event at ``t`` has a time ``>= t - L``), no event is
-ever late, whatever the batch sizes.
+ever late, whatever the batch sizes, and the released sequence is exactly the input sorted
+by (time, tiebreak, arrival): released events are all older than ``W``, and every later
+arrival is at least ``W``.
 
 An event is *late* when its time is strictly older than the watermark in force when it
 arrives (``t < W``, i.e. older than the bulk's time minus ``lateness``). Late events are
@@ -188,6 +191,11 @@ class EventTimeOrderer:
             ``policy.idle_timeout``.
         schema: the batches' schema, for the empty tables returned before the first push
             (without it they hold only ``timestamp``).
+        tiebreak: column (``data.TRANSACTION_ID`` names a payload field) that orders events
+            of equal time before arrival order does. Without it, equal times keep arrival
+            order, so an input that arrives shuffled can order its ties differently from
+            the same input in order; with it, ties are ordered the same whatever the
+            arrival order.
 
     Example:
         >>> orderer = EventTimeOrderer(WatermarkPolicy(lateness=dt.timedelta(minutes=5)))
@@ -195,10 +203,10 @@ class EventTimeOrderer:
     """
 
     def __init__(self, policy: WatermarkPolicy, clock: Clock | None = None,
-                 schema: pa.Schema | None = None) -> None:
+                 schema: pa.Schema | None = None, tiebreak: str | None = None) -> None:
         if policy.idle_timeout is not None and clock is None:
             raise ValueError("a clock is needed when policy.idle_timeout is set")
-        self.policy, self.clock = policy, clock
+        self.policy, self.clock, self.tiebreak = policy, clock, tiebreak
         self.watermark = RobustWatermark(policy)
         self._buffer: pa.Table | None = None if schema is None else schema.empty_table()
         self._times = np.empty(0, dtype=np.int64)
@@ -248,7 +256,7 @@ class EventTimeOrderer:
     def flush(self) -> pa.Table:
         """The input has ended: every buffered row, sorted; the watermark moves past them."""
         if len(self._times):
-            self.watermark.advance_to(int(self._times.max()))
+            self.watermark.advance_to(int(self._times.max()) + 1)
         return self._release(np.ones(len(self._times), bool))
 
     def _idle_start(self) -> int:
@@ -270,10 +278,10 @@ class EventTimeOrderer:
         self._arrivals = np.concatenate([self._arrivals, arrivals])
 
     def _release_due(self) -> pa.Table:
-        """Remove and return the buffered rows at or before the watermark, sorted."""
+        """Remove and return the buffered rows older than the watermark, sorted."""
         if self.watermark.value is None:
             return self._empty()
-        return self._release(self._times <= self.watermark.value)
+        return self._release(self._times < self.watermark.value)
 
     def _release(self, due: np.ndarray) -> pa.Table:
         """Remove and return the buffered rows where ``due``, sorted by (time, arrival)."""
@@ -282,7 +290,7 @@ class EventTimeOrderer:
         if not due.any():
             return self._buffer.slice(0, 0)
         due_idx = np.flatnonzero(due)
-        order = due_idx[np.lexsort((self._arrivals[due_idx], self._times[due_idx]))]
+        order = due_idx[np.lexsort(self._sort_keys(due_idx))]
         if order[-1] == len(order) - 1 and bool((np.diff(order) == 1).all()):
             released = self._buffer.slice(0, len(order))  # in order already: no gather
         else:
@@ -291,6 +299,15 @@ class EventTimeOrderer:
         self._buffer = self._buffer.filter(pa.array(keep)).combine_chunks()
         self._times, self._arrivals = self._times[keep], self._arrivals[keep]
         return released
+
+    def _sort_keys(self, rows: np.ndarray) -> tuple[np.ndarray, ...]:
+        """``np.lexsort`` keys (last is primary) of buffered ``rows``: time, tiebreak, arrival."""
+        if self.tiebreak is None:
+            return self._arrivals[rows], self._times[rows]
+        assert self._buffer is not None
+        column = _column_at(self._buffer, self.tiebreak).take(pa.array(rows, pa.int64()))
+        ranks = pc.rank(column.combine_chunks(), sort_keys="ascending", tiebreaker="dense")
+        return self._arrivals[rows], ranks.to_numpy(), self._times[rows]
 
     def _empty(self) -> pa.Table:
         if self._buffer is None:
@@ -331,6 +348,15 @@ def _column_micros(table: pa.Table) -> np.ndarray:
         column = column.cast(pa.timestamp("us", tz="UTC"))
     micros = pc.fill_null(column.cast(pa.int64()), np.iinfo(np.int64).min)
     return np.asarray(micros.to_numpy(), dtype=np.int64)
+
+
+def _column_at(table: pa.Table, path: str) -> pa.ChunkedArray:
+    """A top-level column, or a struct field of one (``data.TRANSACTION_ID``)."""
+    name, *fields = path.split(".")
+    column = table.column(name)
+    for field in fields:
+        column = pc.struct_field(column, field)
+    return column
 
 
 def _late_mask(times: np.ndarray, watermark: int | None) -> np.ndarray:

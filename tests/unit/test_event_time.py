@@ -211,13 +211,13 @@ def test_an_idle_source_advances_with_the_injected_clock() -> None:
     orderer = EventTimeOrderer(
         policy(5, min_support=1, idle_timeout=dt.timedelta(minutes=1)), clock=clock.now)
     orderer.push(envelope(BASE + np.arange(10) * MINUTE, np.arange(10)))
-    assert orderer.watermark_us == BASE + 4 * MINUTE and orderer.buffered == 5
+    assert orderer.watermark_us == BASE + 4 * MINUTE and orderer.buffered == 6
     clock.advance(59)
     assert orderer.poll().released.num_rows == 0  # not idle yet
     clock.advance(1 + 2 * 60)  # idle for two minutes past the timeout
-    assert ids(orderer.poll().released) == ["e0000005", "e0000006"]
+    assert ids(orderer.poll().released) == ["e0000004", "e0000005"]  # older than 6 minutes
     clock.advance(10 * 60)
-    assert ids(orderer.poll().released) == ["e0000007", "e0000008", "e0000009"]
+    assert ids(orderer.poll().released) == ["e0000006", "e0000007", "e0000008", "e0000009"]
     # an arrival ends idleness: the watermark is the bulk's again, late rows are late
     out = orderer.push(envelope(np.array([BASE + 8 * MINUTE]), np.array([10])))
     assert ids(out.late) == ["e0000010"]
@@ -241,3 +241,25 @@ def test_policy_is_validated() -> None:
         WatermarkPolicy(lateness=dt.timedelta(minutes=-1))
     with pytest.raises(ValueError, match="outlier_share"):
         WatermarkPolicy(outlier_share=1.0)
+
+
+def test_a_tiebreak_orders_equal_times_whatever_the_arrival() -> None:
+    times = BASE + np.repeat(np.arange(50), 4) * MINUTE
+    table = envelope(times, np.arange(200))
+    rng = np.random.default_rng(4)
+    shuffled = table.take(pa.array(delayed_arrival(times, rng, 3 * MINUTE)))
+    for source in (table, shuffled):
+        released, late = run(EventTimeOrderer(policy(3), tiebreak="event_id"), source,
+                             list(range(0, 200, 13)))
+        assert late.num_rows == 0 and ids(released) == ids(table)
+
+
+def test_a_tiebreak_may_name_a_payload_field() -> None:
+    times = np.full(4, BASE)
+    table = envelope(times, np.arange(4)).append_column(
+        "data", pa.StructArray.from_arrays([pa.array([3, 1, 2, 0])], ["TRANSACTION_ID"]))
+    out = EventTimeOrderer(policy(0), tiebreak="data.TRANSACTION_ID").push(table)
+    assert out.released.num_rows == 0
+    orderer = EventTimeOrderer(policy(0), tiebreak="data.TRANSACTION_ID")
+    orderer.push(table)
+    assert ids(orderer.flush()) == ["e0000003", "e0000001", "e0000002", "e0000000"]
