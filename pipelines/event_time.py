@@ -73,6 +73,7 @@ Clock = Callable[[], dt.datetime]
 _ARRIVAL = "__eventray_arrival"
 _STATE_KEY = b"eventray.event_time"
 _US = dt.timedelta(microseconds=1)
+_MAX_CHUNKS = 32
 
 
 def _micros(delta: dt.timedelta) -> int:
@@ -291,13 +292,17 @@ class EventTimeOrderer:
             return self._buffer.slice(0, 0)
         due_idx = np.flatnonzero(due)
         order = due_idx[np.lexsort(self._sort_keys(due_idx))]
-        if order[-1] == len(order) - 1 and bool((np.diff(order) == 1).all()):
-            released = self._buffer.slice(0, len(order))  # in order already: no gather
+        n_due = len(order)
+        if order[-1] == n_due - 1 and bool((np.diff(order) == 1).all()):
+            # in order already (the usual case): slices, no gather, no copy
+            released, rest = self._buffer.slice(0, n_due), self._buffer.slice(n_due)
         else:
             released = take_rows(self._buffer, order)
-        keep = ~due
-        self._buffer = self._buffer.filter(pa.array(keep)).combine_chunks()
-        self._times, self._arrivals = self._times[keep], self._arrivals[keep]
+            rest = self._buffer.filter(pa.array(~due))
+        if rest.column(0).num_chunks > _MAX_CHUNKS:  # keep the buffer's pieces few
+            rest = rest.combine_chunks()
+        self._buffer = rest
+        self._times, self._arrivals = self._times[~due], self._arrivals[~due]
         return released
 
     def _sort_keys(self, rows: np.ndarray) -> tuple[np.ndarray, ...]:
