@@ -263,3 +263,12 @@ def test_a_tiebreak_may_name_a_payload_field() -> None:
     orderer = EventTimeOrderer(policy(0), tiebreak="data.TRANSACTION_ID")
     orderer.push(table)
     assert ids(orderer.flush()) == ["e0000003", "e0000001", "e0000002", "e0000000"]
+
+
+def test_an_empty_push_changes_nothing() -> None:
+    orderer = EventTimeOrderer(policy(1, min_support=2))
+    table = envelope(BASE + np.arange(5) * MINUTE, np.arange(5))
+    first = orderer.push(table)
+    out = orderer.push(table.slice(0, 0))
+    assert out.released.num_rows == 0 and out.late.num_rows == 0
+    assert ids(first.released) + ids(orderer.flush()) == ids(table)

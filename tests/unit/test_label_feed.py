@@ -122,3 +122,18 @@ def test_one_far_future_row_releases_no_label_early(transactions: pa.Table) -> N
         assert (label_times(merged) <= orderer.watermark_us).all()
         released_labels += len(label_times(merged))
     assert 0 < released_labels < transactions.num_rows
+
+
+def test_a_watermark_alone_releases_due_labels(transactions: pa.Table) -> None:
+    # an idle source's watermark moves without new events: its due labels still flow
+    spec = fraud_spec()
+    feed = feed_for(spec)
+    events = normalised_batches(spec, transactions, 1_000)[0]
+    assert feed.merge(events, watermark_us=None)[1] == 0
+    times = events.column("timestamp").cast(pa.int64()).to_numpy()
+    week = 7 * 86_400_000_000
+    cut = int(np.median(times)) + week
+    merged, released = feed.merge(events.slice(0, 0), watermark_us=cut)
+    assert released == merged.num_rows == int((times + week <= cut).sum()) > 0
+    assert (label_times(merged) <= cut).all()
+    assert feed.flush().num_rows == events.num_rows - released
