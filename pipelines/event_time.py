@@ -35,8 +35,8 @@ passed, one second of event time per second). With ``idle_timeout=None`` (the de
 idle source holds its watermark. A bounded input ends with :meth:`EventTimeOrderer.flush`.
 
 The orderer is vectorised: per push one filter, one sort of the released rows (numpy
-``lexsort`` on ``(time, arrival)``) and one gather. The buffer only holds events newer
-than the watermark. :meth:`EventTimeOrderer.snapshot` / :meth:`~EventTimeOrderer.restore`
+``lexsort`` on ``(time, tiebreak, arrival)``) and one gather. The buffer only holds events
+at or after the watermark. :meth:`EventTimeOrderer.snapshot` / :meth:`~EventTimeOrderer.restore`
 carry buffer and watermark through checkpoints as Arrow IPC. This module never imports Ray.
 
 Example:
