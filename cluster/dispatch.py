@@ -65,7 +65,7 @@ class Dispatcher:
     def _with_transit(self, events: pa.Table) -> pa.Table:
         """The batch in the routed schema: nulls where a stage added no column."""
         if events.schema.names == self.routed_schema.names:
-            return events
+            return events.cast(self.routed_schema)  # Polars hands back large strings
         columns = [events.column(f.name) if f.name in events.column_names
                    else pa.nulls(events.num_rows, f.type) for f in self.routed_schema]
         return pa.table(columns, names=self.routed_schema.names).cast(self.routed_schema)

@@ -11,11 +11,11 @@ import pytest
 
 from pipelines.envelope import envelope_schema
 from pipelines.event_time import EventTimeOrderer, WatermarkPolicy
-from pipelines.features import handbook_features_batch
-from pipelines.fraud import POSITION, FraudStep, TerminalRiskStage
+from pipelines.fraud.features import handbook_features_batch
+from pipelines.fraud.flow import POSITION, FraudStep, FraudStepSpec, TerminalRiskStage, TerminalStageSpec
+from pipelines.fraud.simulator import SimulationSpec, simulate_transactions
 from pipelines.labels import LabelFeed
-from pipelines.simulator import SimulationSpec, simulate_transactions
-from pipelines.spec import EnrichSpec, FraudStepSpec, PipelineSpec
+from pipelines.spec import PipelineSpec
 from tests.unit.test_fraud_pipeline import FEATURES, fraud_spec, mismatches, normalised_batches
 
 LATENESS = dt.timedelta(minutes=20)
@@ -52,7 +52,7 @@ def ordered_stream(spec: PipelineSpec, arrivals: list[pa.Table]) -> list[pa.Tabl
 
 
 def features_of(stream: list[pa.Table]) -> pl.DataFrame:
-    stage = TerminalRiskStage(EnrichSpec(name="terminal", kind="handbook_terminal", key="TERMINAL_ID"))
+    stage = TerminalRiskStage(TerminalStageSpec(name="terminal", key="TERMINAL_ID"))
     step = FraudStep(FraudStepSpec(kind="fraud"))
     scores = []
     for merged in stream:

@@ -19,8 +19,9 @@ from pipelines.envelope import TIMESTAMP, envelope_schema
 from pipelines.errors import ConfigError
 from pipelines.event_ids import EVENTRAY_NAMESPACE
 from pipelines.lanes import BatchSizer, LaneQueues
+from pipelines.pipeline import load_pipeline
 from pipelines.routing import Router
-from pipelines.spec import AdaptiveBatching, PipelineSpec, load_pipeline
+from pipelines.spec import AdaptiveBatching, PipelineSpec
 
 
 def spec(routing: dict[str, Any]) -> PipelineSpec:
