@@ -24,8 +24,8 @@ from pipelines.writers import WriterId
 
 if TYPE_CHECKING:
     from cluster.dispatch import Dispatcher
-    from cluster.driver import Ingest
     from cluster.enrichment import EnrichmentChain
+    from cluster.ingest import Ingest
 
 
 @dataclass(frozen=True)

@@ -25,18 +25,16 @@ from cluster.accounting import RunCounts
 from cluster.checkpointing import Checkpointer
 from cluster.dispatch import Dispatcher
 from cluster.enrichment import EnrichmentChain
+from cluster.ingest import Ingest
 from cluster.operators import KeyedExecutor
-from pipelines.dedup import DuplicateFilter
 from pipelines.envelope import envelope_schema
 from pipelines.errors import ConfigError
 from pipelines.kinds import build_source, stage_class
-from pipelines.labels import LabelFeed
-from pipelines.normalise import Clock, Normaliser, utc_now
+from pipelines.normalise import Clock, utc_now
 from pipelines.pacing import Pacer
-from pipelines.sources import ParquetSource, RawBatch, Source, iter_batches
+from pipelines.sources import ParquetSource, Source, iter_batches
 from pipelines.spec import EnrichSpec, PipelineSpec
 from pipelines.store import EventStore
-from pipelines.writers import WriterId
 
 #: How often the paced driver polls its executors while waiting for the next release.
 IDLE_POLL_S = 0.001
@@ -79,37 +77,6 @@ class Progress:
 
     def close(self) -> None:
         self.bar.close()
-
-
-class Ingest:
-    """Source batches into envelope events: normalise, dead-letter, schedule labels."""
-
-    def __init__(self, spec: PipelineSpec, store: EventStore, run: str, clock: Clock) -> None:
-        self.store, self.writer = store, WriterId.ingest(run).name
-        self.normaliser, self.duplicates = Normaliser(spec, clock), DuplicateFilter()
-        schema = envelope_schema(spec.registry())
-        self.labels = LabelFeed(spec.labels, spec.registry(), schema) if spec.labels else None
-
-    def read(self, raw: RawBatch, counts: RunCounts) -> pa.Table:
-        """One source batch's events (with the labels now due); its dead letters are stored."""
-        out = self.normaliser.normalise(raw, self.duplicates)
-        self.store.write("deadletter", out.deadletters, writer=self.writer, seq=counts.batches)
-        counts.read += out.read
-        counts.batches += 1
-        counts.count_dead_letters(out.deadletters.column("reason").to_numpy(zero_copy_only=False))
-        events = out.events
-        if self.labels is not None:
-            events, released = self.labels.merge(events)
-            counts.derived += released
-        return events
-
-    def rest(self, counts: RunCounts) -> pa.Table | None:
-        """What is still scheduled once the source has ended (the rest of the label feed)."""
-        if self.labels is None:
-            return None
-        rest = self.labels.flush()
-        counts.derived += rest.num_rows
-        return rest
 
 
 class PipelineRun:

@@ -149,13 +149,3 @@ def test_public_surface_is_pinned() -> None:
     assert all(hasattr(pipelines, name) for name in pipelines.__all__)
     assert cluster.__all__ == ["main", "run_job"]
     assert models.__all__ == []
-
-
-def test_pipelines_and_models_never_import_ray() -> None:
-    import subprocess
-    import sys
-
-    code = ("import pipelines, pipelines.fraud.simulator, pipelines.testing, models, sys; "
-            "print('ray' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"

@@ -369,8 +369,3 @@ def test_spec_defaults_and_start() -> None:
     assert (spec.start_date, spec.radius, spec.seed) == ("2018-04-01", 5.0, 0)
     assert spec.start == np.datetime64(dt.datetime(2018, 4, 1), "ns")
     assert SimulationSpec(radius=3).radius == 3
-
-
-def test_pipelines_simulator_does_not_import_ray() -> None:
-    source = Path(sim.__file__).read_text()
-    assert "import ray" not in source and "from ray" not in source

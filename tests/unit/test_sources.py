@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import pickle
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -552,16 +550,6 @@ def test_sources_are_picklable(data_dir: Path, kind: str) -> None:
     clone = pickle.loads(pickle.dumps(source))
     assert type(clone) is type(source) and clone.list_parts() == source.list_parts()
     assert same_batches(read_all(clone), read_all(source))
-
-
-def test_pipelines_sources_does_not_import_ray() -> None:
-    code = "import sys, pipelines.sources; sys.exit('ray' in sys.modules)"
-    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
-
-
-# ------------------------------------------------------------------------------------------
-# real data
-# ------------------------------------------------------------------------------------------
 
 
 @pytest.mark.skipif(
