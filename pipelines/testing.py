@@ -3,18 +3,30 @@
 - :class:`ListSource`: a source over in-memory record batches (one part per list).
 - :class:`ListSink`: collects what a pipeline writes, per table.
 - :class:`FakeClock`: an injectable clock that only moves when told (or when slept on).
+- :class:`AbortingListSource` and :data:`ABORT`: a list source that stops as if crashed.
+- :func:`run_local`: run a pipeline in process and get its stored tables back.
+- :func:`check_processor`: the conformance checks every processor should pass.
 """
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
+import json
+import tempfile
 from collections import defaultdict
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
+import polars as pl
 import pyarrow as pa
 
+from pipelines.processing import StepContext
+from pipelines.processors import PythonStep
 from pipelines.sources import RawBatch, Source, SourceError, SourceReader
+from pipelines.store import TABLES
 
 
 class FakeClock:
@@ -116,3 +128,144 @@ class ListSink:
     def table(self, table: str) -> pa.Table:
         parts = [self.batches[table][k] for k in sorted(self.batches[table])]
         return pa.concat_tables(parts) if parts else pa.table({})
+
+
+#: A marker in a :class:`ListSource` part: reading stops with :class:`SourceAborted` here,
+#: as if the process crashed; a resumed run continues after it.
+ABORT = object()
+
+
+class SourceAborted(SourceError):
+    """A :class:`ListSource` reached an :data:`ABORT` marker (a simulated crash)."""
+
+
+class _AbortingReader(_ListReader):
+    def __init__(self, name: str, part: str, items: Sequence[Any], start: int, aborted: set) -> None:
+        self.items, self.aborted, self.abort_at = items, aborted, []
+        rows = 0
+        for item in items:
+            if item is ABORT:
+                self.abort_at.append(rows)
+            else:
+                rows += item.num_rows
+        super().__init__(name, part, [i for i in items if i is not ABORT], start)
+
+    def next_batch(self) -> RawBatch | None:
+        for at in self.abort_at:
+            if self.position == at and (self.part, at) not in self.aborted:
+                self.aborted.add((self.part, at))
+                raise SourceAborted(f"{self.part}: aborted at row {at} (testing.ABORT)")
+        return super().next_batch()
+
+
+class AbortingListSource(ListSource):
+    """A :class:`ListSource` whose parts may hold :data:`ABORT` markers between batches.
+
+    The first read that reaches a marker raises :class:`SourceAborted` (the run stops as if
+    it crashed, its last checkpoint intact); reading again, after ``--resume``, goes on.
+    """
+
+    def __init__(self, name: str, parts: dict[str, list[Any]]) -> None:
+        super().__init__(name, parts)
+        self.aborted: set[tuple[str, int]] = set()
+
+    def open_part(self, part: str, start: int = 0) -> SourceReader:
+        if part not in self.parts:
+            raise SourceError(f"unknown part {part!r}; parts: {', '.join(self.parts)}")
+        return _AbortingReader(self.name, part, self.parts[part], start, self.aborted)
+
+
+def run_local(pipeline: Any, events: Sequence[dict[str, Any]] | Path | str, *,
+              store: str | Path | None = None, tables: Sequence[str] = TABLES) -> dict[str, pl.DataFrame]:
+    """Run a pipeline in this process over ``events`` and return its stored tables.
+
+    Args:
+        pipeline: a :class:`pipelines.Pipeline` (its processors included).
+        events: records in the shape the pipeline's source reads (written to a JSON Lines
+            file; the pipeline's mapping must read JSON Lines), or a path to its input.
+        store: where to keep the store (default: a temporary folder, removed afterwards).
+        tables: the tables to return.
+
+    Returns:
+        ``{"summary": one-row frame, "<table>": rows...}`` for every table that has rows.
+
+    Example:
+        >>> from pipelines import Pipeline
+        >>> pipeline = Pipeline.from_dict({"name": "t",
+        ...     "source": {"format": "jsonl", "path": ["-"]},
+        ...     "mapping": {"event_type": "type", "timestamp": "at", "payload": {"json": "data"}}})
+        >>> out = run_local(pipeline, [{"type": "a.b", "at": "2024-01-01T00:00:00Z", "data": {}}])
+        >>> out["events"].height
+        1
+    """
+    with tempfile.TemporaryDirectory(prefix="eventray-test-") as scratch:
+        root = Path(store) if store is not None else Path(scratch) / "store"
+        if isinstance(events, str | Path):
+            inputs = [str(events)]
+        else:
+            path = Path(scratch) / "events.jsonl"
+            path.write_text("".join(json.dumps(e, default=str) + "\n" for e in events))
+            inputs = [str(path)]
+        summary = pipeline.run(store=root, runner="local", inputs=inputs)
+        out = {"summary": pl.DataFrame([{k: v for k, v in summary.items() if not isinstance(v, dict)}])}
+        for table in tables:
+            files = list((root / table).glob("**/*.parquet"))
+            if files:
+                out[table] = pl.read_parquet(files, hive_partitioning=False).sort(
+                    [c for c in ("timestamp", "event_id") if c in pl.read_parquet_schema(files[0])])
+        return out
+
+
+def check_processor(processor: Any, events: pa.Table, *, splits: int = 5, seed: int = 0) -> None:
+    """The conformance checks a processor should pass (raises ``AssertionError`` naming the
+    first that fails).
+
+    - Picklable: Ray ships it to every partition actor.
+    - The same derived events (ids included) for any split of ``events`` into batches.
+    - The same derived events after ``snapshot()`` -> ``restore()`` in mid-stream, into a
+      fresh instance (stateful processors only).
+    - Deterministic ids: two fresh instances derive the same ids.
+
+    Args:
+        processor: a function, or an object with ``process`` (and ``snapshot`` / ``restore``).
+        events: envelope rows in per-key order (for example a store's ``events`` table read
+            back, or rows built with :func:`pipelines.envelope_schema`).
+        splits: how many random splits into batches to try.
+        seed: the splits' seed.
+    """
+    import pickle
+
+    try:
+        pickle.loads(pickle.dumps(processor))
+    except Exception as exc:  # any pickling error is the finding
+        raise AssertionError(f"processor is not picklable: {exc}") from exc
+    context = StepContext(events.schema)
+    whole = _derive(processor, [events], context)
+    again = _derive(processor, [events], context)
+    assert whole.equals(again), "two fresh instances derived different events or ids"
+    rng = np.random.default_rng(seed)
+    for _ in range(splits):
+        cuts = np.sort(rng.choice(np.arange(1, max(events.num_rows, 2)),
+                                  size=min(3, max(events.num_rows - 1, 0)), replace=False))
+        bounds = [0, *cuts.tolist(), events.num_rows]
+        batches = [events.slice(a, b - a) for a, b in zip(bounds, bounds[1:], strict=False)]
+        split = _derive(processor, batches, context)
+        assert split.equals(whole), f"derived events differ when the input is split at {cuts.tolist()}"
+        if callable(getattr(processor, "snapshot", None)):
+            resumed = _derive(processor, batches, context, restore_after=1)
+            assert resumed.equals(whole), "derived events differ after snapshot -> restore"
+
+
+def _derive(processor: Any, batches: list[pa.Table], context: StepContext,
+            restore_after: int | None = None) -> pa.Table:
+    step = PythonStep.of("check", ["*"], copy.deepcopy(processor), context)
+    out = []
+    for i, batch in enumerate(batches):
+        if restore_after is not None and i == restore_after:
+            state = json.loads(json.dumps(step.snapshot()))  # plain data, as a checkpoint keeps it
+            step = PythonStep.of("check", ["*"], copy.deepcopy(processor), context)
+            step.restore(state)
+        derived = step.process(batch).derived
+        if derived is not None:
+            out.append(derived.drop_columns(["metadata"]))
+    return pa.concat_tables(out) if out else pa.table({})
