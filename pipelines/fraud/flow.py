@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import datetime as dt
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -38,12 +39,24 @@ import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipelines.envelope import EVENT_TYPE_PATTERN
-from pipelines.features import DAY, Aggregate, KeyedWindowOperator, KeyedWindowSpec, Window
+from pipelines.features import (
+    DAY,
+    Aggregate,
+    KeyedWindowOperator,
+    KeyedWindowSpec,
+    StateRestoreError,
+    Window,
+)
 from pipelines.fraud.features import (
     HANDBOOK_CUSTOMER_SPEC,
     HANDBOOK_FEATURES,
     HANDBOOK_LABEL_DELAY,
+    HISTORY,
+    HISTORY_FEATURES,
+    TERMINAL_HISTORY_FEATURES,
+    HistoryFeatures,
     calendar_features,
+    terminal_history_features,
 )
 from pipelines.processing import (
     ALERTS_SCHEMA,
@@ -74,14 +87,21 @@ MODEL_INPUTS = ("TX_AMOUNT", *HANDBOOK_FEATURES)
 CUSTOMER_SPEC = dataclasses.replace(HANDBOOK_CUSTOMER_SPEC, allowed_lateness=90 * DAY)
 POSITION = ROW_POSITION
 _DAYS = (1, 7, 30)
-TERMINAL_FEATURES = tuple(
-    name for n in _DAYS for name in (f"TERMINAL_ID_NB_TX_{n}DAY_WINDOW", f"TERMINAL_ID_RISK_{n}DAY_WINDOW"))
+#: The terminal history windows: a week ending this many days before the transaction.
+_RISK_BEFORE = tuple(name for name in TERMINAL_HISTORY_FEATURES if "_RISK_" in name)
+_BEFORE_DAYS = tuple(int(name.split("_")[-2].removesuffix("DAY")) for name in _RISK_BEFORE)
+_LABEL_DELAY_US = HANDBOOK_LABEL_DELAY // dt.timedelta(microseconds=1)
+TERMINAL_FEATURES = (
+    *(name for n in _DAYS
+      for name in (f"TERMINAL_ID_NB_TX_{n}DAY_WINDOW", f"TERMINAL_ID_RISK_{n}DAY_WINDOW")),
+    *TERMINAL_HISTORY_FEATURES)
 #: The transit columns the terminal stage adds to a batch (Float64; null for non-transactions).
 TERMINAL_TRANSIT = tuple(f"_{name}" for name in TERMINAL_FEATURES)
 IDS = ("TRANSACTION_ID", "CUSTOMER_ID", "TERMINAL_ID")
 
 #: The ``scores`` rows of the fraud step: the common columns (``score`` null while no model
-#: is loaded), the ids, the transaction time and the 15 inputs under the handbook's names.
+#: is loaded), the ids, the transaction time, the 15 inputs under the handbook's names and
+#: the history features (:data:`pipelines.fraud.features.HISTORY_FEATURES`) beside them.
 FRAUD_SCORES_SCHEMA = pa.schema([
     *(SCORES_SCHEMA.field(name) for name in ("event_id", "event_type", "timestamp", "key", "step", "model")),
     pa.field("score", pa.float64()),
@@ -91,6 +111,7 @@ FRAUD_SCORES_SCHEMA = pa.schema([
     pa.field("TX_DURING_WEEKEND", pa.int64()),
     pa.field("TX_DURING_NIGHT", pa.int64()),
     *(pa.field(name, pa.float64()) for name in MODEL_INPUTS[3:]),
+    *(pa.field(name, pa.float64()) for name in HISTORY_FEATURES),
 ])
 
 
@@ -135,7 +156,9 @@ def _terminal_spec() -> KeyedWindowSpec:
     """Counts of a terminal's transactions 7 days back, and of its label events up to now.
 
     A label event for a transaction at ``s`` is at ``s + 7 days``, so the label events in
-    ``(t - n, t]`` are exactly those of the transactions in ``(t - 7 - n, t - 7]``.
+    ``(t - n, t]`` are exactly those of the transactions in ``(t - 7 - n, t - 7]``; the
+    history weeks ``(t - d - 7, t - d]`` likewise pair with label events in
+    ``(t - d, t - d + 7]``.
     """
     aggregates: list[Aggregate] = []
     for n in _DAYS:
@@ -143,7 +166,36 @@ def _terminal_spec() -> KeyedWindowSpec:
             Aggregate(f"tx_{n}", "sum", Window(n * DAY, delay=HANDBOOK_LABEL_DELAY), "is_tx"),
             Aggregate(f"fraud_{n}", "sum", Window(n * DAY), "is_fraud"),
         ]
+    for d in _BEFORE_DAYS:
+        aggregates += [
+            Aggregate(f"tx_before_{d}", "sum", Window(7 * DAY, delay=d * DAY), "is_tx"),
+            Aggregate(f"fraud_before_{d}", "sum", Window(7 * DAY, delay=d * DAY - HANDBOOK_LABEL_DELAY),
+                      "is_fraud"),
+        ]
+    # The label events of the last 30 days are those of the transactions in (t - 37, t - 7].
+    aggregates += [Aggregate("_TERMINAL_FIRST_FRAUD_US", "min", Window(HISTORY), "fraud_first_us"),
+                   Aggregate("_TERMINAL_LAST_FRAUD_US", "max", Window(HISTORY), "fraud_last_us")]
     return KeyedWindowSpec("TERMINAL_ID", "time", tuple(aggregates))
+
+
+def _share(frauds: pl.Expr, count: pl.Expr) -> pl.Expr:
+    return pl.when(count > 0).then(frauds / count).otherwise(0.0)
+
+
+def _terminal_columns(sums: pl.DataFrame) -> pl.DataFrame:
+    """:data:`POSITION` and :data:`TERMINAL_TRANSIT` from the terminal operator's sums."""
+    handbook = [pl.col(POSITION)]
+    for n in _DAYS:
+        count, frauds = pl.col(f"tx_{n}"), pl.col(f"fraud_{n}")
+        handbook += [count.alias(f"TERMINAL_ID_NB_TX_{n}DAY_WINDOW"),
+                     _share(frauds, count).alias(f"TERMINAL_ID_RISK_{n}DAY_WINDOW")]
+    shares = [_share(pl.col(f"fraud_before_{d}"), pl.col(f"tx_before_{d}")).alias(name)
+              for d, name in zip(_BEFORE_DAYS, _RISK_BEFORE, strict=True)]
+    history = terminal_history_features(
+        sums["time"].dt.epoch("us").cast(pl.Float64),
+        sums.select(*shares, "_TERMINAL_FIRST_FRAUD_US", "_TERMINAL_LAST_FRAUD_US"))
+    out = pl.concat([sums.select(handbook), history], how="horizontal")
+    return out.rename({name: f"_{name}" for name in TERMINAL_FEATURES})
 
 
 class TerminalRiskStage(Step):
@@ -178,19 +230,17 @@ class TerminalRiskStage(Step):
         if frame.height == 0:
             return StepOutput()
         data = pl.col("data")
+        is_fraud = (kind == self.label_type) & (data.struct.field("TX_FRAUD").fill_null(0) != 0)
+        # A label event is stamped 7 days after its transaction: the transaction's time, exactly.
+        fraud_us = (pl.col("timestamp").dt.epoch("us") - _LABEL_DELAY_US).cast(pl.Float64)
         rows = frame.select(
             POSITION, is_tx=(kind == self.transaction_type),
-            TERMINAL_ID=data.struct.field(self.spec.key), time=pl.col("timestamp"),
-            is_fraud=(kind == self.label_type) & (data.struct.field("TX_FRAUD").fill_null(0) != 0))
+            TERMINAL_ID=data.struct.field(self.spec.key), time=pl.col("timestamp"), is_fraud=is_fraud,
+            fraud_first_us=pl.when(is_fraud).then(fraud_us).otherwise(float("inf")),
+            fraud_last_us=pl.when(is_fraud).then(fraud_us).otherwise(float("-inf")))
         sums = self.operator.update(rows)
-        features = [pl.col(POSITION)]
-        for n in _DAYS:
-            count, frauds = pl.col(f"tx_{n}"), pl.col(f"fraud_{n}")
-            features += [count.alias(f"_TERMINAL_ID_NB_TX_{n}DAY_WINDOW"),
-                         pl.when(count > 0).then(frauds / count).otherwise(0.0)
-                         .alias(f"_TERMINAL_ID_RISK_{n}DAY_WINDOW")]
-        out = pl.concat([rows.select(POSITION, "is_tx"), sums], how="horizontal")
-        return StepOutput(derived=out.filter("is_tx").select(features).to_arrow())
+        out = pl.concat([rows.select(POSITION, "is_tx", "time"), sums], how="horizontal").filter("is_tx")
+        return StepOutput(derived=_terminal_columns(out).to_arrow())
 
     def snapshot(self) -> Any:
         return base64.b64encode(self.operator.snapshot()).decode()
@@ -202,7 +252,13 @@ class TerminalRiskStage(Step):
 
 
 class ModelSlot:
-    """The model a step scores with: pinned, or following a registry name's latest version."""
+    """The model a step scores with: pinned, or following a registry name's latest version.
+
+    The version in use is part of the step's checkpoint (:meth:`snapshot`): a restored step
+    scores the batches it replays with the version that scored them the first time, even if
+    a newer one has appeared since, and resolves ``latest`` again at the same batch counts
+    as before.
+    """
 
     def __init__(self, spec: FraudStepSpec) -> None:
         self.ref = spec.model
@@ -212,6 +268,7 @@ class ModelSlot:
 
             self.registry = ModelRegistry(self.ref.registry)
         self.model: FraudModel | None = None
+        self.version: int | None = None
         self.label = "none"
         self.batches = 0
 
@@ -223,18 +280,36 @@ class ModelSlot:
                                      and self.batches % self.ref.reload_every == 0)
         self.batches += 1
         if due:
-            self._load()
+            wanted = self.registry.latest_version(self.ref.name) if self.ref.version == "latest" \
+                else self.ref.version
+            self._load(wanted)
         return self.model
 
-    def _load(self) -> None:
+    def _load(self, wanted: int | None) -> None:
         assert self.ref is not None and self.registry is not None
-        wanted = self.registry.latest_version(self.ref.name) if self.ref.version == "latest" \
-            else self.ref.version
-        label = f"{self.ref.name}:{wanted}"
-        if wanted is None or label == self.label:
+        if wanted is None or wanted == self.version:
             return
         loaded = self.registry.load(self.ref.name, wanted)
-        self.model, self.label = loaded.model, label
+        self.model, self.version, self.label = loaded.model, wanted, f"{self.ref.name}:{wanted}"
+
+    def snapshot(self) -> dict[str, int | None]:
+        """The version in use (``None``: none yet) and the batches scored so far."""
+        return {"version": self.version, "batches": self.batches}
+
+    def restore(self, state: dict[str, int | None] | None) -> None:
+        """Load exactly the version of a :meth:`snapshot` and continue its batch count.
+
+        Raises:
+            StateRestoreError: the snapshot is not a model slot's.
+        """
+        self.model, self.version, self.label, self.batches = None, None, "none", 0
+        if state is None:
+            return
+        if not isinstance(state, dict) or not isinstance(state.get("batches"), int):
+            raise StateRestoreError(f"not a model slot snapshot: {state!r}")
+        self.batches = state["batches"]
+        if state.get("version") is not None and self.registry is not None:
+            self._load(state["version"])
 
 
 class FraudStep(Step):
@@ -252,6 +327,7 @@ class FraudStep(Step):
         self.envelope = context.envelope if context is not None else None
         self.alert_version = alert_version_of(context, spec.alert_type)
         self.customer = KeyedWindowOperator(CUSTOMER_SPEC)
+        self.history = HistoryFeatures(allowed_lateness=CUSTOMER_SPEC.allowed_lateness)
         self.slot = ModelSlot(spec)
 
     def process(self, events: pa.Table) -> StepOutput:
@@ -281,21 +357,37 @@ class FraudStep(Step):
         return StepOutput(tables=tables, derived=derived)
 
     def features(self, mine: pl.DataFrame) -> pl.DataFrame:
-        """The ids, the transaction time (naive UTC) and the 15 inputs of each transaction."""
+        """The ids, the transaction time (naive UTC), the 15 inputs and the history features
+        of each transaction (the terminal's from the stage's transit columns)."""
         data = pl.col("data")
         base = mine.select(
             *(data.struct.field(name) for name in IDS),
             TX_DATETIME=data.struct.field("TX_DATETIME").dt.replace_time_zone(None),
             TX_AMOUNT=data.struct.field("TX_AMOUNT"))
         customer = self.customer.update(base)
+        history = self.history.update(base)
         terminal = mine.select(pl.col(c).alias(c[1:]) for c in TERMINAL_TRANSIT)
         return pl.concat([base, calendar_features(base), customer.with_columns(
-            pl.col(pl.Int64).cast(pl.Float64)), terminal], how="horizontal")
+            pl.col(pl.Int64).cast(pl.Float64)), terminal, history], how="horizontal")
 
     def snapshot(self) -> Any:
-        return base64.b64encode(self.customer.snapshot()).decode()
+        return {"customer": base64.b64encode(self.customer.snapshot()).decode(),
+                "history": base64.b64encode(self.history.snapshot()).decode(),
+                "model": self.slot.snapshot()}
 
     def restore(self, state: Any) -> None:
+        """Replace the windows and the model in use with a :meth:`snapshot`'s.
+
+        Raises:
+            StateRestoreError: the snapshot is not a fraud step's (an earlier format included).
+        """
         self.customer = KeyedWindowOperator(CUSTOMER_SPEC)
-        if state is not None:
-            self.customer.restore(base64.b64decode(state))
+        self.history = HistoryFeatures(allowed_lateness=CUSTOMER_SPEC.allowed_lateness)
+        if state is None:
+            self.slot.restore(None)
+            return
+        if not isinstance(state, dict) or {"customer", "history", "model"} - set(state):
+            raise StateRestoreError("not a fraud step snapshot (customer, history and model expected)")
+        self.customer.restore(base64.b64decode(state["customer"]))
+        self.history.restore(base64.b64decode(state["history"]))
+        self.slot.restore(state["model"])

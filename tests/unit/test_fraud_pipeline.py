@@ -7,6 +7,7 @@ reference :func:`pipelines.features.handbook_features_batch` over the same histo
 from __future__ import annotations
 
 import datetime as dt
+import json
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ from cluster.partitions import LocalPartitions
 from models.fraud import make_model
 from models.registry import ModelRegistry
 from pipelines.envelope import PayloadSchema, envelope_schema
-from pipelines.fraud.features import handbook_features_batch
+from pipelines.fraud.features import HISTORY_FEATURES, handbook_features_batch, history_features_batch
 from pipelines.fraud.flow import (
     POSITION,
     FraudStep,
@@ -67,13 +68,21 @@ def normalised_batches(spec: PipelineSpec, table: pa.Table, size: int) -> list[p
     return out
 
 
-def stream_features(spec: PipelineSpec, table: pa.Table, size: int) -> pl.DataFrame:
-    """Both stages in one process, the way the driver joins them (by row position)."""
+def stream_features(
+    spec: PipelineSpec, table: pa.Table, size: int, restart_at: int | None = None
+) -> pl.DataFrame:
+    """Both stages in one process, the way the driver joins them (by row position); with
+    ``restart_at``, both are replaced by fresh ones restored from their snapshots there."""
     feed = LabelFeed(spec.labels, spec.registry(), envelope_schema(spec.registry()))
     stage = TerminalRiskStage(TerminalStageSpec(name="terminal", key="TERMINAL_ID"))
     step = FraudStep(FraudStepSpec(kind="fraud"))
     scores = []
-    for events in normalised_batches(spec, table, size):
+    for i, events in enumerate(normalised_batches(spec, table, size)):
+        if i == restart_at:
+            states = json.loads(json.dumps([stage.snapshot(), step.snapshot()]))  # as checkpoints keep them
+            stage, step = TerminalRiskStage(stage.spec), FraudStep(step.spec)
+            stage.restore(states[0])
+            step.restore(states[1])
         merged, _ = feed.merge(events)
         merged = merged.append_column(POSITION, pa.array(np.arange(merged.num_rows)))
         added = pl.from_arrow(stage.process(merged).derived)
@@ -82,17 +91,47 @@ def stream_features(spec: PipelineSpec, table: pa.Table, size: int) -> pl.DataFr
     return pl.concat(scores)
 
 
-def mismatches(online: pl.DataFrame, offline: pl.DataFrame) -> dict[str, int]:
+def mismatches(online: pl.DataFrame, offline: pl.DataFrame, features: list[str] = FEATURES) -> dict[str, int]:
     joined = offline.join(online, on="TRANSACTION_ID", suffix="_online")
     assert joined.height == offline.height == online.height
     return {c: joined.filter(pl.col(c).cast(pl.Float64) != pl.col(f"{c}_online").cast(pl.Float64)).height
-            for c in FEATURES}
+            for c in features}
 
 
 @pytest.mark.parametrize("size", [997, 20_000])
 def test_two_stage_stream_equals_the_batch_reference(transactions: pa.Table, size: int) -> None:
     online = stream_features(fraud_spec(), transactions, size)
     assert mismatches(online, handbook_features_batch(transactions)) == dict.fromkeys(FEATURES, 0)
+
+
+@pytest.mark.parametrize(("size", "restart_at"), [(997, 40), (20_000, 2)])
+def test_history_features_stream_equal_the_batch_reference(
+    transactions: pa.Table, size: int, restart_at: int
+) -> None:
+    """The features beyond the handbook's 15 (customer history, customer-terminal novelty,
+    terminal history): streamed through both stages, cut anywhere and restored from
+    snapshots mid-stream, they equal the offline reference bit for bit."""
+    online = stream_features(fraud_spec(), transactions, size, restart_at=restart_at)
+    offline = history_features_batch(transactions)
+    assert mismatches(online, offline, list(HISTORY_FEATURES)) == dict.fromkeys(HISTORY_FEATURES, 0)
+    assert online.select(HISTORY_FEATURES).null_count().sum_horizontal().item() == 0
+    # the features carry information: novel terminals, known frauds, amounts off the history
+    assert (online["CUSTOMER_TERMINAL_NB_TX_BEFORE_30DAY_WINDOW"] == 0).any()
+    assert (online["TERMINAL_ID_DAYS_SINCE_FIRST_KNOWN_FRAUD"] >= 7).any()
+    assert online["CUSTOMER_ID_AMOUNT_RATIO_30DAY_WINDOW"].n_unique() > 100
+
+
+def test_history_features_never_read_a_label_before_its_delay(transactions: pa.Table) -> None:
+    """Flipping the labels of the transactions of the last 7 days of the stream changes no
+    feature: they are not known yet at any transaction of the stream."""
+    frame = pl.from_arrow(transactions)
+    last = frame["TX_DATETIME"].max() - dt.timedelta(days=7)
+    flipped = frame.with_columns(
+        TX_FRAUD=pl.when(pl.col("TX_DATETIME") > last).then(1 - pl.col("TX_FRAUD")).otherwise("TX_FRAUD"))
+    assert history_features_batch(flipped).equals(history_features_batch(frame))
+    # while labels 7 days old do count
+    older = frame.with_columns(TX_FRAUD=pl.lit(1, pl.Int64))
+    assert not history_features_batch(older).equals(history_features_batch(frame))
 
 
 def test_label_events_come_a_delay_later_and_before_same_time_transactions(transactions: pa.Table) -> None:
