@@ -14,16 +14,22 @@ The flow has two keyed stages:
    position), so the batch keeps its order and goes on to stage 2 as one piece; these
    columns travel as ``_``-prefixed transit columns that the store never writes.
 2. :class:`FraudStep` (step kind ``fraud``), in the customer-keyed partitions, adds the
-   customer windows and the calendar flags, scores the 15 inputs with a registry model and
-   writes ``scores`` (the inputs under the handbook's names, the score and the model
-   version) and ``alerts``.
+   customer windows and the calendar flags, and the customer-side history features (the
+   amount against the customer's 30 days before, the time since its last transaction, and
+   keyed by (customer, terminal), which a customer's partition holds whole, how new the
+   terminal is to the card); it scores with a registry model and writes ``scores`` (the 15
+   inputs under the handbook's names, the history features beside them, the score and the
+   model version) and ``alerts``. The terminal stage adds the terminal's history features
+   (fraud shares of earlier weeks, days since its first and last known frauds) likewise.
 
 Both plug into the engine through its public seams (the entry points of the
 ``eventray.stages`` and ``eventray.processors`` groups); the engine imports nothing from
-here. Both equal :func:`pipelines.fraud.features.handbook_features_batch` over the whole
-history (tested on the handbook's published features and on simulator data). A model named ``latest`` is
+here. Both equal :func:`pipelines.fraud.features.handbook_features_batch` and
+:func:`pipelines.fraud.features.history_features_batch` over the whole history (tested on
+the handbook's published features and on simulator data). A model named ``latest`` is
 re-resolved every ``reload_every`` batches, so a new registry version is picked up without
-a restart; every score row records ``name:version``.
+a restart; every score row records ``name:version``. The version in use is part of the
+step's snapshot, so a restored step replays its batches with the model that scored them.
 """
 
 from __future__ import annotations
