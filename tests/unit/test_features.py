@@ -75,6 +75,7 @@ def every_kind(key: str, value: str, flag: str, carry: bool) -> KeyedWindowSpec:
                        Aggregate(f"mean_{name}", "mean", window, value),
                        Aggregate(f"min_{name}", "min", window, value),
                        Aggregate(f"max_{name}", "max", window, value),
+                       Aggregate(f"last_{name}", "last", window, value),
                        Aggregate(f"share_{name}", "share", window, flag, empty=0.0 if carry else None)]
     return KeyedWindowSpec(key, "TX_DATETIME", tuple(aggregates), carry_residual=carry)
 
@@ -171,7 +172,7 @@ def keyed_streams(draw: st.DrawFn) -> tuple[pl.DataFrame, KeyedWindowSpec, list[
         Aggregate(f"{kind}_{i}", kind, Window(d * SECOND, delay=lag * SECOND), column)
         for i, (d, lag) in enumerate(windows)
         for kind, column in (("count", None), ("sum", "x"), ("mean", "x"), ("min", "x"), ("max", "x"),
-                             ("share", "y"))
+                             ("last", "x"), ("share", "y"))
     )
     spec = KeyedWindowSpec("k", "t", aggregates, carry_residual=draw(st.booleans()),
                            allowed_lateness=lateness * SECOND)
@@ -208,6 +209,7 @@ def brute_force(frame: pl.DataFrame, spec: KeyedWindowSpec) -> dict[str, list]:
                 "count": len(inside), "sum": running if inside else 0.0,
                 "mean": running / len(inside) if inside else None,
                 "min": min(xs, default=None), "max": max(xs, default=None),
+                "last": xs[-1] if xs else None,
                 "share": sum(rows[j]["y"] != 0 for j in inside) / len(inside) if inside else None,
             }[agg.kind]
             out[agg.name].append(value)
