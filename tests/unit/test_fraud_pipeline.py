@@ -19,10 +19,11 @@ import yaml
 from cluster.driver import run_pipeline
 from cluster.job import run_spec
 from cluster.partitions import LocalPartitions
-from models.fraud import make_model
+from models.fraud import MODEL_PRESETS, SHIPPED_RECIPE, make_model
 from models.registry import ModelRegistry
 from pipelines.envelope import PayloadSchema, envelope_schema
 from pipelines.features import StateRestoreError
+from pipelines.fraud.data import offline_features
 from pipelines.fraud.features import HISTORY_FEATURES, handbook_features_batch, history_features_batch
 from pipelines.fraud.flow import (
     POSITION,
@@ -274,6 +275,26 @@ def test_a_restored_step_replays_with_the_model_version_of_its_checkpoint(
     empty = FraudStep(step_spec, context)
     empty.restore(None)
     assert empty.slot.version is None and empty.slot.batches == 0
+
+
+def test_the_shipped_recipe_scores_the_streamed_history_features(
+    tmp_path: Path, transactions: pa.Table
+) -> None:
+    """A model on the 15 inputs plus the history features scores each streamed transaction
+    as it scores the same transaction's offline features."""
+    table = transactions.slice(0, 24_000)
+    offline = offline_features(pl.from_arrow(table))
+    model = MODEL_PRESETS[SHIPPED_RECIPE].build(seed=0, max_iter=10).fit(offline)
+    registry = tmp_path / "registry"
+    ModelRegistry(registry).save(model, name="fraud", created_at=dt.datetime(2024, 1, 1, tzinfo=dt.UTC))
+    spec = fraud_spec()
+    step = FraudStep(FraudStepSpec(kind="fraud", model=ModelRef(registry=str(registry), name="fraud")),
+                     StepContext(envelope_schema(spec.registry()), spec.registry()))
+    scores = pl.concat([pl.from_arrow(step.process(frame).tables["scores"])
+                        for frame in stage_frames(spec, table, 6000)])
+    expected = offline.select("TRANSACTION_ID", expected=pl.Series(model.score(offline)))
+    joined = scores.join(expected, on="TRANSACTION_ID")
+    assert joined.height == table.num_rows and (joined["score"] == joined["expected"]).all()
 
 
 def test_a_fraud_step_refuses_a_snapshot_that_is_not_its_own() -> None:
