@@ -60,9 +60,8 @@ class Checkpointer:
             writers.update({writer.for_step(step.name).local: seq for step in self.spec.steps})
         writers[WriterId.ingest(self.run).local] = latest.deadletter_seq
         self.store.truncate(self.run, writers)
-        ingest.duplicates.restore(self.checkpoints.read_state(latest.epoch, "dedup"))
-        if ingest.labels is not None:
-            ingest.labels.restore(self.checkpoints.read_state(latest.epoch, "labels"))
+        ingest.restore({name: self.checkpoints.read_state(latest.epoch, name)
+                        for name in ingest.snapshot()})
         self.epoch = latest.epoch
         partitions = self.spec.runtime.partitions
         return Restored(
@@ -83,9 +82,8 @@ class Checkpointer:
         for name, stage in stage_seqs.items():
             if stage != dict(enumerate(chain.seqs[name])):
                 raise AccountingError({"checkpoint_epoch": self.epoch, f"stage_{name}": 1})
-        self.checkpoints.write_state(self.epoch, "dedup", ingest.duplicates.snapshot())
-        if ingest.labels is not None:
-            self.checkpoints.write_state(self.epoch, "labels", ingest.labels.snapshot())
+        for name, state in ingest.snapshot().items():
+            self.checkpoints.write_state(self.epoch, name, state)
         self.checkpoints.commit(Checkpoint(
             self.epoch, dict(offsets), seqs, counts.batches, counts.numbers(),
             dict(counts.reasons), stage_seqs))

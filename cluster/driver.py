@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +30,10 @@ from cluster.operators import KeyedExecutor
 from pipelines.envelope import envelope_schema
 from pipelines.errors import ConfigError
 from pipelines.kinds import build_source, stage_class
+from pipelines.merged_source import EventTimeMergedSource, TimestampMicros
 from pipelines.normalise import Clock, utc_now
 from pipelines.pacing import Pacer
-from pipelines.sources import ParquetSource, Source, iter_batches
+from pipelines.sources import CsvSource, ParquetSource, RawBatch, Source, iter_batches
 from pipelines.spec import EnrichSpec, PipelineSpec
 from pipelines.store import EventStore
 
@@ -156,6 +157,15 @@ class PipelineRun:
             self.dispatcher.route(finished)
         self.checkpointer.take(self.dispatcher, self.chain, self.ingest, self.counts, offsets)
 
+    def _batches(self, offsets: dict[str, int]) -> Iterator[RawBatch]:
+        """The source's batches; a bounded Parquet or CSV source in event-time order reads
+        its files merged by their timestamps, whatever order they were given in."""
+        source, mapping = self.source, self.spec.mapping
+        if self.spec.source.ordering == "event-time" and isinstance(source, ParquetSource | CsvSource):
+            merged = EventTimeMergedSource(source, mapping.timestamp, TimestampMicros(mapping.timestamp_unit))
+            return merged.batches(offsets)
+        return iter_batches(source, offsets)
+
     def execute(self, resume: bool, progress: bool | None) -> dict[str, Any]:
         starting = time.perf_counter()
         resumed, offsets = self._start(resume)
@@ -163,7 +173,7 @@ class PipelineRun:
         every = self.spec.runtime.checkpoint_every
         started = time.perf_counter()
         try:
-            for raw in iter_batches(self.source, offsets):
+            for raw in self._batches(offsets):
                 self.release(self.ingest.read(raw, self.counts))
                 offsets[raw.part] = raw.next_offset
                 self.pump()
@@ -171,8 +181,8 @@ class PipelineRun:
                     self.checkpoint(offsets)
                 bar.update(raw.num_rows, self.counts, self.dispatcher.executor.in_flight())
             rest = self.ingest.rest(self.counts)
-            if rest is not None:
-                self.release(rest)
+            if rest is not None:  # the source has ended: no pacing, nothing comes after it
+                self.enter(rest)
             self.checkpoint(offsets)
             self.counts.restarts = self.dispatcher.executor.restarts + self.chain.restarts
         finally:

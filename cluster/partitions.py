@@ -353,11 +353,12 @@ class RayPartitions:
         """Every partition's state at this point, written for ``epoch``; flushes first (the
         receipts come with the next :meth:`poll`).
 
-        The driver commits each checkpoint before it asks for the next, so batches before
-        the previous one are covered by a committed checkpoint and are never resent: they
-        are dropped here.
+        The batches before it are dropped once every partition has written its state: the
+        driver commits the checkpoint right after, before it sends another batch, so any
+        later recovery restores from this checkpoint and resends only what follows it (a
+        recovery inside this call restores from the previous one, and its batches are
+        still here).
         """
-        self._forget_committed()
         self._flush()
         seqs: dict[int, int] = {}
         for partition in range(len(self.actors)):
@@ -372,6 +373,7 @@ class RayPartitions:
                     while self.pending[partition]:
                         self._collect_oldest(partition)
         self._checkpointed = [seqs[p] for p in range(len(self.actors))]
+        self._forget_committed()
         return seqs
 
     def _forget_committed(self) -> None:
