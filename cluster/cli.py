@@ -38,6 +38,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="run without Ray, in this process (debugging)")
     run.add_argument("--resume", action="store_true",
                      help="continue the run from its last checkpoint (after a crash)")
+    run.add_argument("--run-id", type=_run_id,
+                     help="the run's id (default: derived from the config and the input)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     submit = commands.add_parser("submit", help="submit a run to a cluster as a Ray job")
@@ -114,6 +116,14 @@ def _day(text: str) -> Any:
         raise argparse.ArgumentTypeError(f"{text!r} is not a date YYYY-MM-DD") from None
 
 
+def _run_id(text: str) -> str:
+    import re
+
+    if not re.fullmatch(r"[A-Za-z0-9_]{1,64}", text):
+        raise argparse.ArgumentTypeError(f"{text!r}: letters, digits and _ only (at most 64)")
+    return text
+
+
 def _positive(text: str) -> int:
     try:
         value = int(text)
@@ -137,6 +147,7 @@ def command_run(args: argparse.Namespace) -> dict[str, Any]:
     return run_job(args.config, address=args.address, store=args.store, inputs=args.input,
                    partitions=args.partitions, in_process=args.in_process,
                    progress=False if args.no_progress else None, resume=args.resume,
+                   run_id=args.run_id,
                    log=_log)
 
 
