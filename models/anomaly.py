@@ -205,7 +205,9 @@ class StreamingDetector(ABC):
         return {
             "detector": self.name,
             "params": self.params(),
-            "keys": tuple((key, _plain(state)) for key, state in self._state.items()),
+            "keys": tuple(
+                (key, _plain(self._export_state(state))) for key, state in self._state.items()
+            ),
         }
 
     def restore(self, snapshot: Mapping[str, Any]) -> None:
@@ -219,7 +221,16 @@ class StreamingDetector(ABC):
                 f"snapshot of {snapshot.get('detector')!r} {snapshot.get('params')} does not fit "
                 f"{self.name!r} {self.params()}"
             )
-        self._state = {key: _unplain(state) for key, state in snapshot["keys"]}
+        self._state = {key: self._import_state(_unplain(state)) for key, state in snapshot["keys"]}
+
+    def _export_state(self, state: KeyState) -> KeyState:
+        """One key's state as numpy arrays and numbers (a detector that keeps Python
+        structures for speed, such as dicts of contexts, flattens them here)."""
+        return state
+
+    def _import_state(self, state: KeyState) -> KeyState:
+        """The inverse of :meth:`_export_state`."""
+        return state
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.params().items())
@@ -717,8 +728,19 @@ class ThresholdPolicy:
 
 
 # --- registry (kept last) ---------------------------------------------------------------
+# the established detectors subclass StreamingDetector, so they are imported once it exists
+from models.detectors.changepoint import ChangePointDetector  # noqa: E402
+from models.detectors.contextual import ContextualDetector  # noqa: E402
+from models.detectors.knn_cad import KnnCadDetector  # noqa: E402
+from models.detectors.likelihood import LikelihoodDetector  # noqa: E402
+from models.detectors.relative_entropy import RelativeEntropyDetector  # noqa: E402
+
 DETECTORS: dict[str, type[StreamingDetector]] = {
-    cls.name: cls for cls in (WindowedGaussianDetector, RobustZScoreDetector, KnnNoveltyDetector)
+    cls.name: cls
+    for cls in (
+        WindowedGaussianDetector, RobustZScoreDetector, KnnNoveltyDetector, ContextualDetector,
+        KnnCadDetector, ChangePointDetector, RelativeEntropyDetector, LikelihoodDetector,
+    )
 }
 
 

@@ -30,6 +30,14 @@ SMALL = {  # small windows so every mechanism (warm-up, refresh, rest period) is
     "knn_novelty": {
         "memory": 150, "shape_memory": 90, "calibration": 60, "refractory": 25, "min_history": 20,
     },
+    "cad_ose": {"warmup": 30, "rest_period": 20},
+    "knn_cad": {"dim": 4, "k": 5, "train": 40, "calibration": 30},
+    "bocpd": {"warmup": 30, "expected_run": 50.0, "max_run": 60},
+    "relative_entropy": {"window": 12, "bins": 4, "warmup": 30},
+    "likelihood": {
+        "inner": "robust_zscore", "short": 1, "history": 80, "learning": 40, "reestimate": 10,
+        "rest_period": 15,
+    },
 }
 
 
@@ -63,8 +71,11 @@ def in_batches(det: StreamingDetector, keys: np.ndarray, values: np.ndarray, cut
 names = pytest.mark.parametrize("name", sorted(DETECTORS))
 
 
-def test_registry_lists_the_three_detectors() -> None:
-    assert set(DETECTORS) == {"windowed_gaussian", "robust_zscore", "knn_novelty"}
+def test_registry_lists_every_detector() -> None:
+    assert set(DETECTORS) == {
+        "windowed_gaussian", "robust_zscore", "knn_novelty", "cad_ose", "knn_cad", "bocpd",
+        "relative_entropy", "likelihood",
+    }
     assert DETECTORS["knn_novelty"] is KnnNoveltyDetector
 
 
