@@ -46,6 +46,7 @@ import polars as pl
 import pyarrow as pa
 
 __all__ = [
+    "BEST_DETECTOR",
     "DETECTORS",
     "AnomalyError",
     "DetectorStateError",
@@ -731,6 +732,7 @@ class ThresholdPolicy:
 # the established detectors subclass StreamingDetector, so they are imported once it exists
 from models.detectors.changepoint import ChangePointDetector  # noqa: E402
 from models.detectors.contextual import ContextualDetector  # noqa: E402
+from models.detectors.ensemble import EnsembleDetector  # noqa: E402
 from models.detectors.knn_cad import KnnCadDetector  # noqa: E402
 from models.detectors.likelihood import LikelihoodDetector  # noqa: E402
 from models.detectors.relative_entropy import RelativeEntropyDetector  # noqa: E402
@@ -740,12 +742,19 @@ DETECTORS: dict[str, type[StreamingDetector]] = {
     for cls in (
         WindowedGaussianDetector, RobustZScoreDetector, KnnNoveltyDetector, ContextualDetector,
         KnnCadDetector, ChangePointDetector, RelativeEntropyDetector, LikelihoodDetector,
+        EnsembleDetector,
     )
 }
+
+#: The recipe we ship (``make_detector("best")``, ``eventray evaluate nab --detector best``,
+#: the anomaly step's default): chosen by leave-one-category-out NAB scores, see README.
+BEST_DETECTOR = "ensemble"
 
 
 def make_detector(name: str, **params: Any) -> StreamingDetector:
     """Build a detector from its registry name.
+
+    ``"best"`` names the shipped recipe, :data:`BEST_DETECTOR`.
 
     Raises:
         UnknownDetectorError: the name is not registered (the error lists the allowed names).
@@ -757,6 +766,8 @@ def make_detector(name: str, **params: Any) -> StreamingDetector:
         Traceback (most recent call last):
         models.anomaly.UnknownDetectorError: unknown detector 'nope'; allowed: ...
     """
+    if name == "best":
+        name = BEST_DETECTOR
     if name not in DETECTORS:
         raise UnknownDetectorError(name, DETECTORS)
     return DETECTORS[name](**params)

@@ -9,7 +9,8 @@ snapshots, the same scores for any split of a stream into batches) and is regist
 - ``bocpd``: Bayesian online change-point detection (:mod:`.changepoint`);
 - ``relative_entropy``: histogram regimes compared by relative entropy
   (:mod:`.relative_entropy`);
-- ``likelihood``: any of them post-processed into its anomaly likelihood (:mod:`.likelihood`).
+- ``likelihood``: any of them post-processed into its anomaly likelihood (:mod:`.likelihood`);
+- ``ensemble``: the mean of several detectors, reported at a burst's onset (:mod:`.ensemble`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import models.anomaly  # noqa: F401  (first: the base classes, then the registry imports us)
 from models.detectors.changepoint import ChangePointDetector
 from models.detectors.contextual import ContextualDetector
+from models.detectors.ensemble import EnsembleDetector
 from models.detectors.knn_cad import KnnCadDetector
 from models.detectors.likelihood import LikelihoodDetector
 from models.detectors.relative_entropy import RelativeEntropyDetector
@@ -24,6 +26,7 @@ from models.detectors.relative_entropy import RelativeEntropyDetector
 __all__ = [
     "ChangePointDetector",
     "ContextualDetector",
+    "EnsembleDetector",
     "KnnCadDetector",
     "LikelihoodDetector",
     "RelativeEntropyDetector",

@@ -23,7 +23,8 @@ a corpus-wide threshold transfer to series never seen.
 from __future__ import annotations
 
 import math
-from typing import ClassVar
+from collections.abc import Hashable, Iterable, Mapping
+from typing import Any, ClassVar
 
 import numpy as np
 from scipy.special import log_ndtr
@@ -134,14 +135,14 @@ class LikelihoodDetector(StreamingDetector):
         past = means[max(0, position - self.history) : position]
         return float(past.mean()), max(float(past.std()), self.min_std)
 
-    def snapshot(self) -> dict:
+    def snapshot(self) -> dict[str, Any]:
         return {**super().snapshot(), "inner": self._inner.snapshot()}
 
-    def restore(self, snapshot: dict) -> None:
+    def restore(self, snapshot: Mapping[str, Any]) -> None:
         super().restore(snapshot)
         self._inner.restore(snapshot["inner"])
 
-    def forget(self, keys) -> None:
+    def forget(self, keys: Iterable[Hashable]) -> None:
         keys = list(keys)
         super().forget(keys)
         self._inner.forget(keys)
