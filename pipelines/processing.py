@@ -91,7 +91,7 @@ class AnomalyStep(Step):
         self.spec, self.name, self.envelope = spec, spec.name, envelope
         self.detector = make_detector(spec.detector, **spec.params)
         self.policy = ThresholdPolicy(spec.threshold)
-        self.model = f"{spec.detector}"
+        self.model = self.detector.name  # the registered name ("best" resolves to one)
 
     def process(self, events: pa.Table) -> StepOutput:
         mine = events_of_types(events, self.spec.event_types)
