@@ -14,8 +14,9 @@ Per row ``t`` of a key:
    plain rank gives every row beyond all calibration values the same score 1, so one
    corpus-wide threshold could not tell a small excess from a huge one.
 
-A row scores 0 until its key has ``k`` embeddings to compare with and a full calibration
-set (the rank among a handful of past values would be noise).
+A row scores 0 until its key has ``k`` embeddings to compare with and ``min(calibration,
+100)`` calibration values (the rank among a handful of past values would be noise); until
+the calibration window fills, the rank is among the values there are.
 """
 
 from __future__ import annotations
@@ -27,6 +28,11 @@ import numpy as np
 from models.anomaly import KeyState, StreamingDetector
 
 __all__ = ["KnnCadDetector"]
+
+# rows need this many calibration values before they are ranked: enough for a rank to mean
+# something, few enough that a short series (a thousand rows or so) is scored after its
+# first couple of hundred rows rather than after a full calibration window
+MIN_CALIBRATION = 100
 
 
 class KnnCadDetector(StreamingDetector):
@@ -104,10 +110,13 @@ def _conformal_rank(ncm: np.ndarray, history: np.ndarray, width: int) -> np.ndar
     for lo in range(0, at.size, 1024):
         p = pos[lo : lo + 1024]
         idx = p[:, None] - width + np.arange(width)[None, :]
-        complete = (idx >= 0).all(axis=1)
-        past = defined[np.maximum(idx, 0)]
+        valid = idx >= 0
+        count = valid.sum(axis=1)
+        past = np.where(valid, defined[np.maximum(idx, 0)], -np.inf)
         a = defined[p]
-        below = (past < a[:, None]).sum(axis=1)
-        margin = a / np.maximum(a + past.max(axis=1), 1e-300)
-        scores[at[lo : lo + 1024]] = np.where(complete, (below + margin) / (width + 1), 0.0)
+        below = (past < a[:, None]).sum(axis=1) - (width - count)  # -inf pads are not below
+        largest = np.where(count > 0, past.max(axis=1), 0.0)
+        margin = a / np.maximum(a + largest, 1e-300)
+        ready = count >= min(width, MIN_CALIBRATION)
+        scores[at[lo : lo + 1024]] = np.where(ready, (below + margin) / (count + 1), 0.0)
     return scores

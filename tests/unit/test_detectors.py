@@ -96,3 +96,11 @@ def test_ensemble_mean_is_reported_at_onsets_only() -> None:
     det = make_detector("ensemble", members="robust_zscore,windowed_gaussian", rest_period=50)
     s = det.score_arrays(one_key(400), x)
     assert int(np.argmax(s)) == 300 and np.count_nonzero(s[301:350]) == 0
+
+
+def test_knn_cad_scores_a_short_series_before_its_calibration_window_fills() -> None:
+    x = np.sin(np.arange(400) / 4.0) + np.random.default_rng(0).normal(0, 0.05, 400)
+    x[250] = 6.0
+    s = make_detector("knn_cad", dim=5, k=5, train=100, calibration=300).score_arrays(one_key(400), x)
+    first = int(np.flatnonzero(s)[0])
+    assert first < 250 and int(np.argmax(s)) == 250  # 100 calibration values are enough
