@@ -63,13 +63,13 @@ class LikelihoodDetector(StreamingDetector):
 
     def __init__(
         self,
-        inner: str = "cad_ose",
+        inner: str = "knn_novelty",
         short: int = 10,
         history: int = 8640,
         learning: int = 300,
         reestimate: int = 100,
         min_std: float = 1e-3,
-        rest_period: int = 0,
+        rest_period: int = 800,
         seed: int = 0,
     ) -> None:
         super().__init__(seed)
