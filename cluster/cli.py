@@ -56,8 +56,12 @@ def _parser() -> argparse.ArgumentParser:
     nab = benchmarks.add_parser("nab", help="anomaly detectors on a NAB corpus")
     nab.add_argument("--data", type=Path, required=True, help="corpus root (data/, labels/)")
     nab.add_argument("--out", type=Path, required=True, help="results folder")
-    nab.add_argument("--detector", default="knn_novelty",
-                     help="windowed_gaussian | robust_zscore | knn_novelty")
+    nab.add_argument("--detector", default="best",
+                     help="best (the shipped recipe) or a registered detector: ensemble, "
+                          "knn_novelty, cad_ose, knn_cad, bocpd, relative_entropy, likelihood, "
+                          "windowed_gaussian, robust_zscore")
+    nab.add_argument("--plot", nargs="+", metavar="SERIES",
+                     help="also draw these series (category/name.csv) into OUT/plots/")
     nab.add_argument("--partitions", type=_positive, default=2)
     nab.add_argument("--address", help="Ray cluster address; default: an embedded local Ray")
     nab.add_argument("--in-process", action="store_true", help="run without Ray")
@@ -196,10 +200,10 @@ def command_evaluate(args: argparse.Namespace) -> dict[str, Any]:
         from cluster.evaluate_nab import evaluate_nab
         from models.anomaly import DETECTORS
 
-        if args.detector not in DETECTORS:
-            raise UnknownPluginError("detector", args.detector, list(DETECTORS))
+        if args.detector not in DETECTORS and args.detector != "best":
+            raise UnknownPluginError("detector", args.detector, ["best", *DETECTORS])
         return evaluate_nab(args.data, args.out, args.detector, args.partitions,
-                            args.address, args.in_process, log=_log)
+                            args.address, args.in_process, log=_log, plot=args.plot)
     raise AssertionError(args.benchmark)
 
 

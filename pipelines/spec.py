@@ -289,7 +289,7 @@ class AnomalyStepSpec(StepSpec):
 
     kind: Literal["anomaly"]
     name: str = Field(default="anomaly", pattern=NAME_PATTERN)
-    detector: str = "knn_novelty"
+    detector: str = "best"
     params: dict[str, float | int | str | bool] = Field(default_factory=dict)
     value: str = Field(description="payload field holding the value")
     event_types: list[str] = Field(min_length=1, description="types scored (not its alerts)")
