@@ -68,7 +68,9 @@ class PartitionFailed(PipelineError):
 
 
 def actor_name(partition: int, stage: EnrichSpec | None = None) -> str:
-    """``partition-<i>``, or ``<stage>-<i>`` for an enrichment stage's actors."""
+    """``partition-<i>``, or ``<stage>-<i>`` for an enrichment stage's actors: the name in
+    messages. In Ray the actor is registered as ``<run>-<name>`` (see
+    :meth:`RayPartitions.ray_name`), so two runs on one cluster never collide."""
     return f"{stage.name if stage else 'partition'}-{partition}"
 
 
@@ -219,13 +221,17 @@ class RayPartitions:
         while True:
             try:
                 return self._actor.options(
-                    name=actor_name(partition, self.stage), namespace=NAMESPACE,
+                    name=self.ray_name(partition), namespace=NAMESPACE,
                     num_cpus=self.cpus_per_actor, scheduling_strategy="SPREAD",
                 ).remote(partition, self.store_root, self.run, self.spec, self.stage, self.objects)
             except ValueError:  # the dead actor's name is not released yet
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.2)
+
+    def ray_name(self, partition: int) -> str:
+        """The name a partition's actor is registered under: ``<run>-partition-<i>``."""
+        return f"{self.run}-{actor_name(partition, self.stage)}"
 
     def ready(self) -> None:
         """Wait until every actor has started (imports, model, restored state): the run's

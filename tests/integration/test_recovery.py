@@ -24,7 +24,6 @@ from cluster.partitions import (
     LocalPartitions,
     PartitionFailed,
     RayPartitions,
-    actor_name,
 )
 from pipelines.testing import FakeClock
 from tests.conftest import ROOT
@@ -58,8 +57,7 @@ class KillingPartitions(FaultyPartitions):
     def fault(self, submitted: int, partition: int) -> None:
         if submitted % self.kill_every == 0:
             victim = (submitted // self.kill_every) % len(self.actors)
-            name = actor_name(victim, self.stage)
-            self._ray.kill(self._ray.get_actor(name, namespace=NAMESPACE))
+            self._ray.kill(self._ray.get_actor(self.ray_name(victim), namespace=NAMESPACE))
             self.kills += 1
 
 
@@ -161,9 +159,9 @@ def test_a_partition_that_fails_every_time_ends_the_run_with_an_error_naming_it(
     assert time.monotonic() - started < 120
     deadline = time.monotonic() + 30  # the run's actor goes with it (ray.kill is asynchronous)
     while time.monotonic() < deadline:
-        try:
-            ray.get_actor("partition-0", namespace=NAMESPACE)
-        except ValueError:
+        names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                 if a["namespace"] == NAMESPACE]
+        if not any(name.endswith("-partition-0") for name in names):
             break
         time.sleep(0.2)
     else:
