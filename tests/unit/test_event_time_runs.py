@@ -155,3 +155,49 @@ def test_resume_refuses_a_changed_partition_count_or_input(tmp_path: Path) -> No
         run_in_process(spec, store, inputs=grown, resume=True)  # its default id is another run's
     again = run_in_process(spec, store, inputs=[str(tmp_path / "a.jsonl")], resume=True, run_id="nightly")
     assert again["resumed"] and again["stored"] == done["stored"]
+
+
+def hostile_copies(table: pa.Table, n: int, seed: int) -> tuple[pa.Table, pa.Table]:
+    """``table`` with ``n`` hostile copies of its rows, each right after the row it copies,
+    under new transaction ids: NaN or inf amounts, times in 1970, 2100 and 9999, missing
+    customer or terminal ids. Returns (the whole input, the hostile rows)."""
+    rng = np.random.default_rng(seed)
+    picked = np.sort(rng.choice(table.num_rows, n, replace=False))
+    kinds = rng.integers(0, 7, n)
+    frame = pl.from_arrow(table).with_row_index("__row")
+    copies = frame[picked].with_columns(
+        TRANSACTION_ID=pl.Series(10**9 + np.arange(n)), __kind=pl.Series(kinds),
+        __row=pl.Series(picked).cast(pl.UInt32))
+    when = pl.col("__kind")
+    copies = copies.with_columns(
+        TX_AMOUNT=pl.when(when == 0).then(float("nan")).when(when == 1).then(float("inf"))
+        .otherwise(pl.col("TX_AMOUNT")),
+        TX_DATETIME=pl.when(when == 2).then(pl.lit(dt.datetime(1970, 1, 1, 3)))
+        .when(when == 3).then(pl.lit(dt.datetime(2100, 1, 1)))
+        .when(when == 4).then(pl.lit(dt.datetime(9999, 12, 31)))
+        .otherwise(pl.col("TX_DATETIME")).cast(pl.Datetime("us")),
+        CUSTOMER_ID=pl.when(when == 5).then(None).otherwise(pl.col("CUSTOMER_ID")),
+        TERMINAL_ID=pl.when(when == 6).then(None).otherwise(pl.col("TERMINAL_ID")))
+    both = pl.concat([frame.with_columns(__kind=pl.lit(-1, pl.Int64),
+                                         TX_DATETIME=pl.col("TX_DATETIME").cast(pl.Datetime("us"))),
+                      copies], how="vertical_relaxed")
+    both = both.sort("__row", "__kind", maintain_order=True).drop("__row", "__kind")
+    return both.to_arrow(), copies.drop("__row", "__kind").to_arrow()
+
+
+def test_hostile_rows_are_dead_letters_and_leave_every_valid_input_as_it_was(
+        months: tuple[Path, pa.Table], tmp_path: Path) -> None:
+    folder, table = months
+    fuzzed, hostile = hostile_copies(table, 4000, seed=8)
+    (tmp_path / "fuzzed").mkdir()
+    pq.write_table(fuzzed, tmp_path / "fuzzed" / "transactions-fuzzed.parquet")
+    spec = fraud(tmp_path, lateness="20m")
+    run_in_process(spec, tmp_path / "clean", inputs=[str(folder)])
+    summary = run_in_process(spec, tmp_path / "fuzz", inputs=[str(tmp_path / "fuzzed")])
+    dead = pl.read_parquet(tmp_path / "fuzz" / "deadletter" / "**" / "*.parquet", hive_partitioning=False)
+    hostile_ids = {str(i) for i in hostile.column("TRANSACTION_ID").to_pylist()}
+    raw_ids = dead.select(pl.col("raw").cast(pl.String).str.extract(
+        r'"TRANSACTION_ID":\s*(\d+)', 1).alias("id"))["id"]
+    assert hostile_ids <= set(raw_ids.drop_nulls()), summary["reasons"]
+    assert summary["dead_lettered"] == len(hostile_ids), summary["reasons"]
+    assert scores(tmp_path / "fuzz").equals(scores(tmp_path / "clean"))
