@@ -25,8 +25,8 @@ arrival is at least ``W``.
 
 An event is *late* when its time is strictly older than the watermark in force when it
 arrives (``t < W``, i.e. older than the bulk's time minus ``lateness``). Before the first
-watermark, an event more than ``lateness`` plus three interquartile ranges below its
-batch's median time is late as well (a far-past outlier at the head of a stream). Late events are
+watermark, an event more than ``lateness`` plus ten interquartile ranges below its
+batch's first quartile is late as well (a far-past outlier at the head of a stream). Late events are
 handed back apart, never reordered into the stream and never an exception; the driver
 applies the source's late policy to them.
 
@@ -370,8 +370,8 @@ def _late_mask(times: np.ndarray, watermark: int | None, lateness_us: int = 0) -
     """Rows older than the watermark; a null time (int64 min) is always late.
 
     Before the source has a watermark (its first events), a row far below the bulk of the
-    batch is late too: older than the batch's median by more than ``lateness`` plus three
-    interquartile ranges. One row dated 1970 at the head of a 2018 stream is then a late
+    batch is late too: older than the batch's first quartile by more than ``lateness`` plus
+    ten interquartile ranges (an in-order batch's earliest row is within one). One row dated 1970 at the head of a 2018 stream is then a late
     event like the same row further on, instead of an event that sets the stream's start.
     """
     if watermark is None:
@@ -379,7 +379,7 @@ def _late_mask(times: np.ndarray, watermark: int | None, lateness_us: int = 0) -
         known = times[~null]
         if len(known) < 2:
             return null
-        q1, median, q3 = np.percentile(known, [25, 50, 75])
-        floor = median - lateness_us - 3 * (q3 - q1)
+        q1, q3 = np.percentile(known, [25, 75])
+        floor = q1 - lateness_us - 10 * (q3 - q1)
         return null | (times < floor)
     return times < watermark
