@@ -371,8 +371,9 @@ def _late_mask(times: np.ndarray, watermark: int | None, lateness_us: int = 0) -
 
     Before the source has a watermark (its first events), a row far below the bulk of the
     batch is late too: older than the batch's first quartile by more than ``lateness`` plus
-    ten interquartile ranges (an in-order batch's earliest row is within one). One row dated 1970 at the head of a 2018 stream is then a late
-    event like the same row further on, instead of an event that sets the stream's start.
+    ten interquartile ranges (an in-order batch's earliest row is within one). One row
+    dated 1970 at the head of a 2018 stream is then a late event like the same row further
+    on, instead of an event that sets the stream's start.
     """
     if watermark is None:
         null = times == np.iinfo(np.int64).min
