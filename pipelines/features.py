@@ -26,7 +26,8 @@ enter and leave at the same event is skipped). The float result so carries round
 key's history; both implementations do the same additions in the same order and agree bit for
 bit. When a key's next event comes after all its rows have left every window (a gap of at
 least ``horizon``), its sums restart from zero, unless ``carry_residual`` asks for pandas'
-behaviour of carrying the rounding residual.
+behaviour of carrying the rounding residual; then they restart only after a gap of at least
+``residual_horizon`` (default a year; None: never, as pandas).
 
 Labels, and what is read: a spec may name a ``label`` column (``TX_FRAUD`` in the
 handbook), known only ``label_delay`` after its row's time. Validation refuses any aggregate
@@ -46,7 +47,10 @@ key the time of its latest event and its running sums. Only rows newer than ``ho
 longest ``delay + duration``) before their key's latest event are kept; a key whose latest
 event is ``horizon`` or more older than the watermark (the latest event time seen minus
 ``allowed_lateness``) is dropped (with ``carry_residual``, a key whose residual is not zero
-keeps only its sums). Exceptions::
+keeps only its sums, until the watermark has passed it by ``residual_horizon``). Keys live in
+slots that never move: a new key takes a freed slot or a new one and enters a small sorted
+delta of the key index, so a batch bringing new keys is not slowed by the table's size.
+Exceptions::
 
     PipelineError
     └── FeatureError          a batch cannot be processed as the spec says
@@ -196,6 +200,12 @@ class KeyedWindowSpec:
         carry_residual: Keep a key's running-sum rounding residual across gaps of at least
             ``horizon`` (pandas' rolling sum does; it costs one float per running sum for
             each idle key whose residual is not exactly zero) instead of restarting at zero.
+        residual_horizon: With ``carry_residual``, how long an idle key keeps its residual:
+            a key whose next event comes this long or more after its previous one restarts
+            its sums at zero (online and offline alike), and the watermark passing a key by
+            this much drops it. At least ``horizon``; ``None`` keeps residuals for ever (the
+            held keys then grow with every key ever seen). The default, a year, is longer
+            than any gap in the handbook's data (106 days) or a year's simulation.
         allowed_lateness: How far behind the latest event time seen a key's events may arrive
             (events of one key stay in order); idle keys expire only after the watermark
             has passed them by ``horizon``.

@@ -585,3 +585,26 @@ def test_handbook_window_bounds_are_exercised(handbook: tuple[pl.DataFrame, pl.D
                 pl.col("TX_DATETIME") >= events["TX_DATETIME"].min())
             on_bound = events.join(shifted, on=[key, "TX_DATETIME"], how="semi").height
             assert on_bound >= 10, (key, n, on_bound)
+
+
+def test_residual_horizon_is_validated_and_old_snapshots_restore(simulated: pl.DataFrame) -> None:
+    """A residual horizon shorter than the windows is refused; a snapshot taken before the
+    field existed (its spec name lacks it) restores into the default residual horizon only."""
+    with pytest.raises(ConfigError, match="residual_horizon"):
+        KeyedWindowSpec("k", "t", (Aggregate("n", "count", Window(7 * DAY)),), carry_residual=True,
+                        residual_horizon=DAY)
+    operator = KeyedWindowOperator(HANDBOOK_CUSTOMER_SPEC)
+    operator.update(simulated[:3000])
+    parts = features.unpack_states(operator.snapshot())
+    rows = features._read_ipc(parts[0])
+    meta = dict(rows.schema.metadata)
+    meta[b"spec"] = meta[b"spec"].replace(b", residual_horizon=datetime.timedelta(days=365)", b"")
+    assert b"residual_horizon" not in meta[b"spec"]
+    old = features.pack_states([features._ipc(rows.replace_schema_metadata(meta)), parts[1]])
+    restored = KeyedWindowOperator(HANDBOOK_CUSTOMER_SPEC)
+    restored.restore(old)
+    assert restored.snapshot() == operator.snapshot()
+    forever = KeyedWindowSpec(HANDBOOK_CUSTOMER_SPEC.key, HANDBOOK_CUSTOMER_SPEC.time,
+                              HANDBOOK_CUSTOMER_SPEC.aggregates, carry_residual=True, residual_horizon=None)
+    with pytest.raises(StateRestoreError, match="spec"):
+        KeyedWindowOperator(forever).restore(old)
