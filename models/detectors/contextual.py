@@ -280,12 +280,18 @@ class ContextualDetector(StreamingDetector):
         rest_period: int = 150,
         max_left_semi: int = 7,
         max_active: int = 15,
-        grid: Literal["warmup", "expanding"] = "warmup",
+        grid: Literal["warmup", "expanding", "rebuild"] = "warmup",
+        history: int = 3000,
+        margin: float = 0.0,
         seed: int = 0,
     ) -> None:
         super().__init__(seed)
-        if grid not in ("warmup", "expanding"):
-            raise ValueError("grid must be 'warmup' or 'expanding'")
+        if grid not in ("warmup", "expanding", "rebuild"):
+            raise ValueError("grid must be 'warmup', 'expanding' or 'rebuild'")
+        if history < 1 or margin < 0:
+            raise ValueError("history must be >= 1, margin >= 0")
+        self.history = history
+        self.margin = margin
         self.grid = grid
         if value_bits < 1 or warmup < 1 or rest_period < 0 or max_left_semi < 1 or max_active < 1:
             raise ValueError("value_bits, warmup, max_left_semi, max_active must be >= 1")
@@ -300,7 +306,8 @@ class ContextualDetector(StreamingDetector):
         self, state: KeyState | None, values: np.ndarray, timestamps: np.ndarray | None
     ) -> tuple[np.ndarray, KeyState]:
         state = state or {"memory": ContextMemory(), "buffer": np.zeros(0), "seen": 0,
-                          "low": math.inf, "high": -math.inf, "since_high": 0}
+                          "low": math.inf, "high": -math.inf, "since_high": 0,
+                          "recent": np.zeros(0)}
         scores = np.zeros(values.size)
         start = 0
         if state["seen"] < self.warmup:  # fill the warm-up buffer; fix the grid when full
@@ -317,7 +324,7 @@ class ContextualDetector(StreamingDetector):
         return scores, state
 
     def _fix_grid(self, state: KeyState) -> None:
-        if self.grid == "warmup":
+        if self.grid != "expanding":
             state["low"], state["high"] = float(state["buffer"].min()), float(state["buffer"].max())
 
     def _levels(self, state: KeyState, values: np.ndarray) -> list[int]:
@@ -336,6 +343,9 @@ class ContextualDetector(StreamingDetector):
 
     def _run(self, state: KeyState, values: np.ndarray, out: np.ndarray) -> None:
         """Learn ``values`` in order, writing reported scores into ``out``."""
+        if self.grid == "rebuild":
+            self._run_rebuilding(state, values, out)
+            return
         levels = self._levels(state, values)
         memory: ContextMemory = state["memory"]
         since = state["since_high"]
@@ -350,11 +360,56 @@ class ContextualDetector(StreamingDetector):
             since = 0 if raw >= self.base_threshold else since + 1
         state["since_high"] = since
 
+    def _run_rebuilding(self, state: KeyState, values: np.ndarray, out: np.ndarray) -> None:
+        """Quantise on the range seen so far; when a value leaves it, widen the range and
+        re-learn the memory from the key's last ``history`` values on the new grid, so the
+        memory always reads as if the range had been known from the start (NAB's detectors
+        get the file's range; this is the online approximation). Runs of values inside the
+        range are quantised and learned in one go."""
+        top = 2**self.value_bits - 1
+        outside = (values < state["low"]) | (values > state["high"])
+        cuts = np.concatenate([[0], np.flatnonzero(outside), [values.size]])
+        for lo, hi in zip(cuts[:-1], cuts[1:], strict=True):
+            if lo < hi and (values[lo] < state["low"] or values[lo] > state["high"]):
+                self._widen(state, float(values[lo]))
+            if lo < hi:
+                self._learn(state, values[lo:hi], out[lo:hi], top)
+
+    def _widen(self, state: KeyState, value: float) -> None:
+        """Take ``value`` into the range (plus ``margin`` of the new span on its side) and
+        re-learn the recent values on the new grid; their scores are not reported."""
+        low, high = min(state["low"], value), max(state["high"], value)
+        pad = self.margin * (high - low)
+        state["low"] = low - pad if value < state["low"] else low
+        state["high"] = high + pad if value > state["high"] else high
+        state["memory"] = ContextMemory()
+        recent = state["recent"]
+        state["recent"] = np.zeros(0)
+        since = state["since_high"]
+        self._learn(state, recent, np.zeros(recent.size), 2**self.value_bits - 1)
+        state["since_high"] = since
+
+    def _learn(self, state: KeyState, values: np.ndarray, out: np.ndarray, top: int) -> None:
+        """Learn values that lie inside the current range, writing reported scores."""
+        span = state["high"] - state["low"]
+        step = span / top if span > 0 else 1.0
+        levels = np.minimum(np.floor((values - state["low"]) / step), top).astype(np.int64)
+        memory: ContextMemory = state["memory"]
+        since = state["since_high"]
+        facts_of = {level: level_facts(level, self.value_bits) for level in range(top + 1)}
+        for i, level in enumerate(levels.tolist()):
+            raw = memory.step(facts_of[level], self.max_left_semi, self.max_active)
+            if since >= self.rest_period:
+                out[i] = raw
+            since = 0 if raw >= self.base_threshold else since + 1
+        state["since_high"] = since
+        state["recent"] = np.concatenate([state["recent"], values])[-self.history :].copy()
+
     def _export_state(self, state: KeyState) -> KeyState:
         plain = {k: v for k, v in state.items() if k != "memory"}
         return {**plain, **state["memory"].to_arrays()}
 
     def _import_state(self, state: KeyState) -> KeyState:
         memory = ContextMemory.from_arrays(state)
-        keep = ("buffer", "seen", "low", "high", "since_high")
+        keep = ("buffer", "seen", "low", "high", "since_high", "recent")
         return {"memory": memory, **{k: state[k] for k in keep}}

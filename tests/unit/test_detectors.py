@@ -40,6 +40,27 @@ def test_contextual_expanding_grid_scores_the_same_in_any_batches() -> None:
     np.testing.assert_array_equal(np.concatenate(parts), whole)
 
 
+def test_contextual_rebuild_grid_scores_the_same_in_any_batches_and_after_restore() -> None:
+    x = np.r_[np.sin(np.arange(200) / 3.0), 5.0, np.sin(np.arange(99) / 3.0), -4.0, np.zeros(50)]
+    params = {"grid": "rebuild", "warmup": 20, "rest_period": 10, "history": 120}
+    whole = make_detector("cad_ose", **params).score_arrays(one_key(x.size), x)
+    det = make_detector("cad_ose", **params)
+    parts = [det.score_arrays(one_key(b - a), x[a:b]) for a, b in ((0, 7), (7, 200), (200, 260))]
+    restored = make_detector("cad_ose", **params)
+    restored.restore(det.snapshot())  # mid-stream, after two range changes
+    parts.append(restored.score_arrays(one_key(x.size - 260), x[260:]))
+    np.testing.assert_array_equal(np.concatenate(parts), whole)
+
+
+def test_contextual_rebuild_grid_flags_a_value_beyond_the_range_on_a_relearned_memory() -> None:
+    x = np.tile([0.0, 1.0, 2.0, 3.0, 2.0, 1.0], 80)
+    x[400] = 30.0  # the range grows tenfold: the cycle now sits in the lowest levels
+    det = make_detector("cad_ose", grid="rebuild", warmup=30, rest_period=20)
+    scores = det.score_arrays(one_key(x.size), x)
+    assert scores[400] > 0.75 and scores[300:400].max() < 0.5
+    assert dict(det.snapshot()["keys"])["k"]["high"] == 30.0  # the range it saw, no more
+
+
 def test_knn_cad_scores_rows_beyond_every_calibration_value_below_one() -> None:
     x = np.sin(np.arange(500) / 4.0) + np.random.default_rng(0).normal(0, 0.05, 500)
     x[420], x[470] = 2.0, 6.0
