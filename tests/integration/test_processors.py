@@ -154,7 +154,7 @@ def test_the_same_processor_registered_through_the_python_api_runs_on_ray(
     summary = pipeline.run(store=tmp_path / "api", runner="ray",
                            inputs=[str(folder / "orders.jsonl")])
     expected = orders.filter(pl.col("amount") > THRESHOLD)
-    assert summary["ray"] == "embedded" and summary["derived"] == expected.height
+    assert summary["ray"] in ("embedded", "existing") and summary["derived"] == expected.height
     got = flagged(tmp_path / "api")
     assert sorted(got.select(pl.col("data").struct.field("order_id"))["order_id"]) == \
         sorted(expected["order_id"])
