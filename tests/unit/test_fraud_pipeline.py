@@ -1,7 +1,7 @@
 """The fraud flow without Ray: label events, the terminal stage, the fraud step, the runner.
 
 Online equals offline: the features the two keyed stages stream equal the Polars batch
-reference :func:`pipelines.features.handbook_features_batch` over the same history.
+reference :func:`pipelines.fraud.features.handbook_features_batch` over the same history.
 """
 
 from __future__ import annotations
