@@ -1,6 +1,6 @@
 """A supply-chain flow on eventray's Python API: orders, payments and shipments.
 
-Run it with ``python examples/orders.py`` (an embedded local Ray, about 20 s on two cores).
+Run it with ``python examples/orders.py`` (an embedded local Ray, 15-20 s on two cores).
 It writes a realistic stream of order events in the seed's JSON Lines schema to a temporary
 folder, builds a pipeline in Python, registers two processors and runs it:
 
@@ -39,6 +39,8 @@ from pipelines import Pipeline, StepOutput
 STUCK_AFTER_HOURS = 48.0
 #: Payments of at least this amount derive a ``payment.large`` event.
 LARGE_PAYMENT = 500.0
+#: Open orders with no event for this long (event time) leave the processor's state.
+RETENTION_HOURS = 30 * 24.0
 
 START = np.datetime64("2025-03-03T00:00:00", "s")
 REGIONS = np.array(["eu-west", "us-east", "ap-south"])
@@ -128,21 +130,28 @@ def write_events(events: list[dict[str, Any]], folder: Path) -> Path:
 
 _UTC_US = pl.Datetime("us", "UTC")
 _OPEN_ORDERS = {"order_id": pl.String, "region": pl.String, "amount": pl.Float64,
-                "placed_at": _UTC_US, "paid_at": _UTC_US, "stuck": pl.Boolean}
+                "placed_at": _UTC_US, "paid_at": _UTC_US, "last_at": _UTC_US, "stuck": pl.Boolean}
+_TIMES = ("placed_at", "paid_at", "last_at")
 
 
 class OrderJourney:
     """Joins each order's placement, payment and shipment; derives fulfilled and stuck orders.
 
     State is one row per open order, kept as a Polars frame so a batch is one join, not a
-    loop over events. An order leaves the state when it ships or is cancelled.
+    loop over events. An order leaves the state when it ships or is cancelled, or when it has
+    had no event for ``retention_hours`` of the partition's event time (an abandoned cart;
+    an event after that starts the order afresh), so memory does not grow with every order
+    ever seen.
 
     Args:
         stuck_after_hours: a paid order not shipped this long after its payment is stuck.
+        retention_hours: how long an idle open order is kept.
     """
 
-    def __init__(self, stuck_after_hours: float = STUCK_AFTER_HOURS) -> None:
+    def __init__(self, stuck_after_hours: float = STUCK_AFTER_HOURS,
+                 retention_hours: float = RETENTION_HOURS) -> None:
         self.stuck_after_hours = stuck_after_hours
+        self.retention_hours = retention_hours
         self.open_orders = pl.DataFrame(schema=_OPEN_ORDERS)
 
     def process(self, events: pa.Table) -> pa.Table | None:
@@ -152,11 +161,11 @@ class OrderJourney:
         orders = batch.join(self.open_orders, on="order_id", how="left").with_columns(
             region=pl.coalesce("region", "b_region"), amount=pl.coalesce("amount", "b_amount"),
             placed_at=pl.coalesce("placed_at", "b_placed_at"), paid_at=pl.coalesce("paid_at", "b_paid_at"),
-            stuck=pl.col("stuck").fill_null(False))
-        deadline = pl.col("paid_at") + pl.duration(microseconds=int(self.stuck_after_hours * 3.6e9))
+            last_at=pl.col("b_last_at"), stuck=pl.col("stuck").fill_null(False))
+        deadline = pl.col("paid_at") + _hours(self.stuck_after_hours)
         orders = orders.with_columns(
-            newly_stuck=~pl.col("stuck") & (pl.col("last_at") > deadline)
-            & (pl.col("shipped_at").is_null() | (pl.col("shipped_at") > deadline)).fill_null(False),
+            newly_stuck=(~pl.col("stuck") & (pl.col("last_at") > deadline) & (
+                pl.col("shipped_at").is_null() | (pl.col("shipped_at") > deadline))).fill_null(False),
             fulfilled=pl.col("shipped_at").is_not_null() & pl.col("paid_at").is_not_null()
             & pl.col("placed_at").is_not_null(),
             closed=pl.col("shipped_at").is_not_null() | pl.col("cancelled_at").is_not_null(),
@@ -164,18 +173,22 @@ class OrderJourney:
         still_open = orders.filter(~pl.col("closed")).select(
             *[c for c in _OPEN_ORDERS if c != "stuck"], stuck=pl.col("stuck") | pl.col("newly_stuck"))
         self.open_orders = pl.concat([
-            self.open_orders.join(batch, on="order_id", how="anti"), still_open])
+            self.open_orders.join(batch, on="order_id", how="anti"), still_open]).filter(
+            pl.col("last_at") >= pl.lit(frame["timestamp"].max()) - _hours(self.retention_hours))
         derived = _journey_events(orders)
         return derived.to_arrow() if derived.height else None
 
     def snapshot(self) -> dict[str, list[Any]]:
         # Plain JSON data: datetimes as epoch microseconds.
-        return self.open_orders.with_columns(
-            pl.col("placed_at", "paid_at").dt.epoch("us")).to_dict(as_series=False)
+        return self.open_orders.with_columns(pl.col(_TIMES).dt.epoch("us")).to_dict(as_series=False)
 
     def restore(self, state: dict[str, list[Any]]) -> None:
-        frame = pl.DataFrame(state, schema={**_OPEN_ORDERS, "placed_at": pl.Int64, "paid_at": pl.Int64})
-        self.open_orders = frame.with_columns(pl.col("placed_at", "paid_at").cast(_UTC_US))
+        frame = pl.DataFrame(state, schema={**_OPEN_ORDERS, **dict.fromkeys(_TIMES, pl.Int64)})
+        self.open_orders = frame.with_columns(pl.col(_TIMES).cast(_UTC_US))
+
+
+def _hours(hours: float) -> pl.Expr:
+    return pl.duration(microseconds=round(hours * 3_600_000_000))
 
 
 def _order_progress(frame: pl.DataFrame) -> pl.DataFrame:
@@ -190,7 +203,7 @@ def _order_progress(frame: pl.DataFrame) -> pl.DataFrame:
         b_region=first("order.placed", region), b_amount=first("order.placed", amount),
         b_placed_at=first("order.placed", "timestamp"), b_paid_at=first("payment.received", "timestamp"),
         shipped_at=first("shipment.dispatched", "timestamp"),
-        cancelled_at=first("order.cancelled", "timestamp"), last_at=pl.col("timestamp").max())
+        cancelled_at=first("order.cancelled", "timestamp"), b_last_at=pl.col("timestamp").max())
 
 
 def _journey_events(orders: pl.DataFrame) -> pl.DataFrame:

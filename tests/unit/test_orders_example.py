@@ -3,6 +3,7 @@ processor conformance checks of :mod:`pipelines.testing`."""
 
 from __future__ import annotations
 
+import datetime as dt
 from pathlib import Path
 
 import polars as pl
@@ -80,3 +81,16 @@ def test_snapshot_is_plain_data_and_restores_the_open_orders(
     fresh = orders.OrderJourney()
     fresh.restore(state)
     assert fresh.open_orders.equals(journey.open_orders)
+
+
+def test_idle_open_orders_leave_the_state_after_the_retention(
+    run: tuple[list[dict], dict[str, pl.DataFrame]]
+) -> None:
+    events = _of_types(run[1]["events"], JOURNEY_TYPES)
+    newest = pl.from_arrow(events)["timestamp"].max()
+    kept, short = orders.OrderJourney(), orders.OrderJourney(retention_hours=100)
+    kept.process(events)
+    short.process(events)
+    idle = newest - dt.timedelta(hours=100)
+    assert kept.open_orders.filter(pl.col("last_at") < idle).height > 0  # abandoned carts
+    assert short.open_orders.equals(kept.open_orders.filter(pl.col("last_at") >= idle))
