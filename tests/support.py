@@ -252,17 +252,9 @@ def parity_report(transactions: pl.DataFrame, published: pl.DataFrame, online: p
 
 
 CONFIGS = ROOT / "configs"
-
-
 EVENTS_SPEC = load_pipeline(CONFIGS / "events.yaml")
-
-
 FRAUD_SPEC = load_pipeline(CONFIGS / "fraud.yaml")
-
-
 START = dt.datetime(2024, 6, 1, 12, 0, tzinfo=dt.UTC)
-
-
 PART = "day-1.jsonl"
 
 
