@@ -43,7 +43,6 @@ class RunCounts:
             codes, n = np.unique(reasons, return_counts=True)
             for reason, k in zip(codes.tolist(), n.tolist(), strict=True):
                 self.reasons[reason] = self.reasons.get(reason, 0) + k
-            self.duplicates = self.reasons.get("duplicate_event_id", 0)
 
 
 class Latencies:

@@ -26,6 +26,7 @@ def run_job(
     progress: bool | None = None,
     resume: bool = False,
     log: Callable[[str], None] = lambda _: None,
+    run_id: str | None = None,
 ) -> dict[str, Any]:
     """Load and validate ``config``, then run it to the end; returns the summary."""
     overrides: dict[str, Any] = {}
@@ -33,7 +34,7 @@ def run_job(
         overrides["runtime"] = {"partitions": partitions}
     spec = load_pipeline(config, overrides)
     store_root = Path(store or spec.store.path)
-    return run_spec(spec, store_root, address, inputs, in_process, progress, resume)
+    return run_spec(spec, store_root, address, inputs, in_process, progress, resume, run_id=run_id)
 
 
 def run_spec(
@@ -45,6 +46,7 @@ def run_spec(
     progress: bool | None = None,
     resume: bool = False,
     objects: Mapping[str, Any] | None = None,
+    run_id: str | None = None,
 ) -> dict[str, Any]:
     """Run a validated pipeline on an embedded Ray, a cluster, or in process.
 
@@ -52,14 +54,15 @@ def run_spec(
     """
     if in_process:
         return run_in_process(spec, store_root, objects=objects, inputs=inputs,
-                              resume=resume, progress=progress)
+                              resume=resume, progress=progress, run_id=run_id)
     return run_on_ray(spec, store_root, objects=objects, address=address, inputs=inputs,
-                      resume=resume, progress=progress)
+                      resume=resume, progress=progress, run_id=run_id)
 
 
 def run_in_process(spec: PipelineSpec, store_root: Path, *, objects: Mapping[str, Any] | None = None,
                    inputs: list[str] | None = None, resume: bool = False,
-                   progress: bool | None = False, address: str | None = None) -> dict[str, Any]:
+                   progress: bool | None = False, address: str | None = None,
+                   run_id: str | None = None) -> dict[str, Any]:
     """The ``local`` runner: the same driver and partition logic, in this process."""
     from cluster.driver import run_pipeline
     from cluster.partitions import LocalPartitions
@@ -71,7 +74,7 @@ def run_in_process(spec: PipelineSpec, store_root: Path, *, objects: Mapping[str
     found = dict(objects or {})
     summary = run_pipeline(
         spec, lambda run: LocalPartitions(spec.runtime.partitions, store_root, run, spec, objects=found),
-        store_root, inputs, progress, resume=resume,
+        store_root, inputs, progress, resume=resume, run_id=run_id,
         stage_factory=lambda run, stage: LocalPartitions(stage.partitions, store_root, run, spec, stage))
     return {**summary, "ray": "in-process"}
 
@@ -94,7 +97,7 @@ def code_folders(spec: PipelineSpec, objects: Mapping[str, Any] | None) -> list[
 
 def run_on_ray(spec: PipelineSpec, store_root: Path, *, objects: Mapping[str, Any] | None = None,
                address: str | None = None, inputs: list[str] | None = None, resume: bool = False,
-               progress: bool | None = False) -> dict[str, Any]:
+               progress: bool | None = False, run_id: str | None = None) -> dict[str, Any]:
     """The ``ray`` runner: keyed actors on an embedded local Ray, or on the cluster at
     ``address`` (a Ray job joins its own cluster)."""
     from cluster.driver import run_pipeline
@@ -113,7 +116,7 @@ def run_on_ray(spec: PipelineSpec, store_root: Path, *, objects: Mapping[str, An
             spec,
             lambda run: RayPartitions(runtime.partitions, store_root, run, runtime.max_in_flight,
                                       per_actor, spec, objects=found),
-            store_root, inputs, progress, resume=resume,
+            store_root, inputs, progress, resume=resume, run_id=run_id,
             stage_factory=lambda run, stage: RayPartitions(
                 stage.partitions, store_root, run, runtime.max_in_flight, per_actor, spec, stage))
     return {**summary, "ray": ray_facts["mode"]}

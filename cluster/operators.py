@@ -10,8 +10,7 @@ The driver hands an executor batches and collects their receipts, nothing else:
   partition's in sequence order (``block``: wait for at least one first);
 - ``checkpoint(epoch)``: finish everything in flight, have every partition write its state
   for ``epoch``, return each partition's next sequence number; the driver commits the
-  checkpoint before it asks for the next one, so the executor may forget what the previous
-  one covers;
+  checkpoint before it sends another batch, so the executor forgets the batches it covers;
 - ``close()``.
 
 Besides those, three questions: ``ready()`` (wait until the actors have started, so the

@@ -68,7 +68,9 @@ class PartitionFailed(PipelineError):
 
 
 def actor_name(partition: int, stage: EnrichSpec | None = None) -> str:
-    """``partition-<i>``, or ``<stage>-<i>`` for an enrichment stage's actors."""
+    """``partition-<i>``, or ``<stage>-<i>`` for an enrichment stage's actors: the name in
+    messages. In Ray the actor is registered as ``<run>-<name>`` (see
+    :meth:`RayPartitions.ray_name`), so two runs on one cluster never collide."""
     return f"{stage.name if stage else 'partition'}-{partition}"
 
 
@@ -219,13 +221,17 @@ class RayPartitions:
         while True:
             try:
                 return self._actor.options(
-                    name=actor_name(partition, self.stage), namespace=NAMESPACE,
+                    name=self.ray_name(partition), namespace=NAMESPACE,
                     num_cpus=self.cpus_per_actor, scheduling_strategy="SPREAD",
                 ).remote(partition, self.store_root, self.run, self.spec, self.stage, self.objects)
             except ValueError:  # the dead actor's name is not released yet
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.2)
+
+    def ray_name(self, partition: int) -> str:
+        """The name a partition's actor is registered under: ``<run>-partition-<i>``."""
+        return f"{self.run}-{actor_name(partition, self.stage)}"
 
     def ready(self) -> None:
         """Wait until every actor has started (imports, model, restored state): the run's
@@ -353,11 +359,12 @@ class RayPartitions:
         """Every partition's state at this point, written for ``epoch``; flushes first (the
         receipts come with the next :meth:`poll`).
 
-        The driver commits each checkpoint before it asks for the next, so batches before
-        the previous one are covered by a committed checkpoint and are never resent: they
-        are dropped here.
+        The batches before it are dropped once every partition has written its state: the
+        driver commits the checkpoint right after, before it sends another batch, so any
+        later recovery restores from this checkpoint and resends only what follows it (a
+        recovery inside this call restores from the previous one, and its batches are
+        still here).
         """
-        self._forget_committed()
         self._flush()
         seqs: dict[int, int] = {}
         for partition in range(len(self.actors)):
@@ -372,6 +379,7 @@ class RayPartitions:
                     while self.pending[partition]:
                         self._collect_oldest(partition)
         self._checkpointed = [seqs[p] for p in range(len(self.actors))]
+        self._forget_committed()
         return seqs
 
     def _forget_committed(self) -> None:

@@ -27,7 +27,6 @@ import pyarrow.compute as pc
 from pipelines.processing import StepContext
 from pipelines.processors import PythonStep
 from pipelines.sources import RawBatch, Source, SourceError, SourceReader
-from pipelines.store import TABLES
 
 
 class FakeClock:
@@ -177,7 +176,8 @@ class AbortingListSource(ListSource):
 
 
 def run_local(pipeline: Any, events: Sequence[dict[str, Any]] | Path | str, *,
-              store: str | Path | None = None, tables: Sequence[str] = TABLES) -> dict[str, pl.DataFrame]:
+              store: str | Path | None = None,
+              tables: Sequence[str] | None = None) -> dict[str, pl.DataFrame]:
     """Run a pipeline in this process over ``events`` and return its stored tables.
 
     Args:
@@ -185,7 +185,8 @@ def run_local(pipeline: Any, events: Sequence[dict[str, Any]] | Path | str, *,
         events: records in the shape the pipeline's source reads (written to a JSON Lines
             file; the pipeline's mapping must read JSON Lines), or a path to its input.
         store: where to keep the store (default: a temporary folder, removed afterwards).
-        tables: the tables to return.
+        tables: the tables to return (default: every table the run wrote, a processor's
+            own included).
 
     Returns:
         ``{"summary": one-row frame, "<table>": rows...}`` for every table that has rows.
@@ -209,7 +210,9 @@ def run_local(pipeline: Any, events: Sequence[dict[str, Any]] | Path | str, *,
             inputs = [str(path)]
         summary = pipeline.run(store=root, runner="local", inputs=inputs)
         out = {"summary": pl.DataFrame([{k: v for k, v in summary.items() if not isinstance(v, dict)}])}
-        for table in tables:
+        names = tables if tables is not None else sorted(
+            d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("_"))
+        for table in names:
             files = list((root / table).glob("**/*.parquet"))
             if files:
                 out[table] = pl.read_parquet(files, hive_partitioning=False).sort(

@@ -26,7 +26,7 @@ import polars as pl
 import pyarrow as pa
 import yaml
 
-from cluster.partitions import NAMESPACE, RayPartitions, actor_name
+from cluster.partitions import NAMESPACE, RayPartitions
 from models.fraud import make_model
 from models.registry import ModelRegistry
 from pipelines.dedup import DuplicateFilter
@@ -146,8 +146,7 @@ class KillingPartitions(FaultyPartitions):
     def fault(self, submitted: int, partition: int) -> None:
         if submitted % self.kill_every == 0:
             victim = (submitted // self.kill_every) % len(self.actors)
-            name = actor_name(victim, self.stage)
-            self._ray.kill(self._ray.get_actor(name, namespace=NAMESPACE))
+            self._ray.kill(self._ray.get_actor(self.ray_name(victim), namespace=NAMESPACE))
             self.kills += 1
 
 

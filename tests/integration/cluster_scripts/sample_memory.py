@@ -35,6 +35,7 @@ os.environ["RAY_AUTH_MODE"] = "token"
 
 import psutil  # noqa: E402
 import ray  # noqa: E402
+from actors import get_named  # noqa: E402  (this folder, beside the script)
 
 NAMESPACE = "eventray"
 
@@ -51,7 +52,7 @@ def registered(names: list[str]) -> bool:
     """Whether every actor name resolves (true from the moment the driver creates them)."""
     try:
         for name in names:
-            ray.get_actor(name, namespace=NAMESPACE)
+            get_named(name)
     except ValueError:
         return False
     return True
@@ -60,7 +61,7 @@ def registered(names: list[str]) -> bool:
 def actor_process(name: str) -> psutil.Process | None:
     """The process of the live actor called ``name``, or None while it does not answer."""
     try:
-        actor = ray.get_actor(name, namespace=NAMESPACE)
+        actor = get_named(name)
         return psutil.Process(ray.get(actor.where.remote(), timeout=10)["pid"])
     except Exception:  # not started yet, being replaced, or gone at the end of the run
         return None
