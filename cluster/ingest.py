@@ -25,6 +25,7 @@ from pipelines.deadletters import dead_letters_of
 from pipelines.dedup import DuplicateFilter
 from pipelines.envelope import envelope_schema
 from pipelines.event_time import EventTimeOrderer, WatermarkPolicy
+from pipelines.kinds import keyed_event_types
 from pipelines.labels import LabelFeed
 from pipelines.normalise import Clock, Normaliser
 from pipelines.routing import type_regex
@@ -65,7 +66,7 @@ class Ingest:
             clock=clock, schema=schema, tiebreak=source.order_ties_by) \
             if source.ordering == "event-time" else None
         self.labels = LabelFeed(spec.labels, spec.registry(), schema) if spec.labels else None
-        patterns = [p for step in [*spec.steps, *spec.enrich] for p in step.event_types]
+        patterns = keyed_event_types(spec)
         #: the event types a keyed step or stage sees (the late policy applies to them)
         self.keyed_types = type_regex(patterns) if patterns else None
 

@@ -95,6 +95,21 @@ def code_folders(spec: PipelineSpec, objects: Mapping[str, Any] | None) -> list[
     return list(dict.fromkeys(f for f in folders if Path(f).is_dir()))
 
 
+def ship_by_value(objects: Mapping[str, Any]) -> None:
+    """Pickle registered processors' own modules by value, so actors need not import them
+    (a user's module beside a script or notebook, on any node); installed packages are
+    still pickled by reference."""
+    import ray.cloudpickle
+
+    for processor in objects.values():
+        name = getattr(processor, "__module__", None) or type(processor).__module__
+        module = sys.modules.get(name)
+        source = getattr(module, "__file__", None) or ""
+        if module is None or name == "__main__" or "site-packages" in source:
+            continue
+        ray.cloudpickle.register_pickle_by_value(module)
+
+
 def run_on_ray(spec: PipelineSpec, store_root: Path, *, objects: Mapping[str, Any] | None = None,
                address: str | None = None, inputs: list[str] | None = None, resume: bool = False,
                progress: bool | None = False, run_id: str | None = None) -> dict[str, Any]:
@@ -107,6 +122,7 @@ def run_on_ray(spec: PipelineSpec, store_root: Path, *, objects: Mapping[str, An
     runtime, found = spec.runtime, dict(objects or {})
     with ray_session(address, object_store_mb=runtime.object_store_mb,
                      code_search_path=code_folders(spec, found)) as ray_facts:
+        ship_by_value(found)
         # Ray's actor default: a CPU free to be placed, none held while running. A share of
         # the cluster's CPUs per actor (cpus / actors) does not pack onto nodes it does not
         # divide (four actors of 0.75 CPU on three 1-CPU nodes: one never starts and the run

@@ -272,7 +272,8 @@ class StepSpec(_Open):
 
     kind: str = Field(min_length=1)
     name: str = Field(pattern=NAME_PATTERN)
-    event_types: list[str] = Field(default_factory=lambda: ["*"], min_length=1)
+    #: absent: the kind's own default (its model's), so that a dumped spec reloads the same
+    event_types: list[str] | None = Field(default=None, min_length=1)
 
     @model_validator(mode="before")
     @classmethod
@@ -309,6 +310,7 @@ class PythonStepSpec(StepSpec):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     kind: Literal["python"]
+    event_types: list[str] = Field(min_length=1)
     function: str = Field(pattern=IMPORT_PATH)
     params: dict[str, Any] = Field(default_factory=dict)
 

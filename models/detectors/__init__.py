@@ -10,7 +10,8 @@ snapshots, the same scores for any split of a stream into batches) and is regist
 - ``relative_entropy``: histogram regimes compared by relative entropy
   (:mod:`.relative_entropy`);
 - ``likelihood``: any of them post-processed into its anomaly likelihood (:mod:`.likelihood`);
-- ``ensemble``: the mean of several detectors, reported at a burst's onset (:mod:`.ensemble`).
+- ``ensemble``: several detectors combined by their minimum (or mean), reported at a burst's
+  onset (:mod:`.ensemble`).
 """
 
 from __future__ import annotations

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import polars as pl
 import pytest
 import yaml
@@ -441,5 +442,8 @@ def test_backpressure_keeps_memory_flat_when_the_source_outruns_processing(
     # holds a few of the input's ~40 batches at any time. The peak is taken while the run
     # reads (its actors alive): once they have ended the whole input has been read anyway,
     # and closing the run and Ray's session briefly takes ~50 MB more, which is not read-ahead.
-    peak = max(s["driver"]["uss"] for s in samples) / mb
+    # It is the 95th percentile of the samples: a reader running ahead holds the input for
+    # most of the run, while a single sample can catch a transient allocation (a sort, a
+    # concatenation) of a few batches' size.
+    peak = float(np.percentile([s["driver"]["uss"] for s in samples], 95)) / mb
     assert peak - memory["before_reading"]["uss"] / mb < input_mb / 2, measured

@@ -60,7 +60,7 @@ def test_shared_nab_subset_reaches_the_floor(tmp_path: Path) -> None:
                                   str(tmp_path / "out")))
     assert summary["series"] == 18 and summary["detector"] == "best"
     assert len(list((tmp_path / "out").rglob("*.csv"))) == 18
-    # the default is the shipped ensemble, chosen on held-out categories: it gives up all-in
-    # score on these 18 series (58.5, knn_novelty: 67.9) for a threshold that transfers
-    assert summary["scores"]["standard"] >= 55
-    assert summary["held_out"]["standard"] >= 50
+    # the default is the shipped ensemble, min(knn_novelty, knn_cad), chosen on held-out
+    # categories: 64.2 all in (knn_novelty: 67.9) for a threshold that transfers (59.9 held out)
+    assert summary["scores"]["standard"] >= 62
+    assert summary["held_out"]["standard"] >= 57

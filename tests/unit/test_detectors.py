@@ -40,6 +40,28 @@ def test_contextual_expanding_grid_scores_the_same_in_any_batches() -> None:
     np.testing.assert_array_equal(np.concatenate(parts), whole)
 
 
+def test_contextual_rebuild_grid_scores_the_same_in_any_batches_and_after_restore() -> None:
+    x = np.r_[np.sin(np.arange(200) / 3.0), 5.0, np.sin(np.arange(99) / 3.0), -4.0, np.zeros(50)]
+    params = {"grid": "rebuild", "warmup": 20, "rest_period": 10, "history": 120}
+    whole = make_detector("cad_ose", **params).score_arrays(one_key(x.size), x)
+    det = make_detector("cad_ose", **params)
+    parts = [det.score_arrays(one_key(b - a), x[a:b]) for a, b in ((0, 7), (7, 200), (200, 260))]
+    restored = make_detector("cad_ose", **params)
+    restored.restore(det.snapshot())  # mid-stream, after two range changes
+    parts.append(restored.score_arrays(one_key(x.size - 260), x[260:]))
+    np.testing.assert_array_equal(np.concatenate(parts), whole)
+
+
+def test_contextual_rebuild_grid_flags_a_value_beyond_the_range_on_a_relearned_memory() -> None:
+    x = np.tile([0.0, 1.0, 2.0, 3.0, 2.0, 1.0], 80)
+    x[400] = 30.0  # the range grows tenfold: the cycle now sits in the lowest levels
+    det = make_detector("cad_ose", grid="rebuild", warmup=30, rest_period=20)
+    scores = det.score_arrays(one_key(x.size), x)
+    assert scores[400] > 0.75 and scores[300:400].max() < 0.5
+    # the range it saw, widened by the margin (a tenth of the new span) on the side it grew
+    assert dict(det.snapshot()["keys"])["k"]["high"] == 30.0 + 0.1 * 30.0
+
+
 def test_knn_cad_scores_rows_beyond_every_calibration_value_below_one() -> None:
     x = np.sin(np.arange(500) / 4.0) + np.random.default_rng(0).normal(0, 0.05, 500)
     x[420], x[470] = 2.0, 6.0
@@ -88,12 +110,25 @@ def test_likelihood_reports_a_burst_once_within_its_rest_period() -> None:
 def test_best_names_the_shipped_ensemble_of_two_nearest_neighbour_detectors() -> None:
     best = make_detector("best")
     assert best.name == "ensemble" and best.params()["members"] == "knn_novelty,knn_cad"
+    assert best.params()["combine"] == "min"
+
+
+def test_ensemble_minimum_needs_every_member_to_find_the_row_novel() -> None:
+    x = np.sin(np.arange(400) / 5.0)
+    x[300] = 7.0
+    members = "robust_zscore,windowed_gaussian"
+    lowest = make_detector("ensemble", members=members, rest_period=0).score_arrays(one_key(400), x)
+    each = [make_detector(m).score_arrays(one_key(400), x) for m in members.split(",")]
+    np.testing.assert_array_equal(lowest, np.minimum(*each))
+    mean = make_detector("ensemble", members=members, rest_period=0, combine="mean")
+    np.testing.assert_allclose(mean.score_arrays(one_key(400), x), (each[0] + each[1]) / 2)
 
 
 def test_ensemble_mean_is_reported_at_onsets_only() -> None:
     x = np.sin(np.arange(400) / 5.0)
     x[300:305] = 7.0
-    det = make_detector("ensemble", members="robust_zscore,windowed_gaussian", rest_period=50)
+    det = make_detector("ensemble", members="robust_zscore,windowed_gaussian", rest_period=50,
+                        combine="mean")
     s = det.score_arrays(one_key(400), x)
     assert int(np.argmax(s)) == 300 and np.count_nonzero(s[301:350]) == 0
 

@@ -84,7 +84,9 @@ def main() -> int:
     ray.init(address=args.address, logging_level="ERROR", log_to_driver=False)
     Path(args.ready_file).touch()
     deadline = time.monotonic() + args.timeout
-    while not args.driver_pid_file.exists() and time.monotonic() < deadline:
+    # the file may exist before its pid is written: wait for its text
+    while not (args.driver_pid_file.exists() and args.driver_pid_file.read_text().strip()) \
+            and time.monotonic() < deadline:
         time.sleep(0.01)
     driver = psutil.Process(int(args.driver_pid_file.read_text()))
     names = [f"partition-{p}" for p in range(args.partitions)]
