@@ -33,8 +33,7 @@ import pytest
 import yaml
 from polars.testing import assert_frame_equal
 
-from tests.conftest import ROOT, unscored_fraud_config
-from tests.integration.test_cli_runs import EVENTRAY, eventray, summary_of
+from tests.support import EVENTRAY, ROOT, eventray, summary_of, unscored_fraud_config
 
 pytestmark = [pytest.mark.ray, pytest.mark.cluster]
 

@@ -9,8 +9,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from tests.conftest import SHARED_DATA
-from tests.integration.test_cli_runs import eventray, summary_of
+from tests.support import SHARED_DATA, eventray, summary_of
 
 
 def tiny_corpus(root: Path) -> None:

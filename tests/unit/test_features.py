@@ -43,6 +43,7 @@ from pipelines.fraud.features import (
     handbook_features_batch,
 )
 from pipelines.fraud.simulator import SimulationSpec, simulate_transactions
+from tests.support import parity_report
 
 HANDBOOK = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "fraud-handbook"
 needs_handbook = pytest.mark.skipif(
@@ -472,7 +473,6 @@ def test_bad_batches_and_specs_are_refused(simulated: pl.DataFrame) -> None:
         KeyedWindowSpec("k", "t", (Aggregate("n", "count", Window(DAY)),) * 2)
 
 
-
 def test_calendar_features() -> None:
     at = [dt.datetime(2018, 7, 7, 6, 59, 59), dt.datetime(2018, 7, 8, 7), dt.datetime(2018, 7, 9, 0)]
     assert calendar_features(pl.DataFrame({"TX_DATETIME": at})).rows() == [(1, 1), (1, 0), (0, 1)]
@@ -489,28 +489,6 @@ def handbook() -> tuple[pl.DataFrame, pl.DataFrame]:
     transactions = pl.concat([pl.read_parquet(HANDBOOK / f"transactions-2018-0{m}.parquet") for m in months])
     published = pl.concat([pl.read_parquet(HANDBOOK / f"features-2018-0{m}.parquet") for m in (7, 8)])
     return transactions, published
-
-
-def parity_report(transactions: pl.DataFrame, published: pl.DataFrame, online: pl.DataFrame) -> pl.DataFrame:
-    """Per month: rows, rows equal on all 15 inputs, excluded rows, and the rest's mismatches."""
-    ties = transactions.select(
-        "TRANSACTION_ID", "CUSTOMER_ID",
-        (pl.len().over("CUSTOMER_ID", "TX_DATETIME") > 1).alias("customer_tie"),
-        (pl.len().over("TERMINAL_ID", "TX_DATETIME") > 1).alias("terminal_tie"),
-        pl.col("TX_DATETIME").dt.month().alias("month"),
-    )
-    joined = published.join(online, on="TRANSACTION_ID", how="left", suffix="_online")
-    joined = joined.join(ties, on="TRANSACTION_ID")
-    assert joined.height == published.height and joined["TX_DURING_NIGHT_online"].null_count() == 0
-    same = {c: pl.col(c) == pl.col(f"{c}_online") for c in HANDBOOK_FEATURES}
-    customer_cols = [c for c in HANDBOOK_FEATURES if c.startswith("CUSTOMER_ID")]
-    other_cols = [c for c in HANDBOOK_FEATURES if c not in customer_cols]
-    return joined.with_columns(
-        all_equal=pl.all_horizontal(*same.values()),
-        customer_equal=pl.all_horizontal(*(same[c] for c in customer_cols)),
-        other_equal=pl.all_horizontal(*(same[c] for c in other_cols)),
-        count_equal=pl.all_horizontal(*(same[c] for c in customer_cols if "_NB_TX_" in c)),
-    )
 
 
 @needs_handbook
