@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from cluster.accounting import RunCounts
 from pipelines.checkpoint import Checkpoint, CheckpointStore
 from pipelines.errors import AccountingError
+from pipelines.keyed import DEADLETTER_STEP
 from pipelines.spec import PipelineSpec
 from pipelines.store import EventStore
 from pipelines.writers import WriterId
@@ -58,6 +59,10 @@ class Checkpointer:
             writer = WriterId.partition(self.run, partition)
             writers[writer.local] = seq
             writers.update({writer.for_step(step.name).local: seq for step in self.spec.steps})
+            writers[writer.for_step(DEADLETTER_STEP).local] = seq  # its poison events
+        for name, seqs in latest.stage_seqs.items():
+            for partition, seq in seqs.items():
+                writers[WriterId.stage(self.run, name, partition).for_step(DEADLETTER_STEP).local] = seq
         writers[WriterId.ingest(self.run).local] = latest.deadletter_seq
         self.store.truncate(self.run, writers)
         ingest.duplicates.restore(self.checkpoints.read_state(latest.epoch, "dedup"))

@@ -33,7 +33,7 @@ import pyarrow as pa
 
 from pipelines.checkpoint import CheckpointStore
 from pipelines.errors import PipelineError
-from pipelines.keyed import BatchReceipt, PartitionWorker
+from pipelines.keyed import DEADLETTER_STEP, BatchReceipt, PartitionWorker
 from pipelines.kinds import build_stage, build_steps
 from pipelines.spec import EnrichSpec, PipelineSpec, RuntimeSpec
 from pipelines.store import EventStore
@@ -87,11 +87,12 @@ class _RunWorker(PartitionWorker):
             steps = [build_stage(stage, spec)]
         else:
             steps = build_steps(spec, objects) if spec is not None else []
+        writer = WriterId.partition(run, partition)
+        owner = WriterId.stage(run, stage.name, partition) if stage is not None else writer
         super().__init__(partition, EventStore(store_root), steps=steps, store_events=stage is None,
-                         writer=WriterId.partition(run, partition))
+                         writer=writer, deadletter_writer=owner.for_step(DEADLETTER_STEP))
         self.run, self.stage = run, stage
-        self.owner = (WriterId.stage(run, stage.name, partition) if stage is not None
-                      else self.writer).local
+        self.owner = owner.local
         self.checkpoints = CheckpointStore(store_root, run)
         latest = self.checkpoints.latest()
         if latest is not None:

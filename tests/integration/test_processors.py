@@ -133,7 +133,8 @@ def test_a_processor_outside_the_repository_runs_from_yaml_on_ray(
     run_cli(config, tmp_path / "s2", cwd=elsewhere)
     again = flagged(tmp_path / "s2")
     assert set(again["event_id"]) == set(got["event_id"])
-    assert again.select("event_id", "key").sort("event_id").equals(got.select("event_id", "key").sort("event_id"))
+    assert again.select("event_id", "key").sort("event_id").equals(
+        got.select("event_id", "key").sort("event_id"))
 
 
 @pytest.mark.slow
