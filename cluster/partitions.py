@@ -45,6 +45,8 @@ RECOVERY_TIMEOUT_S = 120.0
 #: Recoveries of one partition in a row without an acknowledged batch before giving up:
 #: a batch that fails every time is a bug to report, not a crash to retry forever.
 MAX_FUTILE_RECOVERIES = 5
+#: How long a recovery waits for a killed actor's calls to fail, to fetch their errors.
+DISCARD_TIMEOUT_S = 5.0
 
 
 class PartitionFailed(PipelineError):
@@ -260,6 +262,8 @@ class RayPartitions:
         """Recover the partition after ``exc``, unless it has failed too often in a row."""
         self._futile[partition] += 1
         if self._futile[partition] > MAX_FUTILE_RECOVERIES:
+            self._kill(partition)
+            self._discard(partition)
             raise PartitionFailed(actor_name(partition, self.stage), what,
                                   self._futile[partition], self._cause(exc)) from exc
         self._recover(partition)
@@ -282,11 +286,27 @@ class RayPartitions:
             self._futile[partition] = 0
             self._done.append(receipt)
 
+    def _discard(self, partition: int) -> None:
+        """Drop the calls in flight to the partition's killed actor, fetching those that
+        have failed: Ray reports a failed call nobody fetched as an unhandled error (on
+        stderr, after the one line a failed run prints)."""
+        refs = [ref for _, ref in self.pending[partition]]
+        self.pending[partition].clear()
+        if not refs:
+            return
+        ready, _ = self._ray.wait(refs, num_returns=len(refs), timeout=DISCARD_TIMEOUT_S)
+        for ref in ready:
+            try:
+                self._ray.get(ref, timeout=0)
+            except Exception:  # the failure itself is the expected outcome: nothing to do
+                pass
+
     def _recover(self, partition: int) -> None:
         """Replace the partition's actor and resend what it has not applied, in order.
         ``restarts`` counts the actors started: a replacement that dies or does not answer
         while it starts is killed and replaced again."""
-        self.pending[partition].clear()
+        self._kill(partition)
+        self._discard(partition)
         deadline = time.monotonic() + RECOVERY_TIMEOUT_S
         while True:
             self._kill(partition)

@@ -51,6 +51,10 @@ class SequenceGapError(PipelineError):
         self.partition, self.expected, self.got = partition, expected, got
         super().__init__(f"partition {partition} expects batch {expected}, got {got}")
 
+    def __reduce__(self) -> tuple[type, tuple[int, int, int]]:
+        # raised inside an actor, unpickled by the driver: rebuild it from its fields
+        return SequenceGapError, (self.partition, self.expected, self.got)
+
 
 class Sink(Protocol):
     """Where a partition writes: the event store, or a :class:`pipelines.testing.ListSink`."""
