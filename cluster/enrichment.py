@@ -80,7 +80,8 @@ class EnrichmentChain:
         key = pl.col("data").struct.field(stage.key)
         if self.reads[index] is not None:  # only what the stage reads crosses to its actors
             fields = dict.fromkeys([stage.key, *self.reads[index]])
-            rows = rows.select(ROW_POSITION, "event_type", "timestamp",
+            # and the id, which names an event the stage raises on in its dead letter
+            rows = rows.select(ROW_POSITION, "event_id", "event_type", "timestamp",
                                data=pl.struct(pl.col("data").struct.field(*fields)))
         rows = rows.with_columns(key=key.cast(pl.String))
         item.stage, item.waiting = index, []

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -230,3 +231,88 @@ def test_a_local_run_dead_letters_poison_events_and_balances_its_counts() -> Non
     assert summary["dead_lettered"] == len(poison) and summary["stored"] == 1000 - len(poison)
     assert set(out["deadletter"]["event_id"]) == poison
     assert not poison & set(out["events"]["event_id"])
+
+
+STAGE_MODULE = '''
+import polars as pl
+import pyarrow as pa
+
+from pipelines.processing import ROW_POSITION, Step, StepOutput
+
+
+class Counting(Step):
+    """An enrichment stage: each key's running count; it raises on a negative amount after
+    counting it (partial mutation)."""
+
+    columns = ("_count",)
+    reads = ("amount",)
+
+    def __init__(self, spec, context=None):
+        self.spec, self.name, self.counts = spec, spec.name, {}
+
+    def process(self, events):
+        out = []
+        for key, amount in zip(events["key"].to_pylist(),
+                               events["data"].combine_chunks().field("amount").to_pylist()):
+            self.counts[key] = self.counts.get(key, 0) + 1
+            if amount < 0:
+                raise ValueError("negative amount")
+            out.append(float(self.counts[key]))
+        return StepOutput(derived=pa.table({ROW_POSITION: events[ROW_POSITION],
+                                            "_count": pa.array(out, pa.float64())}))
+
+    def snapshot(self):
+        return self.counts
+
+    def restore(self, state):
+        self.counts = dict(state or {})
+
+
+class Recorder(Step):
+    """A partition step that keeps the stage's column in a table of its own."""
+
+    def __init__(self, spec, context=None):
+        self.spec, self.name = spec, spec.name
+
+    def process(self, events):
+        frame = pl.from_arrow(events).select("event_id", "event_type", "timestamp", "_count")
+        return StepOutput(tables={"counts": frame.to_arrow()})
+
+    def snapshot(self):
+        return None
+
+    def restore(self, state):
+        pass
+'''
+
+
+def test_an_enrichment_stage_dead_letters_its_poison_events_and_drops_them(tmp_path: Path) -> None:
+    (tmp_path / "stage_kinds.py").write_text(STAGE_MODULE)
+
+    def pipeline() -> Pipeline:
+        return Pipeline.from_dict({
+            "name": "orders", "source": {"format": "jsonl", "path": ["-"], "batch_size": 64},
+            "mapping": {"event_id": "id", "event_type": "type", "timestamp": "at",
+                        "payload": {"json": "data"}},
+            "event_types": {"order.created": {"key": "customer", "payload": {
+                "customer": "str", "shop": "str", "amount": "float"}}},
+            "enrich": [{"name": "shops", "kind": "stage_kinds:Counting", "key": "shop",
+                        "partitions": 2, "event_types": ["order.created"]}],
+            "steps": [{"kind": "stage_kinds:Recorder", "name": "recorder"}]}, base_dir=tmp_path)
+
+    def orders(skip: set[int]) -> list[dict[str, Any]]:
+        return [{"id": f"e{i}", "type": "order.created",
+                 "at": (START + dt.timedelta(seconds=i)).isoformat(),
+                 "data": {"customer": f"c{i % 5}", "shop": f"s{i % 3}",
+                          "amount": -1.0 if i in poison else 2.0}}
+                for i in range(400) if i not in skip]
+
+    poison = {5, 6, 100, 399}
+    out, clean = run_local(pipeline(), orders(set()), tables=("events", "deadletter", "counts")), \
+        run_local(pipeline(), orders(poison), tables=("events", "counts"))
+    summary = out["summary"].row(0, named=True)
+    assert (summary["stored"], summary["dead_lettered"]) == (400 - len(poison), len(poison))
+    assert set(out["deadletter"]["event_id"]) == {f"e{i}" for i in poison}
+    assert set(out["deadletter"]["reason"]) == {"processor_error"}
+    assert out["events"]["event_id"].sort().equals(clean["events"]["event_id"].sort())
+    assert out["counts"].sort("event_id").equals(clean["counts"].sort("event_id"))
