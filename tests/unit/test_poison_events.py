@@ -4,11 +4,13 @@ and the partition applies the rest as if they had never been there."""
 from __future__ import annotations
 
 import datetime as dt
+import json
 import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
@@ -316,3 +318,51 @@ def test_an_enrichment_stage_dead_letters_its_poison_events_and_drops_them(tmp_p
     assert set(out["deadletter"]["reason"]) == {"processor_error"}
     assert out["events"]["event_id"].sort().equals(clean["events"]["event_id"].sort())
     assert out["counts"].sort("event_id").equals(clean["counts"].sort("event_id"))
+
+
+class FlaggedTally(RunningTotals):
+    """The running totals, failing with an error of the environment on the batch holding
+    ``e300`` while ``flag`` exists (a crash after some checkpoints)."""
+
+    def __init__(self, flag: Path) -> None:
+        super().__init__()
+        self.flag = flag
+
+    def process(self, events: pa.Table) -> list[dict[str, Any]]:
+        if self.flag.exists() and "e300" in events["event_id"].to_pylist():
+            raise OSError("disk unplugged")
+        return super().process(events)
+
+
+def test_a_resumed_run_keeps_the_dead_letters_of_before_its_checkpoint(tmp_path: Path) -> None:
+    poison = {17, 120, 251, 400}
+    lines = [{"id": f"e{i}", "type": "order.created",
+              "at": (START + dt.timedelta(seconds=i)).isoformat(),
+              "data": {"customer": f"c{i % 7}", "amount": -1.0 if i in poison else 3.0}}
+             for i in range(600)]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(e) + "\n" for e in lines))
+    flag = tmp_path / "unplugged"
+    flag.touch()
+
+    def pipeline() -> Pipeline:
+        base = _pipeline(totals=FlaggedTally(flag)).spec.model_dump(by_alias=True, exclude_unset=True)
+        base.pop("steps")
+        base["source"] = {**base["source"], "batch_size": 50}
+        base["runtime"] = {"partitions": 2, "checkpoint_every": 2}
+        return Pipeline.from_dict(base).register_processor(
+            ["order.created"], FlaggedTally(flag), name="totals")
+
+    def run(store: Path, resume: bool = False) -> dict[str, Any]:
+        return pipeline().run(store=store, runner="local", inputs=[str(tmp_path / "in.jsonl")],
+                              resume=resume)
+
+    with pytest.raises(ProcessorError, match="OSError: disk unplugged"):
+        run(tmp_path / "crashed")
+    flag.unlink()
+    resumed, clean = run(tmp_path / "crashed", resume=True), run(tmp_path / "clean")
+    assert resumed["dead_lettered"] == clean["dead_lettered"] == len(poison)
+    for table, columns in (("events", ["event_id", "key", "data"]),
+                           ("deadletter", ["event_id", "reason", "message", "part"])):
+        got, want = (pl.read_parquet(root / table / "**" / "*.parquet").select(columns)
+                     .sort("event_id") for root in (tmp_path / "crashed", tmp_path / "clean"))
+        assert got.equals(want), table
