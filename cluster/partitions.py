@@ -165,7 +165,8 @@ def _actor_class() -> Any:
         def apply(self, seq: int, rows: pa.Table) -> BatchReceipt:
             receipt = self.worker.apply(seq, rows)
             if receipt.applied:  # exported to the Ray dashboard / Prometheus
-                self.stored.inc(receipt.rows, tags=self.tags)
+                if receipt.rows:  # a counter refuses 0: a batch of poison events only
+                    self.stored.inc(receipt.rows, tags=self.tags)
                 self.latency.observe(receipt.latency_s, tags=self.tags)
             return receipt
 

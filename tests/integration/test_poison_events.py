@@ -22,7 +22,9 @@ import yaml
 
 EVENTRAY = str(Path(sys.executable).parent / "eventray")
 N_EVENTS = 3_000
-POISON = {17, 250, 251, 1_234, 2_999}  # event numbers whose amount is negative
+#: Event numbers whose amount is negative: a few, and the whole last source batch (each
+#: partition then gets a batch of poison events only).
+POISON = {17, 250, 251, 1_234, *range(2_800, 3_000)}
 
 PROCESSORS = '''
 """A stateful tally that raises on negative amounts (after counting them: partial state),
