@@ -51,7 +51,6 @@ class RunCounts:
                 self.reasons[reason] = self.reasons.get(reason, 0) + k
             self.duplicates = self.reasons.get("duplicate_event_id", 0)
 
-
     def count_reasons(self, reasons: dict[str, int]) -> None:
         """Add dead letters counted by reason code elsewhere (a partition's receipt)."""
         for reason, n in reasons.items():

@@ -147,8 +147,8 @@ class PartitionWorker:
         try:
             derived, alerts = self._write(seq, outputs, kept)
             if poison:
-                self.sink.write("deadletter", dead_letters(events, poison, self.writer.name,
-                                                           self.clock()),
+                owner = WriterId(self.deadletter_writer.run, self.deadletter_writer.owner)
+                self.sink.write("deadletter", dead_letters(events, poison, owner.name, self.clock()),
                                 writer=self.deadletter_writer.name, seq=seq)
         except BaseException:
             self.log.rewind()  # the steps went past a batch that was not applied: go back

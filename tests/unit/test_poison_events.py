@@ -316,6 +316,7 @@ def test_an_enrichment_stage_dead_letters_its_poison_events_and_drops_them(tmp_p
     assert (summary["stored"], summary["dead_lettered"]) == (400 - len(poison), len(poison))
     assert set(out["deadletter"]["event_id"]) == {f"e{i}" for i in poison}
     assert set(out["deadletter"]["reason"]) == {"processor_error"}
+    assert out["deadletter"]["part"].str.contains("-stage.shops.000[01]$").all()
     assert out["events"]["event_id"].sort().equals(clean["events"]["event_id"].sort())
     assert out["counts"].sort("event_id").equals(clean["counts"].sort("event_id"))
 
