@@ -213,7 +213,9 @@ class RayPartitions:
         # every batch sent since the last committed checkpoint, to resend after a recovery
         self.unacked: list[deque[tuple[int, pa.Table]]] = [deque() for _ in range(partitions)]
         self.acked_next = [0] * partitions
-        self._checkpointed = [0] * partitions
+        self._checkpointed = [0] * partitions  # as the last checkpoint call wrote them
+        self._committed = [0] * partitions  # as the last committed checkpoint holds them
+        self._epoch: int | None = None
         self.restarts = 0
         self._futile = [0] * partitions
         self._done: list[BatchReceipt] = []
@@ -239,6 +241,7 @@ class RayPartitions:
             try:
                 position = self._ray.get(actor.position.remote(), timeout=RECOVERY_TIMEOUT_S)
                 self.acked_next[partition] = self._checkpointed[partition] = position
+                self._committed[partition] = position
             except self._failures:
                 self._recover(partition)
 
@@ -327,6 +330,7 @@ class RayPartitions:
         # the partition stands (during a run, the position is never past what was acked)
         self.acked_next[partition] = max(self.acked_next[partition], position)
         self._checkpointed[partition] = max(self._checkpointed[partition], position)
+        self._committed[partition] = max(self._committed[partition], position)
         for seq, rows in self.unacked[partition]:
             if seq >= position:
                 self.pending[partition].append((seq, actor.apply.remote(seq, rows)))
@@ -375,10 +379,15 @@ class RayPartitions:
         """Every partition's state at this point, written for ``epoch``; flushes first (the
         receipts come with the next :meth:`poll`).
 
-        The driver commits each checkpoint before it asks for the next, so batches before
-        the previous one are covered by a committed checkpoint and are never resent: they
-        are dropped here.
+        The driver commits each checkpoint before it asks for the next epoch, so when a new
+        epoch is asked, batches before the previous epoch's are covered by a committed
+        checkpoint and are never resent: they are dropped here. The driver may ask for one
+        epoch more than once (acknowledged batches brought derived events to apply first):
+        until the epoch changes, what those calls wrote is not committed, and a recovery
+        meanwhile restores the previous epoch and resends from there.
         """
+        if epoch != self._epoch:
+            self._committed, self._epoch = list(self._checkpointed), epoch
         self._forget_committed()
         self._flush()
         seqs: dict[int, int] = {}
@@ -398,7 +407,7 @@ class RayPartitions:
 
     def _forget_committed(self) -> None:
         for partition, queue in enumerate(self.unacked):
-            while queue and queue[0][0] < self._checkpointed[partition]:
+            while queue and queue[0][0] < self._committed[partition]:
                 queue.popleft()
 
     def _kill(self, partition: int) -> None:
