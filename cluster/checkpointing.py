@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 from cluster.accounting import RunCounts
 from pipelines.checkpoint import CHECKPOINT_DIR, Checkpoint, CheckpointStore, write_durably
 from pipelines.errors import AccountingError, ConfigError
+from pipelines.keyed import DEADLETTER_STEP
 from pipelines.spec import PipelineSpec
 from pipelines.store import EventStore
 from pipelines.writers import WriterId
@@ -135,6 +136,10 @@ class Checkpointer:
             writer = WriterId.partition(self.run, partition)
             writers[writer.local] = seq
             writers.update({writer.for_step(step.name).local: seq for step in self.spec.steps})
+            writers[writer.for_step(DEADLETTER_STEP).local] = seq  # its poison events
+        for name, seqs in latest.stage_seqs.items():
+            for partition, seq in seqs.items():
+                writers[WriterId.stage(self.run, name, partition).for_step(DEADLETTER_STEP).local] = seq
         writers[WriterId.ingest(self.run).local] = latest.deadletter_seq
         self.store.truncate(self.run, writers)
         ingest.restore({name: self.checkpoints.read_state(latest.epoch, name)
@@ -164,4 +169,6 @@ class Checkpointer:
         self.checkpoints.commit(Checkpoint(
             self.epoch, dict(offsets), seqs, counts.batches, counts.numbers(),
             dict(counts.reasons), stage_seqs))
+        dispatcher.executor.committed()
+        chain.committed()
         counts.checkpoints += 1

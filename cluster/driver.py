@@ -126,7 +126,7 @@ class PipelineRun:
         for started in [executor, *stage_executors]:
             started.ready()  # actors up (imports, models, restored state) before the clock
         self.dispatcher = Dispatcher(self.spec, executor, seqs, self.counts, self.routed_schema)
-        self.chain = EnrichmentChain(self.spec, stage_executors, stage_seqs)
+        self.chain = EnrichmentChain(self.spec, stage_executors, stage_seqs, self.counts)
         return restored is not None, dict(restored.source_offsets) if restored else {}
 
     def release(self, events: pa.Table) -> None:

@@ -106,7 +106,7 @@ class Step(ABC):
     #: Transit columns an enrichment stage adds to the batch (none for a partition's steps).
     columns: tuple[str, ...] = ()
     #: Payload fields an enrichment stage reads besides its key: the driver sends it only
-    #: ``event_type``, ``timestamp``, ``key`` and these (``None``: the whole envelope).
+    #: ``event_id``, ``event_type``, ``timestamp``, ``key`` and these (``None``: the whole envelope).
     reads: tuple[str, ...] | None = None
 
     @abstractmethod

@@ -34,7 +34,8 @@ def small_spec(registry: Path, batch_size: int, checkpoint_every: int) -> Pipeli
     base = fraud_spec()
     return fraud_spec(
         source={**base.source.model_dump(exclude_none=True), "batch_size": batch_size},
-        steps=[{"kind": "fraud", "threshold": 0.2,
+        # event types given: a YAML dump of the spec writes the generic step's default ("*")
+        steps=[{"kind": "fraud", "threshold": 0.2, "event_types": ["transaction.created"],
                 "model": {"registry": str(registry), "name": "fraud", "version": 1}}],
         runtime={**base.runtime.model_dump(exclude_none=True), "checkpoint_every": checkpoint_every})
 
