@@ -109,9 +109,20 @@ def spec_for(tmp_path: Path, partitions: int, batch_size: int):
 
 
 def stored_in_apply_order(store: Path) -> pl.DataFrame:
-    """Events in the order partitions applied them: by (writer, seq) file name, then row."""
-    files = sorted((store / "events").rglob("*.parquet"), key=lambda p: p.name)
-    frames = [pl.read_parquet(f).with_columns(file=pl.lit(f.name)) for f in files]
+    """Events in the order partitions applied them, as far as the store records it.
+
+    Files sort by name, ``part-<writer>-<seq>``: a writer's batches in sequence. A batch is
+    stored one file per (event type, date), all of the same name, and no file says where its
+    rows sat in the batch; so the order is exact across batches and within one file, but
+    between two files of one batch it is only the files' paths. Compare events of different
+    types by their batch: columns ``writer`` and ``batch`` (the batch's sequence number).
+    """
+    files = sorted((store / "events").rglob("*.parquet"), key=lambda p: (p.name, p))
+    frames = []
+    for path in files:
+        writer, batch = path.stem.removeprefix("part-").rsplit("-", 1)
+        frames.append(pl.read_parquet(path).with_columns(
+            file=pl.lit(path.name), writer=pl.lit(writer), batch=pl.lit(int(batch))))
     return pl.concat(frames).with_columns(
         seq=pl.col("data").struct.field("json").str.json_path_match("$.seq").cast(pl.Int64))
 
