@@ -38,7 +38,14 @@ import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipelines.envelope import EVENT_TYPE_PATTERN
-from pipelines.features import DAY, Aggregate, KeyedWindowOperator, KeyedWindowSpec, Window
+from pipelines.features import (
+    DAY,
+    Aggregate,
+    KeyedWindowOperator,
+    KeyedWindowSpec,
+    StateRestoreError,
+    Window,
+)
 from pipelines.fraud.features import (
     HANDBOOK_CUSTOMER_SPEC,
     HANDBOOK_FEATURES,
@@ -202,7 +209,13 @@ class TerminalRiskStage(Step):
 
 
 class ModelSlot:
-    """The model a step scores with: pinned, or following a registry name's latest version."""
+    """The model a step scores with: pinned, or following a registry name's latest version.
+
+    The version in use is part of the step's checkpoint (:meth:`snapshot`): a restored step
+    scores the batches it replays with the version that scored them the first time, even if
+    a newer one has appeared since, and resolves ``latest`` again at the same batch counts
+    as before.
+    """
 
     def __init__(self, spec: FraudStepSpec) -> None:
         self.ref = spec.model
@@ -212,6 +225,7 @@ class ModelSlot:
 
             self.registry = ModelRegistry(self.ref.registry)
         self.model: FraudModel | None = None
+        self.version: int | None = None
         self.label = "none"
         self.batches = 0
 
@@ -223,18 +237,36 @@ class ModelSlot:
                                      and self.batches % self.ref.reload_every == 0)
         self.batches += 1
         if due:
-            self._load()
+            wanted = self.registry.latest_version(self.ref.name) if self.ref.version == "latest" \
+                else self.ref.version
+            self._load(wanted)
         return self.model
 
-    def _load(self) -> None:
+    def _load(self, wanted: int | None) -> None:
         assert self.ref is not None and self.registry is not None
-        wanted = self.registry.latest_version(self.ref.name) if self.ref.version == "latest" \
-            else self.ref.version
-        label = f"{self.ref.name}:{wanted}"
-        if wanted is None or label == self.label:
+        if wanted is None or wanted == self.version:
             return
         loaded = self.registry.load(self.ref.name, wanted)
-        self.model, self.label = loaded.model, label
+        self.model, self.version, self.label = loaded.model, wanted, f"{self.ref.name}:{wanted}"
+
+    def snapshot(self) -> dict[str, int | None]:
+        """The version in use (``None``: none yet) and the batches scored so far."""
+        return {"version": self.version, "batches": self.batches}
+
+    def restore(self, state: dict[str, int | None] | None) -> None:
+        """Load exactly the version of a :meth:`snapshot` and continue its batch count.
+
+        Raises:
+            StateRestoreError: the snapshot is not a model slot's.
+        """
+        self.model, self.version, self.label, self.batches = None, None, "none", 0
+        if state is None:
+            return
+        if not isinstance(state, dict) or not isinstance(state.get("batches"), int):
+            raise StateRestoreError(f"not a model slot snapshot: {state!r}")
+        self.batches = state["batches"]
+        if state.get("version") is not None and self.registry is not None:
+            self._load(state["version"])
 
 
 class FraudStep(Step):
@@ -293,9 +325,17 @@ class FraudStep(Step):
             pl.col(pl.Int64).cast(pl.Float64)), terminal], how="horizontal")
 
     def snapshot(self) -> Any:
-        return base64.b64encode(self.customer.snapshot()).decode()
+        """The customer windows and the model version in use (exactly-once on replay)."""
+        return {"customer": base64.b64encode(self.customer.snapshot()).decode(),
+                "model": self.slot.snapshot()}
 
     def restore(self, state: Any) -> None:
         self.customer = KeyedWindowOperator(CUSTOMER_SPEC)
-        if state is not None:
-            self.customer.restore(base64.b64decode(state))
+        if state is None:
+            self.slot.restore(None)
+            return
+        if not isinstance(state, dict) or set(state) != {"customer", "model"}:
+            raise StateRestoreError("not a fraud step snapshot (an earlier format?): "
+                                    f"{type(state).__name__}")
+        self.customer.restore(base64.b64decode(state["customer"]))
+        self.slot.restore(state["model"])

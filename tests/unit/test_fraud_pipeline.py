@@ -7,6 +7,7 @@ reference :func:`pipelines.fraud.features.handbook_features_batch` over the same
 from __future__ import annotations
 
 import datetime as dt
+import json
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ from cluster.driver import run_pipeline
 from cluster.job import run_spec
 from cluster.partitions import LocalPartitions
 from pipelines.envelope import PayloadSchema, envelope_schema
+from pipelines.features import StateRestoreError
 from pipelines.fraud.features import handbook_features_batch
 from pipelines.fraud.flow import (
     POSITION,
@@ -203,3 +205,59 @@ def test_slices_leave_the_stage_in_order_when_its_answers_come_back_out_of_order
     assert summary["stored"] == 2 * table.num_rows
     scores = pl.read_parquet(tmp_path / "store" / "scores" / "**" / "*.parquet", hive_partitioning=True)
     assert mismatches(scores, handbook_features_batch(table)) == dict.fromkeys(FEATURES, 0)
+
+
+def stage_frames(spec: PipelineSpec, transactions: pa.Table, size: int) -> list[pa.Table]:
+    """The batches as the fraud step receives them (label events merged, terminal columns joined)."""
+    feed = LabelFeed(spec.labels, spec.registry(), envelope_schema(spec.registry()))
+    stage = TerminalRiskStage(TerminalStageSpec(name="terminal", key="TERMINAL_ID"))
+    frames = []
+    for events in normalised_batches(spec, transactions, size):
+        merged = feed.merge(events)[0]
+        merged = merged.append_column(POSITION, pa.array(np.arange(merged.num_rows)))
+        added = pl.from_arrow(stage.process(merged).derived)
+        joined = pl.from_arrow(merged).join(added, on=POSITION, how="left", maintain_order="left")
+        frames.append(joined.to_arrow())
+    return frames
+
+
+def test_a_restored_step_replays_with_the_model_version_of_its_checkpoint(
+    tmp_path: Path, transactions: pa.Table
+) -> None:
+    """Snapshot with v1 in use, v2 appears in the registry, restore: the replayed batch is
+    scored by v1 exactly as the first time, and ``latest`` is resolved again at the same
+    batch count as before (v2 from there on)."""
+    spec = fraud_spec()
+    registry = tmp_path / "registry"
+    train_into(registry, transactions, seed=0)
+    step_spec = FraudStepSpec(kind="fraud", threshold=0.3,
+                              model=ModelRef(registry=str(registry), name="fraud", reload_every=2))
+    context = StepContext(envelope_schema(spec.registry()), spec.registry())
+    frames = stage_frames(spec, transactions.slice(0, 30_000), 6000)
+    step = FraudStep(step_spec, context)
+    step.process(frames[0])
+    checkpoint = json.loads(json.dumps(step.snapshot()))
+    first = step.process(frames[1])
+    assert checkpoint["model"] == {"version": 1, "batches": 1}
+    train_into(registry, transactions, seed=1, model="hist_gradient_boosting")  # v2, while down
+    restarted = FraudStep(step_spec, context)
+    restarted.restore(checkpoint)
+    replayed = restarted.process(frames[1])
+    assert set(pl.from_arrow(replayed.tables["scores"])["model"]) == {"fraud:1"}
+    assert replayed.tables["scores"].equals(first.tables["scores"])
+    assert replayed.tables["alerts"].equals(first.tables["alerts"])
+    assert replayed.derived is not None and first.derived is not None
+    assert replayed.derived.equals(first.derived)  # the fraud.suspected events already stored
+    after = pl.from_arrow(restarted.process(frames[2]).tables["scores"])
+    assert set(after["model"]) == {"fraud:2"}  # latest resolved again, as before the restart
+    empty = FraudStep(step_spec, context)
+    empty.restore(None)
+    assert empty.slot.version is None and empty.slot.batches == 0
+
+
+def test_a_fraud_step_refuses_a_snapshot_that_is_not_its_own() -> None:
+    step = FraudStep(FraudStepSpec(kind="fraud"))
+    with pytest.raises(StateRestoreError):
+        step.restore("an earlier format: the customer windows alone")
+    with pytest.raises(StateRestoreError):
+        step.restore(step.snapshot() | {"model": {"version": 1}})
