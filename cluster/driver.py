@@ -171,7 +171,8 @@ class PipelineRun:
         """The source's batches; a bounded Parquet or CSV source in event-time order reads
         its files merged by their timestamps, whatever order they were given in."""
         source, mapping = self.source, self.spec.mapping
-        if self.spec.source.ordering == "event-time" and isinstance(source, ParquetSource | CsvSource):
+        merge = self.spec.source.ordering == "event-time" and len(source.list_parts()) > 1
+        if merge and isinstance(source, ParquetSource | CsvSource):  # one file needs no merge
             merged = EventTimeMergedSource(source, mapping.timestamp, TimestampMicros(mapping.timestamp_unit))
             return merged.batches(offsets)
         return iter_batches(source, offsets)

@@ -445,5 +445,9 @@ def test_backpressure_keeps_memory_flat_when_the_source_outruns_processing(
     # It is the 95th percentile of the samples: a reader running ahead holds the input for
     # most of the run, while a single sample can catch a transient allocation (a sort, a
     # concatenation) of a few batches' size.
+    # Measured: 100-125 MB above the driver's memory before reading (the batches queued and
+    # in flight, the event-time buffer's and the normaliser's copies of the batch at hand),
+    # flat from the first quarter to the last; a reader running ahead would hold ~244 MB
+    # more. The bound sits between the two.
     peak = float(np.percentile([s["driver"]["uss"] for s in samples], 95)) / mb
-    assert peak - memory["before_reading"]["uss"] / mb < input_mb / 2, measured
+    assert peak - memory["before_reading"]["uss"] / mb < input_mb * 0.65, measured
