@@ -21,13 +21,11 @@ progress), and the ``restarts`` counter.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Protocol
 
 import pyarrow as pa
 
 from pipelines.keyed import BatchReceipt
-from pipelines.spec import EnrichSpec
 
 
 class KeyedExecutor(Protocol):
@@ -43,10 +41,3 @@ class KeyedExecutor(Protocol):
     def capacity(self, partition: int) -> int: ...
     def in_flight(self) -> int: ...
     def close(self) -> None: ...
-
-
-#: Builds the executor of the partitions (``stage`` None) or of an enrichment stage, given
-#: the run's id and where each partition starts (its next sequence number).
-ExecutorFactory = Callable[[str, "EnrichSpec | None", dict[int, int]], KeyedExecutor]
-
-__all__ = ["ExecutorFactory", "KeyedExecutor"]
