@@ -11,7 +11,11 @@ from pipelines.errors import AccountingError
 
 @dataclass
 class RunCounts:
-    """Counters of one run; ``read + derived == stored + dead_lettered + filtered`` at the end."""
+    """Counters of one run; ``read + derived == stored + dead_lettered + filtered`` at the end.
+
+    ``sent`` rows went to the keyed partitions; each was stored, or dead-lettered there as a
+    poison event (``poisoned``, part of ``dead_lettered``).
+    """
 
     read: int = 0
     stored: int = 0
@@ -22,6 +26,7 @@ class RunCounts:
     derived: int = 0
     alerts: int = 0
     hop_limited: int = 0
+    poisoned: int = 0
     batches: int = 0
     checkpoints: int = 0
     restarts: int = 0
@@ -29,7 +34,8 @@ class RunCounts:
 
     def check(self) -> None:
         produced = self.read + self.derived
-        if produced != self.stored + self.dead_lettered + self.filtered or self.sent != self.stored:
+        balanced = produced == self.stored + self.dead_lettered + self.filtered
+        if not balanced or self.sent != self.stored + self.poisoned:
             raise AccountingError(self.numbers())
 
     def numbers(self) -> dict[str, int]:
@@ -43,7 +49,12 @@ class RunCounts:
             codes, n = np.unique(reasons, return_counts=True)
             for reason, k in zip(codes.tolist(), n.tolist(), strict=True):
                 self.reasons[reason] = self.reasons.get(reason, 0) + k
-            self.duplicates = self.reasons.get("duplicate_event_id", 0)
+
+    def count_reasons(self, reasons: dict[str, int]) -> None:
+        """Add dead letters counted by reason code elsewhere (a partition's receipt)."""
+        for reason, n in reasons.items():
+            self.dead_lettered += n
+            self.reasons[reason] = self.reasons.get(reason, 0) + n
 
 
 class Latencies:

@@ -12,12 +12,14 @@ removes the rest; a fresh run clears the run's old output and checkpoints.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
 from cluster.accounting import RunCounts
-from pipelines.checkpoint import Checkpoint, CheckpointStore
-from pipelines.errors import AccountingError
+from pipelines.checkpoint import CHECKPOINT_DIR, Checkpoint, CheckpointStore, write_durably
+from pipelines.errors import AccountingError, ConfigError
+from pipelines.keyed import DEADLETTER_STEP
 from pipelines.spec import PipelineSpec
 from pipelines.store import EventStore
 from pipelines.writers import WriterId
@@ -26,6 +28,46 @@ if TYPE_CHECKING:
     from cluster.dispatch import Dispatcher
     from cluster.enrichment import EnrichmentChain
     from cluster.ingest import Ingest
+
+
+IDENTITY_FILE = "run.json"
+
+
+class ResumeError(ConfigError):
+    """``--resume`` cannot continue this run as asked (nothing to resume, or it changed)."""
+
+
+@dataclass(frozen=True)
+class RunIdentity:
+    """What a run was started with; a resumed run must match it."""
+
+    pipeline: str
+    config: str  # digest of what the pipeline computes
+    partitions: int
+    stages: dict[str, int]
+    parts: list[str]
+
+    @classmethod
+    def of(cls, spec: PipelineSpec, config: str, parts: list[str]) -> RunIdentity:
+        return cls(spec.name, config, spec.runtime.partitions,
+                   {s.name: s.partitions for s in spec.enrich}, list(parts))
+
+    def differences(self, started: RunIdentity) -> list[str]:
+        """What differs from the run as it started, in words."""
+        found = []
+        if self.partitions != started.partitions:
+            found.append(f"runtime.partitions is {self.partitions}, the run started with "
+                         f"{started.partitions}")
+        if self.stages != started.stages:
+            found.append(f"enrichment stage partitions are {self.stages}, the run started "
+                         f"with {started.stages}")
+        if self.parts != started.parts:
+            added = sorted(set(self.parts) - set(started.parts))
+            gone = sorted(set(started.parts) - set(self.parts))
+            found.append(f"the input changed (added {added or 'none'}, missing {gone or 'none'})")
+        if self.config != started.config:
+            found.append("the pipeline config changed")
+        return found
 
 
 @dataclass(frozen=True)
@@ -41,28 +83,67 @@ class Restored:
 class Checkpointer:
     """Takes the run's checkpoints and restores the run from its last one."""
 
-    def __init__(self, spec: PipelineSpec, store: EventStore, run: str) -> None:
-        self.spec, self.store, self.run = spec, store, run
+    def __init__(self, spec: PipelineSpec, store: EventStore, run: str,
+                 identity: RunIdentity) -> None:
+        self.spec, self.store, self.run, self.identity = spec, store, run, identity
         self.checkpoints = CheckpointStore(store.root, run)
         self.epoch = 0
 
+    def _started_as(self) -> RunIdentity | None:
+        path = self.checkpoints.directory / IDENTITY_FILE
+        return RunIdentity(**json.loads(path.read_text())) if path.exists() else None
+
+    def _refuse_resume(self) -> None:
+        """``--resume`` of a run with no checkpoint: refuse when the store holds other runs
+        of this pipeline (its input or config probably changed), naming them."""
+        others = []
+        for folder in sorted((self.store.root / CHECKPOINT_DIR).glob("*")):
+            path = folder / IDENTITY_FILE
+            if folder.name != self.run and path.exists():
+                started = RunIdentity(**json.loads(path.read_text()))
+                if started.pipeline == self.identity.pipeline:
+                    others.append(f"{folder.name} ({'; '.join(self.identity.differences(started))})")
+        if others:
+            raise ResumeError(
+                f"--resume: run {self.run} has no checkpoint in {self.store.root}; this store has "
+                f"other runs of {self.identity.pipeline!r}: {', '.join(others)}. Resume one with "
+                "--run-id ID and its original input, or run without --resume to start afresh")
+
     def restore(self, resume: bool, ingest: Ingest) -> Restored | None:
-        """Continue from the last checkpoint (``resume``), or clear the run's old output."""
+        """Continue from the last checkpoint (``resume``), or clear the run's old output.
+
+        Raises:
+            ResumeError: ``resume`` of a run whose partitions, stages, input or config
+                changed since it started, or of nothing.
+        """
         latest = self.checkpoints.latest() if resume else None
+        if resume and latest is None:
+            self._refuse_resume()
+        if latest is not None:
+            started = self._started_as()
+            changes = self.identity.differences(started) if started else []
+            if changes:
+                raise ResumeError(f"--resume: run {self.run} cannot continue: "
+                                  f"{'; '.join(changes)}. Run without --resume to start afresh")
         if latest is None:
             self.checkpoints.clear()
             self.store.truncate(self.run, {})
+            write_durably(self.checkpoints.directory / IDENTITY_FILE,
+                          json.dumps(asdict(self.identity), sort_keys=True).encode())
             return None
         writers = {}
         for partition, seq in latest.partition_seqs.items():
             writer = WriterId.partition(self.run, partition)
             writers[writer.local] = seq
             writers.update({writer.for_step(step.name).local: seq for step in self.spec.steps})
+            writers[writer.for_step(DEADLETTER_STEP).local] = seq  # its poison events
+        for name, seqs in latest.stage_seqs.items():
+            for partition, seq in seqs.items():
+                writers[WriterId.stage(self.run, name, partition).for_step(DEADLETTER_STEP).local] = seq
         writers[WriterId.ingest(self.run).local] = latest.deadletter_seq
         self.store.truncate(self.run, writers)
-        ingest.duplicates.restore(self.checkpoints.read_state(latest.epoch, "dedup"))
-        if ingest.labels is not None:
-            ingest.labels.restore(self.checkpoints.read_state(latest.epoch, "labels"))
+        ingest.restore({name: self.checkpoints.read_state(latest.epoch, name)
+                        for name in ingest.snapshot()})
         self.epoch = latest.epoch
         partitions = self.spec.runtime.partitions
         return Restored(
@@ -83,10 +164,11 @@ class Checkpointer:
         for name, stage in stage_seqs.items():
             if stage != dict(enumerate(chain.seqs[name])):
                 raise AccountingError({"checkpoint_epoch": self.epoch, f"stage_{name}": 1})
-        self.checkpoints.write_state(self.epoch, "dedup", ingest.duplicates.snapshot())
-        if ingest.labels is not None:
-            self.checkpoints.write_state(self.epoch, "labels", ingest.labels.snapshot())
+        for name, state in ingest.snapshot().items():
+            self.checkpoints.write_state(self.epoch, name, state)
         self.checkpoints.commit(Checkpoint(
             self.epoch, dict(offsets), seqs, counts.batches, counts.numbers(),
             dict(counts.reasons), stage_seqs))
+        dispatcher.executor.committed()
+        chain.committed()
         counts.checkpoints += 1

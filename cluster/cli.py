@@ -38,6 +38,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="run without Ray, in this process (debugging)")
     run.add_argument("--resume", action="store_true",
                      help="continue the run from its last checkpoint (after a crash)")
+    run.add_argument("--run-id", type=_run_id,
+                     help="the run's id (default: derived from the config and the input)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     submit = commands.add_parser("submit", help="submit a run to a cluster as a Ray job")
@@ -54,8 +56,12 @@ def _parser() -> argparse.ArgumentParser:
     nab = benchmarks.add_parser("nab", help="anomaly detectors on a NAB corpus")
     nab.add_argument("--data", type=Path, required=True, help="corpus root (data/, labels/)")
     nab.add_argument("--out", type=Path, required=True, help="results folder")
-    nab.add_argument("--detector", default="knn_novelty",
-                     help="windowed_gaussian | robust_zscore | knn_novelty")
+    nab.add_argument("--detector", default="best",
+                     help="best (the shipped recipe) or a registered detector: ensemble, "
+                          "knn_novelty, cad_ose, knn_cad, bocpd, relative_entropy, likelihood, "
+                          "windowed_gaussian, robust_zscore")
+    nab.add_argument("--plot", nargs="+", metavar="SERIES",
+                     help="also draw these series (category/name.csv) into OUT/plots/")
     nab.add_argument("--partitions", type=_positive, default=2)
     nab.add_argument("--address", help="Ray cluster address; default: an embedded local Ray")
     nab.add_argument("--in-process", action="store_true", help="run without Ray")
@@ -114,6 +120,14 @@ def _day(text: str) -> Any:
         raise argparse.ArgumentTypeError(f"{text!r} is not a date YYYY-MM-DD") from None
 
 
+def _run_id(text: str) -> str:
+    import re
+
+    if not re.fullmatch(r"[A-Za-z0-9_]{1,64}", text):
+        raise argparse.ArgumentTypeError(f"{text!r}: letters, digits and _ only (at most 64)")
+    return text
+
+
 def _positive(text: str) -> int:
     try:
         value = int(text)
@@ -137,6 +151,7 @@ def command_run(args: argparse.Namespace) -> dict[str, Any]:
     return run_job(args.config, address=args.address, store=args.store, inputs=args.input,
                    partitions=args.partitions, in_process=args.in_process,
                    progress=False if args.no_progress else None, resume=args.resume,
+                   run_id=args.run_id,
                    log=_log)
 
 
@@ -185,10 +200,10 @@ def command_evaluate(args: argparse.Namespace) -> dict[str, Any]:
         from cluster.evaluate_nab import evaluate_nab
         from models.anomaly import DETECTORS
 
-        if args.detector not in DETECTORS:
-            raise UnknownPluginError("detector", args.detector, list(DETECTORS))
+        if args.detector not in DETECTORS and args.detector != "best":
+            raise UnknownPluginError("detector", args.detector, ["best", *DETECTORS])
         return evaluate_nab(args.data, args.out, args.detector, args.partitions,
-                            args.address, args.in_process, log=_log)
+                            args.address, args.in_process, log=_log, plot=args.plot)
     raise AssertionError(args.benchmark)
 
 

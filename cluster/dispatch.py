@@ -103,6 +103,9 @@ class Dispatcher:
         for receipt in receipts:
             self.latencies.add(receipt.latency_s, receipt.rows)
             counts.stored += receipt.rows
+            if receipt.dead_lettered:  # poison events: sent, dead-lettered instead of stored
+                counts.poisoned += receipt.dead_lettered
+                counts.count_reasons(receipt.reasons)
             counts.alerts += receipt.alerts
             if receipt.derived is not None and receipt.derived.num_rows:
                 counts.derived += receipt.derived.num_rows

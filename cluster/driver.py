@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cluster.accounting import RunCounts
-from cluster.checkpointing import Checkpointer
+from cluster.checkpointing import Checkpointer, RunIdentity
 from cluster.dispatch import Dispatcher
 from cluster.enrichment import EnrichmentChain
 from cluster.ingest import Ingest
@@ -30,9 +30,10 @@ from cluster.operators import KeyedExecutor
 from pipelines.envelope import envelope_schema
 from pipelines.errors import ConfigError
 from pipelines.kinds import build_source, stage_class
+from pipelines.merged_source import EventTimeMergedSource, TimestampMicros
 from pipelines.normalise import Clock, utc_now
 from pipelines.pacing import Pacer
-from pipelines.sources import ParquetSource, Source, iter_batches
+from pipelines.sources import CsvSource, ParquetSource, RawBatch, Source, iter_batches
 from pipelines.spec import EnrichSpec, PipelineSpec
 from pipelines.store import EventStore
 
@@ -43,9 +44,18 @@ PartitionFactory = Callable[[str], KeyedExecutor]
 StageFactory = Callable[[str, EnrichSpec], KeyedExecutor]
 
 
+def config_digest(spec: PipelineSpec) -> str:
+    """A digest of what the pipeline computes: the config less its runtime, store and
+    search path (changing the partition count keeps the run's identity, so that
+    ``--resume`` can refuse the change instead of silently starting another run)."""
+    text = spec.model_dump_json(exclude={"runtime", "store", "search_path"})
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def run_id(spec: PipelineSpec, source: Source) -> str:
-    """A short id of (pipeline, source, parts): rerunning the same input rewrites its files."""
-    text = "\n".join([spec.name, source.name, *source.list_parts()])
+    """The default id of a run: of its config and its input (source name and parts), so
+    rerunning the same input rewrites its files, and adding a file makes another run."""
+    text = "\n".join([spec.name, config_digest(spec), source.name, *source.list_parts()])
     return "r" + hashlib.sha256(text.encode()).hexdigest()[:10]
 
 
@@ -84,16 +94,17 @@ class PipelineRun:
 
     def __init__(self, spec: PipelineSpec, partitions: PartitionFactory,
                  store_root: str | Path, inputs: list[str] | None, clock: Clock,
-                 stages: StageFactory | None = None) -> None:
+                 stages: StageFactory | None = None, run: str | None = None) -> None:
         if spec.enrich and stages is None:
             raise ConfigError("enrich: this runner has no executor for enrichment stages")
         self.spec = spec
         self.source = build_source(spec, inputs)
         self.store = EventStore(store_root)
-        self.run = run_id(spec, self.source)
+        self.run = run or run_id(spec, self.source)
         self.counts = RunCounts()
         self.ingest = Ingest(spec, self.store, self.run, clock)
-        self.checkpointer = Checkpointer(spec, self.store, self.run)
+        self.checkpointer = Checkpointer(spec, self.store, self.run, RunIdentity.of(
+            spec, config_digest(spec), self.source.list_parts()))
         pace = spec.source.pace
         self.pacer = Pacer(pace.speedup, pace.linger_ms / 1000) if pace else None
         self.partition_factory, self.stage_factory = partitions, stages
@@ -115,7 +126,7 @@ class PipelineRun:
         for started in [executor, *stage_executors]:
             started.ready()  # actors up (imports, models, restored state) before the clock
         self.dispatcher = Dispatcher(self.spec, executor, seqs, self.counts, self.routed_schema)
-        self.chain = EnrichmentChain(self.spec, stage_executors, stage_seqs)
+        self.chain = EnrichmentChain(self.spec, stage_executors, stage_seqs, self.counts)
         return restored is not None, dict(restored.source_offsets) if restored else {}
 
     def release(self, events: pa.Table) -> None:
@@ -156,6 +167,16 @@ class PipelineRun:
             self.dispatcher.route(finished)
         self.checkpointer.take(self.dispatcher, self.chain, self.ingest, self.counts, offsets)
 
+    def _batches(self, offsets: dict[str, int]) -> Iterator[RawBatch]:
+        """The source's batches; a bounded Parquet or CSV source in event-time order reads
+        its files merged by their timestamps, whatever order they were given in."""
+        source, mapping = self.source, self.spec.mapping
+        merge = self.spec.source.ordering == "event-time" and len(source.list_parts()) > 1
+        if merge and isinstance(source, ParquetSource | CsvSource):  # one file needs no merge
+            merged = EventTimeMergedSource(source, mapping.timestamp, TimestampMicros(mapping.timestamp_unit))
+            return merged.batches(offsets)
+        return iter_batches(source, offsets)
+
     def execute(self, resume: bool, progress: bool | None) -> dict[str, Any]:
         starting = time.perf_counter()
         resumed, offsets = self._start(resume)
@@ -163,7 +184,7 @@ class PipelineRun:
         every = self.spec.runtime.checkpoint_every
         started = time.perf_counter()
         try:
-            for raw in iter_batches(self.source, offsets):
+            for raw in self._batches(offsets):
                 self.release(self.ingest.read(raw, self.counts))
                 offsets[raw.part] = raw.next_offset
                 self.pump()
@@ -171,8 +192,8 @@ class PipelineRun:
                     self.checkpoint(offsets)
                 bar.update(raw.num_rows, self.counts, self.dispatcher.executor.in_flight())
             rest = self.ingest.rest(self.counts)
-            if rest is not None:
-                self.release(rest)
+            if rest is not None:  # the source has ended: no pacing, nothing comes after it
+                self.enter(rest)
             self.checkpoint(offsets)
             self.counts.restarts = self.dispatcher.executor.restarts + self.chain.restarts
         finally:
@@ -194,6 +215,7 @@ def run_pipeline(
     clock: Clock = utc_now,
     resume: bool = False,
     stage_factory: StageFactory | None = None,
+    run_id: str | None = None,
 ) -> dict[str, Any]:
     """Run a pipeline to the end of its source; returns the summary (see the CLI).
 
@@ -207,8 +229,9 @@ def run_pipeline(
         resume: continue from the run's last checkpoint instead of starting over.
         stage_factory: builds an enrichment stage's executor, given the run's id and the
             stage (needed when the pipeline has ``enrich`` stages).
+        run_id: the run's id (default: derived from the config and the input).
     """
-    run = PipelineRun(spec, executor_factory, store_root, inputs, clock, stage_factory)
+    run = PipelineRun(spec, executor_factory, store_root, inputs, clock, stage_factory, run_id)
     return run.execute(resume, progress)
 
 

@@ -5,7 +5,9 @@ the stage's key over the stage's partitions (only the columns the stage reads cr
 actors). When every piece has answered, the added columns are joined back onto the slice
 by row position (:data:`~pipelines.processing.ROW_POSITION`) and the slice goes on to the
 next stage. Slices are pipelined (up to ``max_in_flight`` in the stages at once) and leave
-the last stage in the order they entered, each whole, so every key keeps its order.
+the last stage in the order they entered, each whole, so every key keeps its order. Events
+a stage's logic raised on (poison events) were dead-lettered by its actor: they leave the
+slice there, counted in the run's ``dead_lettered``.
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ from dataclasses import dataclass, field
 import polars as pl
 import pyarrow as pa
 
+from cluster.accounting import RunCounts
 from cluster.operators import KeyedExecutor
-from pipelines.keyed import split_by_partition
+from pipelines.keyed import BatchReceipt, split_by_partition
 from pipelines.kinds import stage_class
 from pipelines.processing import ROW_POSITION
 from pipelines.spec import EnrichSpec, PipelineSpec
@@ -39,15 +42,17 @@ class EnrichmentChain:
         spec: the pipeline.
         executors: one executor per stage of ``spec.enrich``.
         seqs: each stage's partitions' next sequence numbers (from a checkpoint).
+        counts: the run's counters (poison events dead-lettered in a stage are added).
     """
 
     def __init__(self, spec: PipelineSpec, executors: list[KeyedExecutor],
-                 seqs: dict[str, list[int]]) -> None:
+                 seqs: dict[str, list[int]], counts: RunCounts | None = None) -> None:
+        self.counts = counts if counts is not None else RunCounts()
         self.stages: list[tuple[EnrichSpec, KeyedExecutor]] = list(zip(spec.enrich, executors, strict=True))
         self.reads = [stage_class(s, tuple(spec.search_path)).reads for s in spec.enrich]
         self.seqs = seqs
         self.max_in_flight = spec.runtime.max_in_flight
-        self.answers: list[dict[tuple[int, int], pa.Table | None]] = [{} for _ in self.stages]
+        self.answers: list[dict[tuple[int, int], BatchReceipt]] = [{} for _ in self.stages]
         self.slices: deque[_Slice] = deque()
 
     def __len__(self) -> int:
@@ -75,7 +80,8 @@ class EnrichmentChain:
         key = pl.col("data").struct.field(stage.key)
         if self.reads[index] is not None:  # only what the stage reads crosses to its actors
             fields = dict.fromkeys([stage.key, *self.reads[index]])
-            rows = rows.select(ROW_POSITION, "event_type", "timestamp",
+            # and the id, which names an event the stage raises on in its dead letter
+            rows = rows.select(ROW_POSITION, "event_id", "event_type", "timestamp",
                                data=pl.struct(pl.col("data").struct.field(*fields)))
         rows = rows.with_columns(key=key.cast(pl.String))
         item.stage, item.waiting = index, []
@@ -89,7 +95,7 @@ class EnrichmentChain:
         """Join the answers that came back; returns the slices that left the last stage."""
         for index, (_, executor) in enumerate(self.stages):
             for receipt in executor.poll():
-                self.answers[index][(receipt.partition, receipt.seq)] = receipt.derived
+                self.answers[index][(receipt.partition, receipt.seq)] = receipt
         last = len(self.stages)
         behind = last  # the lowest stage of the slices ahead: none may be overtaken in a stage
         for item in self.slices:
@@ -111,8 +117,14 @@ class EnrichmentChain:
 
     def _join(self, item: _Slice) -> None:
         answers = self.answers[item.stage]
-        parts = [answers.pop(piece) for piece in item.waiting]
-        parts = [p for p in parts if p is not None and p.num_rows]
+        receipts = [answers.pop(piece) for piece in item.waiting]
+        poisoned = [r.poisoned for r in receipts if r.poisoned is not None and len(r.poisoned)]
+        if poisoned:
+            item.frame = item.frame.filter(~pl.col(ROW_POSITION).is_in(
+                pl.Series(pa.concat_arrays(poisoned)).cast(pl.Int64).implode()))
+        for receipt in receipts:
+            self.counts.count_reasons(receipt.reasons)
+        parts = [r.derived for r in receipts if r.derived is not None and r.derived.num_rows]
         if parts:
             added = pl.from_arrow(pa.concat_tables(parts))
             assert isinstance(added, pl.DataFrame)
@@ -122,7 +134,7 @@ class EnrichmentChain:
         """Block until the oldest slice's current stage has answered more, then advance."""
         _, executor = self.stages[self.slices[0].stage]
         for receipt in executor.poll(block=True):
-            self.answers[self.slices[0].stage][(receipt.partition, receipt.seq)] = receipt.derived
+            self.answers[self.slices[0].stage][(receipt.partition, receipt.seq)] = receipt
         return self.advance()
 
     def finish(self) -> list[pa.Table]:
@@ -135,6 +147,10 @@ class EnrichmentChain:
     def checkpoint(self, epoch: int) -> dict[str, dict[int, int]]:
         """Every stage's partitions' state for ``epoch`` (call :meth:`finish` first)."""
         return {stage.name: executor.checkpoint(epoch) for stage, executor in self.stages}
+
+    def committed(self) -> None:
+        for _, executor in self.stages:
+            executor.committed()
 
     @property
     def restarts(self) -> int:

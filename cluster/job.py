@@ -26,6 +26,7 @@ def run_job(
     progress: bool | None = None,
     resume: bool = False,
     log: Callable[[str], None] = lambda _: None,
+    run_id: str | None = None,
 ) -> dict[str, Any]:
     """Load and validate ``config``, then run it to the end; returns the summary."""
     overrides: dict[str, Any] = {}
@@ -33,7 +34,7 @@ def run_job(
         overrides["runtime"] = {"partitions": partitions}
     spec = load_pipeline(config, overrides)
     store_root = Path(store or spec.store.path)
-    return run_spec(spec, store_root, address, inputs, in_process, progress, resume)
+    return run_spec(spec, store_root, address, inputs, in_process, progress, resume, run_id=run_id)
 
 
 def run_spec(
@@ -45,6 +46,7 @@ def run_spec(
     progress: bool | None = None,
     resume: bool = False,
     objects: Mapping[str, Any] | None = None,
+    run_id: str | None = None,
 ) -> dict[str, Any]:
     """Run a validated pipeline on an embedded Ray, a cluster, or in process.
 
@@ -52,14 +54,15 @@ def run_spec(
     """
     if in_process:
         return run_in_process(spec, store_root, objects=objects, inputs=inputs,
-                              resume=resume, progress=progress)
+                              resume=resume, progress=progress, run_id=run_id)
     return run_on_ray(spec, store_root, objects=objects, address=address, inputs=inputs,
-                      resume=resume, progress=progress)
+                      resume=resume, progress=progress, run_id=run_id)
 
 
 def run_in_process(spec: PipelineSpec, store_root: Path, *, objects: Mapping[str, Any] | None = None,
                    inputs: list[str] | None = None, resume: bool = False,
-                   progress: bool | None = False, address: str | None = None) -> dict[str, Any]:
+                   progress: bool | None = False, address: str | None = None,
+                   run_id: str | None = None) -> dict[str, Any]:
     """The ``local`` runner: the same driver and partition logic, in this process."""
     from cluster.driver import run_pipeline
     from cluster.partitions import LocalPartitions
@@ -71,7 +74,7 @@ def run_in_process(spec: PipelineSpec, store_root: Path, *, objects: Mapping[str
     found = dict(objects or {})
     summary = run_pipeline(
         spec, lambda run: LocalPartitions(spec.runtime.partitions, store_root, run, spec, objects=found),
-        store_root, inputs, progress, resume=resume,
+        store_root, inputs, progress, resume=resume, run_id=run_id,
         stage_factory=lambda run, stage: LocalPartitions(stage.partitions, store_root, run, spec, stage))
     return {**summary, "ray": "in-process"}
 
@@ -92,9 +95,24 @@ def code_folders(spec: PipelineSpec, objects: Mapping[str, Any] | None) -> list[
     return list(dict.fromkeys(f for f in folders if Path(f).is_dir()))
 
 
+def ship_by_value(objects: Mapping[str, Any]) -> None:
+    """Pickle registered processors' own modules by value, so actors need not import them
+    (a user's module beside a script or notebook, on any node); installed packages are
+    still pickled by reference."""
+    import ray.cloudpickle
+
+    for processor in objects.values():
+        name = getattr(processor, "__module__", None) or type(processor).__module__
+        module = sys.modules.get(name)
+        source = getattr(module, "__file__", None) or ""
+        if module is None or name == "__main__" or "site-packages" in source:
+            continue
+        ray.cloudpickle.register_pickle_by_value(module)
+
+
 def run_on_ray(spec: PipelineSpec, store_root: Path, *, objects: Mapping[str, Any] | None = None,
                address: str | None = None, inputs: list[str] | None = None, resume: bool = False,
-               progress: bool | None = False) -> dict[str, Any]:
+               progress: bool | None = False, run_id: str | None = None) -> dict[str, Any]:
     """The ``ray`` runner: keyed actors on an embedded local Ray, or on the cluster at
     ``address`` (a Ray job joins its own cluster)."""
     from cluster.driver import run_pipeline
@@ -104,6 +122,7 @@ def run_on_ray(spec: PipelineSpec, store_root: Path, *, objects: Mapping[str, An
     runtime, found = spec.runtime, dict(objects or {})
     with ray_session(address, object_store_mb=runtime.object_store_mb,
                      code_search_path=code_folders(spec, found)) as ray_facts:
+        ship_by_value(found)
         # Ray's actor default: a CPU free to be placed, none held while running. A share of
         # the cluster's CPUs per actor (cpus / actors) does not pack onto nodes it does not
         # divide (four actors of 0.75 CPU on three 1-CPU nodes: one never starts and the run
@@ -113,7 +132,7 @@ def run_on_ray(spec: PipelineSpec, store_root: Path, *, objects: Mapping[str, An
             spec,
             lambda run: RayPartitions(runtime.partitions, store_root, run, runtime.max_in_flight,
                                       per_actor, spec, objects=found),
-            store_root, inputs, progress, resume=resume,
+            store_root, inputs, progress, resume=resume, run_id=run_id,
             stage_factory=lambda run, stage: RayPartitions(
                 stage.partitions, store_root, run, runtime.max_in_flight, per_actor, spec, stage))
     return {**summary, "ray": ray_facts["mode"]}

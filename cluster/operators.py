@@ -9,9 +9,9 @@ The driver hands an executor batches and collects their receipts, nothing else:
 - ``poll(block=False)``: receipts of the batches finished since the last poll, each
   partition's in sequence order (``block``: wait for at least one first);
 - ``checkpoint(epoch)``: finish everything in flight, have every partition write its state
-  for ``epoch``, return each partition's next sequence number; the driver commits the
-  checkpoint before it asks for the next one, so the executor may forget what the previous
-  one covers;
+  for ``epoch``, return each partition's next sequence number (the driver may ask for one
+  epoch again when acknowledged batches brought derived events to apply first);
+- ``committed()``: the checkpoint is committed, the batches it covers are never resent;
 - ``close()``.
 
 Besides those, three questions: ``ready()`` (wait until the actors have started, so the
@@ -21,13 +21,11 @@ progress), and the ``restarts`` counter.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Protocol
 
 import pyarrow as pa
 
 from pipelines.keyed import BatchReceipt
-from pipelines.spec import EnrichSpec
 
 
 class KeyedExecutor(Protocol):
@@ -39,13 +37,7 @@ class KeyedExecutor(Protocol):
     def submit(self, partition: int, seq: int, rows: pa.Table) -> None: ...
     def poll(self, block: bool = False) -> list[BatchReceipt]: ...
     def checkpoint(self, epoch: int) -> dict[int, int]: ...
+    def committed(self) -> None: ...
     def capacity(self, partition: int) -> int: ...
     def in_flight(self) -> int: ...
     def close(self) -> None: ...
-
-
-#: Builds the executor of the partitions (``stage`` None) or of an enrichment stage, given
-#: the run's id and where each partition starts (its next sequence number).
-ExecutorFactory = Callable[[str, "EnrichSpec | None", dict[int, int]], KeyedExecutor]
-
-__all__ = ["ExecutorFactory", "KeyedExecutor"]

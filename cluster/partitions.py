@@ -33,7 +33,7 @@ import pyarrow as pa
 
 from pipelines.checkpoint import CheckpointStore
 from pipelines.errors import PipelineError
-from pipelines.keyed import BatchReceipt, PartitionWorker
+from pipelines.keyed import DEADLETTER_STEP, BatchReceipt, PartitionWorker
 from pipelines.kinds import build_stage, build_steps
 from pipelines.spec import EnrichSpec, PipelineSpec, RuntimeSpec
 from pipelines.store import EventStore
@@ -45,6 +45,8 @@ RECOVERY_TIMEOUT_S = 120.0
 #: Recoveries of one partition in a row without an acknowledged batch before giving up:
 #: a batch that fails every time is a bug to report, not a crash to retry forever.
 MAX_FUTILE_RECOVERIES = 5
+#: How long a recovery waits for a killed actor's calls to fail, to fetch their errors.
+DISCARD_TIMEOUT_S = 5.0
 
 
 class PartitionFailed(PipelineError):
@@ -68,7 +70,9 @@ class PartitionFailed(PipelineError):
 
 
 def actor_name(partition: int, stage: EnrichSpec | None = None) -> str:
-    """``partition-<i>``, or ``<stage>-<i>`` for an enrichment stage's actors."""
+    """``partition-<i>``, or ``<stage>-<i>`` for an enrichment stage's actors: the name in
+    messages. In Ray the actor is registered as ``<run>-<name>`` (see
+    :meth:`RayPartitions.ray_name`), so two runs on one cluster never collide."""
     return f"{stage.name if stage else 'partition'}-{partition}"
 
 
@@ -87,11 +91,12 @@ class _RunWorker(PartitionWorker):
             steps = [build_stage(stage, spec)]
         else:
             steps = build_steps(spec, objects) if spec is not None else []
+        writer = WriterId.partition(run, partition)
+        owner = WriterId.stage(run, stage.name, partition) if stage is not None else writer
         super().__init__(partition, EventStore(store_root), steps=steps, store_events=stage is None,
-                         writer=WriterId.partition(run, partition))
+                         writer=writer, deadletter_writer=owner.for_step(DEADLETTER_STEP))
         self.run, self.stage = run, stage
-        self.owner = (WriterId.stage(run, stage.name, partition) if stage is not None
-                      else self.writer).local
+        self.owner = owner.local
         self.checkpoints = CheckpointStore(store_root, run)
         latest = self.checkpoints.latest()
         if latest is not None:
@@ -136,6 +141,9 @@ class LocalPartitions:
     def checkpoint(self, epoch: int) -> dict[int, int]:
         return {w.partition: w.checkpoint(epoch) for w in self.workers}
 
+    def committed(self) -> None:
+        pass
+
     def close(self) -> None:
         pass
 
@@ -162,7 +170,8 @@ def _actor_class() -> Any:
         def apply(self, seq: int, rows: pa.Table) -> BatchReceipt:
             receipt = self.worker.apply(seq, rows)
             if receipt.applied:  # exported to the Ray dashboard / Prometheus
-                self.stored.inc(receipt.rows, tags=self.tags)
+                if receipt.rows:  # a counter refuses 0: a batch of poison events only
+                    self.stored.inc(receipt.rows, tags=self.tags)
                 self.latency.observe(receipt.latency_s, tags=self.tags)
             return receipt
 
@@ -209,7 +218,9 @@ class RayPartitions:
         # every batch sent since the last committed checkpoint, to resend after a recovery
         self.unacked: list[deque[tuple[int, pa.Table]]] = [deque() for _ in range(partitions)]
         self.acked_next = [0] * partitions
-        self._checkpointed = [0] * partitions
+        self._checkpointed = [0] * partitions  # as the last checkpoint call wrote them
+        self._committed = [0] * partitions  # as the last committed checkpoint holds them
+        self._epoch: int | None = None
         self.restarts = 0
         self._futile = [0] * partitions
         self._done: list[BatchReceipt] = []
@@ -219,13 +230,17 @@ class RayPartitions:
         while True:
             try:
                 return self._actor.options(
-                    name=actor_name(partition, self.stage), namespace=NAMESPACE,
+                    name=self.ray_name(partition), namespace=NAMESPACE,
                     num_cpus=self.cpus_per_actor, scheduling_strategy="SPREAD",
                 ).remote(partition, self.store_root, self.run, self.spec, self.stage, self.objects)
             except ValueError:  # the dead actor's name is not released yet
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.2)
+
+    def ray_name(self, partition: int) -> str:
+        """The name a partition's actor is registered under: ``<run>-partition-<i>``."""
+        return f"{self.run}-{actor_name(partition, self.stage)}"
 
     def ready(self) -> None:
         """Wait until every actor has started (imports, model, restored state): the run's
@@ -235,6 +250,7 @@ class RayPartitions:
             try:
                 position = self._ray.get(actor.position.remote(), timeout=RECOVERY_TIMEOUT_S)
                 self.acked_next[partition] = self._checkpointed[partition] = position
+                self._committed[partition] = position
             except self._failures:
                 self._recover(partition)
 
@@ -259,6 +275,8 @@ class RayPartitions:
         """Recover the partition after ``exc``, unless it has failed too often in a row."""
         self._futile[partition] += 1
         if self._futile[partition] > MAX_FUTILE_RECOVERIES:
+            self._kill(partition)
+            self._discard(partition)
             raise PartitionFailed(actor_name(partition, self.stage), what,
                                   self._futile[partition], self._cause(exc)) from exc
         self._recover(partition)
@@ -281,11 +299,27 @@ class RayPartitions:
             self._futile[partition] = 0
             self._done.append(receipt)
 
+    def _discard(self, partition: int) -> None:
+        """Drop the calls in flight to the partition's killed actor, fetching those that
+        have failed: Ray reports a failed call nobody fetched as an unhandled error (on
+        stderr, after the one line a failed run prints)."""
+        refs = [ref for _, ref in self.pending[partition]]
+        self.pending[partition].clear()
+        if not refs:
+            return
+        ready, _ = self._ray.wait(refs, num_returns=len(refs), timeout=DISCARD_TIMEOUT_S)
+        for ref in ready:
+            try:
+                self._ray.get(ref, timeout=0)
+            except Exception:  # the failure itself is the expected outcome: nothing to do
+                pass
+
     def _recover(self, partition: int) -> None:
         """Replace the partition's actor and resend what it has not applied, in order.
         ``restarts`` counts the actors started: a replacement that dies or does not answer
         while it starts is killed and replaced again."""
-        self.pending[partition].clear()
+        self._kill(partition)
+        self._discard(partition)
         deadline = time.monotonic() + RECOVERY_TIMEOUT_S
         while True:
             self._kill(partition)
@@ -305,6 +339,7 @@ class RayPartitions:
         # the partition stands (during a run, the position is never past what was acked)
         self.acked_next[partition] = max(self.acked_next[partition], position)
         self._checkpointed[partition] = max(self._checkpointed[partition], position)
+        self._committed[partition] = max(self._committed[partition], position)
         for seq, rows in self.unacked[partition]:
             if seq >= position:
                 self.pending[partition].append((seq, actor.apply.remote(seq, rows)))
@@ -353,10 +388,15 @@ class RayPartitions:
         """Every partition's state at this point, written for ``epoch``; flushes first (the
         receipts come with the next :meth:`poll`).
 
-        The driver commits each checkpoint before it asks for the next, so batches before
-        the previous one are covered by a committed checkpoint and are never resent: they
-        are dropped here.
+        The driver commits each checkpoint before it asks for the next epoch, so when a new
+        epoch is asked, batches before the previous epoch's are covered by a committed
+        checkpoint and are never resent: they are dropped here. The driver may ask for one
+        epoch more than once (acknowledged batches brought derived events to apply first):
+        until the epoch changes, what those calls wrote is not committed, and a recovery
+        meanwhile restores the previous epoch and resends from there.
         """
+        if epoch != self._epoch:
+            self._committed, self._epoch = list(self._checkpointed), epoch
         self._forget_committed()
         self._flush()
         seqs: dict[int, int] = {}
@@ -374,9 +414,14 @@ class RayPartitions:
         self._checkpointed = [seqs[p] for p in range(len(self.actors))]
         return seqs
 
+    def committed(self) -> None:
+        """The checkpoint just taken is committed: the batches it covers are never resent."""
+        self._committed = list(self._checkpointed)
+        self._forget_committed()
+
     def _forget_committed(self) -> None:
         for partition, queue in enumerate(self.unacked):
-            while queue and queue[0][0] < self._checkpointed[partition]:
+            while queue and queue[0][0] < self._committed[partition]:
                 queue.popleft()
 
     def _kill(self, partition: int) -> None:

@@ -61,9 +61,10 @@ def ray_session(
     """Connect to Ray for the duration of a ``with`` block; yields facts about it.
 
     Args:
-        address: a cluster's address (``127.0.0.1:6379``, ``ray://...``); ``None`` starts an
-            embedded local Ray, unless running inside a Ray job (``RAY_ADDRESS`` set), which
-            joins the job's cluster.
+        address: a cluster's address (``127.0.0.1:6379``, ``ray://...``); ``None`` uses
+            the Ray this process is already connected to, or else starts an embedded local
+            Ray, unless running inside a Ray job (``RAY_ADDRESS`` set), which joins the
+            job's cluster.
         num_cpus: CPUs of an embedded Ray (default: the machine's).
         object_store_mb: object store size of an embedded Ray.
         code_search_path: folders the job's workers put on ``sys.path`` (user processors'
@@ -74,6 +75,9 @@ def ray_session(
     import ray
     from ray.job_config import JobConfig
 
+    if address is None and ray.is_initialized():  # a caller's own Ray (a notebook, a test)
+        yield {"mode": "existing", "cpus": ray.cluster_resources().get("CPU", 0.0)}
+        return
     job_config = JobConfig(code_search_path=code_search_path) if code_search_path else None
 
     temp_dir = None

@@ -11,9 +11,11 @@ already seen. The filter is **exact within a horizon of event time** and bounded
   duplicate**, and is not recorded: the filter never dead-letters a genuine event. Outside
   the horizon, idempotence is the store's job (:meth:`pipelines.store.EventStore.stored_ids`).
 
-An event is a duplicate when an earlier event with the same id fell in the same time bucket
-(a retry or a re-read carries the same event time). Memory is the ids of the horizon: about
-8 bytes of hash, 8 of offset and the id's bytes per event (~52 bytes for a UUID).
+An event is a duplicate when an earlier event with the same id is remembered, whatever its
+time within the horizon (a retry or a re-read carries the same event time; a producer that
+reuses an id for another time is caught too); each id is kept in its own time's bucket, so
+memory is released a bucket at a time. Memory is the ids of the horizon: about 8 bytes of
+hash, 8 of offset and the id's bytes per event (~52 bytes for a UUID).
 """
 
 from __future__ import annotations
@@ -49,8 +51,8 @@ class DuplicateFilter:
 
     Args:
         horizon_us: how far behind the watermark ids are remembered (default 7 days).
-        bucket_us: width of an event-time bucket (default 1 hour); memory is released a
-            bucket at a time.
+        bucket_us: width of an event-time bucket (default 1 day); memory is released a
+            bucket at a time, and a batch is checked against every bucket kept.
 
     Example:
         >>> f = DuplicateFilter(horizon_us=DAY_US)
@@ -63,7 +65,7 @@ class DuplicateFilter:
         0
     """
 
-    def __init__(self, horizon_us: int = 7 * DAY_US, bucket_us: int = HOUR_US) -> None:
+    def __init__(self, horizon_us: int = 7 * DAY_US, bucket_us: int = DAY_US) -> None:
         if horizon_us < 0 or bucket_us <= 0:
             raise ValueError("horizon_us must be >= 0 and bucket_us > 0")
         self.horizon_us, self.bucket_us = horizon_us, bucket_us
@@ -111,19 +113,22 @@ class DuplicateFilter:
         rows = np.flatnonzero(candidates)
         if len(rows) == 0:
             return duplicate
-        order = rows[np.argsort(buckets[rows], kind="stable")]
-        ordered_ids, ordered_buckets = ids.take(pa.array(order)), buckets[order]
-        repeated = ~pl.DataFrame({"b": ordered_buckets, "id": ordered_ids}).select(
-            pl.struct("b", "id").is_first_distinct()).to_series().to_numpy()
-        hashes = stable_hash64(ordered_ids)
+        # the first occurrence in the batch (source order) wins, whatever its time
+        in_order = ids.take(pa.array(rows))
+        repeated = ~pl.Series(in_order).is_first_distinct().to_numpy()
+        hashes = stable_hash64(in_order)
+        seen = repeated.copy()
+        for bucket in list(self._buckets):
+            seen |= self._seen(bucket, hashes, in_order)
+        duplicate[rows] = seen
+        fresh = rows[~seen]
+        order = fresh[np.argsort(buckets[fresh], kind="stable")]
+        fresh_hashes = hashes[~seen][np.argsort(buckets[fresh], kind="stable")]
+        ordered_buckets = buckets[order]
+        ordered_ids = ids.take(pa.array(order))
         for start, end in _segments(ordered_buckets):
-            bucket = int(ordered_buckets[start])
-            h, bucket_ids = hashes[start:end], ordered_ids.slice(start, end - start)
-            seen = self._seen(bucket, h, bucket_ids) | repeated[start:end]
-            fresh = np.flatnonzero(~seen)
-            if len(fresh):
-                self._add(bucket, h[fresh], bucket_ids.take(pa.array(fresh)))
-            duplicate[order[start:end]] = seen
+            self._add(int(ordered_buckets[start]), fresh_hashes[start:end],
+                      ordered_ids.slice(start, end - start))
         return duplicate
 
     def _bucket_of(self, timestamps: object, n: int) -> np.ndarray:

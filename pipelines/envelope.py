@@ -294,6 +294,7 @@ ReasonCode = Literal[
     "bad_version",
     "upcast_failed",
     "duplicate_event_id",
+    "processor_error",
 ]
 
 DEADLETTER_SCHEMA = pa.schema(

@@ -24,7 +24,9 @@ by (time, tiebreak, arrival): released events are all older than ``W``, and ever
 arrival is at least ``W``.
 
 An event is *late* when its time is strictly older than the watermark in force when it
-arrives (``t < W``, i.e. older than the bulk's time minus ``lateness``). Late events are
+arrives (``t < W``, i.e. older than the bulk's time minus ``lateness``). Before the first
+watermark, an event more than ``lateness`` plus ten interquartile ranges below its
+batch's first quartile is late as well (a far-past outlier at the head of a stream). Late events are
 handed back apart, never reordered into the stream and never an exception; the driver
 applies the source's late policy to them.
 
@@ -231,7 +233,7 @@ class EventTimeOrderer:
         if self.clock is not None:
             self._last_arrival, self._idle_base = self.clock(), None
         times = _column_micros(batch)
-        late = _late_mask(times, self.watermark.value)
+        late = _late_mask(times, self.watermark.value, _micros(self.policy.lateness))
         if late.any():
             late_rows, batch = batch.filter(pa.array(late)), batch.filter(pa.array(~late))
             times = times[~late]
@@ -364,8 +366,21 @@ def _column_at(table: pa.Table, path: str) -> pa.ChunkedArray:
     return column
 
 
-def _late_mask(times: np.ndarray, watermark: int | None) -> np.ndarray:
-    """Rows older than the watermark; a null time (int64 min) is always late."""
+def _late_mask(times: np.ndarray, watermark: int | None, lateness_us: int = 0) -> np.ndarray:
+    """Rows older than the watermark; a null time (int64 min) is always late.
+
+    Before the source has a watermark (its first events), a row far below the bulk of the
+    batch is late too: older than the batch's first quartile by more than ``lateness`` plus
+    ten interquartile ranges (an in-order batch's earliest row is within one). One row
+    dated 1970 at the head of a 2018 stream is then a late event like the same row further
+    on, instead of an event that sets the stream's start.
+    """
     if watermark is None:
-        return times == np.iinfo(np.int64).min
+        null = times == np.iinfo(np.int64).min
+        known = times[~null]
+        if len(known) < 2:
+            return null
+        q1, q3 = np.percentile(known, [25, 75])
+        floor = q1 - lateness_us - 10 * (q3 - q1)
+        return null | (times < floor)
     return times < watermark

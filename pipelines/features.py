@@ -26,7 +26,9 @@ entering rows, each in arrival order; a row that would enter and leave at the sa
 skipped). The float result so carries rounding from the key's history; both implementations do
 the same additions in the same order and agree bit for bit. When a key's next event comes after
 all its rows have left every window (a gap of at least ``horizon``), its sums restart from
-zero, unless ``carry_residual`` asks for pandas' behaviour of carrying the rounding residual.
+zero, unless ``carry_residual`` asks for pandas' behaviour of carrying the rounding residual;
+then they restart only after a gap of at least ``residual_horizon`` (default a year; None:
+never, as pandas).
 
 Labels, and what is read: a spec may name a ``label`` column (``TX_FRAUD`` in the
 handbook), known only ``label_delay`` after its row's time. Validation refuses any aggregate
@@ -46,7 +48,10 @@ key the time of its latest event and its running sums. Only rows newer than ``ho
 longest ``delay + duration``) before their key's latest event are kept; a key whose latest
 event is ``horizon`` or more older than the watermark (the latest event time seen minus
 ``allowed_lateness``) is dropped (with ``carry_residual``, a key whose residual is not zero
-keeps only its sums). Exceptions::
+keeps only its sums, until the watermark has passed it by ``residual_horizon``). Keys live in
+slots that never move: a new key takes a freed slot or a new one and enters a small sorted
+delta of the key index, so a batch bringing new keys is not slowed by the table's size.
+Exceptions::
 
     PipelineError
     └── FeatureError          a batch cannot be processed as the spec says
@@ -93,6 +98,9 @@ FrameLike = pl.DataFrame | pa.Table | pa.RecordBatch
 ZERO = dt.timedelta(0)
 HOUR = dt.timedelta(hours=1)
 DAY = dt.timedelta(days=1)
+#: How long a key idle past its windows keeps a carried running-sum residual (see
+#: KeyedWindowSpec.carry_residual): a key back after a year restarts its sums at zero.
+RESIDUAL_HORIZON = dt.timedelta(days=365)
 _KINDS = ("count", "sum", "mean", "min", "max", "last", "share")
 _RUNNING = ("sum", "mean")
 _MAGIC = b"ERFEAT1\n"
@@ -194,6 +202,12 @@ class KeyedWindowSpec:
         carry_residual: Keep a key's running-sum rounding residual across gaps of at least
             ``horizon`` (pandas' rolling sum does; it costs one float per running sum for
             each idle key whose residual is not exactly zero) instead of restarting at zero.
+        residual_horizon: With ``carry_residual``, how long an idle key keeps its residual:
+            a key whose next event comes this long or more after its previous one restarts
+            its sums at zero (online and offline alike), and the watermark passing a key by
+            this much drops it. At least ``horizon``; ``None`` keeps residuals for ever (the
+            held keys then grow with every key ever seen). The default, a year, is longer
+            than any gap in the handbook's data (106 days) or a year's simulation.
         allowed_lateness: How far behind the latest event time seen a key's events may arrive
             (events of one key stay in order); idle keys expire only after the watermark
             has passed them by ``horizon``.
@@ -212,6 +226,7 @@ class KeyedWindowSpec:
     label_delay: dt.timedelta = ZERO
     carry_residual: bool = False
     allowed_lateness: dt.timedelta = ZERO
+    residual_horizon: dt.timedelta | None = RESIDUAL_HORIZON
 
     def __post_init__(self) -> None:
         if not isinstance(self.aggregates, tuple) or not self.aggregates:
@@ -226,6 +241,9 @@ class KeyedWindowSpec:
                 raise ConfigError(f"aggregate {agg.name!r} reads label {self.label!r} through a window "
                                   f"ending {agg.window.delay} before the event, but labels are known "
                                   f"only {self.label_delay} after it")
+        if self.residual_horizon is not None and not self.residual_horizon >= self.horizon:
+            raise ConfigError(f"residual_horizon {self.residual_horizon} must be at least the horizon "
+                              f"{self.horizon} (or None: keep residuals for ever)")
 
     @property
     def horizon(self) -> dt.timedelta:
@@ -242,6 +260,14 @@ class _Plan:
     running: tuple[tuple[int, ...], ...]  # per window: columns kept as running sums
     horizon: int
     lateness: int
+    residual: int | None  # ns a carried residual is kept for an idle key (None: for ever)
+
+    @property
+    def restart(self) -> int | None:
+        """The gap in a key's events from which its running sums restart at zero."""
+        return self.residual if self.carry else self.horizon
+
+    carry: bool = False
 
     @classmethod
     def of(cls, spec: KeyedWindowSpec) -> _Plan:
@@ -253,7 +279,9 @@ class _Plan:
                                 for a in aggs if a.window == w and a.kind in _RUNNING))
             for w in windows
         )
-        return cls(windows, columns, running, _ns(spec.horizon), _ns(spec.allowed_lateness))
+        residual = None if spec.residual_horizon is None else _ns(spec.residual_horizon)
+        return cls(windows, columns, running, _ns(spec.horizon), _ns(spec.allowed_lateness),
+                   residual if spec.carry_residual else None, spec.carry_residual)
 
     def column(self, agg: Aggregate) -> int:
         return self.columns.index((str(agg.column), agg.kind == "share"))
@@ -457,44 +485,120 @@ class _Arena:
         target.values[:, dest] = self.values[:, source]
 
 
-@dataclass
-class _KeyTable:
-    """Per key, sorted by key: its slab (slots ``[base, limit)``, rows in ``[first, end)``),
-    the time of its latest event and its running sums ``(n_keys, n_running)``."""
+_NO_TIME = np.iinfo(np.int64).min  # the latest-event time of a key that has none yet
+_NONE_LEFT = np.iinfo(np.int64).max  # an expiry floor when no key of that kind is held
 
-    keys: np.ndarray
-    base: np.ndarray
-    first: np.ndarray
-    end: np.ndarray
-    limit: np.ndarray
-    last: np.ndarray
-    sums: np.ndarray
+
+class _KeyTable:
+    """Per key slot: its slab (slots ``[base, limit)``, rows in ``[first, end)``), the time
+    of its latest event and its running sums ``(capacity, n_running)``.
+
+    Slots are never reordered: a new key takes a freed slot or one past the used ones (the
+    arrays double when full), so adding keys costs time in proportion to the new keys, not
+    to the table. Keys are found through a sorted index in two parts: ``main``, rebuilt from
+    the live slots now and then, and a small sorted ``delta`` of the keys added since, kept
+    sorted by insertion. An expired key's slot is freed at once; its entry in ``main`` goes
+    stale (a lookup checks the slot still holds that key) until the next rebuild, which comes
+    when the delta and the stale entries outgrow a sixteenth of the keys.
+    """
+
+    def __init__(self, n_running: int) -> None:
+        self.keys: np.ndarray = np.empty(0, dtype=np.int64)
+        self.base, self.first, self.end, self.limit = (np.empty(0, dtype=np.int64) for _ in range(4))
+        self.last = np.empty(0, dtype=np.int64)
+        self.sums = np.empty((0, n_running))
+        self.live = np.empty(0, dtype=bool)
+        self.used = 0  # slots ever handed out (free ones included)
+        self.free = np.empty(0, dtype=np.int64)
+        self.main = (self.keys, np.empty(0, dtype=np.int64))
+        self.delta = (self.keys, np.empty(0, dtype=np.int64))
+        self.stale = 0
 
     @classmethod
-    def empty(cls, n_running: int) -> _KeyTable:
-        return cls(*(np.empty(0, dtype=np.int64) for _ in range(6)), np.empty((0, n_running)))
+    def of_sorted(cls, keys: np.ndarray, base: np.ndarray, end: np.ndarray, limit: np.ndarray,
+                  last: np.ndarray, sums: np.ndarray) -> _KeyTable:
+        """A table of distinct sorted ``keys`` in slots ``0..n-1`` (as a snapshot holds them)."""
+        table = cls(sums.shape[1])
+        table.keys, table.base, table.first, table.end, table.limit = keys, base, base.copy(), end, limit
+        table.last, table.sums, table.live = last, sums, np.ones(len(keys), dtype=bool)
+        table.used = len(keys)
+        table.main = (keys.copy(), np.arange(len(keys), dtype=np.int64))
+        table.delta = (keys[:0], np.empty(0, dtype=np.int64))
+        return table
+
+    @property
+    def count(self) -> int:
+        """How many keys are held."""
+        return self.used - len(self.free)
 
     def locate(self, wanted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Index of each ``wanted`` key and whether it is there (``wanted`` sorted, unique)."""
-        index = np.searchsorted(self.keys, wanted)
-        found = index < len(self.keys)
-        found[found] = self.keys[index[found]] == wanted[found]
-        return index, found
+        """The slot of each ``wanted`` key and whether it is held (``wanted`` sorted, unique)."""
+        slot = np.full(len(wanted), -1, dtype=np.int64)
+        for keys, slots in (self.main, self.delta):
+            if not len(keys):
+                continue
+            at = np.minimum(np.searchsorted(keys, wanted), len(keys) - 1)
+            candidate = slots[at]
+            held = (keys[at] == wanted) & self.live[candidate]
+            held[held] = self.keys[candidate[held]] == wanted[held]  # not a stale entry
+            slot = np.where(held, candidate, slot)
+        return slot, slot >= 0
 
-    def with_keys(self, new: np.ndarray) -> _KeyTable:
-        """This table plus entries without rows or sums for the absent keys ``new``."""
-        none = np.zeros(len(new), dtype=np.int64)
-        added = _KeyTable(new, none, none, none, none, np.full(len(new), np.iinfo(np.int64).min),
-                          np.zeros((len(new), self.sums.shape[1])))
-        both = [np.concatenate([a, b]) for a, b in zip(self.columns(), added.columns(), strict=True)]
-        order = np.argsort(both[0], kind="stable")
-        return _KeyTable(*(column[order] for column in both))
+    def add(self, new: np.ndarray) -> None:
+        """Give the absent keys ``new`` (sorted, distinct) slots without rows or sums."""
+        reused = self.free[len(self.free) - min(len(new), len(self.free)):]
+        self.free = self.free[:len(self.free) - len(reused)]
+        fresh = np.arange(self.used, self.used + len(new) - len(reused), dtype=np.int64)
+        self._reserve(self.used + len(fresh), new)
+        self.used += len(fresh)
+        slots = np.concatenate([reused, fresh])
+        self.keys[slots], self.live[slots], self.last[slots], self.sums[slots] = new, True, _NO_TIME, 0.0
+        self.base[slots] = self.first[slots] = self.end[slots] = self.limit[slots] = 0
+        keys, where = self.delta
+        at = np.searchsorted(keys, new)  # ``new`` is sorted: the insertions keep the delta sorted
+        self.delta = (np.insert(keys.astype(self.keys.dtype), at, new), np.insert(where, at, slots))
+        if len(self.delta[0]) + self.stale > max(4096, self.count // 16):
+            self._rebuild()
+
+    def remove(self, slots: np.ndarray) -> None:
+        """Free ``slots`` (their keys are dropped with their sums and slab bounds)."""
+        self.live[slots] = False
+        self.base[slots] = self.first[slots] = self.end[slots] = self.limit[slots] = 0
+        self.last[slots], self.sums[slots] = _NO_TIME, 0.0
+        self.free = np.concatenate([self.free, slots])
+        keys, where = self.delta
+        kept = ~np.isin(where, slots)
+        self.stale += int(len(slots) - np.count_nonzero(~kept))
+        self.delta = (keys[kept], where[kept])
+
+    def _reserve(self, size: int, new: np.ndarray) -> None:
+        """Room for ``size`` slots (doubling) and a key type that holds ``new``."""
+        dtype = np.result_type(self.keys, new)
+        if dtype != self.keys.dtype:  # e.g. a longer fixed-width string: convert once
+            self.keys = self.keys.astype(dtype)
+        grow = max(size, 2 * len(self.live), 64) - len(self.live) if size > len(self.live) else 0
+        if grow:
+            self.keys = np.concatenate([self.keys, np.zeros(grow, dtype=dtype)])
+            for name in ("base", "first", "end", "limit"):
+                setattr(self, name, np.pad(getattr(self, name), (0, grow)))
+            self.last = np.pad(self.last, (0, grow), constant_values=_NO_TIME)
+            self.sums = np.pad(self.sums, ((0, grow), (0, 0)))
+            self.live = np.pad(self.live, (0, grow))
+
+    def _rebuild(self) -> None:
+        slots = np.flatnonzero(self.live)
+        slots = slots[np.argsort(self.keys[slots], kind="stable")]
+        self.main = (self.keys[slots], slots)
+        self.delta = (self.keys[:0], np.empty(0, dtype=np.int64))
+        self.stale = 0
+
+    def held(self) -> np.ndarray:
+        """The slots of the held keys, in key order (as a snapshot lists them)."""
+        slots = np.flatnonzero(self.live)
+        return slots[np.argsort(self.keys[slots], kind="stable")]
 
     def columns(self) -> tuple[np.ndarray, ...]:
-        return self.keys, self.base, self.first, self.end, self.limit, self.last, self.sums
-
-    def select(self, keep: np.ndarray) -> _KeyTable:
-        return _KeyTable(*(column[keep] for column in self.columns()))
+        return self.keys, self.base, self.first, self.end, self.limit, self.last, self.sums, self.live
 
     @property
     def rows(self) -> np.ndarray:
@@ -581,7 +685,11 @@ class KeyedWindowOperator:
         self.late_rows = 0
         self._max_time: int | None = None
         self._arena = _Arena(self._plan.arena_columns)
-        self._table = _KeyTable.empty(self._plan.n_running)
+        self._table = _KeyTable(self._plan.n_running)
+        # Lower bounds of the latest-event times of the keys holding rows and of those
+        # holding only a residual: while the watermark is short of them nothing can expire,
+        # and the per-batch expiry scan is skipped. _NO_TIME forces a scan.
+        self._floor_rows = self._floor_residual = _NO_TIME
 
     @property
     def state_rows(self) -> int:
@@ -591,13 +699,15 @@ class KeyedWindowOperator:
     @property
     def state_keys(self) -> int:
         """How many keys the state holds (with rows, or with a carried residual)."""
-        return len(self._table.keys)
+        return self._table.count
 
     @property
     def state_bytes(self) -> int:
         """Memory held by the state's arrays (the arena keeps room for appends)."""
-        return self._arena.times.nbytes + self._arena.values.nbytes + sum(
-            c.nbytes for c in self._table.columns())
+        table = self._table
+        index = sum(a.nbytes for a in (*table.main, *table.delta, table.free))
+        return self._arena.times.nbytes + self._arena.values.nbytes + index + sum(
+            c.nbytes for c in table.columns())
 
     def update(self, batch: FrameLike) -> pl.DataFrame:
         """Add a batch; return its rows' features (one row per input row, in input order).
@@ -611,7 +721,8 @@ class KeyedWindowOperator:
             return self._output({}, np.empty(0, dtype=np.int64))
         rows = _Batch.of(frame)
         index = self._admit(rows)
-        stored, last = self._table.rows[index], self._table.last[index]
+        table = self._table
+        stored, last = table.end[index] - table.first[index], table.last[index]
         slots = self._place(index, rows.count)
         self._write(rows, slots, stored)
         events = self._events(rows, index, slots, stored, last)
@@ -629,7 +740,7 @@ class KeyedWindowOperator:
             at, stored = rows.times[rows.start[back[0]]], self._table.last[index[back[0]]]
             raise EventOrderError(f"key {rows.keys[back[0]]!r} goes back in time: {at} ns after {stored} ns")
         if not found.all():
-            self._table = self._table.with_keys(rows.keys[~found])
+            self._table.add(rows.keys[~found])
             index, _ = self._table.locate(rows.keys)
         return index
 
@@ -640,7 +751,7 @@ class KeyedWindowOperator:
         is not enough room, the key moves to a new slab twice the size it needs.
         """
         table = self._table
-        stored = table.rows[index]
+        stored = table.end[index] - table.first[index]
         full = table.end[index] + counts > table.limit[index]
         if full.any():
             fits = stored + counts <= table.limit[index] - table.base[index]
@@ -666,7 +777,7 @@ class KeyedWindowOperator:
     def _move(self, which: np.ndarray, bases: np.ndarray, limits: np.ndarray | None = None) -> None:
         """Move keys' rows to slots starting at ``bases`` (slabs end at ``limits`` if given)."""
         table = self._table
-        rows = table.rows[which]
+        rows = table.end[which] - table.first[which]
         self._arena.move_to(self._arena, table.first[which], table.end[which], bases)
         table.first[which], table.end[which] = bases, bases + rows
         if limits is not None:
@@ -702,11 +813,12 @@ class KeyedWindowOperator:
         first[rows.start] = True
         has_prev = ~first | (stored[of_key] > 0)
         before = np.where(first, last[of_key], np.roll(rows.times, 1))
-        if self.spec.carry_residual:
+        known = ~first | (last[of_key] != _NO_TIME)  # a residual-only key is known, with no rows
+        if self._plan.restart is None:
             fresh = np.zeros(len(slots), dtype=bool)
         else:
-            gap = np.where(has_prev, rows.times - np.where(has_prev, before, 0), 0)
-            fresh = ~has_prev | (gap >= self._plan.horizon)
+            gap = np.where(known, rows.times - np.where(known, before, 0), 0)
+            fresh = ~known | (gap >= self._plan.restart)
         head = first | fresh
         prev = np.where(head & has_prev & ~fresh, slots - 1, -1)
         last_event = np.append(first[1:], True)
@@ -777,20 +889,32 @@ class KeyedWindowOperator:
             self.late_rows += int(np.count_nonzero(rows.times < self._max_time - self._plan.lateness))
             newest = max(newest, self._max_time)
         self._max_time = newest
+        self._floor_rows = min(self._floor_rows, int(table.last[index].min()))
 
     def _expire(self) -> None:
-        """Drop keys the watermark has passed by the horizon (or keep a carried residual)."""
-        table = self._table
+        """Drop keys the watermark has passed by the horizon; a carried residual that is not
+        zero is kept, without rows, until the watermark passes its key by the residual horizon."""
         assert self._max_time is not None
-        gone = (table.rows > 0) & (table.last <= self._max_time - self._plan.lateness - self._plan.horizon)
-        if not gone.any():
-            return
-        keep = ~gone
+        watermark = self._max_time - self._plan.lateness
+        idle_cut = watermark - self._plan.horizon
+        residual = self._plan.residual
+        residual_cut = _NO_TIME if residual is None else max(watermark - residual, _NO_TIME)
+        if idle_cut < self._floor_rows and residual_cut < self._floor_residual:
+            return  # nothing can expire yet: skip the scan over every key
+        table = self._table
+        drop = table.live & (table.end > table.first) & (table.last <= idle_cut)
         if self.spec.carry_residual and self._plan.n_running:
-            table.sums[gone] = self._drain(np.flatnonzero(gone))
-            table.base[gone] = table.first[gone] = table.end[gone] = table.limit[gone] = 0
-            keep |= (table.sums != 0.0).any(axis=1)  # a zero residual is the same as no entry
-        self._table = table.select(keep)
+            idle = np.flatnonzero(drop)
+            table.sums[idle] = self._drain(idle)
+            table.base[idle] = table.first[idle] = table.end[idle] = table.limit[idle] = 0
+            residual = table.live & (table.end == table.first)
+            # a zero residual is the same as no entry; an old one is dropped (sums restart)
+            drop = residual & (~(table.sums != 0.0).any(axis=1) | (table.last <= residual_cut))
+        if drop.any():
+            table.remove(np.flatnonzero(drop))
+        holding = table.end > table.first
+        self._floor_rows = int(np.min(table.last[table.live & holding], initial=_NONE_LEFT))
+        self._floor_residual = int(np.min(table.last[table.live & ~holding], initial=_NONE_LEFT))
 
     def _drain(self, gone: np.ndarray) -> np.ndarray:
         """The running sums of keys ``gone`` after subtracting every row still in their windows:
@@ -833,17 +957,19 @@ class KeyedWindowOperator:
             1
         """
         table, arena = self._table, self._arena
-        slots = _ranges(table.first, table.end)
+        held = table.held()
+        start, end = table.first[held], table.end[held]
+        slots = _ranges(start, end)
         values = arena.values[:, slots]
         n = len(self._plan.columns)  # prefix counts restart at each key's first row kept
-        first = np.minimum(table.first, arena.capacity - 1)
-        values[n:] -= np.repeat(arena.values[n:, first], table.rows, axis=1)
+        first = np.minimum(start, arena.capacity - 1)
+        values[n:] -= np.repeat(arena.values[n:, first], end - start, axis=1)
         meta = {"spec": repr(self.spec), "late_rows": str(self.late_rows),
                 "max_time": "" if self._max_time is None else str(self._max_time)}
         rows = pa.table({"time": arena.times[slots], **{f"c{i}": column for i, column in enumerate(values)}},
                         metadata=meta)
-        keys = pa.table({"key": table.keys, "rows": table.rows, "last": table.last,
-                         **{f"s{i}": table.sums[:, i] for i in range(table.sums.shape[1])}})
+        keys = pa.table({"key": table.keys[held], "rows": end - start, "last": table.last[held],
+                         **{f"s{i}": table.sums[held, i] for i in range(table.sums.shape[1])}})
         return pack_states([_ipc(rows), _ipc(keys)])
 
     def restore(self, data: bytes) -> None:
@@ -857,7 +983,7 @@ class KeyedWindowOperator:
             raise StateRestoreError(f"expected 2 parts in a window-state snapshot, got {len(parts)}")
         rows, keys = _read_ipc(parts[0]), _read_ipc(parts[1])
         meta = {k.decode(): v.decode() for k, v in (rows.schema.metadata or {}).items()}
-        if meta.get("spec") != repr(self.spec):
+        if meta.get("spec") not in _spec_names(self.spec):
             raise StateRestoreError(f"snapshot taken with spec {meta.get('spec')!r}, not {self.spec!r}")
         counts = _numpy(keys, "rows")
         if int(counts.sum()) != rows.num_rows:
@@ -870,12 +996,23 @@ class KeyedWindowOperator:
         for i in range(len(arena.values)):
             arena.values[i, slots] = _numpy(rows, f"c{i}")
         sums = np.array([_numpy(keys, f"s{i}") for i in range(self._plan.n_running)], dtype=np.float64)
-        self._table = _KeyTable(_numpy(keys, "key"), bases, bases.copy(), bases + counts, bases + size,
-                                _numpy(keys, "last"),
-                                sums.reshape(self._plan.n_running, keys.num_rows).T.copy())
+        self._table = _KeyTable.of_sorted(_numpy(keys, "key"), bases, bases + counts, bases + size,
+                                          _numpy(keys, "last"),
+                                          sums.reshape(self._plan.n_running, keys.num_rows).T.copy())
+        self._floor_rows = self._floor_residual = _NO_TIME
         self._arena = arena
         self._max_time = int(meta["max_time"]) if meta.get("max_time") else None
         self.late_rows = int(meta.get("late_rows", "0"))
+
+
+def _spec_names(spec: KeyedWindowSpec) -> tuple[str, ...]:
+    """The spec names a snapshot for ``spec`` may carry: its repr and, for the default
+    residual horizon, the repr from before that field existed (such snapshots kept residuals
+    for ever; restored, those expire from now on)."""
+    name = repr(spec)
+    if spec.residual_horizon != RESIDUAL_HORIZON:
+        return (name,)
+    return name, name.replace(f", residual_horizon={RESIDUAL_HORIZON!r}", "")
 
 
 def pack_states(parts: list[bytes]) -> bytes:
@@ -964,7 +1101,7 @@ def _reference_rows(frame: pl.DataFrame, spec: KeyedWindowSpec, plan: _Plan) -> 
     gap = pl.col("t").diff().over("k")
     if data.select((gap < 0).any()).item():
         raise EventOrderError("a key's events go back in time")
-    restart = gap.is_null() if spec.carry_residual else gap.is_null() | (gap >= plan.horizon)
+    restart = gap.is_null() if plan.restart is None else gap.is_null() | (gap >= plan.restart)
     first = pl.col("g") - pl.int_range(pl.len(), dtype=pl.Int64).over("k")
     data = data.with_columns(gs=first, seg=restart.cum_sum())
     return data.with_columns(ge=pl.col("gs") + pl.len().over("k"))

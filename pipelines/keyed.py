@@ -15,7 +15,7 @@ import datetime as dt
 import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -24,11 +24,24 @@ import pyarrow.compute as pc
 
 from pipelines.errors import PipelineError
 from pipelines.hashing import partition_of
-from pipelines.processing import Step
+from pipelines.poison import (
+    PROCESSOR_ERROR,
+    Outputs,
+    StateLog,
+    StepFailure,
+    dead_letters,
+    isolate,
+    run_steps,
+    step_states,
+)
+from pipelines.processing import ROW_POSITION, Step
 from pipelines.tables import take_rows
 from pipelines.writers import WriterId
 
 Clock = Callable[[], dt.datetime]
+#: The "step" of a partition's dead letters in its writers' names: never a step's name
+#: (those start with a letter or a digit).
+DEADLETTER_STEP = "_deadletter"
 
 
 class SequenceGapError(PipelineError):
@@ -37,6 +50,10 @@ class SequenceGapError(PipelineError):
     def __init__(self, partition: int, expected: int, got: int) -> None:
         self.partition, self.expected, self.got = partition, expected, got
         super().__init__(f"partition {partition} expects batch {expected}, got {got}")
+
+    def __reduce__(self) -> tuple[type, tuple[int, int, int]]:
+        # raised inside an actor, unpickled by the driver: rebuild it from its fields
+        return SequenceGapError, (self.partition, self.expected, self.got)
 
 
 class Sink(Protocol):
@@ -69,7 +86,13 @@ def split_by_partition(events: pa.Table, partitions: int) -> list[tuple[int, pa.
 
 @dataclass(frozen=True)
 class BatchReceipt:
-    """What applying one batch did; ``latency_s`` is ingestion to stored, per batch."""
+    """What applying one batch did; ``latency_s`` is ingestion to stored, per batch.
+
+    ``rows`` counts the events applied (and stored); ``dead_lettered`` the poison events
+    a step raised on, dead-lettered instead, by reason code in ``reasons``; ``poisoned``
+    their row positions (:data:`~pipelines.processing.ROW_POSITION`) when the batch
+    carries them, so an enrichment stage's caller drops them from its slice.
+    """
 
     partition: int
     seq: int
@@ -79,10 +102,17 @@ class BatchReceipt:
     apply_s: float = 0.0
     derived: pa.Table | None = None  # events the steps emitted (alerts...), to route again
     alerts: int = 0  # rows the steps wrote to the ``alerts`` table
+    dead_lettered: int = 0
+    reasons: dict[str, int] = field(default_factory=dict)
+    poisoned: pa.Array | None = None
 
 
 class PartitionWorker:
     """Applies one partition's batches in sequence and writes them to the store.
+
+    A step that raises on some events of a batch does not fail it: those events are found
+    (:mod:`pipelines.poison`), written to ``deadletter`` as ``processor_error`` under
+    ``deadletter_writer`` and the rest of the batch is applied without them.
 
     Example:
         >>> from pipelines.testing import FakeClock, ListSink
@@ -95,13 +125,16 @@ class PartitionWorker:
 
     def __init__(self, partition: int, sink: Sink, clock: Clock | None = None,
                  steps: Sequence[Step] = (), store_events: bool = True,
-                 writer: WriterId | None = None) -> None:
+                 writer: WriterId | None = None,
+                 deadletter_writer: WriterId | None = None) -> None:
         self.partition = partition
         self.writer = writer or WriterId.partition("local", partition)
+        self.deadletter_writer = deadletter_writer or self.writer.for_step(DEADLETTER_STEP)
         self.sink = sink
         self.store_events = store_events
         self.clock = clock or (lambda: dt.datetime.now(dt.UTC))
         self.steps = list(steps)
+        self.log = StateLog(self.steps)
         self.next_seq = 0
 
     def apply(self, seq: int, events: pa.Table) -> BatchReceipt:
@@ -110,21 +143,58 @@ class PartitionWorker:
         if seq > self.next_seq:
             raise SequenceGapError(self.partition, self.next_seq, seq)
         started = time.perf_counter()
+        outputs, kept, poison = self._process(events)
+        try:
+            derived, alerts = self._write(seq, outputs, kept)
+            if poison:
+                owner = WriterId(self.deadletter_writer.run, self.deadletter_writer.owner)
+                self.sink.write("deadletter", dead_letters(events, poison, owner.name, self.clock()),
+                                writer=self.deadletter_writer.name, seq=seq)
+        except BaseException:
+            self.log.rewind()  # the steps went past a batch that was not applied: go back
+            raise
+        self.log.applied(kept)
+        self.next_seq += 1
+        return BatchReceipt(self.partition, seq, kept.num_rows, True, self._latency(events),
+                            time.perf_counter() - started, derived, alerts,
+                            len(poison), {PROCESSOR_ERROR: len(poison)} if poison else {},
+                            self._positions(events, poison))
+
+    def _process(self, events: pa.Table) -> tuple[Outputs, pa.Table, dict[int, StepFailure]]:
+        """The steps' outputs, the events applied and the poison events by row."""
+        try:
+            return run_steps(self.steps, events), events, {}
+        except StepFailure as failure:
+            if failure.environmental:
+                self.log.rewind()
+                raise failure.error from None
+            before = self.log.rewind()
+            try:
+                return isolate(self.steps, events, before, failure)
+            except BaseException:
+                self.log.rewind()  # no event explained it: the batch fails, the state stays
+                raise
+
+    def _write(self, seq: int, outputs: Outputs, kept: pa.Table) -> tuple[pa.Table | None, int]:
+        """Write the steps' tables, then the events (decisions first); returns the derived
+        events and the number of alerts."""
         derived, alerts = [], 0
-        for step in self.steps:  # decisions (scores, alerts) first, then the events
-            output = step.process(events)
+        for name, output in outputs:
             for table, rows in output.tables.items():
-                self.sink.write(table, rows, writer=self.writer.for_step(step.name).name, seq=seq)
+                self.sink.write(table, rows, writer=self.writer.for_step(name).name, seq=seq)
                 alerts += rows.num_rows if table == "alerts" else 0
             if output.derived is not None and output.derived.num_rows:
                 derived.append(output.derived)
         if self.store_events:  # transit columns (``_``-prefixed) are never stored
-            stored = [c for c in events.column_names if not c.startswith("_")]
-            self.sink.write("events", events.select(stored), writer=self.writer.name, seq=seq)
-        self.next_seq += 1
-        return BatchReceipt(self.partition, seq, events.num_rows, True, self._latency(events),
-                            time.perf_counter() - started,
-                            pa.concat_tables(derived) if derived else None, alerts)
+            stored = [c for c in kept.column_names if not c.startswith("_")]
+            self.sink.write("events", kept.select(stored), writer=self.writer.name, seq=seq)
+        return (pa.concat_tables(derived) if derived else None), alerts
+
+    @staticmethod
+    def _positions(events: pa.Table, poison: dict[int, StepFailure]) -> pa.Array | None:
+        if not poison or ROW_POSITION not in events.column_names:
+            return None
+        return events.column(ROW_POSITION).take(pa.array(sorted(poison), pa.int64())).combine_chunks()
 
     def _latency(self, events: pa.Table) -> float:
         if events.num_rows == 0 or "metadata" not in events.column_names:
@@ -135,8 +205,10 @@ class PartitionWorker:
     def snapshot(self) -> bytes:
         """The partition's state as immutable bytes (for checkpoints): its position and
         every step's state."""
+        steps = {s.name: s.snapshot() for s in self.steps}
+        self.log.rebase(json.dumps(steps).encode())  # a failure later replays from here
         return json.dumps({"partition": self.partition, "next_seq": self.next_seq,
-                           "steps": {s.name: s.snapshot() for s in self.steps}}).encode()
+                           "steps": steps}).encode()
 
     def restore(self, state: bytes) -> None:
         data = json.loads(state)
@@ -146,3 +218,4 @@ class PartitionWorker:
         self.next_seq = int(data["next_seq"])
         for step in self.steps:
             step.restore(data.get("steps", {}).get(step.name))
+        self.log.rebase(step_states(self.steps))

@@ -139,6 +139,17 @@ def validate_kinds(spec: PipelineSpec, objects: Mapping[str, Any] | None = None)
             raise ConfigError(f"enrich.{index}.kind: {stage.kind!r} adds no columns")
 
 
+def keyed_event_types(spec: PipelineSpec) -> list[str]:
+    """The event-type patterns some step or enrichment stage of the pipeline sees (each
+    step's as its kind resolves it)."""
+    search = tuple(spec.search_path)
+    patterns = [p for stage in spec.enrich for p in stage.event_types]
+    for index, step in enumerate(spec.steps):
+        typed = step_spec(step, step_class(step, search), f"steps.{index}")
+        patterns += list(typed.event_types or ["*"])
+    return patterns
+
+
 def build_source(pipeline: PipelineSpec, inputs: list[str] | None = None) -> Source:
     """The pipeline's source, reading ``inputs`` instead of ``source.path`` when given."""
     spec = pipeline.source

@@ -475,7 +475,8 @@ class Normaliser:
 
     def _mark_duplicates(self, frame: pl.DataFrame, duplicates: DuplicateFilter) -> pl.DataFrame:
         valid = frame["__reason"].is_null().to_numpy()
-        repeat = duplicates.mark(frame["__event_id"].fill_null("").to_arrow(), keep=valid)
+        times = frame["__timestamp"].dt.epoch("us").fill_null(0).to_numpy()
+        repeat = duplicates.mark(frame["__event_id"].fill_null("").to_arrow(), times, keep=valid)
         return self._apply_checks(frame.with_columns(__duplicate=repeat), [(
             pl.col("__duplicate"), "duplicate_event_id",
             pl.format("event id {} was already stored", pl.col("__event_id")))])

@@ -195,7 +195,8 @@ class Pipeline:
 
     def run(self, *, store: str | Path, runner: Literal["ray", "local"] | str = "ray",
             address: str | None = None, inputs: Sequence[str] | None = None,
-            resume: bool = False, progress: bool | None = False) -> dict[str, Any]:
+            resume: bool = False, progress: bool | None = False,
+            run_id: str | None = None) -> dict[str, Any]:
         """Run the pipeline to the end of its input; returns the run summary (the fields of
         ``eventray run``'s JSON line).
 
@@ -207,10 +208,13 @@ class Pipeline:
             inputs: files, folders or globs to read instead of the config's paths.
             resume: continue from the run's last checkpoint.
             progress: show a progress bar on a terminal.
+            run_id: the run's id (default: derived from the config and the input); a resumed
+                run must have the same partition count and input as when it started.
         """
         run = RUNNERS.resolve(runner)
         return run(self.spec, Path(store), objects=self.objects, address=address,
-                   inputs=list(inputs) if inputs else None, resume=resume, progress=progress)
+                   inputs=list(inputs) if inputs else None, resume=resume, progress=progress,
+                   run_id=run_id)
 
     def __repr__(self) -> str:
         steps = ", ".join(f"{s.name}:{s.kind}" for s in self.spec.steps)

@@ -8,7 +8,7 @@ A config names a kind (``kind: anomaly``, ``format: jsonl``, ``kind: handbook_te
    ``eventray.sources``, ``eventray.stages``), declared in its ``pyproject.toml``::
 
        [project.entry-points."eventray.processors"]
-       fraud = "pipelines.fraud.scoring:FraudStep"
+       fraud = "pipelines.fraud.flow:FraudStep"
 
 3. an import path ``package.module:attribute``, found on ``sys.path`` with the given search
    folders first (the config's folder and the working directory).

@@ -106,7 +106,7 @@ class Step(ABC):
     #: Transit columns an enrichment stage adds to the batch (none for a partition's steps).
     columns: tuple[str, ...] = ()
     #: Payload fields an enrichment stage reads besides its key: the driver sends it only
-    #: ``event_type``, ``timestamp``, ``key`` and these (``None``: the whole envelope).
+    #: ``event_id``, ``event_type``, ``timestamp``, ``key`` and these (``None``: the whole envelope).
     reads: tuple[str, ...] | None = None
 
     @abstractmethod
@@ -138,7 +138,7 @@ class AnomalyStep(Step):
         self.alert_version = alert_version_of(context, spec.alert_type)
         self.detector = make_detector(spec.detector, **spec.params)
         self.policy = ThresholdPolicy(spec.threshold)
-        self.model = f"{spec.detector}"
+        self.model = self.detector.name  # the registered name ("best" resolves to one)
 
     def process(self, events: pa.Table) -> StepOutput:
         mine = events_of_types(events, self.spec.event_types)

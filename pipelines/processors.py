@@ -20,8 +20,9 @@ The processor contract:
   instance.
 
 Derived events are stored and routed again, under the routing hop limit. A processor that
-raises, or returns events that break the contract, fails its batch with
-:class:`ProcessorError` naming the processor.
+raises, or returns events that break the contract, raises :class:`ProcessorError` naming
+the processor; the partition then finds the events it raises on and dead-letters them as
+``processor_error`` (:mod:`pipelines.poison`), applying the rest.
 
 Example:
     >>> def big_orders(events):

@@ -109,6 +109,21 @@ class SourceSpec(_Open):
     ``max_future``: how far past the injected clock's now an event's time may lie; later
     events are dead letters (``timestamp_out_of_range``), so that one far-off timestamp
     never moves event time (windows, label release, pacing) years ahead.
+
+    Event time (``ordering: event-time``, the default): the source's events reach the keyed
+    operators in event-time order behind a watermark (:mod:`pipelines.event_time`); files
+    of a Parquet or CSV source are merged by their timestamps, whatever order they are
+    given in. ``lateness``: how far behind the stream's bulk an event may arrive and still
+    be ordered in. ``late``: what happens to an event later than that: ``dead-letter``
+    (reason ``late_event``) or ``process`` (it goes on, after the ordered events, flagged
+    ``{"late": true}`` in ``metadata.tags``). ``order_ties_by``: a column or ``data.<field>``
+    that orders events of equal time the same way whatever their arrival order.
+    ``idle_timeout``: silence after which the watermark follows the clock. ``ordering:
+    arrival`` keeps the source's own order (each file's row order is its keys' order).
+
+    ``duplicates``: an event whose id was stored before (in this run, within
+    ``dedup_horizon`` of event time, or by an earlier run into the same store) is skipped
+    and counted (``skip``), or dead-lettered as ``duplicate_event_id``.
     """
 
     format: str = Field(min_length=1)
@@ -118,6 +133,13 @@ class SourceSpec(_Open):
     batch_size: int = Field(default=10_000, gt=0)
     pace: PaceSpec | None = None
     max_future: Duration = dt.timedelta(days=1)
+    ordering: Literal["event-time", "arrival"] = "event-time"
+    lateness: Duration = dt.timedelta(0)
+    late: Literal["dead-letter", "process"] = "dead-letter"
+    order_ties_by: str | None = Field(default=None, pattern=r"^(data\.)?[A-Za-z_][A-Za-z0-9_]*$")
+    idle_timeout: Duration | None = None
+    duplicates: Literal["skip", "dead-letter"] = "skip"
+    dedup_horizon: Duration = dt.timedelta(days=7)
 
     @property
     def source_name(self) -> str:
@@ -250,7 +272,8 @@ class StepSpec(_Open):
 
     kind: str = Field(min_length=1)
     name: str = Field(pattern=NAME_PATTERN)
-    event_types: list[str] = Field(default_factory=lambda: ["*"], min_length=1)
+    #: absent: the kind's own default (its model's), so that a dumped spec reloads the same
+    event_types: list[str] | None = Field(default=None, min_length=1)
 
     @model_validator(mode="before")
     @classmethod
@@ -267,7 +290,7 @@ class AnomalyStepSpec(StepSpec):
 
     kind: Literal["anomaly"]
     name: str = Field(default="anomaly", pattern=NAME_PATTERN)
-    detector: str = "knn_novelty"
+    detector: str = "best"
     params: dict[str, float | int | str | bool] = Field(default_factory=dict)
     value: str = Field(description="payload field holding the value")
     event_types: list[str] = Field(min_length=1, description="types scored (not its alerts)")
@@ -287,6 +310,7 @@ class PythonStepSpec(StepSpec):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     kind: Literal["python"]
+    event_types: list[str] = Field(min_length=1)
     function: str = Field(pattern=IMPORT_PATH)
     params: dict[str, Any] = Field(default_factory=dict)
 

@@ -166,6 +166,7 @@ class EventStore:
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root).resolve()
+        self._other_runs: dict[tuple[str, str], bool] = {}
 
     def table_dir(self, table: str) -> Path:
         return self.root / _check_name("table", table)
@@ -273,14 +274,29 @@ class EventStore:
             frame = frame.filter(pl.col("key").is_in(list(keys)))
         return frame
 
+    def runs(self, table: str = "events") -> set[str]:
+        """The ids of the runs that wrote files of ``table``."""
+        files = self.table_dir(table).glob("event_type=*/date=*/*.parquet")
+        names = (_FILE_NAME.match(p.name) for p in files)
+        return {m["run"] for m in names if m}
+
+    def has_other_runs(self, run: str, table: str = "events") -> bool:
+        """Whether any run but ``run`` wrote files of ``table`` (checked once, then cached:
+        other runs do not write while this one runs)."""
+        cached = self._other_runs.get((run, table))
+        if cached is None:
+            cached = self._other_runs[(run, table)] = bool(self.runs(table) - {run})
+        return cached
+
     def stored_ids(self, event_ids: pa.Array | pa.ChunkedArray, start: dt.datetime,
-                   end: dt.datetime, table: str = "events") -> np.ndarray:
+                   end: dt.datetime, table: str = "events", exclude_run: str | None = None) -> np.ndarray:
         """Which of ``event_ids`` the table already holds with an event time in
         ``[start, end]``: a mask in the order given, for idempotent appends across runs.
 
         Only the ``date=`` folders between ``start`` and ``end`` are read (and only the
         ``event_id`` and time columns of them), so the cost follows the time span, not the
-        store's size.
+        store's size. ``exclude_run``: ignore that run's files (a run's own events are the
+        duplicate filter's business).
 
         Example:
             >>> import tempfile
@@ -294,12 +310,28 @@ class EventStore:
         wanted = pc.unique(pc.drop_null(event_ids))
         if len(wanted) == 0 or not self.files(table):
             return np.zeros(len(event_ids), dtype=bool)
-        found = (self.scan(table, start=start, end=_utc(end) + dt.timedelta(microseconds=1))
-                 .select("event_id")
+        scan = self.scan(table, start=start, end=_utc(end) + dt.timedelta(microseconds=1))
+        if exclude_run is not None:
+            files = [p for p in self.files(table) if not p.name.startswith(f"part-{exclude_run}-")
+                     and _date_of(p) is not None and _utc(start).date() <= _date_of(p) <= _utc(end).date()]
+            if not files:
+                return np.zeros(len(event_ids), dtype=bool)
+            scan = pl.scan_parquet(files, hive_partitioning=False).filter(
+                pl.col("timestamp").is_between(_utc(start), _utc(end)))
+        found = (scan.select("event_id")
                  .filter(pl.col("event_id").is_in(pl.from_arrow(wanted.cast(pa.large_string()))))
                  .unique().collect())
         hits = pc.is_in(event_ids, value_set=found["event_id"].to_arrow().cast(event_ids.type))
         return pc.fill_null(hits, False).to_numpy(zero_copy_only=False)
+
+
+def _date_of(path: Path) -> dt.date | None:
+    """The ``date=`` folder a data file is in."""
+    name = path.parent.name
+    try:
+        return dt.date.fromisoformat(name.removeprefix("date=")) if name.startswith("date=") else None
+    except ValueError:
+        return None
 
 
 def _utc(moment: dt.datetime) -> dt.datetime:

@@ -14,9 +14,7 @@ import pytest
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "token")
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data"
-HANDBOOK = SHARED_DATA / "fraud-handbook"
+from tests.support import HANDBOOK  # noqa: E402 (after the environment above)
 
 
 @pytest.fixture(scope="session")
@@ -39,17 +37,3 @@ def ray_local() -> Iterator[object]:
     finally:
         ray.shutdown()
         shutil.rmtree(temp_dir, ignore_errors=True)
-
-
-def unscored_fraud_config(directory: Path) -> Path:
-    """configs/fraud.yaml as a fresh clone runs it: its model registry empty (features and
-    label events, no scores or alerts), whatever ``make demo`` left in data/registry."""
-    import yaml
-
-    config = yaml.safe_load((ROOT / "configs" / "fraud.yaml").read_text())
-    for step in config["steps"]:
-        if "model" in step:
-            step["model"]["registry"] = str(directory / "empty-registry")
-    path = directory / "fraud.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return path

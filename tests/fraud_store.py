@@ -3,7 +3,7 @@
 Until the streaming fraud step is wired into a test run, the training and evaluation tests
 need a store as such a run leaves it. This module writes one through
 :meth:`pipelines.store.EventStore.write`, from transactions and their offline features
-(:func:`pipelines.features.handbook_features_batch`, which the streaming features equal):
+(:func:`pipelines.fraud.features.handbook_features_batch`, which the streaming features equal):
 
 - ``scores``, event type ``transaction.created``: per transaction ``event_id``,
   ``event_type``, ``timestamp`` (UTC, us), ``key`` (the customer), ``step == "fraud"``,

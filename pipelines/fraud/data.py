@@ -14,7 +14,7 @@ by ``TX_DATETIME`` then ``TRANSACTION_ID``. Two ways to build it:
   is not in the store yet is left out (it cannot be trained or scored against).
 - :func:`offline_feature_frame`: the same frame computed from the handbook's (or the
   simulator's) monthly transaction files with
-  :func:`pipelines.features.handbook_features_batch` over the whole history, so the windows
+  :func:`pipelines.fraud.features.handbook_features_batch` over the whole history, so the windows
   are warm. Online equals offline, so both frames agree; it serves to develop models
   without a pipeline run and to cross-check a store (:func:`compare_frames`).
 

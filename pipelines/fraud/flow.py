@@ -377,6 +377,8 @@ class FraudStep(Step):
             pl.col(pl.Int64).cast(pl.Float64)), terminal, history], how="horizontal")
 
     def snapshot(self) -> Any:
+        """The windows, the history features and the model version in use (exactly-once on
+        replay)."""
         return {"customer": base64.b64encode(self.customer.snapshot()).decode(),
                 "history": base64.b64encode(self.history.snapshot()).decode(),
                 "model": self.slot.snapshot()}
@@ -392,8 +394,9 @@ class FraudStep(Step):
         if state is None:
             self.slot.restore(None)
             return
-        if not isinstance(state, dict) or {"customer", "history", "model"} - set(state):
-            raise StateRestoreError("not a fraud step snapshot (customer, history and model expected)")
+        if not isinstance(state, dict) or set(state) != {"customer", "history", "model"}:
+            raise StateRestoreError("not a fraud step snapshot (customer, history and model "
+                                    f"expected; an earlier format?): {type(state).__name__}")
         self.customer.restore(base64.b64decode(state["customer"]))
         self.history.restore(base64.b64decode(state["history"]))
         self.slot.restore(state["model"])

@@ -22,7 +22,7 @@ from cluster.bench.keyed_windows import FEATURES, CustomerWindows, TerminalWindo
 from models.fraud import HANDBOOK_FEATURES
 from pipelines.fraud.features import handbook_features_batch
 from pipelines.fraud.simulator import SimulationSpec, simulate_transactions, write_monthly
-from tests.conftest import ROOT
+from tests.support import ROOT
 
 EVENTRAY = str(Path(sys.executable).parent / "eventray")
 TINY = SimulationSpec(n_customers=300, n_terminals=1000, n_days=40, seed=3)

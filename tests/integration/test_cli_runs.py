@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -16,7 +13,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import ROOT, unscored_fraud_config
 from tests.seed_events import (
     NON_VERSIONS,
     jsonl,
@@ -24,25 +20,7 @@ from tests.seed_events import (
     seed_file_with_malformed,
     stored_version,
 )
-
-EVENTRAY = str(Path(sys.executable).parent / "eventray")
-
-
-def eventray(*args: str, cwd: Path = ROOT, timeout: float = 600,
-             env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([EVENTRAY, *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout,
-                          env={**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})})
-
-
-def summary_of(result: subprocess.CompletedProcess) -> dict:
-    assert result.returncode == 0, result.stderr[-3000:]
-    lines = result.stdout.strip().splitlines()
-    return json.loads(lines[-1])
-
-
-def scan(store: Path, table: str) -> pl.DataFrame:
-    return pl.scan_parquet(store / table / "**" / "*.parquet", hive_partitioning=True).collect()
+from tests.support import ROOT, eventray, scan, summary_of, unscored_fraud_config
 
 
 def seed_event(i: int, event_type: str = "user.login", **extra: object) -> str:

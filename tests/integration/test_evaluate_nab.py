@@ -9,8 +9,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from tests.conftest import SHARED_DATA
-from tests.integration.test_cli_runs import eventray, summary_of
+from tests.support import SHARED_DATA, eventray, summary_of
 
 
 def tiny_corpus(root: Path) -> None:
@@ -33,8 +32,12 @@ def tiny_corpus(root: Path) -> None:
 def test_tiny_corpus_through_the_pipeline(tmp_path: Path) -> None:
     tiny_corpus(tmp_path / "nab")
     summary = summary_of(eventray("evaluate", "nab", "--data", str(tmp_path / "nab"),
-                                  "--out", str(tmp_path / "out"), "--detector", "robust_zscore"))
+                                  "--out", str(tmp_path / "out"), "--detector", "robust_zscore",
+                                  "--plot", "synthetic/b.csv"))
     assert summary["series"] == 2 and summary["rows"] == 4000
+    assert summary["plots"] == [str(tmp_path / "out" / "plots" / "synthetic" / "b.png")]
+    assert (tmp_path / "out" / "plots" / "synthetic" / "b.png").stat().st_size > 10_000
+    assert "held_out" not in summary  # one category: nothing to hold out
     for name in ("a.csv", "b.csv"):
         result = pl.read_csv(tmp_path / "out" / "synthetic" / name)
         assert result.columns == ["timestamp", "value", "anomaly_score"]
@@ -55,6 +58,9 @@ def test_shared_nab_subset_reaches_the_floor(tmp_path: Path) -> None:
         pytest.skip(f"NAB reference data not found at {data}")
     summary = summary_of(eventray("evaluate", "nab", "--data", str(data), "--out",
                                   str(tmp_path / "out")))
-    assert summary["series"] == 18
+    assert summary["series"] == 18 and summary["detector"] == "best"
     assert len(list((tmp_path / "out").rglob("*.csv"))) == 18
-    assert summary["scores"]["standard"] >= 60
+    # the default is the shipped ensemble, min(knn_novelty, knn_cad), chosen on held-out
+    # categories: 64.2 all in (knn_novelty: 67.9) for a threshold that transfers (59.9 held out)
+    assert summary["scores"]["standard"] >= 62
+    assert summary["held_out"]["standard"] >= 57

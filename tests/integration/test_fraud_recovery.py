@@ -18,8 +18,7 @@ from cluster.partitions import LocalPartitions
 from pipelines.fraud.simulator import SimulationSpec, simulate_transactions, write_monthly
 from pipelines.spec import EnrichSpec, PipelineSpec
 from pipelines.testing import FakeClock
-from tests.integration.test_recovery import KillingPartitions, crash_resume_and_rerun, files_of
-from tests.unit.test_fraud_pipeline import fraud_spec, train_into
+from tests.support import KillingPartitions, crash_resume_and_rerun, files_of, fraud_spec, train_into
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +34,8 @@ def small_spec(registry: Path, batch_size: int, checkpoint_every: int) -> Pipeli
     base = fraud_spec()
     return fraud_spec(
         source={**base.source.model_dump(exclude_none=True), "batch_size": batch_size},
-        steps=[{"kind": "fraud", "threshold": 0.2,
+        # event types given: a YAML dump of the spec writes the generic step's default ("*")
+        steps=[{"kind": "fraud", "threshold": 0.2, "event_types": ["transaction.created"],
                 "model": {"registry": str(registry), "name": "fraud", "version": 1}}],
         runtime={**base.runtime.model_dump(exclude_none=True), "checkpoint_every": checkpoint_every})
 
@@ -99,6 +99,3 @@ def test_a_killed_fraud_driver_resumes_to_the_fault_free_store(
         assert crashed.height > 0 and crashed.equals(fault_free), name
     assert sorted_table(tmp_path / "crashed", "events").height == 2 * table.num_rows + \
         sorted_table(tmp_path / "crashed", "alerts").height
-
-
-

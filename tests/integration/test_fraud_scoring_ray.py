@@ -15,7 +15,7 @@ from cluster.partitions import RayPartitions
 from pipelines.fraud.features import handbook_features_batch
 from pipelines.fraud.simulator import SimulationSpec, simulate_transactions, write_monthly
 from pipelines.spec import PipelineSpec
-from tests.unit.test_fraud_pipeline import FEATURES, fraud_spec, mismatches, train_into
+from tests.support import FEATURES, fraud_spec, mismatches, train_into
 
 
 def ray_run(spec: PipelineSpec, store: Path, inputs: list[str]) -> dict:

@@ -23,9 +23,8 @@ from models.registry import ModelRegistry
 from pipelines.fraud.data import feature_frame
 from pipelines.fraud.evaluation import evaluate_fraud, select_recipes
 from pipelines.fraud.simulator import SimulationSpec
-from tests.conftest import HANDBOOK
 from tests.fraud_store import small_transactions, write_stand_in_store, write_transaction_files
-from tests.integration.test_cli_runs import eventray, summary_of
+from tests.support import HANDBOOK, eventray, summary_of
 
 FAST_HGB = json.dumps({"max_iter": 30, "max_leaf_nodes": 7})
 

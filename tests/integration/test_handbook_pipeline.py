@@ -16,9 +16,7 @@ import pytest
 from polars.testing import assert_frame_equal
 
 from pipelines.fraud.features import HANDBOOK_FEATURES, handbook_features_batch
-from tests.conftest import unscored_fraud_config
-from tests.integration.test_cli_runs import eventray, summary_of
-from tests.unit.test_features import parity_report
+from tests.support import eventray, parity_report, summary_of, unscored_fraud_config
 
 pytestmark = pytest.mark.slow
 N_TRANSACTIONS = 1_466_282

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.integration.test_cli_runs import eventray, scan, summary_of
+from tests.support import eventray, scan, summary_of
 
 RUNNERS = [pytest.param(["--in-process"], id="in-process"), pytest.param([], id="ray")]
 HEADER = b"TRANSACTION_ID,TX_DATETIME,CUSTOMER_ID,TERMINAL_ID,TX_AMOUNT"

@@ -11,7 +11,7 @@ from nbclient import NotebookClient
 
 from cluster.job import run_spec
 from pipelines.fraud.simulator import SimulationSpec, simulate_transactions, write_monthly
-from tests.unit.test_fraud_pipeline import fraud_spec
+from tests.support import fraud_spec
 
 ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))

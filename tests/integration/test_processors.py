@@ -133,7 +133,8 @@ def test_a_processor_outside_the_repository_runs_from_yaml_on_ray(
     run_cli(config, tmp_path / "s2", cwd=elsewhere)
     again = flagged(tmp_path / "s2")
     assert set(again["event_id"]) == set(got["event_id"])
-    assert again.select("event_id", "key").sort("event_id").equals(got.select("event_id", "key").sort("event_id"))
+    ids = ["event_id", "key"]
+    assert again.select(ids).sort("event_id").equals(got.select(ids).sort("event_id"))
 
 
 @pytest.mark.slow
@@ -153,7 +154,7 @@ def test_the_same_processor_registered_through_the_python_api_runs_on_ray(
     summary = pipeline.run(store=tmp_path / "api", runner="ray",
                            inputs=[str(folder / "orders.jsonl")])
     expected = orders.filter(pl.col("amount") > THRESHOLD)
-    assert summary["ray"] == "embedded" and summary["derived"] == expected.height
+    assert summary["ray"] in ("embedded", "existing") and summary["derived"] == expected.height
     got = flagged(tmp_path / "api")
     assert sorted(got.select(pl.col("data").struct.field("order_id"))["order_id"]) == \
         sorted(expected["order_id"])

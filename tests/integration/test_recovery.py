@@ -6,14 +6,12 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import polars as pl
 import psutil
-import pyarrow as pa
 import pytest
 import ray
 
@@ -24,43 +22,18 @@ from cluster.partitions import (
     LocalPartitions,
     PartitionFailed,
     RayPartitions,
-    actor_name,
 )
 from pipelines.testing import FakeClock
-from tests.conftest import ROOT
-from tests.integration.test_ray_partitions import numbered_events, spec_for, stored_in_apply_order
-
-
-class FaultyPartitions(RayPartitions):
-    """Ray partitions that do something to one of their own actors after some submits:
-    ``fault(submitted, partition)`` runs after every batch is handed over."""
-
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)
-        self.submitted = 0
-
-    def submit(self, partition: int, seq: int, rows: pa.Table) -> None:
-        super().submit(partition, seq, rows)
-        self.submitted += 1
-        self.fault(self.submitted, partition)
-
-    def fault(self, submitted: int, partition: int) -> None:
-        raise NotImplementedError
-
-
-class KillingPartitions(FaultyPartitions):
-    """Kills one of its own actors by name, the way an operator would, every few batches."""
-
-    def __init__(self, *args: object, kill_every: int, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)
-        self.kill_every, self.kills = kill_every, 0
-
-    def fault(self, submitted: int, partition: int) -> None:
-        if submitted % self.kill_every == 0:
-            victim = (submitted // self.kill_every) % len(self.actors)
-            name = actor_name(victim, self.stage)
-            self._ray.kill(self._ray.get_actor(name, namespace=NAMESPACE))
-            self.kills += 1
+from tests.support import (
+    ROOT,
+    FaultyPartitions,
+    KillingPartitions,
+    crash_resume_and_rerun,
+    files_of,
+    numbered_events,
+    spec_for,
+    stored_in_apply_order,
+)
 
 
 class StallingPartitions(FaultyPartitions):
@@ -76,11 +49,6 @@ class StallingPartitions(FaultyPartitions):
             pid = self._ray.get(self.actors[partition].where.remote())["pid"]
             os.kill(pid, signal.SIGSTOP)
             self.stopped.append(pid)
-
-
-def files_of(store: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(store)): p.read_bytes()
-            for p in sorted((store).rglob("*.parquet"))}
 
 
 @pytest.mark.ray
@@ -161,9 +129,9 @@ def test_a_partition_that_fails_every_time_ends_the_run_with_an_error_naming_it(
     assert time.monotonic() - started < 120
     deadline = time.monotonic() + 30  # the run's actor goes with it (ray.kill is asynchronous)
     while time.monotonic() < deadline:
-        try:
-            ray.get_actor("partition-0", namespace=NAMESPACE)
-        except ValueError:
+        names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                 if a["namespace"] == NAMESPACE]
+        if not any(name.endswith("-partition-0") for name in names):
             break
         time.sleep(0.2)
     else:
@@ -189,28 +157,3 @@ def test_a_killed_driver_resumes_to_the_fault_free_store(tmp_path: Path) -> None
     crashed_events, clean_events = _sorted_events(tmp_path / "crashed"), _sorted_events(tmp_path / "clean")
     assert crashed_events.height == 24_000
     assert crashed_events.equals(clean_events)
-
-
-def crash_resume_and_rerun(command: list[str], tmp_path: Path, manifest_wait_s: float,
-                           timeout_s: float) -> None:
-    """Run ``command`` into ``tmp_path/crashed``, SIGKILL it after its second checkpoint,
-    ``--resume`` it to the end, and run it again fault-free into ``tmp_path/clean``."""
-    # Its own session: the kill takes the driver and its embedded Ray down together,
-    # like a lost machine, and leaves no orphan behind.
-    driver = subprocess.Popen([*command, "--store", str(tmp_path / "crashed")],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              start_new_session=True)
-    manifests = tmp_path / "crashed" / "_checkpoints"
-    deadline = time.monotonic() + manifest_wait_s
-    while len(list(manifests.rglob("manifest-*.json"))) < 2 and time.monotonic() < deadline:
-        assert driver.poll() is None, driver.communicate()
-        time.sleep(0.05)
-    os.killpg(driver.pid, signal.SIGKILL)  # no clean-up of any kind
-    driver.wait()
-    resumed = subprocess.run([*command, "--store", str(tmp_path / "crashed"), "--resume"],
-                             capture_output=True, text=True, timeout=timeout_s)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert '"resumed": true' in resumed.stdout
-    clean = subprocess.run([*command, "--store", str(tmp_path / "clean")],
-                           capture_output=True, text=True, timeout=timeout_s)
-    assert clean.returncode == 0, clean.stderr[-2000:]

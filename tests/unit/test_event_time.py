@@ -272,3 +272,18 @@ def test_an_empty_push_changes_nothing() -> None:
     out = orderer.push(table.slice(0, 0))
     assert out.released.num_rows == 0 and out.late.num_rows == 0
     assert ids(first.released) + ids(orderer.flush()) == ids(table)
+
+
+def test_a_far_past_row_at_the_head_of_the_stream_is_late() -> None:
+    rng = np.random.default_rng(4)
+    times = in_order_stream(rng, 500)
+    times[3] = 0  # 1970, among the very first events, before any watermark exists
+    released, late = run(EventTimeOrderer(policy(20)), envelope(times, np.arange(500)), [250])
+    assert ids(late) == ["e0000003"]
+    assert ids(released) == [f"e{i:07d}" for i in range(500) if i != 3]
+
+
+def test_a_sparse_in_order_head_is_not_late() -> None:
+    times = BASE + np.array([0, 5, 30, 31, 32, 33, 34, 35]) * MINUTE
+    released, late = run(EventTimeOrderer(policy(0)), envelope(times, np.arange(8)), [])
+    assert late.num_rows == 0 and released.num_rows == 8

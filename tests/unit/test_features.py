@@ -43,6 +43,7 @@ from pipelines.fraud.features import (
     handbook_features_batch,
 )
 from pipelines.fraud.simulator import SimulationSpec, simulate_transactions
+from tests.support import parity_report
 
 HANDBOOK = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "fraud-handbook"
 needs_handbook = pytest.mark.skipif(
@@ -174,8 +175,11 @@ def keyed_streams(draw: st.DrawFn) -> tuple[pl.DataFrame, KeyedWindowSpec, list[
         for kind, column in (("count", None), ("sum", "x"), ("mean", "x"), ("min", "x"), ("max", "x"),
                              ("last", "x"), ("share", "y"))
     )
+    reach = max(d + lag for d, lag in windows)
+    residual = draw(st.sampled_from([None, 0, 3, 30]))  # extra seconds a residual outlives the windows
     spec = KeyedWindowSpec("k", "t", aggregates, carry_residual=draw(st.booleans()),
-                           allowed_lateness=lateness * SECOND)
+                           allowed_lateness=lateness * SECOND,
+                           residual_horizon=None if residual is None else (reach + residual) * SECOND)
     frame = pl.DataFrame({"k": keys, "t": [EPOCH + int(s) * SECOND for s in times], "x": values, "y": flags})
     cuts = sorted(set(draw(st.lists(st.integers(1, max(n - 1, 1)), max_size=6))))
     return frame, spec, cuts
@@ -189,7 +193,8 @@ def brute_force(frame: pl.DataFrame, spec: KeyedWindowSpec) -> dict[str, list]:
     last_seen: dict[int, dt.datetime] = {}
     for i, row in enumerate(rows):
         t, key = row["t"], row["k"]
-        restart = not spec.carry_residual and (key not in last_seen or t - last_seen[key] >= spec.horizon)
+        gap = spec.residual_horizon if spec.carry_residual else spec.horizon  # sums restart after it
+        restart = gap is not None and (key not in last_seen or t - last_seen[key] >= gap)
         last_seen[key] = t
         for agg in spec.aggregates:
             w = agg.window
@@ -313,6 +318,98 @@ def test_state_stays_bounded_on_a_long_stream(carry: bool) -> None:
         assert operator.state_keys < len(np.unique(keys)) / 5
 
 
+def churning_stream(days: int, seed: int = 2) -> pl.DataFrame:
+    """Keys churn: a new population of 200 keys every 20 days, ~250 rows a day."""
+    rng = np.random.default_rng(seed)
+    n = 250 * days
+    seconds = np.sort(rng.integers(0, days * 86_400, n))
+    keys = seconds // (20 * 86_400) * 1000 + rng.integers(0, 200, n)
+    return pl.DataFrame({"k": keys, "t": [EPOCH + int(s) * SECOND for s in seconds],
+                         "x": rng.normal(50.0, 20.0, n).round(2)})
+
+
+@pytest.mark.parametrize("residual_days", [None, 365, 30])
+def test_residual_keys_expire_after_the_residual_horizon(residual_days: int | None) -> None:
+    """With carry_residual, a key idle past its windows keeps only its residual, and only for
+    ``residual_horizon``: then it is dropped, and a key back after that long restarts at zero,
+    online and offline alike. None keeps residuals for ever: the held keys grow with the
+    stream's every key. Prints keys and bytes held at the end of a 720-day stream."""
+    frame = churning_stream(720)
+    horizon = None if residual_days is None else residual_days * DAY
+    spec = KeyedWindowSpec("k", "t", (Aggregate("n", "count", Window(DAY)),
+                                      Aggregate("avg", "mean", Window(3 * DAY), "x")),
+                           carry_residual=True, residual_horizon=horizon)
+    operator, outputs, held = KeyedWindowOperator(spec), [], []
+    for start in range(0, frame.height, 5000):
+        outputs.append(operator.update(frame[start:start + 5000]))
+        held.append(operator.state_keys)
+    assert_frame_equal(pl.concat(outputs), window_features_batch(frame, spec), check_exact=True)
+    seen = frame["k"].n_unique()
+    print(f"\nresidual_horizon={residual_days} d: {operator.state_keys:,} of {seen:,} keys held, "
+          f"{operator.state_bytes:,} bytes, {operator.state_rows:,} rows")
+    recent = frame.filter(pl.col("t") > frame["t"].max() - (horizon or 10_000 * DAY) - 3 * DAY)
+    assert operator.state_keys <= recent["k"].n_unique()
+    if residual_days == 30:  # residuals of populations idle > 30 days are gone: ~3 populations
+        assert operator.state_keys <= 3 * 200 < seen / 10
+    if residual_days is None:
+        assert operator.state_keys > 0.9 * seen  # nearly every key leaves a residual
+    saved = operator.snapshot()
+    clone = KeyedWindowOperator(spec)
+    clone.restore(saved)
+    assert clone.snapshot() == saved and clone.state_keys == operator.state_keys
+
+
+def test_a_long_idle_gap_drops_residual_keys_and_state_shrinks() -> None:
+    """Every key goes idle; once the watermark is past them by the residual horizon the
+    state holds no key at all, and a returning key's sums restart at zero."""
+    spec = KeyedWindowSpec("k", "t", (Aggregate("s", "sum", Window(DAY), "x"),), carry_residual=True,
+                           residual_horizon=10 * DAY)
+    operator = KeyedWindowOperator(spec)
+    n = 5000
+    busy = pl.DataFrame({"k": np.arange(n) % 500, "t": [EPOCH + i * 10 * SECOND for i in range(n)],
+                         "x": np.full(n, 0.1)})  # 0.1 sums leave non-zero residuals
+    operator.update(busy)
+    assert operator.state_keys == 500
+    operator.update(pl.DataFrame({"k": [-1], "t": [EPOCH + 5 * DAY], "x": [1.0]}))
+    residual_only = operator.state_keys - 1
+    assert residual_only > 100 and operator.state_rows == 1  # rows gone, residuals kept
+    operator.update(pl.DataFrame({"k": [-1], "t": [EPOCH + 12 * DAY], "x": [1.0]}))
+    assert operator.state_keys == 1  # the idle keys' residuals have expired
+    back = operator.update(pl.DataFrame({"k": [3], "t": [EPOCH + 13 * DAY], "x": [0.7]}))
+    assert back["s"].to_list() == [0.7]
+
+
+def test_a_new_key_in_a_large_table_costs_no_more_than_a_known_one() -> None:
+    """A batch bringing one new key to a table of a million keys is about as fast as a batch
+    of known keys only: new keys take a free slot and a small sorted delta of the index,
+    the table is not re-sorted (re-sorting made it ~7x slower than a batch of known keys)."""
+    n = 1_000_000
+    spec = KeyedWindowSpec("k", "t", (Aggregate("n", "count", Window(DAY)),))
+    operator = KeyedWindowOperator(spec)
+    operator.update(pl.DataFrame({"k": np.arange(0, 2 * n, 2), "t": [EPOCH] * n}))
+    assert operator.state_keys == n
+    rng = np.random.default_rng(0)
+
+    def timed(new: bool, step: int) -> float:
+        keys = rng.choice(n, 1000, replace=False) * 2
+        if new:
+            keys[0] = 2 * step + 1  # odd: never seen
+        batch = pl.DataFrame({"k": keys, "t": [EPOCH + step * SECOND] * 1000})
+        started = time.perf_counter()
+        operator.update(batch)
+        return time.perf_counter() - started
+
+    known, fresh = [], []
+    for step in range(1, 31):
+        known.append(timed(False, 2 * step))
+        fresh.append(timed(True, 2 * step + 1))
+    ratio = float(np.median(fresh) / np.median(known))
+    print(f"\nbatch of 1,000 rows on {n:,} keys: {np.median(known) * 1e3:.2f} ms known keys only, "
+          f"{np.median(fresh) * 1e3:.2f} ms with one new key (x{ratio:.2f})")
+    assert operator.state_keys == n + 30
+    assert ratio < 4  # re-sorting the table measured x6.9 here, one slot and a delta x1.5-2.4
+
+
 # Labels ------------------------------------------------------------------------------------
 
 
@@ -378,7 +475,6 @@ def test_bad_batches_and_specs_are_refused(simulated: pl.DataFrame) -> None:
         KeyedWindowSpec("k", "t", (Aggregate("n", "count", Window(DAY)),) * 2)
 
 
-
 def test_calendar_features() -> None:
     at = [dt.datetime(2018, 7, 7, 6, 59, 59), dt.datetime(2018, 7, 8, 7), dt.datetime(2018, 7, 9, 0)]
     assert calendar_features(pl.DataFrame({"TX_DATETIME": at})).rows() == [(1, 1), (1, 0), (0, 1)]
@@ -395,28 +491,6 @@ def handbook() -> tuple[pl.DataFrame, pl.DataFrame]:
     transactions = pl.concat([pl.read_parquet(HANDBOOK / f"transactions-2018-0{m}.parquet") for m in months])
     published = pl.concat([pl.read_parquet(HANDBOOK / f"features-2018-0{m}.parquet") for m in (7, 8)])
     return transactions, published
-
-
-def parity_report(transactions: pl.DataFrame, published: pl.DataFrame, online: pl.DataFrame) -> pl.DataFrame:
-    """Per month: rows, rows equal on all 15 inputs, excluded rows, and the rest's mismatches."""
-    ties = transactions.select(
-        "TRANSACTION_ID", "CUSTOMER_ID",
-        (pl.len().over("CUSTOMER_ID", "TX_DATETIME") > 1).alias("customer_tie"),
-        (pl.len().over("TERMINAL_ID", "TX_DATETIME") > 1).alias("terminal_tie"),
-        pl.col("TX_DATETIME").dt.month().alias("month"),
-    )
-    joined = published.join(online, on="TRANSACTION_ID", how="left", suffix="_online")
-    joined = joined.join(ties, on="TRANSACTION_ID")
-    assert joined.height == published.height and joined["TX_DURING_NIGHT_online"].null_count() == 0
-    same = {c: pl.col(c) == pl.col(f"{c}_online") for c in HANDBOOK_FEATURES}
-    customer_cols = [c for c in HANDBOOK_FEATURES if c.startswith("CUSTOMER_ID")]
-    other_cols = [c for c in HANDBOOK_FEATURES if c not in customer_cols]
-    return joined.with_columns(
-        all_equal=pl.all_horizontal(*same.values()),
-        customer_equal=pl.all_horizontal(*(same[c] for c in customer_cols)),
-        other_equal=pl.all_horizontal(*(same[c] for c in other_cols)),
-        count_equal=pl.all_horizontal(*(same[c] for c in customer_cols if "_NB_TX_" in c)),
-    )
 
 
 @needs_handbook
@@ -491,3 +565,26 @@ def test_handbook_window_bounds_are_exercised(handbook: tuple[pl.DataFrame, pl.D
                 pl.col("TX_DATETIME") >= events["TX_DATETIME"].min())
             on_bound = events.join(shifted, on=[key, "TX_DATETIME"], how="semi").height
             assert on_bound >= 10, (key, n, on_bound)
+
+
+def test_residual_horizon_is_validated_and_old_snapshots_restore(simulated: pl.DataFrame) -> None:
+    """A residual horizon shorter than the windows is refused; a snapshot taken before the
+    field existed (its spec name lacks it) restores into the default residual horizon only."""
+    with pytest.raises(ConfigError, match="residual_horizon"):
+        KeyedWindowSpec("k", "t", (Aggregate("n", "count", Window(7 * DAY)),), carry_residual=True,
+                        residual_horizon=DAY)
+    operator = KeyedWindowOperator(HANDBOOK_CUSTOMER_SPEC)
+    operator.update(simulated[:3000])
+    parts = features.unpack_states(operator.snapshot())
+    rows = features._read_ipc(parts[0])
+    meta = dict(rows.schema.metadata)
+    meta[b"spec"] = meta[b"spec"].replace(b", residual_horizon=datetime.timedelta(days=365)", b"")
+    assert b"residual_horizon" not in meta[b"spec"]
+    old = features.pack_states([features._ipc(rows.replace_schema_metadata(meta)), parts[1]])
+    restored = KeyedWindowOperator(HANDBOOK_CUSTOMER_SPEC)
+    restored.restore(old)
+    assert restored.snapshot() == operator.snapshot()
+    forever = KeyedWindowSpec(HANDBOOK_CUSTOMER_SPEC.key, HANDBOOK_CUSTOMER_SPEC.time,
+                              HANDBOOK_CUSTOMER_SPEC.aggregates, carry_residual=True, residual_horizon=None)
+    with pytest.raises(StateRestoreError, match="spec"):
+        KeyedWindowOperator(forever).restore(old)

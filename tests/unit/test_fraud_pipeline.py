@@ -1,7 +1,7 @@
 """The fraud flow without Ray: label events, the terminal stage, the fraud step, the runner.
 
 Online equals offline: the features the two keyed stages stream equal the Polars batch
-reference :func:`pipelines.features.handbook_features_batch` over the same history.
+reference :func:`pipelines.fraud.features.handbook_features_batch` over the same history.
 """
 
 from __future__ import annotations
@@ -14,12 +14,11 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 import pytest
-import yaml
 
 from cluster.driver import run_pipeline
 from cluster.job import run_spec
 from cluster.partitions import LocalPartitions
-from models.fraud import MODEL_PRESETS, SHIPPED_RECIPE, make_model
+from models.fraud import MODEL_PRESETS, SHIPPED_RECIPE
 from models.registry import ModelRegistry
 from pipelines.envelope import PayloadSchema, envelope_schema
 from pipelines.features import StateRestoreError
@@ -35,39 +34,16 @@ from pipelines.fraud.flow import (
 )
 from pipelines.fraud.simulator import SimulationSpec, simulate_transactions, write_monthly
 from pipelines.labels import LabelFeed
-from pipelines.normalise import Normaliser
 from pipelines.processing import StepContext
-from pipelines.sources import RawBatch
 from pipelines.spec import EnrichSpec, PipelineSpec
-from pipelines.testing import FakeClock
+from tests.support import FEATURES, fraud_spec, mismatches, normalised_batches, train_into
 
 ROOT = Path(__file__).resolve().parents[2]
-FEATURES = [c for c in handbook_features_batch(
-    simulate_transactions(SimulationSpec(n_customers=5, n_terminals=5, n_days=1))).columns
-    if c != "TRANSACTION_ID"]
-
-
-def fraud_spec(**changes: object) -> PipelineSpec:
-    raw = yaml.safe_load((ROOT / "configs" / "fraud.yaml").read_text())
-    raw.update(changes)
-    return PipelineSpec.model_validate(raw)
 
 
 @pytest.fixture(scope="module")
 def transactions() -> pa.Table:
     return simulate_transactions(SimulationSpec(n_customers=300, n_terminals=600, n_days=75, seed=3))
-
-
-def normalised_batches(spec: PipelineSpec, table: pa.Table, size: int) -> list[pa.Table]:
-    normaliser = Normaliser(spec, FakeClock().now)
-    out = []
-    for start in range(0, table.num_rows, size):
-        records = table.slice(start, size).combine_chunks().to_batches()[0]
-        raw = RawBatch("transactions", "t.parquet", np.arange(start, start + records.num_rows), records)
-        result = normaliser.normalise(raw)
-        assert result.deadletters.num_rows == 0
-        out.append(result.events)
-    return out
 
 
 def stream_features(
@@ -91,13 +67,6 @@ def stream_features(
         frame = pl.from_arrow(merged).join(added, on=POSITION, how="left", maintain_order="left")
         scores.append(pl.from_arrow(step.process(frame.to_arrow()).tables["scores"]))
     return pl.concat(scores)
-
-
-def mismatches(online: pl.DataFrame, offline: pl.DataFrame, features: list[str] = FEATURES) -> dict[str, int]:
-    joined = offline.join(online, on="TRANSACTION_ID", suffix="_online")
-    assert joined.height == offline.height == online.height
-    return {c: joined.filter(pl.col(c).cast(pl.Float64) != pl.col(f"{c}_online").cast(pl.Float64)).height
-            for c in features}
 
 
 @pytest.mark.parametrize("size", [997, 20_000])
@@ -186,15 +155,6 @@ def test_stage_state_survives_snapshot_restore(transactions: pa.Table) -> None:
     fresh_step.restore(step.snapshot())
     assert fresh_stage.snapshot() == stage.snapshot() and fresh_step.snapshot() == step.snapshot()
     assert stream_features(spec, transactions.slice(0, 3000), 1000).height == 3000
-
-
-def train_into(registry: Path, table: pa.Table, seed: int, model: str = "logistic_regression") -> int:
-    frame = handbook_features_batch(table).join(
-        pl.from_arrow(table).select("TRANSACTION_ID", "TX_AMOUNT", "TX_FRAUD"), on="TRANSACTION_ID")
-    params = {"max_iter": 30} if model == "hist_gradient_boosting" else {}
-    fitted = make_model(model, seed=seed, **params).fit(frame)
-    created = dt.datetime(2024, 1, 1, tzinfo=dt.UTC)
-    return ModelRegistry(registry).save(fitted, name="fraud", created_at=created)
 
 
 def test_the_step_scores_alerts_and_picks_up_a_new_version(tmp_path: Path, transactions: pa.Table) -> None:

@@ -21,7 +21,7 @@ from pipelines.sources import CsvSource, JsonLinesSource, RawBatch, iter_batches
 from pipelines.spec import LimitsSpec, SourceSpec
 from pipelines.testing import FakeClock
 from pipelines.timestamps import MAX_TIME, MIN_TIME, parse_duration
-from tests.unit.test_normalise import (
+from tests.support import (
     EVENTS_SPEC,
     FRAUD_SPEC,
     START,

@@ -95,23 +95,27 @@ HOUR = 3_600_000_000
        st.integers(0, 10))
 def test_filter_is_exact_within_the_horizon(batches: list[list[tuple[str, int]]],
                                              horizon_hours: int) -> None:
-    # Reference: a set of (id, hour) pairs, forgetting hours older than watermark - horizon.
-    f, seen, watermark = DuplicateFilter(horizon_us=horizon_hours * HOUR), set(), 0
+    # Reference: the first occurrences of ids, each with its hour, forgetting hours older than
+    # watermark - horizon; an id seen again within the horizon is a duplicate at any hour.
+    f = DuplicateFilter(horizon_us=horizon_hours * HOUR, bucket_us=HOUR)
+    kept: list[tuple[str, int]] = []
+    watermark = 0
     for batch in batches:
         hours = np.array([h for _, h in batch], dtype=np.int64)
         marks = f.mark(pa.array([i for i, _ in batch], pa.string()), hours * HOUR).tolist()
         floor = watermark - horizon_hours if watermark else None
         expected = []
-        for event in batch:
-            inside = floor is None or event[1] >= floor
-            expected.append(inside and event in seen)
-            if inside:
-                seen.add(event)
+        for event_id, hour in batch:
+            inside = floor is None or hour >= floor
+            repeat = inside and any(event_id == k for k, _ in kept)
+            expected.append(repeat)
+            if inside and not repeat:
+                kept.append((event_id, hour))
         assert marks == expected
         watermark = max([watermark, *hours.tolist()])
         f.advance(watermark * HOUR)
-        seen = {e for e in seen if e[1] >= watermark - horizon_hours}
-        assert len(f) == len(seen)  # memory is the horizon's ids, no more
+        kept = [(k, h) for k, h in kept if h >= watermark - horizon_hours]
+        assert len(f) == len(kept)  # memory is the horizon's ids, no more
 
 
 def test_equal_hashes_never_make_a_duplicate(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -123,7 +127,7 @@ def test_equal_hashes_never_make_a_duplicate(monkeypatch: pytest.MonkeyPatch) ->
 
 
 def test_old_events_are_never_duplicates_and_memory_is_released() -> None:
-    f = DuplicateFilter(horizon_us=2 * HOUR)
+    f = DuplicateFilter(horizon_us=2 * HOUR, bucket_us=HOUR)
     ids = pa.array([f"id{i}" for i in range(100)])
     assert not f.mark(ids, np.arange(100) * HOUR // 10).any()
     f.advance(12 * HOUR)  # keeps the buckets from hour 10 on: nothing of hours 0-9 is left
@@ -133,14 +137,14 @@ def test_old_events_are_never_duplicates_and_memory_is_released() -> None:
 
 
 def test_snapshots_restore_in_full_and_by_changed_buckets() -> None:
-    f = DuplicateFilter(horizon_us=24 * HOUR)
+    f = DuplicateFilter(horizon_us=24 * HOUR, bucket_us=HOUR)
     f.mark(pa.array(["a", "b"]), np.array([0, 5 * HOUR]))
     base = f.snapshot()
     f.mark(pa.array(["c"]), np.array([5 * HOUR]))
     f.advance(25 * HOUR)  # drops hour 0
     delta = f.snapshot(changed_only=True)
     assert len(delta) < len(base) + 200
-    restored = DuplicateFilter(horizon_us=24 * HOUR)
+    restored = DuplicateFilter(horizon_us=24 * HOUR, bucket_us=HOUR)
     restored.restore(base, delta)
     assert len(restored) == len(f) == 2
     probe = pa.array(["a", "b", "c", "d"]), np.array([0, 5 * HOUR, 5 * HOUR, 5 * HOUR])

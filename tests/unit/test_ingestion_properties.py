@@ -40,7 +40,8 @@ LIMIT = 4096
 # Valid moments reach 2200: source.max_future (against the wall clock) is widened past them;
 # its own rule is tested with an injected clock in test_hostile_values.
 BASE_SPEC = load_pipeline(CONFIGS / "events.yaml", {"limits": {"max_payload_bytes": LIMIT},
-                                                   "source": {"max_future": "100000d"}})
+                                                   "source": {"max_future": "100000d",
+                                                              "duplicates": "dead-letter"}})
 SOURCE = BASE_SPEC.source.source_name
 INPUT = "input.jsonl"
 PIPELINE_RUNS = settings(

@@ -19,7 +19,7 @@ from pipelines.keyed import PartitionWorker, SequenceGapError, split_by_partitio
 from pipelines.pacing import Pacer
 from pipelines.pipeline import load_pipeline
 from pipelines.testing import FakeClock, ListSink
-from tests.conftest import ROOT
+from tests.support import ROOT
 
 
 @settings(max_examples=80, deadline=None)

@@ -16,7 +16,7 @@ from pipelines.fraud.flow import POSITION, FraudStep, FraudStepSpec, TerminalRis
 from pipelines.fraud.simulator import SimulationSpec, simulate_transactions
 from pipelines.labels import LabelFeed
 from pipelines.spec import PipelineSpec
-from tests.unit.test_fraud_pipeline import FEATURES, fraud_spec, mismatches, normalised_batches
+from tests.support import FEATURES, fraud_spec, mismatches, normalised_batches
 
 LATENESS = dt.timedelta(minutes=20)
 

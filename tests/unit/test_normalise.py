@@ -9,94 +9,35 @@ import datetime as dt
 import json
 import pickle
 import uuid
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import polars as pl
 import pyarrow as pa
 import pytest
 
 from pipelines.dedup import DuplicateFilter
-from pipelines.envelope import DEADLETTER_SCHEMA, INVALID_EVENT_TYPE, TIMESTAMP
-from pipelines.event_ids import EVENTRAY_NAMESPACE
-from pipelines.normalise import Normalised, Normaliser
-from pipelines.pipeline import load_pipeline
-from pipelines.sources import RawBatch
+from pipelines.envelope import INVALID_EVENT_TYPE, TIMESTAMP
+from pipelines.normalise import Normaliser
 from pipelines.spec import PipelineSpec
 from pipelines.testing import FakeClock
+from tests.support import (
+    EVENTS_SPEC,
+    FRAUD_ROWS,
+    FRAUD_SPEC,
+    PART,
+    START,
+    derived_id,
+    fraud_csv_batch,
+    fraud_parquet_batch,
+    jsonl_batch,
+    line,
+    normalise_lines,
+    reasons,
+    run,
+    with_changes,
+)
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-EVENTS_SPEC = load_pipeline(CONFIGS / "events.yaml")
-FRAUD_SPEC = load_pipeline(CONFIGS / "fraud.yaml")
-START = dt.datetime(2024, 6, 1, 12, 0, tzinfo=dt.UTC)
-PART = "day-1.jsonl"
 UTC = dt.UTC
-
-# ------------------------------------------------------------------------------------------
-# helpers
-# ------------------------------------------------------------------------------------------
-
-
-def seed_event(**changes: Any) -> dict[str, Any]:
-    """An event in the seed's JSON Lines schema, shaped as the seed's example (version "1.0");
-    a change to ``...`` removes the field."""
-    event = {
-        "eventId": "evt-1",
-        "eventType": "user.login",
-        "timestamp": "2024-05-01T10:00:00Z",
-        "source": "web",
-        "correlationId": "c7",
-        "data": {"n": 1, "user": "u1"},
-        "metadata": {"version": "1.0", "region": "us-east"},
-    }
-    for name, value in changes.items():
-        if value is ...:
-            event.pop(name)
-        else:
-            event[name] = value
-    return event
-
-
-def line(**changes: Any) -> bytes:
-    return json.dumps(seed_event(**changes)).encode()
-
-
-def jsonl_batch(lines: list[bytes], offsets: list[int] | None = None, part: str = PART) -> RawBatch:
-    offsets = list(range(len(lines))) if offsets is None else offsets
-    return RawBatch("events", part, np.array(offsets, dtype=np.int64),
-                    pa.record_batch({"line": pa.array(lines, pa.binary())}))
-
-
-def run(
-    normaliser: Normaliser, batch: RawBatch, duplicates: DuplicateFilter | None = None
-) -> Normalised:
-    """Normalise and check the invariants every batch keeps."""
-    out = normaliser.normalise(batch, duplicates)
-    assert out.read == batch.num_rows == out.events.num_rows + out.deadletters.num_rows
-    assert out.events.schema == normaliser.schema
-    assert out.deadletters.schema == DEADLETTER_SCHEMA
-    for row in out.deadletters.to_pylist():
-        assert row["reason"] and row["message"]
-    return out
-
-
-def normalise_lines(lines: list[bytes], spec: PipelineSpec = EVENTS_SPEC, **kwargs: Any) -> Normalised:
-    return run(Normaliser(spec, FakeClock(START)), jsonl_batch(lines), **kwargs)
-
-
-def reasons(out: Normalised) -> list[str]:
-    return out.deadletters.column("reason").to_pylist()
-
-
-def with_changes(spec: PipelineSpec, **sections: Any) -> PipelineSpec:
-    """A copy of ``spec`` with whole top-level sections replaced."""
-    return PipelineSpec.model_validate({**spec.model_dump(by_alias=True), **sections})
-
-
-def derived_id(offset: int, source: str = "events", part: str = PART) -> str:
-    return str(uuid.uuid5(EVENTRAY_NAMESPACE, f"{source}/{part}#{offset}"))
-
 
 # ------------------------------------------------------------------------------------------
 # valid seed-schema events -> envelope
@@ -400,38 +341,6 @@ def test_timestamp_forms_land_as_utc_microseconds(raw: Any, expected: dt.datetim
 # ------------------------------------------------------------------------------------------
 # typed payloads (configs/fraud.yaml)
 # ------------------------------------------------------------------------------------------
-
-FRAUD_ROWS = {
-    "TRANSACTION_ID": [0, 1],
-    "TX_DATETIME": [dt.datetime(2018, 4, 1, 0, 0, 31), dt.datetime(2018, 4, 1, 0, 2, 10)],
-    "CUSTOMER_ID": [596, 4961],
-    "TERMINAL_ID": [3156, 3412],
-    "TX_AMOUNT": [57.16, 81.51],
-    "TX_TIME_SECONDS": [31, 130],
-    "TX_TIME_DAYS": [0, 0],
-    "TX_FRAUD": [0, 1],
-    "TX_FRAUD_SCENARIO": [0, 1],
-}
-
-
-def fraud_parquet_batch() -> RawBatch:
-    records = pa.record_batch({
-        name: pa.array(values, pa.timestamp("us") if name == "TX_DATETIME" else None)
-        for name, values in FRAUD_ROWS.items()})
-    return RawBatch("transactions", "transactions-2018-04.parquet", np.arange(2), records)
-
-
-def fraud_csv_batch(changes: dict[str, list[str | None]] | None = None,
-                    drop: str | None = None) -> RawBatch:
-    """The rows as a CsvSource gives them: every column a string."""
-    text = {name: [str(v) for v in values] for name, values in FRAUD_ROWS.items()}
-    text["TX_DATETIME"] = [v.isoformat(sep=" ") for v in FRAUD_ROWS["TX_DATETIME"]]
-    text |= changes or {}
-    if drop is not None:
-        del text[drop]
-    size = len(next(iter(text.values())))
-    records = pa.record_batch({k: pa.array(v, pa.string()) for k, v in text.items()})
-    return RawBatch("transactions", "tx.csv", np.arange(size), records)
 
 
 def expected_fraud_data() -> list[dict[str, Any]]:

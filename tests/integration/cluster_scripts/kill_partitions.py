@@ -29,6 +29,7 @@ os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 os.environ["RAY_AUTH_MODE"] = "token"
 
 import ray  # noqa: E402
+from actors import get_named  # noqa: E402  (this folder, beside the script)
 
 NAMESPACE = "eventray"
 
@@ -73,7 +74,7 @@ def main() -> int:
         if done or live_kills >= args.max_kills or time.monotonic() < next_kill:
             continue
         try:
-            actor = ray.get_actor(f"partition-{victim}", namespace=NAMESPACE)
+            actor = get_named(f"partition-{victim}")
             where = ray.get(actor.where.remote(), timeout=10)
         except Exception:  # not started yet, or being replaced by the driver right now
             continue

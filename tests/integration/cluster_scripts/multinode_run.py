@@ -39,6 +39,7 @@ TEMP_DIR = tempfile.mkdtemp(prefix="erm-")
 os.environ["RAY_TMPDIR"] = TEMP_DIR
 
 import ray  # noqa: E402
+from actors import get_named  # noqa: E402  (this folder, beside the script)
 from ray.cluster_utils import Cluster  # noqa: E402
 
 NAMESPACE = "eventray"
@@ -80,7 +81,7 @@ def placement(partitions: int, wait_s: float, avoid: str | None = None) -> dict[
             if p in found:
                 continue
             try:
-                actor = ray.get_actor(f"partition-{p}", namespace=NAMESPACE)
+                actor = get_named(f"partition-{p}")
                 where = ray.get(actor.where.remote(), timeout=5)
             except Exception:  # not created yet, or being replaced
                 time.sleep(0.05)

@@ -35,6 +35,7 @@ os.environ["RAY_AUTH_MODE"] = "token"
 
 import psutil  # noqa: E402
 import ray  # noqa: E402
+from actors import get_named  # noqa: E402  (this folder, beside the script)
 
 NAMESPACE = "eventray"
 
@@ -51,7 +52,7 @@ def registered(names: list[str]) -> bool:
     """Whether every actor name resolves (true from the moment the driver creates them)."""
     try:
         for name in names:
-            ray.get_actor(name, namespace=NAMESPACE)
+            get_named(name)
     except ValueError:
         return False
     return True
@@ -60,7 +61,7 @@ def registered(names: list[str]) -> bool:
 def actor_process(name: str) -> psutil.Process | None:
     """The process of the live actor called ``name``, or None while it does not answer."""
     try:
-        actor = ray.get_actor(name, namespace=NAMESPACE)
+        actor = get_named(name)
         return psutil.Process(ray.get(actor.where.remote(), timeout=10)["pid"])
     except Exception:  # not started yet, being replaced, or gone at the end of the run
         return None
@@ -83,7 +84,9 @@ def main() -> int:
     ray.init(address=args.address, logging_level="ERROR", log_to_driver=False)
     Path(args.ready_file).touch()
     deadline = time.monotonic() + args.timeout
-    while not args.driver_pid_file.exists() and time.monotonic() < deadline:
+    # the file may exist before its pid is written: wait for its text
+    while not (args.driver_pid_file.exists() and args.driver_pid_file.read_text().strip()) \
+            and time.monotonic() < deadline:
         time.sleep(0.01)
     driver = psutil.Process(int(args.driver_pid_file.read_text()))
     names = [f"partition-{p}" for p in range(args.partitions)]
