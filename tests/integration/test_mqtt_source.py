@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import math
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -145,3 +146,11 @@ def test_sensor_flow_scores_each_reading_once_across_a_crash(mqtt_broker: Server
     last.open(None)
     assert last.poll(100, 1.0) == []
     last.close()
+
+
+def test_the_source_pickles_as_its_configuration(mqtt_broker: Server) -> None:
+    source = MqttSource("sensors", MqttOptions(url=mqtt_broker.url, client_id="pickled"))
+    source.open(None)
+    copy = pickle.loads(pickle.dumps(source))  # an open source ships without its connection
+    source.close()
+    assert copy.options == source.options and copy.positions() == {"pickled": 0}

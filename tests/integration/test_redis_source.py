@@ -5,6 +5,7 @@ entries, and the fraud flow of ``configs/live-redis.yaml`` storing every event o
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,8 @@ from pipelines.live import LiveSource
 from pipelines.live_redis import RedisStreamOptions, RedisStreamSource, add_events, stream_offsets
 from pipelines.normalise import Normaliser
 from pipelines.pipeline import load_pipeline
+from pipelines.sources import SourceError
+from pipelines.spec import PipelineSpec, SourceSpec
 from tests.live_driver import BoundedLiveRun
 from tests.live_servers import Server
 from tests.seed_events import seed_event
@@ -239,3 +242,26 @@ def test_sources_table_has_one_column_of_json_lines(redis_server: Server) -> Non
     source.close()
     assert batch.records.schema == pa.schema([pa.field("line", pa.binary())])
     assert batch.part == "tx-lines" and batch.source == "tx"
+
+
+def test_a_live_source_needs_no_path_and_a_file_source_still_does(redis_server: Server) -> None:
+    spec = PipelineSpec.model_validate({
+        "name": "live", "source": {"format": "redis", "stream": "s", "url": redis_server.url},
+        "mapping": {"event_type": "eventType", "timestamp": "timestamp"}})
+    assert spec.source.path == [] and isinstance(build_source(spec), RedisStreamSource)
+    files = spec.model_copy(update={"source": SourceSpec(format="jsonl")})
+    with pytest.raises(SourceError, match="at least one path"):
+        build_source(files)
+
+
+def test_the_source_pickles_as_its_configuration(redis_server: Server) -> None:
+    add_events(redis_server.url, "tx-pickle", [seed_event("p")])
+    source = RedisStreamSource("tx", RedisStreamOptions(url=redis_server.url, stream="tx-pickle"))
+    source.open(None)
+    copy = pickle.loads(pickle.dumps(source))  # an open source ships without its connection
+    source.close()
+    assert copy.options == source.options and copy.name == "tx"
+    copy.open(None)
+    assert copy.poll(10, 0.1)[0].num_rows == 1  # the first reader's entry, still pending
+    copy.committed(copy.positions())
+    copy.close()
