@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cluster.driver import PipelineRun
+from cluster.driver import PartitionFactory, PipelineRun
 from cluster.partitions import LocalPartitions
 from pipelines.live import LiveSource
 from pipelines.normalise import utc_now
@@ -34,10 +34,14 @@ class Session:
 class BoundedLiveRun:
     """One run of a pipeline with a live source, driven in sessions (restart = new object)."""
 
-    def __init__(self, spec: PipelineSpec, store: Path) -> None:
+    def __init__(self, spec: PipelineSpec, store: Path,
+                 partitions: PartitionFactory | None = None) -> None:
+        """``partitions``: the keyed partitions' executor (default: in this process; a
+        test passes Ray partitions, or ones that kill their own actors)."""
         self.spec = spec
         self.run = PipelineRun(
-            spec, lambda run: LocalPartitions(spec.runtime.partitions, store, run, spec),
+            spec, partitions or (lambda run: LocalPartitions(spec.runtime.partitions, store, run,
+                                                             spec)),
             store, None, utc_now,
             stages=lambda run, stage: LocalPartitions(stage.partitions, store, run, spec, stage))
         self.source = self.run.source

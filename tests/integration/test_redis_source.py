@@ -26,6 +26,7 @@ from pipelines.spec import PipelineSpec, SourceSpec
 from tests.live_driver import BoundedLiveRun
 from tests.live_servers import Server
 from tests.seed_events import seed_event
+from tests.support import KillingPartitions
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -265,3 +266,34 @@ def test_the_source_pickles_as_its_configuration(redis_server: Server) -> None:
     assert copy.poll(10, 0.1)[0].num_rows == 1  # the first reader's entry, still pending
     copy.committed(copy.positions())
     copy.close()
+
+
+class TwoKills(KillingPartitions):
+    """Kills a partition actor twice, each time mid-stream (a restart costs seconds here)."""
+
+    def fault(self, submitted: int, partition: int) -> None:
+        if self.kills < 2:
+            super().fault(submitted, partition)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_partition_actors_killed_mid_stream_store_every_transaction_once(
+        ray_local: object, redis_server: Server, tmp_path: Path) -> None:
+    lines = seed_transactions(20_000, seed=5)
+    add_events(redis_server.url, "transactions-ray", lines)
+    spec = live_redis_spec(redis_server, "transactions-ray", dedup_horizon="60d")
+    store, executors = tmp_path / "store", []
+
+    def killing(run: str) -> TwoKills:
+        executors.append(TwoKills(spec.runtime.partitions, store, run,
+                                  spec.runtime.max_in_flight, None, spec, kill_every=15))
+        return executors[-1]
+
+    session = BoundedLiveRun(spec, store, killing).drive(resume=False, idle_s=1.0)
+    assert executors[0].kills == 2 and executors[0].restarts >= 2
+    for event_type in ("transaction.created", "fraud.reported"):
+        stored = stored_events(store, event_type)
+        assert stored.height == 20_000 and stored["event_id"].n_unique() == 20_000
+    assert session.counts.stored == 40_000 and session.counts.dead_lettered == 0
+    assert client_of(redis_server).xpending("transactions-ray", "eventray")["pending"] == 0
