@@ -51,7 +51,7 @@ from pipelines.kinds import SourceKind
 from pipelines.sources import RawBatch
 from pipelines.spec import LimitsSpec, SourceSpec
 
-__all__ = ["MQTT", "MqttOptions", "MqttSource"]
+__all__ = ["MQTT", "MqttOptions", "MqttSource", "MqttSourceError"]
 
 _QOS = 1
 _NEVER_EXPIRES = 0xFFFFFFFF

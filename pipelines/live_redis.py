@@ -49,7 +49,7 @@ from pipelines.kinds import SourceKind
 from pipelines.sources import RawBatch
 from pipelines.spec import LimitsSpec, SourceSpec
 
-__all__ = ["REDIS_STREAMS", "RedisStreamOptions", "RedisStreamSource", "add_events",
+__all__ = ["REDIS_STREAMS", "RedisSourceError", "RedisStreamOptions", "RedisStreamSource", "add_events",
            "stream_offsets"]
 
 #: Bits of an offset that hold the entry id's sequence number; the rest hold its ms.
@@ -138,11 +138,9 @@ class RedisStreamSource:
         ['transactions']
     """
 
-    def __init__(self, name: str, options: RedisStreamOptions,
-                 connect: Callable[[str], Any] | None = None) -> None:
+    def __init__(self, name: str, options: RedisStreamOptions) -> None:
         self.name = name
         self.options = options
-        self._connect = connect
         self._client: Any = None
         self._history = True  # reading this consumer's pending entries before new ones
         self._history_from = b"0"
@@ -168,7 +166,7 @@ class RedisStreamSource:
         import redis
 
         opts = self.options
-        self._client = (self._connect or redis.Redis.from_url)(opts.url)
+        self._client = redis.Redis.from_url(opts.url)
         try:
             self._client.xgroup_create(opts.stream, opts.group, id=opts.start_id, mkstream=True)
         except redis.ResponseError as exc:
@@ -196,7 +194,19 @@ class RedisStreamSource:
 
     def poll(self, max_rows: int, timeout: float) -> list[RawBatch]:
         """The entries that arrived within ``timeout`` seconds (one read of at most
-        ``min(max_rows, batch_size)`` entries), as one batch of JSON lines."""
+        ``min(max_rows, batch_size)`` entries), as one batch of JSON lines.
+
+        Raises:
+            RedisSourceError: the server is gone (after the client's own retries).
+        """
+        import redis
+
+        try:
+            return self._read(max_rows, timeout)
+        except redis.ConnectionError as exc:
+            raise RedisSourceError(f"lost {self.options.url}: {exc}") from None
+
+    def _read(self, max_rows: int, timeout: float) -> list[RawBatch]:
         opts = self.options
         count = max(1, min(max_rows, opts.batch_size))
         if self._history:
@@ -218,6 +228,8 @@ class RedisStreamSource:
 
     def committed(self, positions: dict[str, Any]) -> None:
         """Acknowledge (``XACK``) the entries read before ``positions`` were taken."""
+        if self._client is None:  # closed: what it read stays pending, and comes again
+            return
         through = int(positions.get(self.options.stream, 0))
         ids: list[bytes] = []
         while self._unacked and self._unacked[0][0][-1] < through:

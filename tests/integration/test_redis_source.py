@@ -18,13 +18,19 @@ from pipelines.event_ids import derived_event_ids
 from pipelines.fraud.simulator import SimulationSpec, simulate_transactions
 from pipelines.kinds import build_source
 from pipelines.live import LiveSource
-from pipelines.live_redis import RedisStreamOptions, RedisStreamSource, add_events, stream_offsets
+from pipelines.live_redis import (
+    RedisSourceError,
+    RedisStreamOptions,
+    RedisStreamSource,
+    add_events,
+    stream_offsets,
+)
 from pipelines.normalise import Normaliser
 from pipelines.pipeline import load_pipeline
 from pipelines.sources import SourceError
 from pipelines.spec import PipelineSpec, SourceSpec
 from tests.live_driver import BoundedLiveRun
-from tests.live_servers import Server
+from tests.live_servers import Server, start_redis
 from tests.seed_events import seed_event
 from tests.support import KillingPartitions
 
@@ -297,3 +303,16 @@ def test_partition_actors_killed_mid_stream_store_every_transaction_once(
         assert stored.height == 20_000 and stored["event_id"].n_unique() == 20_000
     assert session.counts.stored == 40_000 and session.counts.dead_lettered == 0
     assert client_of(redis_server).xpending("transactions-ray", "eventray")["pending"] == 0
+
+
+def test_a_lost_server_ends_the_read_with_one_clear_error(tmp_path: Path) -> None:
+    server = start_redis(tmp_path / "redis")
+    try:
+        source = RedisStreamSource("tx", RedisStreamOptions(url=server.url, stream="gone"))
+        source.open(None)
+    finally:
+        server.stop()
+    with pytest.raises(RedisSourceError, match="lost redis://127.0.0.1"):
+        source.poll(10, 0.1)
+    source.close()
+    source.committed(source.positions())  # closed: nothing to acknowledge, no error
