@@ -197,7 +197,8 @@ class RedisStreamSource:
         ``min(max_rows, batch_size)`` entries), as one batch of JSON lines.
 
         Raises:
-            RedisSourceError: the server is gone (after the client's own retries).
+            RedisSourceError: the server is gone (after the client's own retries), or the
+                stream or its group was deleted under the reader.
         """
         import redis
 
@@ -205,6 +206,9 @@ class RedisStreamSource:
             return self._read(max_rows, timeout)
         except redis.ConnectionError as exc:
             raise RedisSourceError(f"lost {self.options.url}: {exc}") from None
+        except redis.ResponseError as exc:
+            raise RedisSourceError(f"stream {self.options.stream!r}, group "
+                                   f"{self.options.group!r}: {exc}") from None
 
     def _read(self, max_rows: int, timeout: float) -> list[RawBatch]:
         opts = self.options

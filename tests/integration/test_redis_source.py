@@ -14,6 +14,8 @@ import pyarrow as pa
 import pytest
 import redis
 
+from cluster.job import run_in_process
+from pipelines.errors import ConfigError
 from pipelines.event_ids import derived_event_ids
 from pipelines.fraud.simulator import SimulationSpec, simulate_transactions
 from pipelines.kinds import build_source
@@ -313,3 +315,18 @@ def test_a_lost_server_ends_the_read_with_one_clear_error(tmp_path: Path) -> Non
         source.poll(10, 0.1)
     source.close()
     source.committed(source.positions())  # closed: nothing to acknowledge, no error
+
+
+def test_run_refuses_a_live_source_in_one_line(redis_server: Server, tmp_path: Path) -> None:
+    spec = live_redis_spec(redis_server, "tx-run")
+    with pytest.raises(ConfigError, match="live source: `eventray serve` runs it"):
+        run_in_process(spec, tmp_path / "store")
+
+
+def test_a_group_deleted_under_the_reader_is_one_clear_error(redis_server: Server) -> None:
+    source = RedisStreamSource("tx", RedisStreamOptions(url=redis_server.url, stream="tx-drop"))
+    source.open(None)
+    client_of(redis_server).xgroup_destroy("tx-drop", "eventray")
+    with pytest.raises(RedisSourceError, match="NOGROUP"):
+        source.poll(10, 0.1)
+    source.close()
