@@ -330,3 +330,22 @@ def test_a_group_deleted_under_the_reader_is_one_clear_error(redis_server: Serve
     with pytest.raises(RedisSourceError, match="NOGROUP"):
         source.poll(10, 0.1)
     source.close()
+
+
+def test_pending_entries_trimmed_from_the_stream_are_acknowledged_without_an_event(
+        redis_server: Server) -> None:
+    ids = add_events(redis_server.url, "tx-trim", [seed_event(f"e{i}") for i in range(3)])
+    options = RedisStreamOptions(url=redis_server.url, stream="tx-trim")
+    first = RedisStreamSource("tx", options)
+    first.open(None)
+    assert first.poll(10, 0.1)[0].num_rows == 3
+    first.close()  # all three pending
+    client = client_of(redis_server)
+    client.xdel("tx-trim", ids[1])  # trimmed away (XDEL, MAXLEN) while pending
+    again = RedisStreamSource("tx", options)
+    again.open(None)
+    batch = again.poll(10, 0.1)[0]
+    assert batch.num_rows == 2 and batch.offsets.tolist() == stream_offsets([ids[0], ids[2]]).tolist()
+    again.committed(again.positions())
+    assert client.xpending("tx-trim", "eventray")["pending"] == 0
+    again.close()
