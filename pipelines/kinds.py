@@ -47,10 +47,14 @@ class SourceKind:
         build: ``build(spec, paths, options, limits) -> Source``; ``paths`` are the inputs
             to read (the config's ``path``, or the command line's ``--input``), ``limits``
             the pipeline's (a source never buffers a record over ``max_payload_bytes``).
+            A live kind builds a :class:`~pipelines.live.LiveSource` instead of a ``Source``.
+        json_lines: its batches hold one ``line`` column of JSON text per record, which the
+            normaliser decodes as it decodes a JSON Lines file's.
     """
 
     options: type[BaseModel]
-    build: Callable[[SourceSpec, list[str], Any, LimitsSpec], Source]
+    build: Callable[[SourceSpec, list[str], Any, LimitsSpec], Any]
+    json_lines: bool = False
 
 
 def file_source(cls: type[Source]) -> SourceKind:
@@ -63,7 +67,7 @@ def file_source(cls: type[Source]) -> SourceKind:
             kwargs["max_line_bytes"] = limits.max_payload_bytes
         return cls(spec.source_name, paths, **kwargs)
 
-    return SourceKind(FileSourceOptions, build)
+    return SourceKind(FileSourceOptions, build, json_lines=cls is JsonLinesSource)
 
 
 STEP_KINDS = PluginRegistry("step kind", "eventray.processors",
@@ -108,6 +112,14 @@ def source_kind(spec: SourceSpec, search_path: tuple[str, ...] = ()) -> tuple[So
     if not isinstance(kind, SourceKind):
         raise ConfigError(f"source format {spec.format!r} is {kind!r}, not a SourceKind")
     return kind, _validated(kind.options, spec.options(), "source")
+
+
+def reads_json_lines(spec: SourceSpec, search_path: tuple[str, ...] = ()) -> bool:
+    """Whether the source's kind hands over JSON lines (see :attr:`SourceKind.json_lines`)."""
+    if spec.format == "jsonl":
+        return True
+    kind = SOURCE_KINDS.resolve(spec.format, search_path)
+    return bool(getattr(kind, "json_lines", False))
 
 
 def validate_kinds(spec: PipelineSpec, objects: Mapping[str, Any] | None = None) -> None:

@@ -128,7 +128,8 @@ class SourceSpec(_Open):
 
     format: str = Field(min_length=1)
     name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.-]+$")
-    path: list[str] = Field(min_length=1)
+    #: the files a file source reads; a live source (Redis, MQTT) reads none
+    path: list[str] = Field(default_factory=list)
     pattern: str | None = None
     batch_size: int = Field(default=10_000, gt=0)
     pace: PaceSpec | None = None
