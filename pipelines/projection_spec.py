@@ -7,7 +7,7 @@ from the events of the types its fields name. Each field is one fold:
 op        the field's value per key                                        type
 ======== ================================================================ ==========
 count     how many events matched                                          Int64
-sum       the sum of ``value`` over them (0 before any)                    Float64
+sum       the sum of ``value`` over them (0 before any), exact to 6 places  Decimal
 min/max   the least / greatest ``value``                                   Float64
 last      ``value`` of the latest matching event (by event time, then      ``value``'s
           event id: a last-writer-wins register, so the arrival order

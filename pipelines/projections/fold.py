@@ -42,6 +42,9 @@ from pipelines.routing import type_regex
 #: The envelope columns that order events and name keys.
 ORDER = ("timestamp", "event_id")
 _TIME = pl.Datetime("us", "UTC")
+#: A sum is a decimal with 6 places: exact, so the grouping of additions (batches online,
+#: slices and snapshots offline) never changes it, as it would a float's last digits.
+SUM_TYPE = pl.Decimal(38, 6)
 
 
 def _later(ts: str, eid: str, than_ts: str, than_id: str) -> pl.Expr:
@@ -103,7 +106,9 @@ class ProjectionFold:
             return pl.Int64()
         if field.op == "set":
             return pl.List(pl.String())
-        if field.op in ("sum", "min", "max"):
+        if field.op == "sum":
+            return SUM_TYPE
+        if field.op in ("min", "max"):
             return pl.Float64()
         return empty.select(self.values[field.name]).to_series().dtype
 
@@ -153,7 +158,8 @@ class ProjectionFold:
                          pl.col("timestamp").filter(taken).last().alias(f"_{name}_ts"),
                          pl.col("event_id").filter(taken).last().alias(f"_{name}_id")]
             else:
-                value = self.values[name].cast(pl.Float64).filter(mask)
+                value = self.values[name].cast(SUM_TYPE if field.op == "sum" else pl.Float64)
+                value = value.filter(mask)
                 aggs.append(getattr(value, field.op)().alias(name))
         return aggs
 

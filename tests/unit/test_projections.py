@@ -80,7 +80,7 @@ def as_reference(view: pl.DataFrame) -> dict[str, dict[str, Any]]:
 def close(a: dict[str, dict[str, Any]], b: dict[str, dict[str, Any]]) -> None:
     assert a.keys() == b.keys()
     for key in a:
-        assert a[key]["spend"] == pytest.approx(b[key]["spend"]), key
+        assert float(a[key]["spend"]) == pytest.approx(b[key]["spend"]), key
         assert {k: v for k, v in a[key].items() if k != "spend"} == \
             {k: v for k, v in b[key].items() if k != "spend"}, key
 
