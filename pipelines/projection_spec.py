@@ -15,6 +15,7 @@ last      ``value`` of the latest matching event (by event time, then      ``val
 set       members (``value`` as text) added by the field's events and      List(String)
           removed by the events of ``remove``; a member is in the set when
           its latest add-or-remove event (same order as ``last``) is an add
+          (removes are remembered ``remember_removes``, default 30 days)
 ======== ================================================================ ==========
 
 ``value`` and ``where`` are SQL expressions over the envelope's columns (``data.TX_AMOUNT``,
@@ -35,12 +36,24 @@ Example:
 
 from __future__ import annotations
 
+import datetime as dt
 import re
-from typing import Literal
+from typing import Annotated, Any, Literal
 
 import sqlglot
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from sqlglot import exp
+
+from pipelines.timestamps import parse_duration
 
 #: Names of projections and of their fields (columns of the state table).
 PROJECTION_NAME = r"^[a-z][a-z0-9_]{0,62}$"
@@ -79,6 +92,15 @@ def safe_value_sql(text: str) -> str:
     return tree.sql(dialect="postgres")
 
 
+def _duration(value: Any, info: ValidationInfo) -> dt.timedelta:
+    return parse_duration(value, info.field_name or "duration")
+
+
+#: A duration (``30d``, ``12h``, seconds), dumped as seconds (as :mod:`pipelines.spec` does).
+Duration = Annotated[dt.timedelta, BeforeValidator(_duration),
+                     PlainSerializer(lambda v: v.total_seconds(), return_type=float, when_used="json")]
+
+
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -112,6 +134,9 @@ class FieldSpec(EventMatch):
     op: Literal["count", "sum", "min", "max", "last", "set"]
     remove: EventMatch | None = None
     default: str | float | int | bool | None = None
+    #: A set remembers a removed member this long behind its key's latest event (event
+    #: time), so an add arriving after a later remove of the same member stays removed.
+    remember_removes: Duration = dt.timedelta(days=30)
 
     @model_validator(mode="after")
     def _value_where_needed(self) -> FieldSpec:

@@ -7,13 +7,19 @@ one by one in event order:
 - ``_n``: events folded for the key; ``_ts`` / ``_id``: the latest of them, by
   (event time, event id), the projection's order of events;
 - ``_<field>_ts`` / ``_<field>_id``: for a ``last`` field, the position of the event its
-  value came from, so a value is replaced only by a later event's (last writer wins).
+  value came from, so a value is replaced only by a later event's (last writer wins);
+- ``_<field>_ops``: for a ``set``, each member's latest add or remove and its position
+  (removes forgotten ``remember_removes`` behind the key's latest event), so an add that
+  arrives after a later remove does not bring the member back.
 
 Folding a batch is a group-by per key over the batch's events (sorted by key, time and id,
 so ``last()`` is the latest), then a join with the prior state of the batch's keys: counts
 and sums add, minima and maxima take the extreme, ``last`` keeps the later position; a
 set's members are decided per (key, member) by their latest add or remove, the prior
-members standing where the batch says nothing. No per-event Python loop runs.
+operations standing where the batch says nothing. Every op is then independent of the
+order in which a key's events arrive (within ``remember_removes`` for sets): derived
+events, folded a batch after their parents online, give the state of event order. No
+per-event Python loop runs.
 
 Example:
     >>> import datetime as dt
@@ -45,6 +51,9 @@ _TIME = pl.Datetime("us", "UTC")
 #: A sum is a decimal with 6 places: exact, so the grouping of additions (batches online,
 #: slices and snapshots offline) never changes it, as it would a float's last digits.
 SUM_TYPE = pl.Decimal(38, 6)
+#: A set field's remembered operations: each member's latest add (present) or remove.
+_SET_OPS = pl.List(pl.Struct({"member": pl.String(), "timestamp": _TIME, "event_id": pl.String(),
+                              "add": pl.Boolean()}))
 
 
 def _later(ts: str, eid: str, than_ts: str, than_id: str) -> pl.Expr:
@@ -120,6 +129,8 @@ class ProjectionFold:
             schema[field.name] = self.dtypes[field.name]
             if field.op == "last":
                 schema[f"_{field.name}_ts"], schema[f"_{field.name}_id"] = _TIME, pl.String()
+            if field.op == "set":
+                schema[f"_{field.name}_ops"] = _SET_OPS
         return pl.DataFrame(schema=schema)
 
     def fold(self, state: pl.DataFrame, events: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
@@ -137,8 +148,8 @@ class ProjectionFold:
         merged = batch.join(prior, on="key", how="left", suffix="_p").select(self._merged())
         for field in self.spec.fields:
             if field.op == "set":
-                merged = merged.drop(field.name).join(
-                    self._members(field, mine, prior), on="key", how="left")
+                sets = self._members(field, mine, prior, merged.select("key", "_ts"))
+                merged = merged.drop(field.name, f"_{field.name}_ops").join(sets, on="key", how="left")
         merged = merged.select(self.empty().columns).cast(dict(self.empty().schema))
         rest = state.join(batch.select("key"), on="key", how="anti")
         return pl.concat([rest, merged]).sort("key"), merged.sort("key")
@@ -151,7 +162,8 @@ class ProjectionFold:
             if field.op == "count":
                 aggs.append(mask.sum().cast(pl.Int64).alias(name))
             elif field.op == "set":
-                aggs.append(pl.lit(None, pl.List(pl.String())).alias(name))
+                aggs += [pl.lit(None, pl.List(pl.String())).alias(name),
+                         pl.lit(None, _SET_OPS).alias(f"_{name}_ops")]
             elif field.op == "last":
                 taken = mask & self.values[name].is_not_null()
                 aggs += [self.values[name].filter(taken).last().alias(name),
@@ -182,28 +194,40 @@ class ProjectionFold:
                 wins = _later(ts, eid, f"{ts}_p", f"{eid}_p")
                 out += [pl.when(wins).then(c).otherwise(f"{c}_p").alias(c) for c in (name, ts, eid)]
             else:
-                out.append(pl.col(name))
+                out += [pl.col(name), pl.col(f"_{name}_ops")]
         return out
 
-    def _members(self, field: FieldSpec, mine: pl.DataFrame, prior: pl.DataFrame) -> pl.DataFrame:
-        """A set field's members per key of the batch: prior members, then each member's
-        latest add or remove in the batch (a remove after an add of the same event wins)."""
+    def _members(self, field: FieldSpec, mine: pl.DataFrame, prior: pl.DataFrame,
+                 latest: pl.DataFrame) -> pl.DataFrame:
+        """A set field's members and remembered operations per key of the batch.
+
+        Each member's latest add or remove (by position; a remove and an add of one event:
+        the remove) decides. Removes are remembered ``remember_removes`` behind the key's
+        latest event, so an add that arrives after a later remove (an alert derived from a
+        transaction whose label came in the same batch) stays removed, as in event order.
+        """
         name = field.name
+        ops_column = f"_{name}_ops"
         ops = [mine.filter(self.masks[name]).select(
-            "key", *ORDER, member=self.values[name].cast(pl.String), add=pl.lit(True))]
+            "key", "timestamp", "event_id", member=self.values[name].cast(pl.String), add=pl.lit(True))]
         if field.remove is not None:
             ops.append(mine.filter(self.masks[f"{name}.remove"]).select(
-                "key", *ORDER, member=self.values[f"{name}.remove"].cast(pl.String),
+                "key", "timestamp", "event_id", member=self.values[f"{name}.remove"].cast(pl.String),
                 add=pl.lit(False)))
-        latest = (pl.concat(ops).drop_nulls("member").sort(*ORDER, pl.col("add").not_())
-                  .group_by("key", "member").agg(pl.col("add").last()))
-        before = prior.select("key", pl.col(name).alias("member")).explode("member").drop_nulls()
-        members = (before.join(latest, on=["key", "member"], how="full", coalesce=True)
-                   .filter(pl.col("add").fill_null(True))
-                   .group_by("key").agg(pl.col("member").sort().alias(name)))
-        keys = mine.select("key").unique()
-        return keys.join(members, on="key", how="left").with_columns(
-            pl.col(name).fill_null(pl.lit([], pl.List(pl.String()))))
+        before = prior.select("key", pl.col(ops_column).alias("op")).explode("op").drop_nulls().unnest("op")
+        horizon = pl.col("_ts") - field.remember_removes
+        kept = (pl.concat([before, *[o.drop_nulls("member") for o in ops]], how="diagonal_relaxed")
+                .sort("timestamp", "event_id", pl.col("add").not_())
+                .group_by("key", "member").agg(pl.all().last())
+                .join(latest, on="key").filter(pl.col("add") | (pl.col("timestamp") >= horizon))
+                .sort("key", "member"))
+        per_key = kept.group_by("key").agg(
+            pl.col("member").filter(pl.col("add")).alias(name),
+            pl.struct("member", "timestamp", "event_id", "add").alias(ops_column))
+        empty = self.empty().schema
+        return latest.select("key").join(per_key, on="key", how="left").with_columns(
+            pl.col(name).fill_null(pl.lit([], empty[name])),
+            pl.col(ops_column).fill_null(pl.lit([], empty[ops_column])))
 
     def view(self, state: pl.DataFrame) -> pl.DataFrame:
         """The state as readers see it: ``key``, the fields (defaults filled in), ``events``

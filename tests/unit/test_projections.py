@@ -119,6 +119,41 @@ def test_fold_in_any_batches_equals_the_event_at_a_time_fold(drawn: list[dict[st
     close(as_reference(fold.view(state)), expected)
 
 
+@settings(max_examples=120, deadline=None)
+@given(st.lists(event, min_size=1, max_size=60), st.lists(st.integers(1, 59), max_size=4))
+def test_derived_events_folded_a_batch_late_give_the_event_order_state(drawn: list[dict[str, Any]],
+                                                                      cuts: list[int]) -> None:
+    """Online, an alert derived from a batch is folded with the next one, after events up to
+    the batch's end (its transaction's label among them): the state is event order's."""
+    rows, frame = frame_of(drawn)
+    ordered = frame.sort("timestamp", "event_id")
+    bounds = sorted({0, *[c for c in cuts if c < ordered.height], ordered.height})
+    batches = [ordered.slice(a, b - a) for a, b in zip(bounds, bounds[1:], strict=False)]
+    is_derived = pl.col("event_type") == "alert.raised"
+    fold = ProjectionFold(SPEC, SCHEMA)
+    state, late = fold.empty(), frame.clear()
+    for batch in batches:
+        state, _ = fold.fold(state, pl.concat([late, batch.filter(~is_derived)]))
+        late = batch.filter(is_derived)
+    state, _ = fold.fold(state, late)
+    expected = {k: v for k, v in reference_fold(rows).items() if v["events"]}
+    close(as_reference(fold.view(state)), expected)
+
+
+def test_a_remove_is_forgotten_after_its_horizon() -> None:
+    short = dt.timedelta(minutes=5)
+    spec = SPEC.model_copy(update={"fields": [
+        f.model_copy(update={"remember_removes": short}) if f.op == "set" else f for f in SPEC.fields]})
+    fold = ProjectionFold(spec, SCHEMA)
+    _, frame = frame_of([{"key": "a", "event_type": kind, "minute": minute, "amount": None,
+                          "terminal": None, "correlation_id": "c1"}
+                         for kind, minute in [("alert.closed", 0), ("tx.created", 3), ("tx.created", 20)]])
+    state, _ = fold.fold(fold.empty(), frame.head(2))
+    assert state["_open_ops"].to_list()[0][0]["add"] is False  # remembered 3 minutes later
+    state, _ = fold.fold(state, frame.tail(1))
+    assert state["_open_ops"].to_list() == [[]]  # 20 minutes later: forgotten
+
+
 def write_events(store: EventStore, frame: pl.DataFrame, seq: int = 0) -> None:
     store.write("events", frame.to_arrow(), writer="p0", seq=seq)
 
