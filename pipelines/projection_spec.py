@@ -15,7 +15,7 @@ last      ``value`` of the latest matching event (by event time, then      ``val
 set       members (``value`` as text) added by the field's events and      List(String)
           removed by the events of ``remove``; a member is in the set when
           its latest add-or-remove event (same order as ``last``) is an add
-          (removes are remembered ``remember_removes``, default 30 days)
+          (removes are remembered ``remember_removes``, default 90 days)
 ======== ================================================================ ==========
 
 ``value`` and ``where`` are SQL expressions over the envelope's columns (``data.TX_AMOUNT``,
@@ -136,7 +136,10 @@ class FieldSpec(EventMatch):
     default: str | float | int | bool | None = None
     #: A set remembers a removed member this long behind its key's latest event (event
     #: time), so an add arriving after a later remove of the same member stays removed.
-    remember_removes: Duration = dt.timedelta(days=30)
+    #: Online, derived events (alerts) are folded when they come back from routing, behind
+    #: what the partitions have queued: on the 61-day demo run up to 38 days of event time
+    #: after their parent. Longer than that lag, shorter than the history kept in memory.
+    remember_removes: Duration = dt.timedelta(days=90)
 
     @model_validator(mode="after")
     def _value_where_needed(self) -> FieldSpec:

@@ -215,14 +215,22 @@ class ProjectionFold:
                 "key", "timestamp", "event_id", member=self.values[f"{name}.remove"].cast(pl.String),
                 add=pl.lit(False)))
         before = prior.select("key", pl.col(ops_column).alias("op")).explode("op").drop_nulls().unnest("op")
+        new = pl.concat([o.drop_nulls("member") for o in ops], how="diagonal_relaxed")
+        touched = new.select("key", "member").unique()
+        # Only the members this batch touches are decided again (a sort of the batch's
+        # operations, not of everything the keys remember).
+        pair = ["key", "member"]
+        decided = (pl.concat([before.join(touched, on=pair, how="semi", maintain_order="left"), new],
+                             how="diagonal_relaxed")
+                   .sort("timestamp", "event_id", pl.col("add").not_())
+                   .group_by("key", "member").agg(pl.all().last()).sort("key", "member"))
         horizon = pl.col("_ts") - field.remember_removes
-        kept = (pl.concat([before, *[o.drop_nulls("member") for o in ops]], how="diagonal_relaxed")
-                .sort("timestamp", "event_id", pl.col("add").not_())
-                .group_by("key", "member").agg(pl.all().last())
-                .join(latest, on="key").filter(pl.col("add") | (pl.col("timestamp") >= horizon))
-                .sort("key", "member"))
-        per_key = kept.group_by("key").agg(
-            pl.col("member").filter(pl.col("add")).alias(name),
+        kept = (pl.concat([before.join(touched, on=pair, how="anti", maintain_order="left"), decided],
+                          how="diagonal_relaxed")
+                .join(latest, on="key", maintain_order="left")
+                .filter(pl.col("add") | (pl.col("timestamp") >= horizon)))
+        per_key = kept.group_by("key", maintain_order=True).agg(
+            pl.col("member").filter(pl.col("add")).sort().alias(name),
             pl.struct("member", "timestamp", "event_id", "add").alias(ops_column))
         empty = self.empty().schema
         return latest.select("key").join(per_key, on="key", how="left").with_columns(
