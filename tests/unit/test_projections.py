@@ -276,3 +276,12 @@ def test_the_step_state_survives_snapshot_and_restore() -> None:
 def test_customer_profile_names_its_folds() -> None:
     assert CUSTOMER_PROFILE.event_types() == ["transaction.created", "fraud.suspected", "fraud.reported",
                                               "alert.closed", "card.blocked", "card.unblocked"]
+
+
+def test_the_readme_declares_the_shipped_customer_profile() -> None:
+    import yaml
+
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    block = text[text.index("projections:\n  - name: customer_profile"):]
+    declared = yaml.safe_load(block[:block.index("```")])["projections"][0]
+    assert ProjectionSpec.model_validate(declared) == CUSTOMER_PROFILE
