@@ -5,6 +5,7 @@ snapshot equals the state folded from zero."""
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import json
 import uuid
 from pathlib import Path
@@ -12,12 +13,15 @@ from typing import Any
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
 import pytest
 from polars.testing import assert_frame_equal
 
-from pipelines import Pipeline
+from pipelines import SOURCE_KINDS, Pipeline, SourceKind
+from pipelines.kinds import FileSourceOptions
 from pipelines.projection_spec import CUSTOMER_PROFILE
 from pipelines.projections import Projection
+from pipelines.testing import ABORT, AbortingListSource
 
 T0 = dt.datetime(2024, 5, 1, tzinfo=dt.UTC)
 OTHER_TYPES = ("fraud.suspected", "fraud.reported", "alert.closed", "card.blocked", "card.unblocked")
@@ -54,14 +58,11 @@ def _event(event_id: str, kind: str, at: dt.datetime, correlation: str, data: di
             "correlationId": correlation, "data": data, "metadata": {"version": "1"}}
 
 
-def profile_pipeline(folder: Path) -> tuple[Pipeline, Path]:
-    events = sorted(customer_events(), key=lambda e: e["timestamp"])
-    path = folder / "events.jsonl"
-    path.write_text("".join(json.dumps(e) + "\n" for e in events))
+def profile_config(source: dict[str, Any]) -> dict[str, Any]:
     customer = {"key": "CUSTOMER_ID", "payload": {"CUSTOMER_ID": "str"}}
-    pipeline = Pipeline.from_dict({
+    return {
         "name": "profiles",
-        "source": {"format": "jsonl", "path": [str(path)], "batch_size": 400},
+        "source": source,
         "mapping": {"event_id": "eventId", "event_type": "eventType", "timestamp": "timestamp",
                     "correlation_id": "correlationId", "payload": {"json": "data"},
                     "metadata": {"json": "metadata"}},
@@ -71,8 +72,35 @@ def profile_pipeline(folder: Path) -> tuple[Pipeline, Path]:
             **{kind: customer for kind in OTHER_TYPES}},
         "projections": [CUSTOMER_PROFILE.model_dump()],
         "runtime": {"partitions": 2, "checkpoint_every": 3},
-    })
-    return pipeline, path
+    }
+
+
+def profile_pipeline(folder: Path) -> tuple[Pipeline, Path]:
+    events = sorted(customer_events(), key=lambda e: e["timestamp"])
+    path = folder / "events.jsonl"
+    path.write_text("".join(json.dumps(e) + "\n" for e in events))
+    return Pipeline.from_dict(profile_config(
+        {"format": "jsonl", "path": [str(path)], "batch_size": 400})), path
+
+
+_SOURCES = (f"profile-list-{i}" for i in itertools.count())
+
+
+def list_pipeline(items: list[Any]) -> Pipeline:
+    """The profile pipeline reading record batches (and ABORT markers) from memory."""
+    name = next(_SOURCES)
+    source = AbortingListSource("profiles", {"events": items})
+    SOURCE_KINDS.register(name, SourceKind(FileSourceOptions, lambda *_: source))
+    return Pipeline.from_dict(profile_config({"format": name, "name": "profiles", "path": ["-"]}))
+
+
+def record_batches(size: int = 400) -> list[pa.RecordBatch]:
+    events = sorted(customer_events(), key=lambda e: e["timestamp"])
+    columns = ("eventId", "eventType", "timestamp", "correlationId")
+    return [pa.record_batch({**{c: [e[c] for e in chunk] for c in columns},
+                             "data": [json.dumps(e["data"]) for e in chunk],
+                             "metadata": [json.dumps(e["metadata"]) for e in chunk]})
+            for chunk in (events[i:i + size] for i in range(0, len(events), size))]
 
 
 def online_profile(store: Path) -> pl.DataFrame:
@@ -116,6 +144,19 @@ def test_state_as_of_from_a_snapshot_equals_from_zero(local_run: Path) -> None:
         if from_zero is not None:
             assert from_zero["events"] == mine.height
             assert from_zero["transactions"] == (mine["event_type"] == "transaction.created").sum()
+
+
+def test_a_crash_and_resume_gives_the_profile_of_a_fault_free_run(tmp_path: Path) -> None:
+    """The fold's state comes back from the checkpoint: the resumed run's table ends in the
+    states of a clean run, which equal the offline rebuild."""
+    batches = record_batches()
+    list_pipeline(batches).run(store=tmp_path / "clean", runner="local")
+    crashing = list_pipeline([*batches[:5], ABORT, *batches[5:]])
+    with pytest.raises(Exception, match="aborted at row 2000"):
+        crashing.run(store=tmp_path / "crashed", runner="local")
+    assert crashing.run(store=tmp_path / "crashed", runner="local", resume=True)["resumed"]
+    assert_frame_equal(online_profile(tmp_path / "crashed"), online_profile(tmp_path / "clean"))
+    check_online_equals_offline(tmp_path / "crashed")
 
 
 @pytest.mark.ray
