@@ -127,6 +127,8 @@ def validate_kinds(spec: PipelineSpec, objects: Mapping[str, Any] | None = None)
         except UnknownPluginError as exc:
             raise exc.at(f"steps.{index}.kind") from None
         typed = step_spec(step, cls, f"steps.{index}")
+        if step.kind == "projection":  # its expressions compile against the envelope now
+            ProjectionStep(typed, StepContext(envelope_schema(spec.registry()), spec.registry(), search))
         if step.kind == "python" and step.name not in (objects or {}):
             try:
                 PythonStep(typed, StepContext(envelope_schema(spec.registry()), spec.registry(), search))

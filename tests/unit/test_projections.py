@@ -251,6 +251,12 @@ def test_a_projection_in_config_is_a_step_once() -> None:
     assert offline.steps == []
 
 
+def test_an_expression_the_envelope_cannot_compile_fails_at_start_up() -> None:
+    with pytest.raises(ConfigError, match="projections.p.fields.total: 'data.amount'"):
+        Pipeline.from_dict(config([{"name": "p", "fields": [
+            {"name": "total", "op": "sum", "event_types": ["a.*"], "value": "data.amount"}]}]))
+
+
 def test_the_step_state_survives_snapshot_and_restore() -> None:
     from pipelines.envelope import envelope_schema
     from pipelines.processing import StepContext
