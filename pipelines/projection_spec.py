@@ -165,6 +165,13 @@ class ProjectionSpec(_Frozen):
     online: bool = True
     snapshot_every: int = Field(default=100_000, ge=1)
 
+    @field_validator("name")
+    @classmethod
+    def _not_a_store_table(cls, value: str) -> str:
+        if value in ("events", "scores", "alerts", "actions", "deadletter"):
+            raise ValueError(f"{value!r} is a table of the store; a projection writes its own")
+        return value
+
     @field_validator("fields")
     @classmethod
     def _unique(cls, value: list[FieldSpec]) -> list[FieldSpec]:

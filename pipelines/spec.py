@@ -375,14 +375,15 @@ class PipelineSpec(_Frozen):
     @classmethod
     def _projection_steps(cls, values: Any) -> Any:
         """Every online projection runs as a ``projection`` step named after it (once: a
-        dumped spec already has the step)."""
+        dumped spec already has the step; another step of that name is a duplicate)."""
         if not isinstance(values, dict) or not values.get("projections"):
             return values
         steps = list(values.get("steps") or [])
-        names = {s.get("name") if isinstance(s, dict) else getattr(s, "name", None) for s in steps}
+        made = {s.get("name") if isinstance(s, dict) else getattr(s, "name", None) for s in steps
+                if (s.get("kind") if isinstance(s, dict) else getattr(s, "kind", None)) == "projection"}
         for projection in values["projections"]:
             body = projection.model_dump() if isinstance(projection, BaseModel) else projection
-            if isinstance(body, dict) and body.get("online", True) and body.get("name") not in names:
+            if isinstance(body, dict) and body.get("online", True) and body.get("name") not in made:
                 steps.append({"kind": "projection", "name": body.get("name"), "projection": body})
         return {**values, "steps": steps}
 

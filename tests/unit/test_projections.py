@@ -246,6 +246,13 @@ def test_a_projection_in_config_is_a_step_once() -> None:
     assert [(s.kind, s.name) for s in spec.steps] == [("projection", "seen")]
     again = Pipeline.from_dict(spec.model_dump(by_alias=True, exclude_unset=True)).spec
     assert [(s.kind, s.name) for s in again.steps] == [("projection", "seen")]
+    clash = config([{"name": "seen", "fields": [{"name": "n", "op": "count", "event_types": ["user.*"]}]}])
+    clash["steps"] = [{"kind": "anomaly", "name": "seen", "value": "x", "event_types": ["user.*"]}]
+    with pytest.raises(ConfigError, match="step names must be unique"):
+        Pipeline.from_dict(clash)
+    with pytest.raises(ConfigError, match="is a table of the store"):
+        Pipeline.from_dict(config([{"name": "events", "fields": [
+            {"name": "n", "op": "count", "event_types": ["user.*"]}]}]))
     offline = Pipeline.from_dict(config([{"name": "seen", "online": False, "fields": [
         {"name": "n", "op": "count", "event_types": ["user.*"]}]}])).spec
     assert offline.steps == []
