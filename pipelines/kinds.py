@@ -3,7 +3,8 @@
 Three plugin families, each a :class:`~pipelines.plugins.PluginRegistry`:
 
 - :data:`STEP_KINDS` (entry-point group ``eventray.processors``): processing steps in the
-  keyed partitions. Built in: ``anomaly``, ``python`` (a user's processor).
+  keyed partitions. Built in: ``anomaly``, ``python`` (a user's processor), ``projection``
+  (a projection of ``projections:`` folded in the stream).
 - :data:`STAGE_KINDS` (``eventray.stages``): enrichment stages keyed by their own key.
 - :data:`SOURCE_KINDS` (``eventray.sources``): where events come from. Built in:
   ``parquet``, ``csv``, ``jsonl``.
@@ -28,6 +29,7 @@ from pipelines.errors import ConfigError, UnknownPluginError
 from pipelines.plugins import PluginImportError, PluginRegistry
 from pipelines.processing import AnomalyStep, Step, StepContext
 from pipelines.processors import PythonStep
+from pipelines.projections.step import ProjectionStep
 from pipelines.sources import CsvSource, JsonLinesSource, ParquetSource, Source
 from pipelines.spec import EnrichSpec, LimitsSpec, PipelineSpec, SourceSpec, StepSpec
 
@@ -71,7 +73,8 @@ def file_source(cls: type[Source]) -> SourceKind:
 
 
 STEP_KINDS = PluginRegistry("step kind", "eventray.processors",
-                            {"anomaly": AnomalyStep, "python": PythonStep})
+                            {"anomaly": AnomalyStep, "python": PythonStep,
+                             "projection": ProjectionStep})
 STAGE_KINDS = PluginRegistry("enrich kind", "eventray.stages")
 SOURCE_KINDS = PluginRegistry("source format", "eventray.sources", {
     "parquet": file_source(ParquetSource),
@@ -136,6 +139,8 @@ def validate_kinds(spec: PipelineSpec, objects: Mapping[str, Any] | None = None)
         except UnknownPluginError as exc:
             raise exc.at(f"steps.{index}.kind") from None
         typed = step_spec(step, cls, f"steps.{index}")
+        if step.kind == "projection":  # its expressions compile against the envelope now
+            ProjectionStep(typed, StepContext(envelope_schema(spec.registry()), spec.registry(), search))
         if step.kind == "python" and step.name not in (objects or {}):
             try:
                 PythonStep(typed, StepContext(envelope_schema(spec.registry()), spec.registry(), search))
