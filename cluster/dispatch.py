@@ -15,8 +15,9 @@ import pyarrow as pa
 
 from cluster.accounting import Latencies, RunCounts
 from cluster.operators import KeyedExecutor
-from pipelines.keyed import BatchReceipt, split_by_partition
+from pipelines.keyed import BatchReceipt, merge_counters, split_by_partition
 from pipelines.lanes import BatchSizer, LaneQueues
+from pipelines.processing import watermark_batch
 from pipelines.routing import Router
 from pipelines.spec import PipelineSpec
 
@@ -107,11 +108,22 @@ class Dispatcher:
                 counts.poisoned += receipt.dead_lettered
                 counts.count_reasons(receipt.reasons)
             counts.alerts += receipt.alerts
+            merge_counters(counts.steps, receipt.counters)
             if receipt.derived is not None and receipt.derived.num_rows:
                 counts.derived += receipt.derived.num_rows
                 self.route(receipt.derived, hops=1)
             if self.sizer is not None:
                 self.sizer.observe(receipt.partition, receipt.rows, receipt.apply_s)
+
+    def advance_watermark(self, watermark_us: int | None, final: bool = False) -> None:
+        """Tell every partition's steps where the watermark stands (see
+        :meth:`pipelines.processing.Step.on_watermark`): a zero-row batch after everything
+        queued, in sequence like any batch (so it is replayed after a recovery)."""
+        self.flush()
+        mark = watermark_batch(self.routed_schema, watermark_us, final)
+        for partition in range(self.partitions):
+            self.executor.submit(partition, self.seqs[partition], mark)
+            self.seqs[partition] += 1
 
     def checkpoint(self, epoch: int) -> dict[int, int]:
         """Every partition's state for ``epoch``, once nothing is queued or in flight and no

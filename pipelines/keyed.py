@@ -62,6 +62,20 @@ class Sink(Protocol):
     def write(self, table: str, rows: pa.Table, writer: str, seq: int) -> object: ...
 
 
+def merge_counters(total: dict[str, int], *more: dict[str, int]) -> dict[str, int]:
+    """Add counters into ``total`` (``max_``-prefixed ones keep the largest); returns it.
+
+    Example:
+        >>> merge_counters({"n": 1, "max_k": 5}, {"n": 2, "max_k": 3})
+        {'n': 3, 'max_k': 5}
+    """
+    for counters in more:
+        for name, value in counters.items():
+            total[name] = max(total.get(name, value), value) if name.startswith("max_") \
+                else total.get(name, 0) + value
+    return total
+
+
 def split_by_partition(events: pa.Table, partitions: int) -> list[tuple[int, pa.Table]]:
     """``(partition, rows)`` for every partition that has rows, source order kept per key.
 
@@ -105,6 +119,7 @@ class BatchReceipt:
     dead_lettered: int = 0
     reasons: dict[str, int] = field(default_factory=dict)
     poisoned: pa.Array | None = None
+    counters: dict[str, int] = field(default_factory=dict)  # the steps' (StepOutput.counters)
 
 
 class PartitionWorker:
@@ -144,6 +159,7 @@ class PartitionWorker:
             raise SequenceGapError(self.partition, self.next_seq, seq)
         started = time.perf_counter()
         outputs, kept, poison = self._process(events)
+        counters = merge_counters({}, *(output.counters for _, output in outputs))
         try:
             derived, alerts = self._write(seq, outputs, kept)
             if poison:
@@ -158,7 +174,7 @@ class PartitionWorker:
         return BatchReceipt(self.partition, seq, kept.num_rows, True, self._latency(events),
                             time.perf_counter() - started, derived, alerts,
                             len(poison), {PROCESSOR_ERROR: len(poison)} if poison else {},
-                            self._positions(events, poison))
+                            self._positions(events, poison), counters)
 
     def _process(self, events: pa.Table) -> tuple[Outputs, pa.Table, dict[int, StepFailure]]:
         """The steps' outputs, the events applied and the poison events by row."""

@@ -17,6 +17,7 @@ before any actor starts, with a message naming the field.
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +29,7 @@ from pipelines.errors import ConfigError, UnknownPluginError
 from pipelines.plugins import PluginImportError, PluginRegistry
 from pipelines.processing import AnomalyStep, Step, StepContext
 from pipelines.processors import PythonStep
+from pipelines.routing import type_regex
 from pipelines.sources import CsvSource, JsonLinesSource, ParquetSource, Source
 from pipelines.spec import EnrichSpec, LimitsSpec, PipelineSpec, SourceSpec, StepSpec
 
@@ -129,6 +131,7 @@ def validate_kinds(spec: PipelineSpec, objects: Mapping[str, Any] | None = None)
                 PythonStep(typed, StepContext(envelope_schema(spec.registry()), spec.registry(), search))
             except PluginImportError as exc:
                 raise ConfigError(f"steps.{index}.function: {exc}") from None
+    validate_pattern_keys(spec)
     for index, stage in enumerate(spec.enrich):
         try:
             cls = step_class(stage, search, stage=True)
@@ -139,6 +142,36 @@ def validate_kinds(spec: PipelineSpec, objects: Mapping[str, Any] | None = None)
             raise ConfigError(f"enrich.{index}.kind: {stage.kind!r} adds no columns")
 
 
+def validate_pattern_keys(spec: PipelineSpec) -> None:
+    """Each pattern runs in the keyed partitions, so its key must be how the events it
+    reads are partitioned: ``key`` always is; ``correlation_id`` and ``data.<field>`` need
+    every type it reads keyed by that field (``event_types.<type>.key``)."""
+    for index, pattern in enumerate(spec.patterns):
+        if pattern.key == "key":
+            continue
+        wanted = pattern.key.removeprefix("data.")
+        regex = re.compile(type_regex(pattern.event_types))
+        named = [t for t in spec.event_types if regex.search(t)]
+        literal = [t for t in pattern.event_types if not any(c in t for c in "*?[")]
+        keys = {t: spec.registry().schema_for(t).key for t in {*named, *literal}}
+        if len(literal) < len(pattern.event_types):  # wildcards: undeclared types too
+            keys["(undeclared types)"] = spec.default_event_type.key
+        wrong = {t: k for t, k in keys.items() if k != wanted}
+        if wrong:
+            raise ConfigError(
+                f"patterns.{index}.key: {pattern.key} needs the events it reads partitioned by "
+                f"{wanted}, but {', '.join(f'{t} is keyed by {k}' for t, k in sorted(wrong.items()))}"
+                f" (set event_types.<type>.key: {wanted}, or key the pattern by key)")
+
+
+def wants_watermarks(spec: PipelineSpec) -> bool:
+    """Whether some step of the partitions wants watermark calls (patterns do)."""
+    if spec.patterns:
+        return True
+    search = tuple(spec.search_path)
+    return any(step_class(step, search).watermarks for step in spec.steps)
+
+
 def keyed_event_types(spec: PipelineSpec) -> list[str]:
     """The event-type patterns some step or enrichment stage of the pipeline sees (each
     step's as its kind resolves it)."""
@@ -147,6 +180,7 @@ def keyed_event_types(spec: PipelineSpec) -> list[str]:
     for index, step in enumerate(spec.steps):
         typed = step_spec(step, step_class(step, search), f"steps.{index}")
         patterns += list(typed.event_types or ["*"])
+    patterns += [t for pattern in spec.patterns for t in pattern.event_types]
     return patterns
 
 
@@ -172,6 +206,10 @@ def build_steps(spec: PipelineSpec, objects: Mapping[str, Any] | None = None) ->
     for index, step in enumerate(spec.steps):
         cls = step_class(step, context.search_path)
         steps.append(cls(step_spec(step, cls, f"steps.{index}"), context))
+    if spec.patterns:  # after the other steps: a step's derived events are routed first
+        from pipelines.patterns.step import PatternStep
+
+        steps.append(PatternStep(spec.patterns, context))
     return steps
 
 

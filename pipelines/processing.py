@@ -71,6 +71,9 @@ class StepOutput:
 
     tables: dict[str, pa.Table] = field(default_factory=dict)
     derived: pa.Table | None = None
+    #: Counters for the run's summary (added up over batches and partitions; a name that
+    #: starts with ``max_`` keeps the largest value instead).
+    counters: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -97,6 +100,31 @@ def alert_version_of(context: StepContext | None, alert_type: str) -> str:
     return str(context.registry.schema_for(alert_type).version)
 
 
+#: Schema metadata of a zero-row batch that carries a watermark to the steps (see
+#: :meth:`Step.on_watermark`): ``{"watermark": µs or null, "final": bool}`` as JSON.
+WATERMARK_METADATA = b"eventray.watermark"
+
+
+def watermark_batch(schema: pa.Schema, watermark_us: int | None, final: bool) -> pa.Table:
+    """A zero-row batch telling a partition's steps where the watermark stands."""
+    import json
+
+    mark = json.dumps({"watermark": watermark_us, "final": final}).encode()
+    return schema.empty_table().replace_schema_metadata(
+        {**(schema.metadata or {}), WATERMARK_METADATA: mark})
+
+
+def watermark_of(events: pa.Table) -> tuple[int | None, bool] | None:
+    """(watermark, final) when ``events`` is a watermark batch, else ``None``."""
+    import json
+
+    metadata = events.schema.metadata or {}
+    if events.num_rows or WATERMARK_METADATA not in metadata:
+        return None
+    mark = json.loads(metadata[WATERMARK_METADATA])
+    return mark["watermark"], bool(mark["final"])
+
+
 class Step(ABC):
     """A processing step inside a partition (or a partition of an enrichment stage)."""
 
@@ -111,6 +139,16 @@ class Step(ABC):
 
     @abstractmethod
     def process(self, events: pa.Table) -> StepOutput: ...
+
+    #: Whether the step wants :meth:`on_watermark` calls (the driver then sends them).
+    watermarks: bool = False
+
+    def on_watermark(self, watermark_us: int | None, final: bool) -> StepOutput | None:
+        """Every event of the partition older than ``watermark_us`` (epoch µs, ``None``:
+        unknown) has been processed; ``final``: the input has ended, nothing follows.
+        Deadlines (absences, timeouts, windows) fire here. Called in order with the
+        batches, at checkpoints and at the end of the input, for steps with ``watermarks``."""
+        return None
 
     @abstractmethod
     def snapshot(self) -> Any:

@@ -41,6 +41,7 @@ from pipelines.envelope import (
     model_from_yaml,
 )
 from pipelines.errors import SchemaError
+from pipelines.patterns.spec import MatchPayload, PatternSpec, unique_patterns
 from pipelines.plugins import IMPORT_PATH
 from pipelines.timestamps import parse_duration
 
@@ -361,6 +362,9 @@ class PipelineSpec(_Frozen):
     labels: LabelFeedSpec | None = None
     enrich: list[EnrichSpec] = Field(default_factory=list)
     steps: list[StepSpec] = Field(default_factory=list)
+    #: Complex-event patterns matched per key in the keyed partitions (see
+    #: :mod:`pipelines.patterns`); each match is a derived event of its ``emit`` type.
+    patterns: list[PatternSpec] = Field(default_factory=list)
     runtime: RuntimeSpec = Field(default_factory=RuntimeSpec)
     store: StoreSpec = Field(default_factory=StoreSpec)
     #: Folders searched first for import paths (``module:attr``): the config's folder and
@@ -383,11 +387,21 @@ class PipelineSpec(_Frozen):
                 raise ValueError(f"event type {name!r} is not a dotted lower-case name")
         return value
 
+    @field_validator("patterns")
+    @classmethod
+    def _unique_pattern_names(cls, value: list[PatternSpec]) -> list[PatternSpec]:
+        return unique_patterns(value)
+
     def registry(self) -> PayloadRegistry:
-        """The payload registry these event types describe."""
+        """The payload registry these event types describe; a pattern's match types not
+        declared in ``event_types`` get the typed match payload (:class:`MatchPayload`)."""
         registry = PayloadRegistry(default=_payload_schema("*", self.default_event_type))
         for name, spec in self.event_types.items():
             registry.register(_payload_schema(name, spec))
+        for pattern in self.patterns:
+            for name in pattern.emitted_types:
+                if name not in self.event_types:
+                    registry.register(PayloadSchema(name, MatchPayload, key="correlation_id"))
         return registry
 
 
