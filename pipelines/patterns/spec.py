@@ -241,7 +241,7 @@ def _check_sequence(spec: PatternSpec) -> None:
         for ref in sorted(condition.steps if condition else ()):
             if ref not in earlier or steps[names.index(ref)].negated:
                 raise ValueError(f"steps.{index}.where: {ref!r} is not an earlier positive step")
-    if spec.skip.startswith("skip_to_"):
+    if ":" in spec.skip:
         target = spec.skip.split(":", 1)[1]
         if target not in names:
             raise ValueError(f"skip: no step named {target!r}")
