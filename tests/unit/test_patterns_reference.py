@@ -9,7 +9,6 @@ then applies the emission order and the skip strategy.
 from __future__ import annotations
 
 import datetime as dt
-import itertools
 import random
 from dataclasses import dataclass
 from typing import Any
@@ -125,7 +124,10 @@ def streams(draw: Any) -> list[Ev]:
 # -- the reference ----------------------------------------------------------------------------
 
 
-def _sequences(plans: list[StepPlan], stream: list[Ev], within: int) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+Labelled = list[tuple[tuple[int, ...], tuple[int, ...]]]
+
+
+def _sequences(plans: list[StepPlan], stream: list[Ev], within: int) -> Labelled:
     """Every subsequence of the key's stream, labelled by positive steps (non-decreasing,
     starting at the first), that is a complete match of the positive steps: conditions,
     counts, contiguity, negations between steps and ``within``. Depth-first over
@@ -205,7 +207,10 @@ def _transition_ok(positive: list[StepPlan], guards: dict[int, StepPlan], stream
     return True
 
 
-def reference(plans: list[StepPlan], within: int, skip: str, events: list[Ev]) -> list[tuple[str, tuple[str, ...]]]:
+Found = list[tuple[str, tuple[str, ...]]]
+
+
+def reference(plans: list[StepPlan], within: int, skip: str, events: list[Ev]) -> Found:
     """(key, event ids) of every match, per key in emission order."""
     types = {t for p in plans for t in p.types}
     positive = [p for p in plans if not p.negated]
