@@ -33,7 +33,8 @@ from typing import Any
 
 import polars as pl
 
-from pipelines.patterns.engine import AggregateMatcher, Candidate, Match, SequenceMatcher
+from pipelines.patterns.aggregates import VectorAggregate
+from pipelines.patterns.engine import Candidate, Match, SequenceMatcher
 from pipelines.patterns.expressions import Condition, parse_condition, payload_field
 from pipelines.patterns.spec import PatternSpec
 from pipelines.routing import type_regex
@@ -76,7 +77,7 @@ class _Prepared:
             aggregate = spec.aggregate
             where = parse_condition(aggregate.where) if aggregate.where else None
             self.slots.append((_types_expr(aggregate.event_types), where))
-            self.matcher: SequenceMatcher | AggregateMatcher = AggregateMatcher(spec)
+            self.matcher: SequenceMatcher | VectorAggregate = VectorAggregate(spec)
             return
         for step in spec.steps or []:
             condition = step.condition()
@@ -128,6 +129,9 @@ class _Prepared:
     def feed(self, rows: pl.DataFrame, out: list[Match]) -> None:
         """Hand the candidate rows to the matcher, in order."""
         if rows.height == 0:
+            return
+        if isinstance(self.matcher, VectorAggregate):
+            out += self.matcher.feed(rows)
             return
         flags = [f"_s{i}" for i in range(len(self.slots))]
         columns: dict[str, Any] = {

@@ -1,4 +1,4 @@
-"""The per-key matchers: an NFA for sequence patterns, a sliding window for aggregates.
+"""The per-key NFA of sequence patterns (aggregates: :mod:`pipelines.patterns.aggregates`).
 
 Both take a key's *candidate* events in that key's order: events of the pattern's types
 whose vectorised conditions (:mod:`pipelines.patterns.batches`) matched some step. Every
@@ -23,11 +23,6 @@ Sequence semantics (FlinkCEP's where they overlap):
   positions); after each, the skip strategy drops the partial matches it names.
 - Each key holds at most ``max_partial`` partial matches: past it the oldest is dropped
   and counted.
-
-Aggregates are edge-triggered: at each of the key's events the aggregate of the window
-``(t - over, t]`` (the key's events up to this one) is computed; the pattern fires when
-it is at or above ``at_least`` and was below at the key's previous event (or there was
-none). The match's events are the window's, in order.
 """
 
 from __future__ import annotations
@@ -40,7 +35,7 @@ from typing import Any
 from pipelines.patterns.expressions import Condition
 from pipelines.patterns.spec import PatternSpec
 
-__all__ = ["AggregateMatcher", "Candidate", "Match", "SequenceMatcher", "Stats"]
+__all__ = ["Candidate", "Match", "SequenceMatcher", "Stats"]
 
 _NEVER = 2**62
 #: (step name, the fields of the last event it matched), for conditions on earlier steps
@@ -423,55 +418,3 @@ def _run_of(state: Sequence[Any]) -> _Run:
     return _Run(start_pos, start, step, count, last_pos, seen_pos,
                 tuple((int(e[0]), int(e[1]), str(e[2]), int(e[3])) for e in events),
                 tuple((n, e) for n, e in bound), correlation_id, closed, blocked, completed)
-
-
-class AggregateMatcher:
-    """The edge-triggered window aggregate of one pattern over every key's candidates."""
-
-    def __init__(self, spec: PatternSpec) -> None:
-        assert spec.aggregate is not None
-        self.spec, self.name, self.aggregate = spec, spec.name, spec.aggregate
-        self.over = self.aggregate.over // _MICRO
-        # per key: [window [(time, id, value)], was the previous event at or above]
-        self.keys: dict[str, list[Any]] = {}
-        self.stats = Stats()
-
-    def on_event(self, key: str, x: Candidate, out: list[Match]) -> None:
-        window, above = self.keys.get(key, [[], False])
-        window = [w for w in window if w[0] > x.time - self.over]
-        window.append((x.time, x.event_id, x.value, x.correlation_id))
-        now_above = self._value(window) >= self.aggregate.at_least
-        if now_above and not above:
-            out.append(Match(self.name, "match", key, tuple(w[1] for w in window), window[0][0],
-                             x.time, x.time, window[0][3]))
-        self.keys[key] = [window, now_above]
-        self.stats.max_partial = max(self.stats.max_partial, len(window))
-
-    def _value(self, window: list[tuple[int, str, Any, Any]]) -> float:
-        function = self.aggregate.function
-        if function == "count":
-            return len(window)
-        values = [w[2] for w in window if w[2] is not None]
-        return float(sum(values)) if function == "sum" else len(set(values))
-
-    def advance(self, now: int, positions: dict[str, int], out: list[Match]) -> None:
-        """Forget keys whose window has emptied and whose last event was below: the next
-        event of such a key is judged as a key's first."""
-        for key in list(self.keys):
-            window, above = self.keys[key]
-            if not above and all(w[0] <= now - 1 - self.over for w in window):
-                del self.keys[key]
-
-    def active(self) -> int:
-        return sum(len(w) for w, _ in self.keys.values())
-
-    def snapshot(self) -> dict[str, Any]:
-        return {"keys": {k: [[list(w) for w in window], above] for k, (window, above) in self.keys.items()},
-                "stats": [self.stats.cap_hits, self.stats.max_partial]}
-
-    def restore(self, state: dict[str, Any] | None) -> None:
-        self.keys, self.stats = {}, Stats()
-        if not state:
-            return
-        self.keys = {k: [[tuple(w) for w in window], above] for k, (window, above) in state["keys"].items()}
-        self.stats = Stats(*state["stats"])

@@ -10,7 +10,7 @@ one batch (each type has its own file): those are ordered by type name. Give suc
 order of their own in the source (``source.order_ties_by``) when a pattern depends on it.
 
 Example:
-    >>> summary = mine_store("store", "configs/patterns-fraud.yaml", "out")  # doctest: +SKIP
+    >>> summary = mine_store("store", "configs/patterns/fraud.yaml", "out")  # doctest: +SKIP
     >>> pl.read_parquet("out/matches.parquet").columns  # doctest: +SKIP
     ['pattern', 'key', 'event_ids', 'start', 'end']
 """

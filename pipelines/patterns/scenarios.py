@@ -1,5 +1,5 @@
 """Synthetic event streams with planted pattern instances: the ground truth for the shipped
-pattern configs (``configs/patterns-*.yaml``).
+pattern configs (``configs/patterns/*.yaml``).
 
 Each generator returns events in the seed's JSON Lines schema (``eventId``, ``eventType``,
 ``timestamp``, ``source``, ``correlationId``, ``data``, ``metadata``), sorted by time, and
@@ -10,13 +10,13 @@ so precision and recall on the planted instances are both measurable exactly.
 
 - :func:`fraud_scenario`: card testing (three small amounts, then a big one, within 10
   minutes), one card at three terminals within an hour, and one card at two far-apart
-  terminals within an hour (``configs/patterns-fraud.yaml``);
+  terminals within an hour (``configs/patterns/fraud.yaml``);
 - :func:`supply_chain_scenario`: order -> payment -> shipment within 48 hours, and paid but
-  not shipped (``configs/patterns-supply-chain.yaml``);
+  not shipped (``configs/patterns/supply-chain.yaml``);
 - :func:`customer_scenario`: a cart add not followed by checkout within 30 minutes
-  (``configs/patterns-customer.yaml``);
+  (``configs/patterns/customer.yaml``);
 - :func:`monitoring_scenario`: five or more errors, then a restart, within 10 minutes
-  (``configs/patterns-monitoring.yaml``).
+  (``configs/patterns/monitoring.yaml``).
 
 Example:
     >>> events, truth = supply_chain_scenario(orders=20, seed=1)

@@ -73,8 +73,8 @@ def test_a_bad_pattern_names_its_field(values: dict[str, Any], field: str, tmp_p
 
 
 def test_the_shipped_pattern_files_load() -> None:
-    files = sorted(CONFIGS.glob("patterns*.yaml"))
-    assert files, "configs/patterns-*.yaml are missing"
+    files = sorted(CONFIGS.glob("patterns/*.yaml"))
+    assert files, "configs/patterns/*.yaml are missing"
     for path in files:
         assert load_patterns(path)
 

@@ -305,3 +305,35 @@ def test_reference_finds_relaxed_loop_then_step() -> None:
     expected = [("k", ("e0", "e2", "e4")), ("k", ("e2", "e3", "e4"))]
     assert reference(plans, 10, "no_skip", events) == expected
     assert engine(spec_of(plans, 10, "no_skip"), events, 0) == expected
+
+
+# -- aggregates -------------------------------------------------------------------------------
+
+
+def aggregate_reference(function: str, over: int, at_least: float,
+                        events: list[Ev]) -> list[tuple[str, tuple[str, ...]]]:
+    """At each ``a`` event, the aggregate of its key's ``a`` events so far within
+    (t - over, t]; a match where it reaches ``at_least`` from below (or first)."""
+    out, seen, above = [], {}, {}
+    for e in events:
+        if e.event_type != "a":
+            continue
+        window = [w for w in seen.get(e.key, []) if w.minute > e.minute - over] + [e]
+        seen[e.key] = window
+        value = {"count": len(window), "sum": sum(w.v for w in window),
+                 "distinct": len({w.v for w in window})}[function]
+        if value >= at_least and not above.get(e.key, False):
+            out.append((e.key, tuple(w.event_id for w in window)))
+        above[e.key] = value >= at_least
+    return sorted(out)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(function=st.sampled_from(["count", "sum", "distinct"]), over=st.integers(1, 15),
+       at_least=st.integers(1, 12), events=streams(), seed=st.integers(0, 1000))
+def test_aggregates_equal_brute_force_reference(function: str, over: int, at_least: int,
+                                                events: list[Ev], seed: int) -> None:
+    aggregate: dict[str, Any] = {"event_types": ["a"], "over": f"{over}m", "at_least": at_least}
+    aggregate.update({"count": True} if function == "count" else {function: "data.v"})
+    spec = PatternSpec.model_validate({"name": "p", "emit": "p.found", "aggregate": aggregate})
+    assert sorted(engine(spec, events, seed)) == aggregate_reference(function, over, at_least, events)

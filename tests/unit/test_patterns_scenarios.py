@@ -32,7 +32,7 @@ def pipeline(patterns_file: str) -> Pipeline:
                     "source": "source", "correlation_id": "correlationId",
                     "payload": {"json": "data"}, "metadata": {"json": "metadata"}},
         "event_types": {"transaction.created": {"key": "CUSTOMER_ID", "payload": TX_PAYLOAD}},
-        "patterns": yaml.safe_load((CONFIGS / patterns_file).read_text())["patterns"]})
+        "patterns": yaml.safe_load((CONFIGS / "patterns" / patterns_file).read_text())["patterns"]})
 
 
 def found(out: dict[str, pl.DataFrame]) -> set[tuple[str, str, tuple[str, ...]]]:
@@ -43,10 +43,10 @@ def found(out: dict[str, pl.DataFrame]) -> set[tuple[str, str, tuple[str, ...]]]
 
 
 @pytest.mark.parametrize(("patterns_file", "scenario", "kinds"), [
-    ("patterns-fraud.yaml", fraud_scenario, {"card-testing", "terminal-hopping", "far-terminals"}),
-    ("patterns-supply-chain.yaml", supply_chain_scenario, {"order-fulfilled", "paid-not-shipped"}),
-    ("patterns-customer.yaml", customer_scenario, {"abandoned-cart"}),
-    ("patterns-monitoring.yaml", monitoring_scenario, {"errors-then-restart"}),
+    ("fraud.yaml", fraud_scenario, {"card-testing", "terminal-hopping", "far-terminals"}),
+    ("supply-chain.yaml", supply_chain_scenario, {"order-fulfilled", "paid-not-shipped"}),
+    ("customer.yaml", customer_scenario, {"abandoned-cart"}),
+    ("monitoring.yaml", monitoring_scenario, {"errors-then-restart"}),
 ])
 def test_planted_instances_are_found_exactly(patterns_file: str, scenario: Any, kinds: set[str]) -> None:
     events, truth = scenario(seed=3)
