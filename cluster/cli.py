@@ -105,7 +105,7 @@ def _parser() -> argparse.ArgumentParser:
     mine = commands.add_parser("mine", help="match a pattern file over a store's events (no Ray)")
     mine.add_argument("--store", type=Path, required=True, help="event store to read")
     mine.add_argument("--patterns", type=Path, required=True,
-                      help="YAML with a top-level patterns: list, e.g. configs/patterns-fraud.yaml")
+                      help="YAML with a top-level patterns: list, e.g. configs/patterns/fraud.yaml")
     mine.add_argument("--from", dest="start", type=_moment, help="first event time (ISO-8601)")
     mine.add_argument("--to", dest="end", type=_moment, help="events before this time only")
     mine.add_argument("--out", type=Path, required=True, help="folder for matches.parquet")
