@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from pipelines.patterns.expressions import Condition
@@ -95,20 +95,30 @@ class _Step:
     guard: tuple[bool, int, Condition | None] | None = None
 
 
-@dataclass(frozen=True)
 class _Run:
-    start_pos: int
-    start: int
-    step: int
-    count: int
-    last_pos: int
-    seen_pos: int
-    events: tuple[tuple[int, int, str, int], ...]  # (pos, time, id, step)
-    bound: tuple[tuple[str, Any], ...] = ()  # (step name, its last event's fields)
-    correlation_id: str | None = None
-    closed: bool = False
-    blocked: bool = False
-    completed: bool = False
+    """A partial match. Mutable, and changed in place only where no other run shares it
+    (a run that ignores an event stays itself; taking an event makes a new run): the NFA
+    makes and drops these by the million, so they are slotted objects, not copies."""
+
+    __slots__ = ("start_pos", "start", "step", "count", "last_pos", "seen_pos", "events",
+                 "bound", "correlation_id", "closed", "blocked", "completed")
+
+    def __init__(self, start_pos: int, start: int, step: int, count: int, last_pos: int,
+                 seen_pos: int, events: tuple[tuple[int, int, str, int], ...],
+                 bound: _Bound = (), correlation_id: str | None = None, closed: bool = False,
+                 blocked: bool = False, completed: bool = False) -> None:
+        self.start_pos, self.start, self.step, self.count = start_pos, start, step, count
+        self.last_pos, self.seen_pos = last_pos, seen_pos
+        self.events = events  # (pos, time, id, step) of each event taken
+        self.bound = bound  # (step name, its last event's fields), for conditions on steps
+        self.correlation_id = correlation_id
+        self.closed, self.blocked, self.completed = closed, blocked, completed
+
+    def taking(self, x: Candidate, step: int, count: int, bound: _Bound) -> _Run:
+        """A new run: this one with ``x`` taken into ``step`` as its ``count``-th event."""
+        return _Run(self.start_pos, self.start, step, count, x.pos, x.pos,
+                    self.events + ((x.pos, x.time, x.event_id, step),), bound,
+                    self.correlation_id)
 
     def sort_key(self) -> tuple[Any, ...]:
         return (self.start_pos, tuple(e[0] for e in self.events), tuple(e[3] for e in self.events))
@@ -215,7 +225,7 @@ class SequenceMatcher:
     def _mark(self, run: _Run) -> _Run:
         last = len(self.steps) - 1
         if run.step == last and run.count >= self.steps[last].low:
-            return replace(run, completed=True)
+            run.completed = True
         return run
 
     def _bind(self, bound: _Bound, step: int, x: Candidate) -> _Bound:
@@ -238,10 +248,8 @@ class SequenceMatcher:
         if loop_open and self._within(run, x) and self._matches(step, x, run) \
                 and (not step.consecutive or adjacent):
             took = True
-            children.append(self._mark(replace(
-                run, count=run.count + 1, last_pos=x.pos, seen_pos=x.pos, blocked=False,
-                events=run.events + ((x.pos, x.time, x.event_id, run.step),),
-                bound=self._bind(run.bound, run.step, x), completed=False)))
+            children.append(self._mark(run.taking(x, run.step, run.count + 1,
+                                                  self._bind(run.bound, run.step, x))))
         blocked = run.blocked
         if run.count >= step.low and run.step + 1 < len(self.steps) and not blocked:
             after = self.steps[run.step + 1]
@@ -251,14 +259,12 @@ class SequenceMatcher:
                 blocked = True  # not_next: the very next event matched the negation
             elif self._within(run, x) and self._matches(after, x, run) \
                     and (after.contiguity != "next" or adjacent):
-                children.append(self._mark(replace(
-                    run, step=run.step + 1, count=1, last_pos=x.pos, seen_pos=x.pos,
-                    closed=False, blocked=False,
-                    events=run.events + ((x.pos, x.time, x.event_id, run.step + 1),),
-                    bound=self._bind(run.bound, run.step + 1, x), completed=False)))
+                children.append(self._mark(run.taking(x, run.step + 1, 1,
+                                                      self._bind(run.bound, run.step + 1, x))))
             if guard is not None and not guard[0] and self._guard_matches(guard[1], guard[2], x, run):
                 blocked = True  # not_followed_by: a negated event came before the next step
-        stay = self._ignore(replace(run, blocked=blocked), x, took)
+        run.blocked = blocked
+        stay = self._ignore(run, x, took)
         if stay is not None:
             children.insert(0, stay)
         return children
@@ -273,9 +279,11 @@ class SequenceMatcher:
         if loop_open:
             matches_loop = took or (x is not None and self._matches(step, x, run))
             if not step.consecutive and not matches_loop:
-                return replace(run, seen_pos=seen)
+                run.seen_pos = seen
+                return run
         if proceed_open and self._proceed_ignores(run, x):
-            return replace(run, seen_pos=seen, closed=run.closed or loop_open)
+            run.seen_pos, run.closed = seen, run.closed or loop_open
+            return run
         return None
 
     def _proceed_ignores(self, run: _Run, x: Candidate | None) -> bool:
