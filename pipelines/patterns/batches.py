@@ -164,8 +164,7 @@ def _event_struct(rows: pl.DataFrame, fields: set[str]) -> pl.Expr:
 
 
 def _normalised(event: dict[str, Any]) -> dict[str, Any]:
-    """An untyped payload's JSON parsed; datetimes as epoch microseconds, so that state
-    round-trips through JSON."""
+    """An untyped payload's JSON parsed, every value plain JSON data (see :func:`_plain`)."""
     data = event.get("data")
     if not isinstance(data, dict):
         return event
@@ -177,9 +176,17 @@ def _normalised(event: dict[str, Any]) -> dict[str, Any]:
             parsed = None
         if isinstance(parsed, dict):
             data = {**parsed, **data}
-    data = {k: (int(v.timestamp() * 1_000_000) if isinstance(v, dt.datetime) else v)
-            for k, v in data.items()}
-    return {**event, "data": data}
+    return {**event, "data": {k: _plain(v) for k, v in data.items()}}
+
+
+def _plain(value: Any) -> Any:
+    """A payload value as JSON data (what a checkpoint can hold), the same before and after
+    a restore: datetimes as epoch microseconds, other non-JSON scalars as text."""
+    if value is None or isinstance(value, bool | int | float | str | list | dict):
+        return value
+    if isinstance(value, dt.datetime):
+        return int(value.timestamp() * 1_000_000)
+    return str(value)
 
 
 class PatternSet:

@@ -4,20 +4,26 @@ timeouts, caps and state, and patterns in a pipeline run in process."""
 from __future__ import annotations
 
 import datetime as dt
+import itertools
+import json
 from pathlib import Path
 from typing import Any
 
 import polars as pl
+import pyarrow as pa
 import pytest
+import yaml
 
 import pipelines.patterns
-from pipelines import Pipeline
+from pipelines import SOURCE_KINDS, Pipeline
 from pipelines.errors import ConfigError
+from pipelines.kinds import FileSourceOptions, SourceKind
 from pipelines.patterns import ExpressionError, Pattern, PatternSpec, load_patterns, parse_condition
 from pipelines.patterns.batches import PatternSet, matches_frame
 from pipelines.patterns.mining import mine_events, stored_in_stream_order
+from pipelines.patterns.scenarios import supply_chain_scenario
 from pipelines.store import EventStore
-from pipelines.testing import run_local
+from pipelines.testing import ABORT, AbortingListSource, run_local
 
 T0 = dt.datetime(2024, 1, 1, tzinfo=dt.UTC)
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -65,8 +71,6 @@ def test_public_surface() -> None:
 ])
 def test_a_bad_pattern_names_its_field(values: dict[str, Any], field: str, tmp_path: Path) -> None:
     path = tmp_path / "patterns.yaml"
-    import yaml
-
     path.write_text(yaml.safe_dump({"patterns": [{"name": "p", "emit": "p.found", **values}]}))
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         load_patterns(path)
@@ -219,3 +223,39 @@ def test_a_pattern_keyed_by_a_field_the_events_are_not_partitioned_by_is_refused
             "mapping": {"event_type": "type", "timestamp": "at", "payload": {"json": "data"}},
             "patterns": [{"name": "x", "key": "data.customer", "emit": "x.y",
                           "steps": [{"name": "a", "event_types": ["tx"]}]}]})
+
+
+_SOURCES = (f"patterns-list-{i}" for i in itertools.count())
+
+
+def aborting_pipeline(items: list) -> Pipeline:
+    """The supply-chain patterns over ``items`` (batches and ABORT markers) from memory."""
+    source, name = AbortingListSource("orders", {"orders": items}), next(_SOURCES)
+    SOURCE_KINDS.register(name, SourceKind(FileSourceOptions, lambda *_: source))
+    return Pipeline.from_dict({
+        "name": "p", "source": {"format": name, "name": "orders", "path": ["-"]},
+        "mapping": {"event_id": "eventId", "event_type": "eventType", "timestamp": "timestamp",
+                    "correlation_id": "correlationId", "payload": {"json": "data"}},
+        "runtime": {"partitions": 2, "checkpoint_every": 2},
+        "patterns": yaml.safe_load((CONFIGS / "patterns" / "supply-chain.yaml").read_text())["patterns"]})
+
+
+def test_a_crash_and_resume_finds_what_a_fault_free_run_finds(tmp_path: Path) -> None:
+    """Partial matches and pending absences come back from the checkpoint."""
+    events, _ = supply_chain_scenario(orders=300, seed=5)
+    columns = ("eventId", "eventType", "timestamp", "correlationId")
+    batches = [pa.record_batch({**{c: [e[c] for e in chunk] for c in columns},
+                                "data": [json.dumps(e["data"]) for e in chunk]})
+               for chunk in (events[i:i + 100] for i in range(0, len(events), 100))]
+    clean = aborting_pipeline(batches).run(store=tmp_path / "clean", runner="local")
+    crashing = aborting_pipeline([*batches[:5], ABORT, *batches[5:]])
+    with pytest.raises(Exception, match="aborted"):
+        crashing.run(store=tmp_path / "crashed", runner="local")
+    resumed = crashing.run(store=tmp_path / "crashed", runner="local", resume=True)
+    assert resumed["resumed"] and clean["pattern_matches"] > 100
+
+    def matches(store: Path) -> pl.DataFrame:
+        stored = pl.read_parquet(store / "events" / "**" / "*.parquet", hive_partitioning=True)
+        return stored.filter(pl.col("source") == "processor:patterns").drop("metadata").sort("event_id")
+
+    assert matches(tmp_path / "crashed").equals(matches(tmp_path / "clean"))
