@@ -146,6 +146,9 @@ def validate_pattern_keys(spec: PipelineSpec) -> None:
     """Each pattern runs in the keyed partitions, so its key must be how the events it
     reads are partitioned: ``key`` always is; ``correlation_id`` and ``data.<field>`` need
     every type it reads keyed by that field (``event_types.<type>.key``)."""
+    if spec.patterns and "patterns" in {step.name for step in spec.steps}:
+        raise ConfigError("steps: a step named 'patterns' clashes with the step that runs "
+                          "the pipeline's patterns; rename it")
     for index, pattern in enumerate(spec.patterns):
         if pattern.key == "key":
             continue
