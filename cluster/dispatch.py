@@ -16,8 +16,10 @@ import pyarrow as pa
 from cluster.accounting import Latencies, RunCounts
 from cluster.operators import KeyedExecutor
 from pipelines.keyed import BatchReceipt, merge_counters, split_by_partition
+from pipelines.kinds import repartitioned_patterns
 from pipelines.lanes import BatchSizer, LaneQueues
-from pipelines.processing import watermark_batch
+from pipelines.patterns.batches import pattern_copies
+from pipelines.processing import watermark_batch, without_copies
 from pipelines.routing import Router
 from pipelines.spec import PipelineSpec
 
@@ -43,6 +45,7 @@ class Dispatcher:
         adaptive = spec.runtime.adaptive_batching
         self.sizer = BatchSizer(adaptive, self.partitions) if adaptive else None
         self.routed_schema = routed_schema
+        self.copied = repartitioned_patterns(spec)
         self.latencies = Latencies()
 
     def route(self, events: pa.Table, hops: int = 0) -> None:
@@ -56,6 +59,10 @@ class Dispatcher:
             for lane, high in ((routed.high, True), (routed.normal, False)):
                 for partition, rows in split_by_partition(lane, self.partitions):
                     self.queues.offer(partition, rows, high)
+            if self.copied:  # after the events: a pattern's copies, keyed by its key
+                copies = pattern_copies(self.spec.patterns, self.copied, routed.high, routed.normal)
+                for partition, rows in split_by_partition(self._with_transit(copies), self.partitions):
+                    self.queues.offer(partition, rows, False)
             events, hops = routed.derived, hops + 1
             counts.derived += events.num_rows
             if events.num_rows and hops > limit:
@@ -81,7 +88,7 @@ class Dispatcher:
                     break
                 self.executor.submit(partition, self.seqs[partition], rows)
                 self.seqs[partition] += 1
-                self.counts.sent += rows.num_rows
+                self.counts.sent += without_copies(rows).num_rows  # copies are never stored
 
     def pump(self, block: bool = False) -> None:
         """Collect finished batches (``block``: wait for one), route what they derived,

@@ -29,10 +29,11 @@ from cluster.ingest import Ingest
 from cluster.operators import KeyedExecutor
 from pipelines.envelope import envelope_schema
 from pipelines.errors import ConfigError
-from pipelines.kinds import build_source, stage_class, wants_watermarks
+from pipelines.kinds import build_source, repartitioned_patterns, stage_class, wants_watermarks
 from pipelines.merged_source import EventTimeMergedSource, TimestampMicros
 from pipelines.normalise import Clock, utc_now
 from pipelines.pacing import Pacer
+from pipelines.processing import PATTERN_COPY
 from pipelines.sources import CsvSource, ParquetSource, RawBatch, Source, iter_batches
 from pipelines.spec import EnrichSpec, PipelineSpec
 from pipelines.store import EventStore
@@ -110,6 +111,8 @@ class PipelineRun:
         self.partition_factory, self.stage_factory = partitions, stages
         transit = [pa.field(c, pa.float64()) for stage in spec.enrich
                    for c in stage_class(stage, tuple(spec.search_path)).columns]
+        if repartitioned_patterns(spec):
+            transit.append(pa.field(PATTERN_COPY, pa.int32()))
         self.routed_schema = pa.schema([*envelope_schema(spec.registry()), *transit])
         self.watermarks = wants_watermarks(spec)
 

@@ -34,7 +34,7 @@ from pipelines.poison import (
     run_steps,
     step_states,
 )
-from pipelines.processing import ROW_POSITION, Step
+from pipelines.processing import ROW_POSITION, Step, without_copies
 from pipelines.tables import take_rows
 from pipelines.writers import WriterId
 
@@ -171,7 +171,8 @@ class PartitionWorker:
             raise
         self.log.applied(kept)
         self.next_seq += 1
-        return BatchReceipt(self.partition, seq, kept.num_rows, True, self._latency(events),
+        stored = without_copies(kept).num_rows  # a pattern's copies are never stored
+        return BatchReceipt(self.partition, seq, stored, True, self._latency(events),
                             time.perf_counter() - started, derived, alerts,
                             len(poison), {PROCESSOR_ERROR: len(poison)} if poison else {},
                             self._positions(events, poison), counters)
@@ -203,7 +204,8 @@ class PartitionWorker:
                 derived.append(output.derived)
         if self.store_events:  # transit columns (``_``-prefixed) are never stored
             stored = [c for c in kept.column_names if not c.startswith("_")]
-            self.sink.write("events", kept.select(stored), writer=self.writer.name, seq=seq)
+            self.sink.write("events", without_copies(kept).select(stored),
+                            writer=self.writer.name, seq=seq)
         return (pa.concat_tables(derived) if derived else None), alerts
 
     @staticmethod

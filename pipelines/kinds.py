@@ -131,7 +131,9 @@ def validate_kinds(spec: PipelineSpec, objects: Mapping[str, Any] | None = None)
                 PythonStep(typed, StepContext(envelope_schema(spec.registry()), spec.registry(), search))
             except PluginImportError as exc:
                 raise ConfigError(f"steps.{index}.function: {exc}") from None
-    validate_pattern_keys(spec)
+    if spec.patterns and "patterns" in {step.name for step in spec.steps}:
+        raise ConfigError("steps: a step named 'patterns' clashes with the step that runs "
+                          "the pipeline's patterns; rename it")
     for index, stage in enumerate(spec.enrich):
         try:
             cls = step_class(stage, search, stage=True)
@@ -142,13 +144,15 @@ def validate_kinds(spec: PipelineSpec, objects: Mapping[str, Any] | None = None)
             raise ConfigError(f"enrich.{index}.kind: {stage.kind!r} adds no columns")
 
 
-def validate_pattern_keys(spec: PipelineSpec) -> None:
-    """Each pattern runs in the keyed partitions, so its key must be how the events it
-    reads are partitioned: ``key`` always is; ``correlation_id`` and ``data.<field>`` need
-    every type it reads keyed by that field (``event_types.<type>.key``)."""
-    if spec.patterns and "patterns" in {step.name for step in spec.steps}:
-        raise ConfigError("steps: a step named 'patterns' clashes with the step that runs "
-                          "the pipeline's patterns; rename it")
+def repartitioned_patterns(spec: PipelineSpec) -> list[int]:
+    """The patterns (by index) whose key is not how the events they read are partitioned.
+
+    ``key`` always is; ``correlation_id`` and ``data.<field>`` are when every type the
+    pattern reads is keyed by that field (``event_types.<type>.key``). The others get their
+    events as copies keyed by the pattern's key (:data:`pipelines.processing.PATTERN_COPY`),
+    dispatched to the partitions like any event, in order, seen only by that pattern.
+    """
+    copied = []
     for index, pattern in enumerate(spec.patterns):
         if pattern.key == "key":
             continue
@@ -156,15 +160,12 @@ def validate_pattern_keys(spec: PipelineSpec) -> None:
         regex = re.compile(type_regex(pattern.event_types))
         named = [t for t in spec.event_types if regex.search(t)]
         literal = [t for t in pattern.event_types if not any(c in t for c in "*?[")]
-        keys = {t: spec.registry().schema_for(t).key for t in {*named, *literal}}
+        keys = {spec.registry().schema_for(t).key for t in {*named, *literal}}
         if len(literal) < len(pattern.event_types):  # wildcards: undeclared types too
-            keys["(undeclared types)"] = spec.default_event_type.key
-        wrong = {t: k for t, k in keys.items() if k != wanted}
-        if wrong:
-            raise ConfigError(
-                f"patterns.{index}.key: {pattern.key} needs the events it reads partitioned by "
-                f"{wanted}, but {', '.join(f'{t} is keyed by {k}' for t, k in sorted(wrong.items()))}"
-                f" (set event_types.<type>.key: {wanted}, or key the pattern by key)")
+            keys.add(spec.default_event_type.key)
+        if keys != {wanted}:
+            copied.append(index)
+    return copied
 
 
 def wants_watermarks(spec: PipelineSpec) -> bool:
@@ -212,7 +213,7 @@ def build_steps(spec: PipelineSpec, objects: Mapping[str, Any] | None = None) ->
     if spec.patterns:  # after the other steps: a step's derived events are routed first
         from pipelines.patterns.step import PatternStep
 
-        steps.append(PatternStep(spec.patterns, context))
+        steps.append(PatternStep(spec.patterns, context, repartitioned_patterns(spec)))
     return steps
 
 

@@ -56,7 +56,7 @@ import pyarrow as pa
 
 from pipelines.envelope import DEADLETTER_SCHEMA
 from pipelines.errors import PipelineError, StoreError
-from pipelines.processing import Step, StepOutput, watermark_of
+from pipelines.processing import Step, StepOutput, watermark_of, without_copies
 from pipelines.tables import take_rows
 
 #: The reason code of a poison event's dead letter.
@@ -107,10 +107,11 @@ def run_steps(steps: Sequence[Step], events: pa.Table) -> Outputs:
     """
     outputs: Outputs = []
     mark = watermark_of(events)
+    originals = without_copies(events)
     for step in steps:
         try:
             if mark is None:
-                outputs.append((step.name, step.process(events)))
+                outputs.append((step.name, step.process(events if step.sees_copies else originals)))
             elif step.watermarks:  # a watermark batch: replayed like any other batch
                 outputs.append((step.name, step.on_watermark(*mark) or StepOutput()))
         except Exception as exc:  # any step error may be the events': bisection decides

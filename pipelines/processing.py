@@ -31,6 +31,10 @@ from pipelines.spec import AnomalyStepSpec, StepSpec
 
 #: The transit column of an enrichment stage's input: each row's position in its slice.
 ROW_POSITION = "_pos"
+#: The transit column of a pattern's copy of an event (the pattern's index; null on the
+#: events themselves): a copy is keyed by the pattern's key, seen only by steps with
+#: ``sees_copies``, and never stored.
+PATTERN_COPY = "_pattern"
 
 SCORES_SCHEMA = pa.schema([
     pa.field("event_id", pa.string(), nullable=False),
@@ -114,6 +118,18 @@ def watermark_batch(schema: pa.Schema, watermark_us: int | None, final: bool) ->
         {**(schema.metadata or {}), WATERMARK_METADATA: mark})
 
 
+def without_copies(events: pa.Table) -> pa.Table:
+    """``events`` less the patterns' copies (:data:`PATTERN_COPY`)."""
+    if PATTERN_COPY not in events.column_names:
+        return events
+    copies = events.column(PATTERN_COPY)
+    if copies.null_count == len(copies):
+        return events
+    import pyarrow.compute as pc
+
+    return events.filter(pc.is_null(copies))
+
+
 def watermark_of(events: pa.Table) -> tuple[int | None, bool] | None:
     """(watermark, final) when ``events`` is a watermark batch, else ``None``."""
     import json
@@ -142,6 +158,8 @@ class Step(ABC):
 
     #: Whether the step wants :meth:`on_watermark` calls (the driver then sends them).
     watermarks: bool = False
+    #: Whether the step sees the events' copies of :data:`PATTERN_COPY` (the others never do).
+    sees_copies: bool = False
 
     def on_watermark(self, watermark_us: int | None, final: bool) -> StepOutput | None:
         """Every event of the partition older than ``watermark_us`` (epoch µs, ``None``:

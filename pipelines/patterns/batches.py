@@ -32,11 +32,13 @@ from collections.abc import Sequence
 from typing import Any
 
 import polars as pl
+import pyarrow as pa
 
 from pipelines.patterns.aggregates import VectorAggregate
 from pipelines.patterns.engine import Candidate, Match, SequenceMatcher
 from pipelines.patterns.expressions import Condition, parse_condition, payload_field
 from pipelines.patterns.spec import PatternSpec
+from pipelines.processing import PATTERN_COPY
 from pipelines.routing import type_regex
 
 __all__ = ["MATCHES_SCHEMA", "PatternSet", "matches_frame"]
@@ -66,8 +68,8 @@ def _types_expr(types: Sequence[str]) -> pl.Expr:
 class _Prepared:
     """One pattern's vectorised plan: its slots' conditions and the fields its matcher needs."""
 
-    def __init__(self, spec: PatternSpec) -> None:
-        self.spec = spec
+    def __init__(self, spec: PatternSpec, copied: bool = False) -> None:
+        self.spec, self.copied = spec, copied
         self.types = _types_expr(spec.event_types)
         # per slot: its event types and its condition when it needs the current event only
         self.slots: list[tuple[pl.Expr, Condition | None]] = []
@@ -105,7 +107,8 @@ class _Prepared:
         """The batch's candidate rows of this pattern, with key, position, time and flags;
         ``positions`` (each key's next position) moves past every row of the pattern's types."""
         typed = _typed_fields(frame)
-        rows = frame.filter(self.types).with_columns(_pk=_key_expr(self.spec.key, typed)) \
+        key = pl.col("key") if self.copied else _key_expr(self.spec.key, typed)  # copies: keyed
+        rows = frame.filter(self.types).with_columns(_pk=key) \
             .filter(pl.col("_pk").is_not_null())
         if rows.height == 0:
             return rows
@@ -189,6 +192,26 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
+def pattern_copies(specs: Sequence[PatternSpec], copied: Sequence[int],
+                   *pieces: pa.Table) -> pa.Table:
+    """The copies of the events in ``pieces`` that the ``copied`` patterns read: keyed by
+    the pattern's key, with the pattern's index in :data:`~pipelines.processing.PATTERN_COPY`,
+    in event-time order (each piece is; ties keep the pieces' order)."""
+    frame = pl.from_arrow(pa.concat_tables(list(pieces)))
+    assert isinstance(frame, pl.DataFrame)
+    if frame.height == 0:
+        return frame.to_arrow()
+    typed = _typed_fields(frame)
+    parts = []
+    for index in copied:
+        spec = specs[index]
+        part = frame.filter(_types_expr(spec.event_types)).with_columns(
+            key=_key_expr(spec.key, typed), **{PATTERN_COPY: pl.lit(index, pl.Int32)})
+        parts.append(part.filter(pl.col("key").is_not_null()))
+    copies = pl.concat(parts).with_row_index("_n").sort("timestamp", "_n").drop("_n")
+    return copies.to_arrow()
+
+
 class PatternSet:
     """Every pattern of a pipeline (or of a pattern file), over one partition's batches.
 
@@ -196,10 +219,10 @@ class PatternSet:
         specs: the validated patterns.
     """
 
-    def __init__(self, specs: Sequence[PatternSpec]) -> None:
-        self.plans = [_Prepared(s) for s in specs]
+    def __init__(self, specs: Sequence[PatternSpec], copied: Sequence[int] = ()) -> None:
+        self.plans = [_Prepared(s, i in copied) for i, s in enumerate(specs)]
         self.positions: list[dict[str, int]] = [{} for _ in self.plans]
-        self.clock: int | None = None
+        self.clocks: list[int | None] = [None for _ in self.plans]
         self.matches = 0
 
     def process(self, frame: pl.DataFrame) -> list[Match]:
@@ -207,24 +230,35 @@ class PatternSet:
         out: list[Match] = []
         if frame.height == 0:
             return out
-        for plan, positions in zip(self.plans, self.positions, strict=True):
-            plan.feed(plan.candidates(frame, positions), out)
-        latest = frame["timestamp"].dt.epoch("us").max()
-        if latest is not None:
-            out += self.advance(int(latest))  # type: ignore[arg-type]
+        copies = frame[PATTERN_COPY] if PATTERN_COPY in frame.columns else None
+        for index, (plan, positions) in enumerate(zip(self.plans, self.positions, strict=True)):
+            mine = frame
+            if copies is not None:  # a pattern reads its copies, or the events themselves
+                mine = frame.filter(copies == index if plan.copied else copies.is_null())
+            plan.feed(plan.candidates(mine, positions), out)
+            # each pattern's own stream (its events, or its copies) is in event-time order
+            latest = mine["timestamp"].dt.epoch("us").max() if mine.height else None
+            if latest is not None:
+                self._advance_plan(index, int(latest), out)  # type: ignore[arg-type]
+        self.matches += sum(m.kind == "match" for m in out)
         return out
+
+    def _advance_plan(self, index: int, now: int, out: list[Match]) -> None:
+        clock = self.clocks[index]
+        if clock is not None and now <= clock:
+            return
+        self.clocks[index] = now
+        plan, positions = self.plans[index], self.positions[index]
+        plan.matcher.advance(now, positions, out)
+        held = plan.matcher.keys
+        for key in [k for k in positions if k not in held]:
+            del positions[key]  # a key with no partial match needs no position
 
     def advance(self, watermark_us: int) -> list[Match]:
         """Every event older than ``watermark_us`` has been seen: fire what is due before it."""
         out: list[Match] = []
-        if self.clock is not None and watermark_us <= self.clock:
-            return out
-        self.clock = watermark_us
-        for plan, positions in zip(self.plans, self.positions, strict=True):
-            plan.matcher.advance(watermark_us, positions, out)
-            held = plan.matcher.keys
-            for key in [k for k in positions if k not in held]:
-                del positions[key]  # a key with no partial match needs no position
+        for index in range(len(self.plans)):
+            self._advance_plan(index, watermark_us, out)
         self.matches += sum(m.kind == "match" for m in out)
         return out
 
@@ -240,12 +274,12 @@ class PatternSet:
                 "pattern_active": sum(p.matcher.active() for p in self.plans)}
 
     def snapshot(self) -> dict[str, Any]:
-        return {"clock": self.clock, "positions": self.positions,
+        return {"clocks": self.clocks, "positions": self.positions,
                 "matchers": {p.spec.name: p.matcher.snapshot() for p in self.plans}}
 
     def restore(self, state: dict[str, Any] | None) -> None:
         state = state or {}
-        self.clock = state.get("clock")
+        self.clocks = list(state.get("clocks", [None for _ in self.plans]))
         self.positions = [dict(p) for p in state.get("positions", [{} for _ in self.plans])]
         for plan in self.plans:
             plan.matcher.restore(state.get("matchers", {}).get(plan.spec.name))

@@ -28,7 +28,7 @@ import pyarrow as pa
 from pipelines.patterns.batches import PatternSet
 from pipelines.patterns.engine import Match
 from pipelines.patterns.spec import PatternSpec
-from pipelines.processing import Step, StepContext, StepOutput
+from pipelines.processing import PATTERN_COPY, Step, StepContext, StepOutput
 from pipelines.processors import derived_events
 from pipelines.spec import StepSpec
 
@@ -58,17 +58,19 @@ class PatternStep(Step):
 
     spec_class = StepSpec
     watermarks = True
+    sees_copies = True
 
-    def __init__(self, patterns: Sequence[PatternSpec], context: StepContext) -> None:
+    def __init__(self, patterns: Sequence[PatternSpec], context: StepContext,
+                 copied: Sequence[int] = ()) -> None:
         self.name, self.context = PATTERN_STEP, context
-        self.patterns = list(patterns)
-        self.engine = PatternSet(self.patterns)
+        self.patterns, self.copied = list(patterns), list(copied)
+        self.engine = PatternSet(self.patterns, self.copied)
         self._reported = {"cap_hits": 0}
         #: the latest ``ingested_at`` seen: what matches fired by a watermark carry
         self._ingested = _EPOCH
 
     def process(self, events: pa.Table) -> StepOutput:
-        columns = [c for c in events.column_names if not c.startswith("_")]
+        columns = [c for c in events.column_names if not c.startswith("_") or c == PATTERN_COPY]
         frame = pl.from_arrow(events.select(columns))
         assert isinstance(frame, pl.DataFrame)
         return self._output(self.engine.process(frame), frame)
@@ -100,7 +102,7 @@ class PatternStep(Step):
                 "ingested": self._ingested.isoformat()}
 
     def restore(self, state: Any) -> None:
-        self.engine = PatternSet(self.patterns)
+        self.engine = PatternSet(self.patterns, self.copied)
         self._reported = {"cap_hits": 0}
         if state:
             self.engine.restore(state["engine"])

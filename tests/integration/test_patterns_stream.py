@@ -96,7 +96,12 @@ def generate(seed: int = 11) -> list[dict[str, Any]]:
             for i, (minute, kind, correlation, data) in enumerate(rows)]
 
 
-def config(path: Path, lateness: str = "0s") -> dict[str, Any]:
+def config(path: Path, lateness: str = "0s", by_customer: bool = True) -> dict[str, Any]:
+    """The pipeline; ``by_customer``: transactions keyed by customer (the patterns' key),
+    else by their correlation id (the patterns then see copies keyed by customer)."""
+    transactions: dict[str, Any] = {"payload": {"customer": "str", "amount": "float", "terminal": "str"}}
+    if by_customer:
+        transactions["key"] = "customer"
     return {
         "name": "patterns-stream",
         "source": {"format": "jsonl", "path": [str(path)], "batch_size": 400,
@@ -104,9 +109,7 @@ def config(path: Path, lateness: str = "0s") -> dict[str, Any]:
         "mapping": {"event_id": "eventId", "event_type": "eventType", "timestamp": "timestamp",
                     "source": "source", "correlation_id": "correlationId",
                     "payload": {"json": "data"}, "metadata": {"json": "metadata"}},
-        "event_types": {"transaction.created": {
-            "key": "customer",
-            "payload": {"customer": "str", "amount": "float", "terminal": "str"}}},
+        "event_types": {"transaction.created": transactions},
         "runtime": {"partitions": 2, "checkpoint_every": 3},
         **yaml.safe_load(PATTERNS_YAML),
     }
@@ -214,15 +217,17 @@ def test_stream_equals_mine_equals_reference_on_ray(
 
 
 @pytest.mark.slow
-def test_out_of_order_input_within_lateness_gives_the_same_matches(
+def test_out_of_order_input_repartitioned_by_the_pattern_key_gives_the_same_matches(
         ray_local: object, generated: tuple[Path, list[dict[str, Any]], Path], tmp_path: Path) -> None:
+    """Shuffled within lateness, and transactions keyed by their correlation id: the
+    customer-keyed patterns see copies of them keyed by customer."""
     folder, events, patterns = generated
     rng = random.Random(5)
     shuffled = sorted(events, key=lambda e: e["_minute"] + rng.uniform(0, 20))
     assert shuffled != events
     write_jsonl(tmp_path / "shuffled.jsonl", shuffled)
-    summary = Pipeline.from_dict(config(tmp_path / "shuffled.jsonl", lateness="30m")).run(
-        store=tmp_path / "store", runner="ray")
+    summary = Pipeline.from_dict(config(tmp_path / "shuffled.jsonl", lateness="30m",
+                                        by_customer=False)).run(store=tmp_path / "store", runner="ray")
     assert summary["dead_lettered"] == 0
     assert stream_matches(tmp_path / "store") == reference_matches(events)
     assert mined(tmp_path / "store", patterns, tmp_path / "mined") == reference_matches(events)

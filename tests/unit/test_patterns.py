@@ -216,13 +216,27 @@ def test_a_pipeline_stores_typed_match_events_and_mine_finds_the_same(tmp_path: 
     assert sorted(mined["event_ids"].to_list()) == sorted(ids)
 
 
-def test_a_pattern_keyed_by_a_field_the_events_are_not_partitioned_by_is_refused() -> None:
-    with pytest.raises(ConfigError, match=r"patterns\.0\.key"):
-        Pipeline.from_dict({
-            "name": "p", "source": {"format": "jsonl", "path": ["-"]},
-            "mapping": {"event_type": "type", "timestamp": "at", "payload": {"json": "data"}},
-            "patterns": [{"name": "x", "key": "data.customer", "emit": "x.y",
-                          "steps": [{"name": "a", "event_types": ["tx"]}]}]})
+def test_a_pattern_keyed_by_a_field_the_events_are_not_partitioned_by_gets_copies(tmp_path: Path) -> None:
+    """Events keyed by their correlation id, a pattern keyed by a payload field: the pattern
+    sees copies keyed by that field (never stored), and finds what mine finds."""
+    pipeline = Pipeline.from_dict({
+        "name": "p", "source": {"format": "jsonl", "path": ["-"]},
+        "mapping": {"event_id": "id", "event_type": "type", "timestamp": "at",
+                    "correlation_id": "id", "payload": {"json": "data"}},
+        "runtime": {"partitions": 3},
+        "patterns": [{"name": "twice", "key": "data.customer", "within": "10m", "emit": "x.twice",
+                      "skip": "skip_past_last_event",
+                      "steps": [{"name": "a", "event_types": ["tx"], "times": 2}]}]})
+    rows = [{"id": f"e{i:03d}", "type": "tx", "data": {"customer": f"c{i % 4}"},
+             "at": (T0 + dt.timedelta(minutes=i)).isoformat()} for i in range(40)]
+    out = run_local(pipeline, rows, store=tmp_path / "store")
+    found = out["events"].filter(pl.col("event_type") == "x.twice")
+    assert out["events"].height == 40 + found.height and found.height == 20
+    assert sorted(found["key"].unique()) == ["c0", "c1", "c2", "c3"]
+    stored = stored_in_stream_order(EventStore(tmp_path / "store"))
+    mined = mine_events(stored, pipeline.spec.patterns)
+    assert sorted(mined["event_ids"].to_list()) == \
+        sorted(found["data"].struct.field("event_ids").to_list())
 
 
 _SOURCES = (f"patterns-list-{i}" for i in itertools.count())
