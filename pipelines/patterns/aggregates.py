@@ -59,23 +59,34 @@ class VectorAggregate:
         frame = frame.with_columns(_above=measure >= self.aggregate.at_least)
         # a key's first new row follows its last event of earlier batches, whose state is
         # ``above`` (the kept rows of that event's window may have been cut since)
-        first = ~pl.col("new").shift(1).over("k").fill_null(False)
+        same_key = (pl.col("k").shift(1) == pl.col("k")).fill_null(False)
+        first = ~(same_key & pl.col("new").shift(1).fill_null(False))
         previous = pl.when(first).then(pl.col("k").is_in(list(self.above)))\
-            .otherwise(pl.col("_above").shift(1).over("k"))
+            .otherwise(pl.col("_above").shift(1))
         frame = frame.with_columns(_fire=pl.col("_above") & ~previous & pl.col("new"))
         self._keep(frame)
-        fired = frame.filter("_fire").sort("_i")
-        self.stats.max_partial = max(self.stats.max_partial, int(frame["_ids"].list.len().max() or 0))
-        return [Match(self.name, "match", k, tuple(ids), times[0], t, t, cids[0])
-                for k, ids, times, t, cids in fired.select(
-                    "k", "_ids", "_times", "time", "_cids").iter_rows()]
+        self.stats.max_partial = max(self.stats.max_partial, int(frame["_held"].max() or 0) + 1)
+        return self._matches(frame)
+
+    def _matches(self, frame: pl.DataFrame) -> list[Match]:
+        """A match per fired row: its window is the ``_held`` rows above it (sorted frame)."""
+        fired = frame.with_row_index("_r").filter("_fire").sort("_i")
+        if fired.height == 0:
+            return []
+        ids, times, cids = (frame[c].to_list() for c in ("id", "time", "cid"))
+        return [Match(self.name, "match", k, tuple(ids[r - held:r + 1]), times[r - held], t, t,
+                      cids[r - held])
+                for k, r, held, t in fired.select("k", "_r", "_held", "time").iter_rows()]
 
     def _windows(self, frame: pl.DataFrame) -> pl.DataFrame:
-        """Each row's window as lists (oldest first): ids, times, values, correlation ids."""
+        """Each row's window: ``_held``, the rows before it in its window (they are the
+        rows right above it), and ``_values``, the window's values as a list (oldest first)."""
+        # the frame is sorted by key: a row ``lag`` rows up is the key's when its key is the same
         inside: list[pl.Series] = []
         lag = 1
         while True:
-            column = frame.select((pl.col("time").shift(lag).over("k") > pl.col("time") - self.over)
+            column = frame.select(((pl.col("k").shift(lag) == pl.col("k"))
+                                   & (pl.col("time").shift(lag) > pl.col("time") - self.over))
                                   .fill_null(False)).to_series()
             if not column.any():
                 break
@@ -84,7 +95,7 @@ class VectorAggregate:
         frame = frame.with_columns(inside)
 
         def gather(column: str) -> pl.Expr:
-            parts = [pl.when(pl.col(f"_in{n}")).then(pl.col(column).shift(n).over("k"))
+            parts = [pl.when(pl.col(f"_in{n}")).then(pl.col(column).shift(n))
                      for n in range(len(inside), 0, -1)]
             listed = pl.concat_list([*parts, pl.col(column)])
             # rows outside the window are a leading run of nulls: cut them by count, since
@@ -94,13 +105,15 @@ class VectorAggregate:
         held = pl.sum_horizontal([pl.col(f"_in{n}").cast(pl.Int64) for n in range(1, len(inside) + 1)]) \
             if inside else pl.lit(0)
 
-        return frame.with_columns(_ids=gather("id"), _times=gather("time"),
-                                  _values=gather("value"), _cids=gather("cid"))
+        frame = frame.with_columns(_held=held)
+        if self.aggregate.function == "count":
+            return frame
+        return frame.with_columns(_values=gather("value"))
 
     def _measure(self) -> pl.Expr:
         function = self.aggregate.function
         if function == "count":
-            return pl.col("_ids").list.len()
+            return pl.col("_held") + 1
         values = pl.col("_values").list.drop_nulls()
         if function == "sum":
             return values.list.eval(pl.element().cast(pl.Float64)).list.sum()
