@@ -19,6 +19,7 @@ from pipelines.keyed import BatchReceipt, merge_counters, split_by_partition
 from pipelines.kinds import repartitioned_patterns
 from pipelines.lanes import BatchSizer, LaneQueues
 from pipelines.patterns.batches import pattern_copies
+from pipelines.patterns.spec import pattern_specs
 from pipelines.processing import watermark_batch, without_copies
 from pipelines.routing import Router
 from pipelines.spec import PipelineSpec
@@ -46,6 +47,7 @@ class Dispatcher:
         self.sizer = BatchSizer(adaptive, self.partitions) if adaptive else None
         self.routed_schema = routed_schema
         self.copied = repartitioned_patterns(spec)
+        self.patterns = pattern_specs(spec)
         self.latencies = Latencies()
 
     def route(self, events: pa.Table, hops: int = 0) -> None:
@@ -60,7 +62,7 @@ class Dispatcher:
                 for partition, rows in split_by_partition(lane, self.partitions):
                     self.queues.offer(partition, rows, high)
             if self.copied:  # after the events: a pattern's copies, keyed by its key
-                copies = pattern_copies(self.spec.patterns, self.copied, routed.high, routed.normal)
+                copies = pattern_copies(self.patterns, self.copied, routed.high, routed.normal)
                 for partition, rows in split_by_partition(self._with_transit(copies), self.partitions):
                     self.queues.offer(partition, rows, False)
             events, hops = routed.derived, hops + 1

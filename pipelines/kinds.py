@@ -26,6 +26,8 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from pipelines.envelope import envelope_schema
 from pipelines.errors import ConfigError, UnknownPluginError
+from pipelines.patterns.spec import pattern_specs
+from pipelines.patterns.step import PatternStep
 from pipelines.plugins import PluginImportError, PluginRegistry
 from pipelines.processing import AnomalyStep, Step, StepContext
 from pipelines.processors import PythonStep
@@ -131,6 +133,7 @@ def validate_kinds(spec: PipelineSpec, objects: Mapping[str, Any] | None = None)
                 PythonStep(typed, StepContext(envelope_schema(spec.registry()), spec.registry(), search))
             except PluginImportError as exc:
                 raise ConfigError(f"steps.{index}.function: {exc}") from None
+    pattern_specs(spec)  # a bad pattern names its field
     if spec.patterns and "patterns" in {step.name for step in spec.steps}:
         raise ConfigError("steps: a step named 'patterns' clashes with the step that runs "
                           "the pipeline's patterns; rename it")
@@ -153,7 +156,7 @@ def repartitioned_patterns(spec: PipelineSpec) -> list[int]:
     dispatched to the partitions like any event, in order, seen only by that pattern.
     """
     copied = []
-    for index, pattern in enumerate(spec.patterns):
+    for index, pattern in enumerate(pattern_specs(spec)):
         if pattern.key == "key":
             continue
         wanted = pattern.key.removeprefix("data.")
@@ -184,7 +187,7 @@ def keyed_event_types(spec: PipelineSpec) -> list[str]:
     for index, step in enumerate(spec.steps):
         typed = step_spec(step, step_class(step, search), f"steps.{index}")
         patterns += list(typed.event_types or ["*"])
-    patterns += [t for pattern in spec.patterns for t in pattern.event_types]
+    patterns += [t for pattern in pattern_specs(spec) for t in pattern.event_types]
     return patterns
 
 
@@ -211,9 +214,7 @@ def build_steps(spec: PipelineSpec, objects: Mapping[str, Any] | None = None) ->
         cls = step_class(step, context.search_path)
         steps.append(cls(step_spec(step, cls, f"steps.{index}"), context))
     if spec.patterns:  # after the other steps: a step's derived events are routed first
-        from pipelines.patterns.step import PatternStep
-
-        steps.append(PatternStep(spec.patterns, context, repartitioned_patterns(spec)))
+        steps.append(PatternStep(pattern_specs(spec), context, repartitioned_patterns(spec)))
     return steps
 
 

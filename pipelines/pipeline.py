@@ -185,9 +185,9 @@ class Pipeline:
             The pipeline, to chain calls.
         """
         if hasattr(pattern, "model_dump"):
-            pattern = pattern.model_dump()
+            pattern = pattern.model_dump(mode="json")
         raw = self._base.model_dump(by_alias=True, exclude_unset=True)
-        raw["patterns"] = [p.model_dump() for p in self._base.patterns] + [dict(pattern)]
+        raw["patterns"] = [*self._base.patterns, dict(pattern)]
         self._base = validate_spec(raw, f"pipeline {self._base.name!r}", self.objects)
         return self
 

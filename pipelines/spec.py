@@ -41,7 +41,6 @@ from pipelines.envelope import (
     model_from_yaml,
 )
 from pipelines.errors import SchemaError
-from pipelines.patterns.spec import MatchPayload, PatternSpec, unique_patterns
 from pipelines.plugins import IMPORT_PATH
 from pipelines.timestamps import parse_duration
 
@@ -345,6 +344,16 @@ class EnrichSpec(_Open):
     event_types: list[str] = Field(min_length=1)
 
 
+class MatchPayload(BaseModel):
+    """The typed payload of a pattern's match event: the pattern, the matched events' ids
+    in match order, and the first and last matched events' times."""
+
+    pattern: str
+    event_ids: list[str]
+    start: dt.datetime
+    end: dt.datetime
+
+
 class StoreSpec(_Frozen):
     path: str = "store"
 
@@ -362,9 +371,10 @@ class PipelineSpec(_Frozen):
     labels: LabelFeedSpec | None = None
     enrich: list[EnrichSpec] = Field(default_factory=list)
     steps: list[StepSpec] = Field(default_factory=list)
-    #: Complex-event patterns matched per key in the keyed partitions (see
-    #: :mod:`pipelines.patterns`); each match is a derived event of its ``emit`` type.
-    patterns: list[PatternSpec] = Field(default_factory=list)
+    #: Complex-event patterns matched per key in the keyed partitions, each a mapping in
+    #: the syntax of :class:`pipelines.patterns.PatternSpec`, which validates it at start-up
+    #: (:func:`pipelines.patterns.spec.pattern_specs`); a match is an event of its ``emit`` type.
+    patterns: list[dict[str, Any]] = Field(default_factory=list)
     runtime: RuntimeSpec = Field(default_factory=RuntimeSpec)
     store: StoreSpec = Field(default_factory=StoreSpec)
     #: Folders searched first for import paths (``module:attr``): the config's folder and
@@ -387,11 +397,6 @@ class PipelineSpec(_Frozen):
                 raise ValueError(f"event type {name!r} is not a dotted lower-case name")
         return value
 
-    @field_validator("patterns")
-    @classmethod
-    def _unique_pattern_names(cls, value: list[PatternSpec]) -> list[PatternSpec]:
-        return unique_patterns(value)
-
     def registry(self) -> PayloadRegistry:
         """The payload registry these event types describe; a pattern's match types not
         declared in ``event_types`` get the typed match payload (:class:`MatchPayload`)."""
@@ -399,8 +404,9 @@ class PipelineSpec(_Frozen):
         for name, spec in self.event_types.items():
             registry.register(_payload_schema(name, spec))
         for pattern in self.patterns:
-            for name in pattern.emitted_types:
-                if name not in self.event_types:
+            for name in (pattern.get("emit"), pattern.get("on_timeout")):
+                if isinstance(name, str) and re.match(EVENT_TYPE_PATTERN, name) \
+                        and name not in self.event_types:
                     registry.register(PayloadSchema(name, MatchPayload, key="correlation_id"))
         return registry
 

@@ -21,6 +21,7 @@ from pipelines.patterns.spec import (
     PatternSpec,
     SequenceStepSpec,
     load_patterns,
+    pattern_specs,
 )
 
 __all__ = [
@@ -32,4 +33,5 @@ __all__ = [
     "SequenceStepSpec",
     "load_patterns",
     "parse_condition",
+    "pattern_specs",
 ]

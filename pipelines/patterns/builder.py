@@ -21,8 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from pipelines.errors import ConfigError
-from pipelines.patterns.spec import PatternSpec
+from pipelines.patterns.spec import PatternSpec, validated
 
 __all__ = ["Pattern"]
 
@@ -97,11 +96,6 @@ class Pattern:
         Raises:
             ConfigError: a setting is wrong (the message names it).
         """
-        from pipelines.kinds import _validated
-
         values = {"name": name, "key": key, "steps": list(self.steps), "emit": event_type,
                   **dict(self.settings)}
-        try:
-            return _validated(PatternSpec, values, f"pattern {name!r}")
-        except ConfigError:
-            raise
+        return validated(PatternSpec, values, f"pattern {name!r}")

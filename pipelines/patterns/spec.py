@@ -33,16 +33,20 @@ from pydantic import (
     ConfigDict,
     Field,
     PlainSerializer,
+    ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
 )
 
 from pipelines.envelope import EVENT_TYPE_PATTERN
+from pipelines.errors import ConfigError
 from pipelines.patterns.expressions import Condition, ExpressionError, parse_condition
+from pipelines.spec import MatchPayload, PipelineSpec
 from pipelines.timestamps import parse_duration
 
-__all__ = ["AggregateSpec", "PatternFile", "PatternSpec", "SequenceStepSpec", "load_patterns"]
+__all__ = ["AggregateSpec", "MatchPayload", "PatternFile", "PatternSpec", "SequenceStepSpec",
+           "load_patterns", "pattern_specs"]
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
 KEY_PATTERN = r"^(key|correlation_id|data\.[A-Za-z_][A-Za-z0-9_]*)$"
@@ -247,16 +251,6 @@ def _check_sequence(spec: PatternSpec) -> None:
             raise ValueError(f"skip: no step named {target!r}")
 
 
-class MatchPayload(BaseModel):
-    """The typed payload of a match event: the pattern, the matched events' ids in match
-    order, and the first and last matched events' times."""
-
-    pattern: str
-    event_ids: list[str]
-    start: dt.datetime
-    end: dt.datetime
-
-
 class PatternFile(_Frozen):
     """A file with a top-level ``patterns:`` list (``eventray mine --patterns FILE``)."""
 
@@ -282,10 +276,33 @@ def load_patterns(source: str | Path | Mapping[str, Any]) -> list[PatternSpec]:
     Raises:
         pipelines.errors.ConfigError: the file is not valid; the message names the field.
     """
-    from pipelines.errors import ConfigError
-    from pipelines.kinds import _validated
-
     data = source if isinstance(source, Mapping) else yaml.safe_load(Path(source).read_text())
     if not isinstance(data, Mapping):
         raise ConfigError(f"{source}: expected a mapping with a patterns: list")
-    return list(_validated(PatternFile, data, "patterns-file").patterns)
+    return list(validated(PatternFile, data, "patterns-file").patterns)
+
+
+def validated(model: type[BaseModel], values: Mapping[str, Any], where: str) -> Any:
+    """``values`` validated by ``model``; a :class:`ConfigError` names each bad field."""
+    try:
+        return model.model_validate(dict(values))
+    except ValidationError as exc:
+        lines = [f"{where}: invalid"]
+        for err in exc.errors():
+            field = ".".join(str(p) for p in err["loc"])
+            lines.append(f"  {where}.{field}: {err['msg']}" if field else f"  {where}: {err['msg']}")
+        raise ConfigError("\n".join(lines)) from None
+
+
+def pattern_specs(spec: PipelineSpec) -> list[PatternSpec]:
+    """A pipeline's ``patterns:`` validated.
+
+    Raises:
+        ConfigError: a pattern is not valid (the message names the field:
+            ``patterns.0.steps.1.where``), or two have one name.
+    """
+    patterns = [validated(PatternSpec, raw, f"patterns.{i}") for i, raw in enumerate(spec.patterns)]
+    try:
+        return unique_patterns(patterns)
+    except ValueError as exc:
+        raise ConfigError(f"patterns: {exc}") from None

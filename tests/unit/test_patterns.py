@@ -18,7 +18,14 @@ import pipelines.patterns
 from pipelines import SOURCE_KINDS, Pipeline
 from pipelines.errors import ConfigError
 from pipelines.kinds import FileSourceOptions, SourceKind
-from pipelines.patterns import ExpressionError, Pattern, PatternSpec, load_patterns, parse_condition
+from pipelines.patterns import (
+    ExpressionError,
+    Pattern,
+    PatternSpec,
+    load_patterns,
+    parse_condition,
+    pattern_specs,
+)
 from pipelines.patterns.batches import PatternSet, matches_frame
 from pipelines.patterns.mining import mine_events, stored_in_stream_order
 from pipelines.patterns.scenarios import supply_chain_scenario
@@ -52,7 +59,7 @@ def run(patterns: list[PatternSpec], frame: pl.DataFrame, finish: bool = True) -
 def test_public_surface() -> None:
     assert sorted(pipelines.patterns.__all__) == [
         "AggregateSpec", "ExpressionError", "MatchPayload", "Pattern", "PatternSpec",
-        "SequenceStepSpec", "load_patterns", "parse_condition"]
+        "SequenceStepSpec", "load_patterns", "parse_condition", "pattern_specs"]
 
 
 @pytest.mark.parametrize(("values", "field"), [
@@ -212,7 +219,7 @@ def test_a_pipeline_stores_typed_match_events_and_mine_finds_the_same(tmp_path: 
     again = run_local(patterns_pipeline(), records(30), store=tmp_path / "again")
     assert sorted(again["events"]["event_id"]) == sorted(out["events"]["event_id"])  # ids by content
     stored = stored_in_stream_order(EventStore(tmp_path / "store"))
-    mined = mine_events(stored, patterns_pipeline().spec.patterns)
+    mined = mine_events(stored, pattern_specs(patterns_pipeline().spec))
     assert sorted(mined["event_ids"].to_list()) == sorted(ids)
 
 
@@ -234,7 +241,7 @@ def test_a_pattern_keyed_by_a_field_the_events_are_not_partitioned_by_gets_copie
     assert out["events"].height == 40 + found.height and found.height == 20
     assert sorted(found["key"].unique()) == ["c0", "c1", "c2", "c3"]
     stored = stored_in_stream_order(EventStore(tmp_path / "store"))
-    mined = mine_events(stored, pipeline.spec.patterns)
+    mined = mine_events(stored, pattern_specs(pipeline.spec))
     assert sorted(mined["event_ids"].to_list()) == \
         sorted(found["data"].struct.field("event_ids").to_list())
 
