@@ -41,8 +41,9 @@ class RunCounts:
             raise AccountingError(self.numbers())
 
     def numbers(self) -> dict[str, int]:
-        """Every counter but ``reasons`` (what a checkpoint records besides them)."""
-        return {k: v for k, v in asdict(self).items() if k not in ("reasons", "steps")}
+        """Every counter but ``reasons`` (what a checkpoint records besides them); the
+        steps' own counters as one mapping, ``steps``."""
+        return {k: v for k, v in asdict(self).items() if k != "reasons"}
 
     def count_dead_letters(self, reasons: np.ndarray) -> None:
         """Add one batch's dead letters, by reason code."""
