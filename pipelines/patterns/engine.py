@@ -128,13 +128,6 @@ def _residual(condition: Condition | None) -> Condition | None:
     return condition if condition is not None and condition.steps else None
 
 
-def slot_conditions(spec: PatternSpec) -> list[tuple[list[str], Condition | None]]:
-    """The vectorised condition slots of a sequence: one per step (positive or negated),
-    in step order: (event types, the condition when it needs only the current event)."""
-    return [(s.event_types, None if (c := s.condition()) is not None and c.steps else c)
-            for s in spec.steps or []]
-
-
 class SequenceMatcher:
     """The NFA of one sequence pattern over every key's candidates.
 
