@@ -31,6 +31,8 @@ class RunCounts:
     checkpoints: int = 0
     restarts: int = 0
     reasons: dict[str, int] = field(default_factory=dict)
+    #: the steps' own counters (``StepOutput.counters``), for the summary
+    steps: dict[str, int] = field(default_factory=dict)
 
     def check(self) -> None:
         produced = self.read + self.derived
@@ -39,7 +41,8 @@ class RunCounts:
             raise AccountingError(self.numbers())
 
     def numbers(self) -> dict[str, int]:
-        """Every counter but ``reasons`` (what a checkpoint records besides them)."""
+        """Every counter but ``reasons`` (what a checkpoint records besides them); the
+        steps' own counters as one mapping, ``steps``."""
         return {k: v for k, v in asdict(self).items() if k != "reasons"}
 
     def count_dead_letters(self, reasons: np.ndarray) -> None:

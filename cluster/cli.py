@@ -7,6 +7,7 @@ Commands:
     train            fit a fraud model on the store's features and save it to a registry
     evaluate         fraud models by the handbook's protocol; anomaly detectors on NAB
     report           one day of a store as an HTML compliance report with plots
+    mine             match a pattern file over a store's events (no Ray)
 
 Every command ends by printing one JSON line on stdout. Bad arguments print usage;
 bad configs print what is wrong with which field; neither prints a traceback.
@@ -106,7 +107,25 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--terminals", type=_positive, default=10000)
     sim.add_argument("--start", default="2018-04-01", help="first day, YYYY-MM-DD")
     sim.add_argument("--seed", type=int, default=0)
+
+    mine = commands.add_parser("mine", help="match a pattern file over a store's events (no Ray)")
+    mine.add_argument("--store", type=Path, required=True, help="event store to read")
+    mine.add_argument("--patterns", type=Path, required=True,
+                      help="YAML with a top-level patterns: list, e.g. configs/patterns/fraud.yaml")
+    mine.add_argument("--from", dest="start", type=_moment, help="first event time (ISO-8601)")
+    mine.add_argument("--to", dest="end", type=_moment, help="events before this time only")
+    mine.add_argument("--out", type=Path, required=True, help="folder for matches.parquet")
     return parser
+
+
+def _moment(text: str) -> Any:
+    import datetime as dt
+
+    try:
+        moment = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO-8601 time: {text!r}") from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=dt.UTC)
 
 
 def _feature_arguments(parser: argparse.ArgumentParser) -> None:
@@ -233,11 +252,16 @@ def command_report(args: argparse.Namespace) -> dict[str, Any]:
     if not args.store.is_dir():
         raise PipelineError(f"store {args.store} is not a directory")
     return write_report(args.store, args.day, args.out)
+def command_mine(args: argparse.Namespace) -> dict[str, Any]:
+    from pipelines.patterns.mining import mine_store
+
+    return mine_store(args.store, args.patterns, args.out, args.start, args.end)
 
 
 COMMANDS = {"run": command_run, "submit": command_submit, "simulate": command_simulate,
             "evaluate": command_evaluate, "train": command_train, "bench": command_bench,
-            "report": command_report}
+            "report": command_report,
+            "mine": command_mine}
 
 
 def main(argv: list[str] | None = None) -> int:

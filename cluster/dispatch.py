@@ -15,8 +15,12 @@ import pyarrow as pa
 
 from cluster.accounting import Latencies, RunCounts
 from cluster.operators import KeyedExecutor
-from pipelines.keyed import BatchReceipt, split_by_partition
+from pipelines.keyed import BatchReceipt, merge_counters, split_by_partition
+from pipelines.kinds import repartitioned_patterns
 from pipelines.lanes import BatchSizer, LaneQueues
+from pipelines.patterns.batches import pattern_copies
+from pipelines.patterns.spec import pattern_specs
+from pipelines.processing import watermark_batch, without_copies
 from pipelines.routing import Router
 from pipelines.spec import PipelineSpec
 
@@ -42,6 +46,8 @@ class Dispatcher:
         adaptive = spec.runtime.adaptive_batching
         self.sizer = BatchSizer(adaptive, self.partitions) if adaptive else None
         self.routed_schema = routed_schema
+        self.copied = repartitioned_patterns(spec)
+        self.patterns = pattern_specs(spec)
         self.latencies = Latencies()
 
     def route(self, events: pa.Table, hops: int = 0) -> None:
@@ -55,6 +61,10 @@ class Dispatcher:
             for lane, high in ((routed.high, True), (routed.normal, False)):
                 for partition, rows in split_by_partition(lane, self.partitions):
                     self.queues.offer(partition, rows, high)
+            if self.copied:  # after the events: a pattern's copies, keyed by its key
+                copies = pattern_copies(self.patterns, self.copied, routed.high, routed.normal)
+                for partition, rows in split_by_partition(self._with_transit(copies), self.partitions):
+                    self.queues.offer(partition, rows, False)
             events, hops = routed.derived, hops + 1
             counts.derived += events.num_rows
             if events.num_rows and hops > limit:
@@ -80,7 +90,7 @@ class Dispatcher:
                     break
                 self.executor.submit(partition, self.seqs[partition], rows)
                 self.seqs[partition] += 1
-                self.counts.sent += rows.num_rows
+                self.counts.sent += without_copies(rows).num_rows  # copies are never stored
 
     def pump(self, block: bool = False) -> None:
         """Collect finished batches (``block``: wait for one), route what they derived,
@@ -107,11 +117,22 @@ class Dispatcher:
                 counts.poisoned += receipt.dead_lettered
                 counts.count_reasons(receipt.reasons)
             counts.alerts += receipt.alerts
+            merge_counters(counts.steps, receipt.counters)
             if receipt.derived is not None and receipt.derived.num_rows:
                 counts.derived += receipt.derived.num_rows
                 self.route(receipt.derived, hops=1)
             if self.sizer is not None:
                 self.sizer.observe(receipt.partition, receipt.rows, receipt.apply_s)
+
+    def advance_watermark(self, watermark_us: int | None, final: bool = False) -> None:
+        """Tell every partition's steps where the watermark stands (see
+        :meth:`pipelines.processing.Step.on_watermark`): a zero-row batch after everything
+        queued, in sequence like any batch (so it is replayed after a recovery)."""
+        self.flush()
+        mark = watermark_batch(self.routed_schema, watermark_us, final)
+        for partition in range(self.partitions):
+            self.executor.submit(partition, self.seqs[partition], mark)
+            self.seqs[partition] += 1
 
     def checkpoint(self, epoch: int) -> dict[int, int]:
         """Every partition's state for ``epoch``, once nothing is queued or in flight and no

@@ -29,10 +29,11 @@ from cluster.ingest import Ingest
 from cluster.operators import KeyedExecutor
 from pipelines.envelope import envelope_schema
 from pipelines.errors import ConfigError
-from pipelines.kinds import build_source, stage_class
+from pipelines.kinds import build_source, repartitioned_patterns, stage_class, wants_watermarks
 from pipelines.merged_source import EventTimeMergedSource, TimestampMicros
 from pipelines.normalise import Clock, utc_now
 from pipelines.pacing import Pacer
+from pipelines.processing import PATTERN_COPY
 from pipelines.sources import CsvSource, ParquetSource, RawBatch, Source, iter_batches
 from pipelines.spec import EnrichSpec, PipelineSpec
 from pipelines.store import EventStore
@@ -110,7 +111,10 @@ class PipelineRun:
         self.partition_factory, self.stage_factory = partitions, stages
         transit = [pa.field(c, pa.float64()) for stage in spec.enrich
                    for c in stage_class(stage, tuple(spec.search_path)).columns]
+        if repartitioned_patterns(spec):
+            transit.append(pa.field(PATTERN_COPY, pa.int32()))
         self.routed_schema = pa.schema([*envelope_schema(spec.registry()), *transit])
+        self.watermarks = wants_watermarks(spec)
 
     def _start(self, resume: bool) -> tuple[bool, dict[str, int]]:
         """Restore (or reset) the run, then start its executors and wait for them."""
@@ -161,10 +165,13 @@ class PipelineRun:
             self.dispatcher.route(finished)
         self.dispatcher.pump()
 
-    def checkpoint(self, offsets: dict[str, int]) -> None:
-        """An aligned checkpoint at this source-batch boundary (drains in-flight batches)."""
+    def checkpoint(self, offsets: dict[str, int], final: bool = False) -> None:
+        """An aligned checkpoint at this source-batch boundary (drains in-flight batches);
+        steps that want the watermark are told it first (``final``: the input has ended)."""
         for finished in self.chain.finish():
             self.dispatcher.route(finished)
+        if self.watermarks:
+            self.dispatcher.advance_watermark(self.ingest.watermark_us, final)
         self.checkpointer.take(self.dispatcher, self.chain, self.ingest, self.counts, offsets)
 
     def _batches(self, offsets: dict[str, int]) -> Iterator[RawBatch]:
@@ -197,7 +204,7 @@ class PipelineRun:
             rest = self.ingest.rest(self.counts)
             if rest is not None:  # the source has ended: no pacing, nothing comes after it
                 self.enter(rest)
-            self.checkpoint(offsets)
+            self.checkpoint(offsets, final=True)
             self.counts.restarts = self.dispatcher.executor.restarts + self.chain.restarts
         finally:
             bar.close()
@@ -260,4 +267,5 @@ def _summary(spec: PipelineSpec, counts: RunCounts, dispatcher: Dispatcher,
         "events_per_s": round(counts.read / elapsed, 1) if elapsed > 0 else None,
         "latency_ms": {"p50": round(p50 * 1000, 2), "p99": round(p99 * 1000, 2)},
         "store": str(store.root),
+        **dict(sorted(counts.steps.items())),  # the steps' own counters (pattern matches...)
     }

@@ -34,7 +34,7 @@ from pipelines.poison import (
     run_steps,
     step_states,
 )
-from pipelines.processing import ROW_POSITION, Step
+from pipelines.processing import ROW_POSITION, Step, without_copies
 from pipelines.tables import take_rows
 from pipelines.writers import WriterId
 
@@ -60,6 +60,20 @@ class Sink(Protocol):
     """Where a partition writes: the event store, or a :class:`pipelines.testing.ListSink`."""
 
     def write(self, table: str, rows: pa.Table, writer: str, seq: int) -> object: ...
+
+
+def merge_counters(total: dict[str, int], *more: dict[str, int]) -> dict[str, int]:
+    """Add counters into ``total`` (``max_``-prefixed ones keep the largest); returns it.
+
+    Example:
+        >>> merge_counters({"n": 1, "max_k": 5}, {"n": 2, "max_k": 3})
+        {'n': 3, 'max_k': 5}
+    """
+    for counters in more:
+        for name, value in counters.items():
+            total[name] = max(total.get(name, value), value) if name.startswith("max_") \
+                else total.get(name, 0) + value
+    return total
 
 
 def split_by_partition(events: pa.Table, partitions: int) -> list[tuple[int, pa.Table]]:
@@ -105,6 +119,7 @@ class BatchReceipt:
     dead_lettered: int = 0
     reasons: dict[str, int] = field(default_factory=dict)
     poisoned: pa.Array | None = None
+    counters: dict[str, int] = field(default_factory=dict)  # the steps' (StepOutput.counters)
 
 
 class PartitionWorker:
@@ -144,6 +159,7 @@ class PartitionWorker:
             raise SequenceGapError(self.partition, self.next_seq, seq)
         started = time.perf_counter()
         outputs, kept, poison = self._process(events)
+        counters = merge_counters({}, *(output.counters for _, output in outputs))
         try:
             derived, alerts = self._write(seq, outputs, kept)
             if poison:
@@ -155,10 +171,11 @@ class PartitionWorker:
             raise
         self.log.applied(kept)
         self.next_seq += 1
-        return BatchReceipt(self.partition, seq, kept.num_rows, True, self._latency(events),
+        stored = without_copies(kept).num_rows  # a pattern's copies are never stored
+        return BatchReceipt(self.partition, seq, stored, True, self._latency(events),
                             time.perf_counter() - started, derived, alerts,
                             len(poison), {PROCESSOR_ERROR: len(poison)} if poison else {},
-                            self._positions(events, poison))
+                            self._positions(events, poison), counters)
 
     def _process(self, events: pa.Table) -> tuple[Outputs, pa.Table, dict[int, StepFailure]]:
         """The steps' outputs, the events applied and the poison events by row."""
@@ -187,7 +204,8 @@ class PartitionWorker:
                 derived.append(output.derived)
         if self.store_events:  # transit columns (``_``-prefixed) are never stored
             stored = [c for c in kept.column_names if not c.startswith("_")]
-            self.sink.write("events", kept.select(stored), writer=self.writer.name, seq=seq)
+            self.sink.write("events", without_copies(kept).select(stored),
+                            writer=self.writer.name, seq=seq)
         return (pa.concat_tables(derived) if derived else None), alerts
 
     @staticmethod

@@ -18,6 +18,7 @@ before any actor starts, with a message naming the field.
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -26,10 +27,13 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from pipelines.envelope import envelope_schema
 from pipelines.errors import ConfigError, UnknownPluginError
+from pipelines.patterns.spec import pattern_specs
+from pipelines.patterns.step import PatternStep
 from pipelines.plugins import PluginImportError, PluginRegistry
 from pipelines.processing import AnomalyStep, Step, StepContext
 from pipelines.processors import PythonStep
 from pipelines.projections.step import ProjectionStep
+from pipelines.routing import type_regex
 from pipelines.sources import CsvSource, JsonLinesSource, ParquetSource, Source
 from pipelines.spec import EnrichSpec, LimitsSpec, PipelineSpec, SourceSpec, StepSpec
 
@@ -146,6 +150,10 @@ def validate_kinds(spec: PipelineSpec, objects: Mapping[str, Any] | None = None)
                 PythonStep(typed, StepContext(envelope_schema(spec.registry()), spec.registry(), search))
             except PluginImportError as exc:
                 raise ConfigError(f"steps.{index}.function: {exc}") from None
+    pattern_specs(spec)  # a bad pattern names its field
+    if spec.patterns and "patterns" in {step.name for step in spec.steps}:
+        raise ConfigError("steps: a step named 'patterns' clashes with the step that runs "
+                          "the pipeline's patterns; rename it")
     for index, stage in enumerate(spec.enrich):
         try:
             cls = step_class(stage, search, stage=True)
@@ -156,6 +164,38 @@ def validate_kinds(spec: PipelineSpec, objects: Mapping[str, Any] | None = None)
             raise ConfigError(f"enrich.{index}.kind: {stage.kind!r} adds no columns")
 
 
+def repartitioned_patterns(spec: PipelineSpec) -> list[int]:
+    """The patterns (by index) whose key is not how the events they read are partitioned.
+
+    ``key`` always is; ``correlation_id`` and ``data.<field>`` are when every type the
+    pattern reads is keyed by that field (``event_types.<type>.key``). The others get their
+    events as copies keyed by the pattern's key (:data:`pipelines.processing.PATTERN_COPY`),
+    dispatched to the partitions like any event, in order, seen only by that pattern.
+    """
+    copied = []
+    for index, pattern in enumerate(pattern_specs(spec)):
+        if pattern.key == "key":
+            continue
+        wanted = pattern.key.removeprefix("data.")
+        regex = re.compile(type_regex(pattern.event_types))
+        named = [t for t in spec.event_types if regex.search(t)]
+        literal = [t for t in pattern.event_types if not any(c in t for c in "*?[")]
+        keys = {spec.registry().schema_for(t).key for t in {*named, *literal}}
+        if len(literal) < len(pattern.event_types):  # wildcards: undeclared types too
+            keys.add(spec.default_event_type.key)
+        if keys != {wanted}:
+            copied.append(index)
+    return copied
+
+
+def wants_watermarks(spec: PipelineSpec) -> bool:
+    """Whether some step of the partitions wants watermark calls (patterns do)."""
+    if spec.patterns:
+        return True
+    search = tuple(spec.search_path)
+    return any(step_class(step, search).watermarks for step in spec.steps)
+
+
 def keyed_event_types(spec: PipelineSpec) -> list[str]:
     """The event-type patterns some step or enrichment stage of the pipeline sees (each
     step's as its kind resolves it)."""
@@ -164,6 +204,7 @@ def keyed_event_types(spec: PipelineSpec) -> list[str]:
     for index, step in enumerate(spec.steps):
         typed = step_spec(step, step_class(step, search), f"steps.{index}")
         patterns += list(typed.event_types or ["*"])
+    patterns += [t for pattern in pattern_specs(spec) for t in pattern.event_types]
     return patterns
 
 
@@ -189,6 +230,8 @@ def build_steps(spec: PipelineSpec, objects: Mapping[str, Any] | None = None) ->
     for index, step in enumerate(spec.steps):
         cls = step_class(step, context.search_path)
         steps.append(cls(step_spec(step, cls, f"steps.{index}"), context))
+    if spec.patterns:  # after the other steps: a step's derived events are routed first
+        steps.append(PatternStep(pattern_specs(spec), context, repartitioned_patterns(spec)))
     return steps
 
 

@@ -177,6 +177,20 @@ class Pipeline:
         self.spec  # validate now: a bad event type pattern fails here  # noqa: B018
         return self
 
+    def add_pattern(self, pattern: Any) -> Pipeline:
+        """Match a complex-event pattern per key (a :class:`pipelines.patterns.Pattern`
+        chain's result, or a mapping in the YAML ``patterns:`` syntax).
+
+        Returns:
+            The pipeline, to chain calls.
+        """
+        if hasattr(pattern, "model_dump"):
+            pattern = pattern.model_dump(mode="json")
+        raw = self._base.model_dump(by_alias=True, exclude_unset=True)
+        raw["patterns"] = [*self._base.patterns, dict(pattern)]
+        self._base = validate_spec(raw, f"pipeline {self._base.name!r}", self.objects)
+        return self
+
     @property
     def spec(self) -> PipelineSpec:
         """The whole pipeline as one frozen spec (registered processors as ``python`` steps)."""

@@ -56,7 +56,7 @@ import pyarrow as pa
 
 from pipelines.envelope import DEADLETTER_SCHEMA
 from pipelines.errors import PipelineError, StoreError
-from pipelines.processing import Step, StepOutput
+from pipelines.processing import Step, StepOutput, watermark_of, without_copies
 from pipelines.tables import take_rows
 
 #: The reason code of a poison event's dead letter.
@@ -106,9 +106,14 @@ def run_steps(steps: Sequence[Step], events: pa.Table) -> Outputs:
         StepFailure: a step raised (its exception is ``error``).
     """
     outputs: Outputs = []
+    mark = watermark_of(events)
+    originals = without_copies(events)
     for step in steps:
         try:
-            outputs.append((step.name, step.process(events)))
+            if mark is None:
+                outputs.append((step.name, step.process(events if step.sees_copies else originals)))
+            elif step.watermarks:  # a watermark batch: replayed like any other batch
+                outputs.append((step.name, step.on_watermark(*mark) or StepOutput()))
         except Exception as exc:  # any step error may be the events': bisection decides
             raise StepFailure(step.name, exc) from exc
     return outputs

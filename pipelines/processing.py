@@ -31,6 +31,10 @@ from pipelines.spec import AnomalyStepSpec, StepSpec
 
 #: The transit column of an enrichment stage's input: each row's position in its slice.
 ROW_POSITION = "_pos"
+#: The transit column of a pattern's copy of an event (the pattern's index; null on the
+#: events themselves): a copy is keyed by the pattern's key, seen only by steps with
+#: ``sees_copies``, and never stored.
+PATTERN_COPY = "_pattern"
 
 SCORES_SCHEMA = pa.schema([
     pa.field("event_id", pa.string(), nullable=False),
@@ -71,6 +75,9 @@ class StepOutput:
 
     tables: dict[str, pa.Table] = field(default_factory=dict)
     derived: pa.Table | None = None
+    #: Counters for the run's summary (added up over batches and partitions; a name that
+    #: starts with ``max_`` keeps the largest value instead).
+    counters: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -97,6 +104,43 @@ def alert_version_of(context: StepContext | None, alert_type: str) -> str:
     return str(context.registry.schema_for(alert_type).version)
 
 
+#: Schema metadata of a zero-row batch that carries a watermark to the steps (see
+#: :meth:`Step.on_watermark`): ``{"watermark": µs or null, "final": bool}`` as JSON.
+WATERMARK_METADATA = b"eventray.watermark"
+
+
+def watermark_batch(schema: pa.Schema, watermark_us: int | None, final: bool) -> pa.Table:
+    """A zero-row batch telling a partition's steps where the watermark stands."""
+    import json
+
+    mark = json.dumps({"watermark": watermark_us, "final": final}).encode()
+    return schema.empty_table().replace_schema_metadata(
+        {**(schema.metadata or {}), WATERMARK_METADATA: mark})
+
+
+def without_copies(events: pa.Table) -> pa.Table:
+    """``events`` less the patterns' copies (:data:`PATTERN_COPY`)."""
+    if PATTERN_COPY not in events.column_names:
+        return events
+    copies = events.column(PATTERN_COPY)
+    if copies.null_count == len(copies):
+        return events
+    import pyarrow.compute as pc
+
+    return events.filter(pc.is_null(copies))
+
+
+def watermark_of(events: pa.Table) -> tuple[int | None, bool] | None:
+    """(watermark, final) when ``events`` is a watermark batch, else ``None``."""
+    import json
+
+    metadata = events.schema.metadata or {}
+    if events.num_rows or WATERMARK_METADATA not in metadata:
+        return None
+    mark = json.loads(metadata[WATERMARK_METADATA])
+    return mark["watermark"], bool(mark["final"])
+
+
 class Step(ABC):
     """A processing step inside a partition (or a partition of an enrichment stage)."""
 
@@ -111,6 +155,18 @@ class Step(ABC):
 
     @abstractmethod
     def process(self, events: pa.Table) -> StepOutput: ...
+
+    #: Whether the step wants :meth:`on_watermark` calls (the driver then sends them).
+    watermarks: bool = False
+    #: Whether the step sees the events' copies of :data:`PATTERN_COPY` (the others never do).
+    sees_copies: bool = False
+
+    def on_watermark(self, watermark_us: int | None, final: bool) -> StepOutput | None:
+        """Every event of the partition older than ``watermark_us`` (epoch µs, ``None``:
+        unknown) has been processed; ``final``: the input has ended, nothing follows.
+        Deadlines (absences, timeouts, windows) fire here. Called in order with the
+        batches, at checkpoints and at the end of the input, for steps with ``watermarks``."""
+        return None
 
     @abstractmethod
     def snapshot(self) -> Any:

@@ -346,6 +346,16 @@ class EnrichSpec(_Open):
     event_types: list[str] = Field(min_length=1)
 
 
+class MatchPayload(BaseModel):
+    """The typed payload of a pattern's match event: the pattern, the matched events' ids
+    in match order, and the first and last matched events' times."""
+
+    pattern: str
+    event_ids: list[str]
+    start: dt.datetime
+    end: dt.datetime
+
+
 class StoreSpec(_Frozen):
     path: str = "store"
 
@@ -366,6 +376,10 @@ class PipelineSpec(_Frozen):
     #: Event-sourced projections (:mod:`pipelines.projection_spec`); each online one also
     #: runs as a ``projection`` step, appended to ``steps``.
     projections: list[ProjectionSpec] = Field(default_factory=list)
+    #: Complex-event patterns matched per key in the keyed partitions, each a mapping in
+    #: the syntax of :class:`pipelines.patterns.PatternSpec`, which validates it at start-up
+    #: (:func:`pipelines.patterns.spec.pattern_specs`); a match is an event of its ``emit`` type.
+    patterns: list[dict[str, Any]] = Field(default_factory=list)
     runtime: RuntimeSpec = Field(default_factory=RuntimeSpec)
     store: StoreSpec = Field(default_factory=StoreSpec)
     #: Folders searched first for import paths (``module:attr``): the config's folder and
@@ -405,10 +419,16 @@ class PipelineSpec(_Frozen):
         return value
 
     def registry(self) -> PayloadRegistry:
-        """The payload registry these event types describe."""
+        """The payload registry these event types describe; a pattern's match types not
+        declared in ``event_types`` get the typed match payload (:class:`MatchPayload`)."""
         registry = PayloadRegistry(default=_payload_schema("*", self.default_event_type))
         for name, spec in self.event_types.items():
             registry.register(_payload_schema(name, spec))
+        for pattern in self.patterns:
+            for name in (pattern.get("emit"), pattern.get("on_timeout")):
+                if isinstance(name, str) and re.match(EVENT_TYPE_PATTERN, name) \
+                        and name not in self.event_types:
+                    registry.register(PayloadSchema(name, MatchPayload, key="correlation_id"))
         return registry
 
 

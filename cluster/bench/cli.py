@@ -72,6 +72,11 @@ def add_arguments(bench: argparse.ArgumentParser) -> None:
     bench.add_argument("--alerts-table-only", action="store_true",
                        help="eventray writes alerts to its alerts table only (as the other systems do), "
                             "not also back into the stream as events")
+    bench.add_argument("--patterns", type=Path, metavar="FILE", nargs="?",
+                       const=Path("configs/patterns/fraud.yaml"),
+                       help="bench complex-event patterns only: the engine against partial matches "
+                            "and pattern count, and the config's flow without and with FILE's "
+                            "card-testing and terminal-hopping (default configs/patterns/fraud.yaml)")
     bench.add_argument("--bytewax-processes", type=_count, default=1,
                        help="Bytewax processes, one worker each, over 127.0.0.1 (default 1; more "
                             "reorder a terminal's events between stages, so features are not exact)")
@@ -90,6 +95,10 @@ def command(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, A
     missing = [str(p) for p in args.input or () if not p.exists()]
     if missing:
         raise BenchError(f"no such input: {', '.join(missing)}")
+    if args.patterns is not None:
+        from cluster.bench.patterns import run_pattern_bench
+
+        return run_pattern_bench(args.config, args.patterns, list(args.input or ()), args.work, log)
     systems = tuple(dict.fromkeys(("eventray", *args.systems)))
     doc = run_bench(BenchOptions(
         config=args.config, work=args.work, inputs=tuple(args.input or ()), systems=systems,
