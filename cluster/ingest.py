@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 from cluster.accounting import RunCounts
 from pipelines.deadletters import dead_letters_of
 from pipelines.dedup import DuplicateFilter
-from pipelines.envelope import envelope_schema
+from pipelines.envelope import DEADLETTER_SCHEMA, envelope_schema
 from pipelines.event_time import EventTimeOrderer, WatermarkPolicy
 from pipelines.kinds import keyed_event_types
 from pipelines.labels import LabelFeed
@@ -66,6 +66,7 @@ class Ingest:
             clock=clock, schema=schema, tiebreak=source.order_ties_by) \
             if source.ordering == "event-time" else None
         self.labels = LabelFeed(spec.labels, spec.registry(), schema) if spec.labels else None
+        self.last_dead = DEADLETTER_SCHEMA.empty_table()
         patterns = keyed_event_types(spec)
         #: the event types a keyed step or stage sees (the late policy applies to them)
         self.keyed_types = type_regex(patterns) if patterns else None
@@ -84,6 +85,7 @@ class Ingest:
         events, repeated = self._without_stored_elsewhere(out.events, counts)
         events, late = self._order(events)
         dead = pa.concat_tables([*dead, repeated, late])
+        self.last_dead = dead  # what a synchronous caller of these events is told
         self.store.write("deadletter", dead, writer=self.writer, seq=counts.batches)
         counts.batches += 1
         counts.count_dead_letters(dead.column("reason").to_numpy(zero_copy_only=False))

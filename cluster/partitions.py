@@ -85,7 +85,7 @@ class _RunWorker(PartitionWorker):
 
     def __init__(self, partition: int, store_root: str | Path, run: str,
                  spec: PipelineSpec | None = None, stage: EnrichSpec | None = None,
-                 objects: dict[str, Any] | None = None) -> None:
+                 objects: dict[str, Any] | None = None, decisions: bool = False) -> None:
         if stage is not None:
             assert spec is not None, "an enrichment stage needs its pipeline"
             steps = [build_stage(stage, spec)]
@@ -96,6 +96,7 @@ class _RunWorker(PartitionWorker):
         super().__init__(partition, EventStore(store_root), steps=steps, store_events=stage is None,
                          writer=writer, deadletter_writer=owner.for_step(DEADLETTER_STEP))
         self.run, self.stage = run, stage
+        self.decisions = decisions
         self.owner = owner.local
         self.checkpoints = CheckpointStore(store_root, run)
         latest = self.checkpoints.latest()
@@ -117,8 +118,8 @@ class LocalPartitions:
 
     def __init__(self, partitions: int, store_root: str | Path, run: str,
                  spec: PipelineSpec | None = None, stage: EnrichSpec | None = None,
-                 objects: dict[str, Any] | None = None) -> None:
-        self.workers = [_RunWorker(p, store_root, run, spec, stage, objects)
+                 objects: dict[str, Any] | None = None, decisions: bool = False) -> None:
+        self.workers = [_RunWorker(p, store_root, run, spec, stage, objects, decisions)
                         for p in range(partitions)]
         self._done: list[BatchReceipt] = []
 
@@ -156,10 +157,11 @@ def _actor_class() -> Any:
         """Owns one partition: a thin shell around :class:`PartitionWorker`."""
 
         def __init__(self, partition: int, store_root: str, run: str, spec: PipelineSpec | None,
-                     stage: EnrichSpec | None = None, objects: dict[str, Any] | None = None) -> None:
+                     stage: EnrichSpec | None = None, objects: dict[str, Any] | None = None,
+                     decisions: bool = False) -> None:
             from ray.util.metrics import Counter, Histogram
 
-            self.worker = _RunWorker(partition, store_root, run, spec, stage, objects)
+            self.worker = _RunWorker(partition, store_root, run, spec, stage, objects, decisions)
             self.tags = {"partition": str(partition)}
             self.stored = Counter("eventray_events_stored", "events applied and stored",
                                   tag_keys=("partition",))
@@ -197,10 +199,11 @@ class RayPartitions:
     def __init__(self, partitions: int, store_root: str | Path, run: str,
                  max_in_flight: int, cpus_per_actor: float | None,
                  spec: PipelineSpec | None = None, stage: EnrichSpec | None = None,
-                 objects: dict[str, Any] | None = None) -> None:
+                 objects: dict[str, Any] | None = None, decisions: bool = False) -> None:
         """``cpus_per_actor``: CPUs each actor holds; ``None``: Ray's actor default (a CPU
         free to be placed, none held while running). ``objects``: processors registered in
-        Python, shipped to every actor (each unpickles its own copy)."""
+        Python, shipped to every actor (each unpickles its own copy). ``decisions``: receipts
+        carry each batch's decisions (see :attr:`PartitionWorker.decisions`)."""
         import ray
         from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
@@ -210,7 +213,7 @@ class RayPartitions:
         self._actor = _actor_class()
         self.store_root, self.run = str(Path(store_root).resolve()), run
         self.cpus_per_actor, self.spec, self.stage = cpus_per_actor, spec, stage
-        self.objects = objects
+        self.objects, self.decisions = objects, decisions
         self.batch_timeout_s = (spec.runtime if spec else RuntimeSpec()).batch_timeout_s
         self.actors = [self._spawn(p) for p in range(partitions)]
         self.max_in_flight = max_in_flight
@@ -232,7 +235,8 @@ class RayPartitions:
                 return self._actor.options(
                     name=self.ray_name(partition), namespace=NAMESPACE,
                     num_cpus=self.cpus_per_actor, scheduling_strategy="SPREAD",
-                ).remote(partition, self.store_root, self.run, self.spec, self.stage, self.objects)
+                ).remote(partition, self.store_root, self.run, self.spec, self.stage, self.objects,
+                         self.decisions)
             except ValueError:  # the dead actor's name is not released yet
                 if time.monotonic() > deadline:
                     raise

@@ -135,6 +135,11 @@ def _reason(checks: list[tuple[pl.Expr, str, pl.Expr]]) -> tuple[pl.Expr, pl.Exp
     return reason.otherwise(None), message.otherwise(None)
 
 
+#: Source kinds whose records are JSON texts, one column ``line`` (as JSON Lines files give):
+#: the ingest journal of the ``http`` kind hands over what clients posted, line by line.
+JSON_LINE_FORMATS = frozenset({"jsonl", "http"})
+
+
 class Normaliser:
     """Turns :class:`~pipelines.sources.RawBatch` es into envelope batches and dead letters.
 
@@ -146,7 +151,7 @@ class Normaliser:
         self.clock = clock
         self.registry: PayloadRegistry = spec.registry()
         self.schema = envelope_schema(self.registry)
-        self.json_lines = spec.source.format == "jsonl"
+        self.json_lines = spec.source.format in JSON_LINE_FORMATS
         #: Registered types with a payload model: their payloads are typed fields.
         self.typed = [n for n, schema in self.registry.schemas.items() if schema.model is not None]
 

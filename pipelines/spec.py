@@ -345,7 +345,17 @@ class EnrichSpec(_Open):
 
 
 class StoreSpec(_Frozen):
+    """Where the event store is, and how often its files are committed.
+
+    ``commit_interval``: a partition writes the batches it applied as one file per
+    (table, event type, date) at least this often, and whenever it holds ``commit_rows``
+    rows; ``eventray serve`` also takes its checkpoints this often (a checkpoint commits
+    what is pending first). Decisions do not wait for it: they leave with each batch.
+    """
+
     path: str = "store"
+    commit_interval: Duration = dt.timedelta(seconds=1)
+    commit_rows: int = Field(default=500_000, gt=0)
 
 
 class PipelineSpec(_Frozen):
