@@ -77,8 +77,9 @@ class ScoreReplies:
         self.id_path = f"$.{ref}" if isinstance(ref, str) else None
         self.waiting: set[str] = set()
 
-    def expect(self, raw: RawBatch, events: pa.Table, dead: pa.Table) -> None:
-        """A ``score`` batch has been ingested: ``events`` go on, ``dead`` were dead-lettered."""
+    def expect(self, raw: RawBatch, events: pa.Table, dead: pa.Table, late: pa.Table) -> None:
+        """A ``score`` batch has been ingested: ``events`` go on, ``dead`` were dead-lettered,
+        ``late`` were stored in the late lane (older than their key's latest: no decision)."""
         derived = pl.Series(derived_event_ids(raw.source, raw.part, raw.offsets))
         lines = pl.Series(raw.records.column("line")).cast(pl.String)
         given = lines.str.json_path_match(self.id_path) if self.id_path else derived
@@ -88,6 +89,8 @@ class ScoreReplies:
                     "reason": row["reason"], "message": row["message"]}}
                    for row in dead.select(["event_id", "reason", "message"]).to_pylist()
                    if row["event_id"] in asked]
+        answers += [{"event_id": i, "late": True, "scores": [], "alerts": []}
+                    for i in late.column("event_id").to_pylist() if i in asked]
         answered = going | {a["event_id"] for a in answers}
         answers += [{"event_id": i, "duplicate": True} for i in sorted(asked - answered)]
         self.waiting |= going & asked
@@ -167,7 +170,7 @@ class LiveRun(PipelineRun):
         self.store = EventStore(store_root)
         self.run = run or live_run_id(spec, source)
         self.counts = RunCounts()
-        self.ingest = Ingest(spec, self.store, self.run, clock)
+        self.ingest = Ingest(spec, self.store, self.run, clock, live=True)
         self.checkpointer = Checkpointer(spec, self.store, self.run, RunIdentity.of(
             spec, config_digest(spec), [source.name]))
         self.pacer = None
@@ -185,7 +188,7 @@ class LiveRun(PipelineRun):
         for raw in self.source.poll(self.spec.source.batch_size, timeout):  # type: ignore[attr-defined]
             events = self.ingest.read(raw, self.counts)
             if self.replies is not None and raw.part == SCORE_PART:
-                self.replies.expect(raw, events, self.ingest.last_dead)
+                self.replies.expect(raw, events, self.ingest.last_dead, self.ingest.last_late)
             self.enter(events)
             rows += raw.num_rows
         self.pump()
