@@ -33,9 +33,10 @@ import pyarrow as pa
 
 from pipelines.checkpoint import CheckpointStore
 from pipelines.errors import PipelineError
+from pipelines.group_commit import GroupCommitSink
 from pipelines.keyed import DEADLETTER_STEP, BatchReceipt, PartitionWorker
 from pipelines.kinds import build_stage, build_steps
-from pipelines.spec import EnrichSpec, PipelineSpec, RuntimeSpec
+from pipelines.spec import EnrichSpec, PipelineSpec, RuntimeSpec, StoreSpec
 from pipelines.store import EventStore
 from pipelines.writers import WriterId
 
@@ -93,7 +94,11 @@ class _RunWorker(PartitionWorker):
             steps = build_steps(spec, objects) if spec is not None else []
         writer = WriterId.partition(run, partition)
         owner = WriterId.stage(run, stage.name, partition) if stage is not None else writer
-        super().__init__(partition, EventStore(store_root), steps=steps, store_events=stage is None,
+        store = StoreSpec() if spec is None else spec.store
+        self.store = EventStore(store_root)
+        self.grouped = GroupCommitSink(self.store, store.commit_rows,
+                                       store.commit_interval.total_seconds())
+        super().__init__(partition, self.grouped, steps=steps, store_events=stage is None,
                          writer=writer, deadletter_writer=owner.for_step(DEADLETTER_STEP))
         self.run, self.stage = run, stage
         self.decisions = decisions
@@ -104,9 +109,27 @@ class _RunWorker(PartitionWorker):
             seqs = latest.partition_seqs if stage is None else latest.stage_seqs.get(stage.name, {})
             if partition in seqs:
                 self.restore(self.checkpoints.read_state(latest.epoch, self.owner))
+        # what a predecessor committed past the checkpoint may be grouped otherwise than the
+        # replay will group it: remove it, the replay writes it again
+        self.store.truncate_writers(run, dict.fromkeys(self._writers(), self.next_seq))
+
+    def _writers(self) -> list[str]:
+        """The writers (without the run) this partition's files are named by."""
+        names = [self.deadletter_writer.local]
+        if self.store_events:
+            names += [self.writer.local, *(self.writer.for_step(s.name).local for s in self.steps)]
+        return names
+
+    def apply(self, seq: int, events: pa.Table) -> BatchReceipt:
+        receipt = super().apply(seq, events)
+        if self.grouped.due():  # committed in a thread: the receipt leaves now
+            self.grouped.flush_in_background()
+        return receipt
 
     def checkpoint(self, epoch: int) -> int:
-        """Write this partition's state for ``epoch``; returns its next sequence number."""
+        """Commit the held store writes, then write this partition's state for ``epoch``;
+        returns its next sequence number."""
+        self.grouped.flush()
         self.checkpoints.write_state(epoch, self.owner, self.snapshot())
         return self.next_seq
 
