@@ -198,8 +198,7 @@ class Ingress:
         if request.content_length is not None and request.content_length > limit:
             return _too_large(limit)
         if self.pending() >= self.options.max_pending_events:
-            return web.json_response({"error": "the pipeline is at its in-flight bound"},
-                                     status=429, headers={"Retry-After": str(RETRY_AFTER_S)})
+            return _busy()
         return None
 
     async def _body(self, request: web.Request, objects_only: bool) -> list[bytes] | web.Response:
@@ -215,6 +214,8 @@ class Ingress:
             return web.json_response({"error": str(exc)}, status=400)
         if not lines:
             return web.json_response({"error": "no events in the body"}, status=400)
+        if self.pending() + len(lines) > self.options.max_pending_events:
+            return _busy()
         return lines
 
     async def events(self, request: web.Request) -> web.Response:
@@ -315,6 +316,11 @@ class Ingress:
                     item.done.set_result(None)
         finally:
             journal.committing = False
+
+
+def _busy() -> web.Response:
+    return web.json_response({"error": "the pipeline is at its in-flight bound"},
+                             status=429, headers={"Retry-After": str(RETRY_AFTER_S)})
 
 
 def _too_large(limit: int) -> web.Response:

@@ -132,9 +132,8 @@ def decisions_of(kept: pa.Table, outputs: Outputs) -> pa.Table:
     scores = [_frame(output.tables["scores"], {"event_id": pl.String, "model": pl.String,
                                                "score": pl.Float64}).with_columns(step=pl.lit(name))
               for name, output in outputs if "scores" in output.tables]
-    alerts = [_frame(output.tables["alerts"].rename_columns(
-                  {"event_type": "alert"}.get(c, c) for c in output.tables["alerts"].column_names),
-                  {"event_id": pl.String, "alert": pl.String, "threshold": pl.Float64})
+    alerts = [_frame(output.tables["alerts"].rename_columns({"event_type": "alert"}),
+                     {"event_id": pl.String, "alert": pl.String, "threshold": pl.Float64})
               .with_columns(step=pl.lit(name))
               for name, output in outputs if "alerts" in output.tables]
     frame = ids.join(pl.concat(scores), on="event_id", how="left") if scores else \
