@@ -26,9 +26,11 @@ import pyarrow as pa
 from pipelines.errors import ConfigError
 
 
-def transactions_as_events(table: pa.Table, source: str = "card-network") -> list[dict[str, Any]]:
+def transactions_as_events(table: pa.Table, source: str = "card-network",
+                           seed: int = 0) -> list[dict[str, Any]]:
     """Simulator transactions as events in the seed's JSON schema (the id is derived from
-    the transaction id, so a resent transaction is the same event).
+    the simulation's seed and the transaction id, so a resent transaction is the same
+    event and another seed's are others).
 
     Example:
         >>> from pipelines.fraud.simulator import SimulationSpec, simulate_transactions
@@ -45,7 +47,7 @@ def transactions_as_events(table: pa.Table, source: str = "card-network") -> lis
         when = row["TX_DATETIME"]
         data = {k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in row.items()}
         events.append({
-            "eventId": str(uuid.uuid5(namespace, f"tx-{row['TRANSACTION_ID']}")),
+            "eventId": str(uuid.uuid5(namespace, f"tx-{seed}-{row['TRANSACTION_ID']}")),
             "eventType": "transaction.created",
             "timestamp": when.isoformat() + ("" if when.tzinfo else "Z"),
             "source": source,
@@ -65,7 +67,7 @@ def simulated_events(count: int, seed: int = 0) -> list[dict[str, Any]]:
         table = simulate_transactions(SimulationSpec(n_customers=500, n_terminals=1000,
                                                      n_days=days, seed=seed))
         if table.num_rows >= count:
-            return transactions_as_events(table.slice(0, count))
+            return transactions_as_events(table.slice(0, count), seed=seed)
         days *= 2
 
 

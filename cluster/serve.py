@@ -4,8 +4,11 @@ The loop: poll the live source (any :class:`~pipelines.live.LiveSource`: the HTT
 journal, Redis Streams, MQTT), ingest what arrived (normalise, dedup, dead-letter), send it
 through the enrichment stages and into the keyed partitions, and every
 ``store.commit_interval`` take an aligned checkpoint and then tell the source what it
-covers (``committed``: journal segments removed, ``XACK``...). Live sources decide in
-arrival order: no decision waits for a watermark.
+covers (``committed``: journal segments removed, ``XACK``...). Checkpoints come every
+``runtime.checkpoint_interval`` under load (each drains what is in flight, so decisions
+wait behind it), and ``store.commit_interval`` after the source goes quiet; the store's
+files do not wait for them (the partitions group-commit every ``store.commit_interval``).
+Live sources decide in arrival order: no decision waits for a watermark.
 
 Decisions leave the partitions with each batch's receipt (:attr:`BatchReceipt.decisions`);
 the driver hands those of ``POST /score`` events straight back to the waiting handler in
@@ -219,17 +222,21 @@ class LiveRun(PipelineRun):
         self.source.open(offsets or None)  # type: ignore[attr-defined]
         ready()
         started = time.perf_counter()
-        interval = self.spec.store.commit_interval.total_seconds()
-        last_commit = last_progress = time.monotonic()
+        idle_after = self.spec.store.commit_interval.total_seconds()
+        interval = max(idle_after, self.spec.runtime.checkpoint_interval.total_seconds())
+        last_commit = last_progress = last_read = time.monotonic()
         try:
             read_since = 0
             while not stop.is_set():
-                read_since += self.poll_once(POLL_WAIT_S)
+                rows = self.poll_once(POLL_WAIT_S)
                 now = time.monotonic()
+                if rows:
+                    read_since, last_read = read_since + rows, now
                 if now - last_progress >= PROGRESS_EVERY_S:
                     self._report_progress()
                     last_progress = now
-                if now - last_commit >= interval and (read_since or self._busy()):
+                # under load every checkpoint_interval (it stalls decisions); idle, at once
+                if read_since and (now - last_commit >= interval or now - last_read >= idle_after):
                     self.commit()
                     last_commit, read_since = time.monotonic(), 0
                 live.tick(self.counts)
@@ -254,9 +261,6 @@ class LiveRun(PipelineRun):
             if replies is not None:
                 replies.decided(receipt)
         return hook
-
-    def _busy(self) -> bool:
-        return self.dispatcher.executor.in_flight() > 0 or len(self.chain) > 0
 
     def _report_progress(self) -> None:
         if self.progress_to is not None and isinstance(self.source, JournalSource):

@@ -215,6 +215,11 @@ class RuntimeSpec(_Frozen):
         description="seconds an actor may take to answer its oldest batch before it is "
                     "replaced as stalled")
     adaptive_batching: AdaptiveBatching | None = None
+    checkpoint_interval: Duration = Field(
+        default=dt.timedelta(seconds=10),
+        description="eventray serve: time between checkpoints under load (an idle run "
+                    "checkpoints after store.commit_interval); a checkpoint drains what is in "
+                    "flight, so decisions wait behind it")
 
 
 class EmitSpec(_Frozen):
