@@ -24,6 +24,7 @@ process: the in-process runner for tests and debugging.
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 from pathlib import Path
@@ -86,7 +87,7 @@ class _RunWorker(PartitionWorker):
 
     def __init__(self, partition: int, store_root: str | Path, run: str,
                  spec: PipelineSpec | None = None, stage: EnrichSpec | None = None,
-                 objects: dict[str, Any] | None = None, decisions: bool = False) -> None:
+                 objects: dict[str, Any] | None = None, live: bool = False) -> None:
         if stage is not None:
             assert spec is not None, "an enrichment stage needs its pipeline"
             steps = [build_stage(stage, spec)]
@@ -96,12 +97,15 @@ class _RunWorker(PartitionWorker):
         owner = WriterId.stage(run, stage.name, partition) if stage is not None else writer
         store = StoreSpec() if spec is None else spec.store
         self.store = EventStore(store_root)
+        # A replay commits at points its input decides (every commit_rows rows and at each
+        # checkpoint), so a recovered run's files equal a fault-free run's byte for byte; a
+        # live run also every commit_interval, which bounds the store's commit lag.
         self.grouped = GroupCommitSink(self.store, store.commit_rows,
-                                       store.commit_interval.total_seconds())
+                                       store.commit_interval.total_seconds() if live else math.inf)
         super().__init__(partition, self.grouped, steps=steps, store_events=stage is None,
                          writer=writer, deadletter_writer=owner.for_step(DEADLETTER_STEP))
         self.run, self.stage = run, stage
-        self.decisions = decisions
+        self.decisions = live  # a live run's receipts carry decisions (/score)
         self.owner = owner.local
         self.checkpoints = CheckpointStore(store_root, run)
         latest = self.checkpoints.latest()
@@ -141,8 +145,8 @@ class LocalPartitions:
 
     def __init__(self, partitions: int, store_root: str | Path, run: str,
                  spec: PipelineSpec | None = None, stage: EnrichSpec | None = None,
-                 objects: dict[str, Any] | None = None, decisions: bool = False) -> None:
-        self.workers = [_RunWorker(p, store_root, run, spec, stage, objects, decisions)
+                 objects: dict[str, Any] | None = None, live: bool = False) -> None:
+        self.workers = [_RunWorker(p, store_root, run, spec, stage, objects, live)
                         for p in range(partitions)]
         self._done: list[BatchReceipt] = []
 
@@ -181,10 +185,10 @@ def _actor_class() -> Any:
 
         def __init__(self, partition: int, store_root: str, run: str, spec: PipelineSpec | None,
                      stage: EnrichSpec | None = None, objects: dict[str, Any] | None = None,
-                     decisions: bool = False) -> None:
+                     live: bool = False) -> None:
             from ray.util.metrics import Counter, Histogram
 
-            self.worker = _RunWorker(partition, store_root, run, spec, stage, objects, decisions)
+            self.worker = _RunWorker(partition, store_root, run, spec, stage, objects, live)
             self.tags = {"partition": str(partition)}
             self.stored = Counter("eventray_events_stored", "events applied and stored",
                                   tag_keys=("partition",))
@@ -222,11 +226,13 @@ class RayPartitions:
     def __init__(self, partitions: int, store_root: str | Path, run: str,
                  max_in_flight: int, cpus_per_actor: float | None,
                  spec: PipelineSpec | None = None, stage: EnrichSpec | None = None,
-                 objects: dict[str, Any] | None = None, decisions: bool = False) -> None:
+                 objects: dict[str, Any] | None = None, live: bool = False) -> None:
         """``cpus_per_actor``: CPUs each actor holds; ``None``: Ray's actor default (a CPU
         free to be placed, none held while running). ``objects``: processors registered in
-        Python, shipped to every actor (each unpickles its own copy). ``decisions``: receipts
-        carry each batch's decisions (see :attr:`PartitionWorker.decisions`)."""
+        Python, shipped to every actor (each unpickles its own copy). ``live``: a live run
+        (``eventray serve``): receipts carry each batch's decisions (see
+        :attr:`PartitionWorker.decisions`) and the store commits also every
+        ``store.commit_interval``."""
         import ray
         from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
@@ -236,7 +242,7 @@ class RayPartitions:
         self._actor = _actor_class()
         self.store_root, self.run = str(Path(store_root).resolve()), run
         self.cpus_per_actor, self.spec, self.stage = cpus_per_actor, spec, stage
-        self.objects, self.decisions = objects, decisions
+        self.objects, self.live = objects, live
         self.batch_timeout_s = (spec.runtime if spec else RuntimeSpec()).batch_timeout_s
         self.actors = [self._spawn(p) for p in range(partitions)]
         self.max_in_flight = max_in_flight
@@ -259,7 +265,7 @@ class RayPartitions:
                     name=self.ray_name(partition), namespace=NAMESPACE,
                     num_cpus=self.cpus_per_actor, scheduling_strategy="SPREAD",
                 ).remote(partition, self.store_root, self.run, self.spec, self.stage, self.objects,
-                         self.decisions)
+                         self.live)
             except ValueError:  # the dead actor's name is not released yet
                 if time.monotonic() > deadline:
                     raise

@@ -335,7 +335,7 @@ def _serve_on_ray(spec: PipelineSpec, store_root: Path, source: LiveSource,
             signal.signal(signum, lambda *_: stop.set())
         run = LiveRun(spec, lambda run_id: RayPartitions(
             runtime.partitions, store_root, run_id, runtime.max_in_flight, None, spec,
-            decisions=True), store_root, source,
+            live=True), store_root, source,
             stages=lambda run_id, stage: RayPartitions(
                 stage.partitions, store_root, run_id, runtime.max_in_flight, None, spec, stage))
         ingress, bound = None, None

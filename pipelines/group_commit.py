@@ -84,17 +84,15 @@ class GroupCommitSink:
         self.wait()
         return self._commit(self._take())
 
-    def flush_in_background(self) -> bool:
-        """Start committing what is held in a thread (the caller goes on deciding); returns
-        ``False`` when one is still running (it is then left held, for the next call)."""
-        if self._thread is not None and self._thread.is_alive():
-            return False
+    def flush_in_background(self) -> None:
+        """Start committing what is held in a thread (the caller goes on deciding), after
+        the previous one has finished: what a group holds never depends on how long a
+        commit took."""
         self.wait()
         held = self._take()
         self._thread = threading.Thread(target=self._commit_noting_error, args=(held,),
                                         name="group-commit", daemon=True)
         self._thread.start()
-        return True
 
     def wait(self) -> None:
         """Wait for a commit in the background; re-raise its error."""
