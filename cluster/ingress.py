@@ -225,8 +225,9 @@ class Ingress:
         lines = await self._body(request, objects_only=False)
         if isinstance(lines, web.Response):
             return lines
-        malformed = self.malformed(lines)
-        await self.append(EVENTS_PART, lines)
+        # validation in a thread (Polars releases the GIL): the loop goes on serving others
+        malformed, _ = await asyncio.gather(asyncio.to_thread(self.malformed, lines),
+                                            self.append(EVENTS_PART, lines))
         return web.json_response({"accepted": len(lines) - len(malformed),
                                   "dead_lettered": malformed}, status=202)
 

@@ -329,6 +329,9 @@ def _serve_on_ray(spec: PipelineSpec, store_root: Path, source: LiveSource,
 
     runtime = spec.runtime
     stop = threading.Event()
+    # Ctrl-C on a terminal signals the whole process group, Ray's own processes too, which
+    # would die before the drain: they inherit SIGINT ignored; serve alone handles it
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     with ray_session(address, object_store_mb=runtime.object_store_mb,
                      code_search_path=code_folders(spec, {})) as facts:
         for signum in (signal.SIGTERM, signal.SIGINT):  # after ray.init, which sets its own
