@@ -138,7 +138,8 @@ def test_serve_accepts_durably_and_stores_each_event_once(served: Served) -> Non
     assert summary["duplicates"] == 101
     assert summary["checkpoints"] >= 1
     stored = pl.scan_parquet(served.store / "events" / "**" / "*.parquet",
-                             hive_partitioning=True).select("event_id").collect()
+                             hive_partitioning=True).filter(  # not the alerts' derived events
+        pl.col("event_type") == "transaction.created").select("event_id").collect()
     expected = {e["eventId"] for e in events} | {decided["eventId"], "late-one"}
     assert stored.height == len(expected)
     assert set(stored["event_id"].to_list()) == expected
@@ -147,3 +148,37 @@ def test_serve_accepts_durably_and_stores_each_event_once(served: Served) -> Non
     assert dead.height == 100
     assert dead["reason"].null_count() == 0
     assert not list((served.store / "_journal" / "events").glob("seg-*.ndjson"))[1:]
+
+
+def test_a_killed_serve_resumes_from_its_journal_and_stores_each_event_once(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    events = simulated_events(3_000, seed=5)
+    first = Served(ROOT / "configs" / "live.yaml", store)
+    try:
+        first.wait_ready()
+        for start in range(0, 2_000, 100):
+            assert post(first.port, "/events", json.dumps(events[start:start + 100]).encode())[0] == 202
+        manifests = store / "_checkpoints"
+        deadline = time.monotonic() + 120
+        while not list(manifests.rglob("manifest-*.json")) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        for start in range(2_000, 2_500, 100):  # accepted after the checkpoint, then the crash
+            assert post(first.port, "/events", json.dumps(events[start:start + 100]).encode())[0] == 202
+        os.killpg(first.process.pid, signal.SIGKILL)  # the driver and its Ray, no clean-up
+        first.process.communicate()
+    finally:
+        first.kill()
+    second = Served(ROOT / "configs" / "live.yaml", store)
+    try:
+        second.wait_ready()
+        for start in range(2_400, 3_000, 100):  # a client retries its last unanswered POST
+            assert post(second.port, "/events", json.dumps(events[start:start + 100]).encode())[0] == 202
+        summary = second.terminate()
+    finally:
+        second.kill()
+    assert summary["resumed"] is True
+    stored = pl.scan_parquet(store / "events" / "**" / "*.parquet", hive_partitioning=True)
+    ids = stored.filter(pl.col("event_type") == "transaction.created").select(
+        "event_id").collect()["event_id"]
+    assert ids.len() == ids.n_unique() == 3_000
+    assert set(ids.to_list()) == {e["eventId"] for e in events}
