@@ -48,6 +48,8 @@ EVENTS_PART = "events"
 SCORE_PART = "score"
 PARTS = (EVENTS_PART, SCORE_PART)
 _SEGMENT = re.compile(r"^seg-(\d{15})\.ndjson$")
+#: The most a reader takes from a segment per poll (a line is at most a request body).
+READ_BYTES = 8 << 20
 #: How often an idle reader looks for new records while it waits in :meth:`JournalSource.poll`.
 IDLE_WAIT_S = 0.0005
 
@@ -168,6 +170,7 @@ class _PartReader:
         self._handle: Any = None
         self._tail = b""
         self._segment_first = -1
+        self._drained = False  # the last read found nothing more in the segment
 
     def _open_segment(self) -> bool:
         """Open the segment holding ``next_offset`` (skipping the lines before it)."""
@@ -187,8 +190,10 @@ class _PartReader:
         """Up to ``max_rows`` complete lines (without their newlines)."""
         if self._handle is None and not self._open_segment():
             return []
+        # a later segment seen before the read: the writer had finished this one by then
+        finished = self._next_segment_exists()
         lines = self._complete_lines(max_rows)
-        if not lines and self._next_segment_exists():
+        if not lines and self._drained and finished:
             self._handle.close()  # the writer has moved on: this segment is complete
             self._handle = None
             return self.read(max_rows)
@@ -196,7 +201,10 @@ class _PartReader:
         return lines
 
     def _complete_lines(self, max_rows: int) -> list[bytes]:
-        chunk = self._tail + self._handle.read()
+        # a bounded read: a backlog is taken a piece at a time, never all in memory
+        fresh = self._handle.read(READ_BYTES)
+        self._drained = not fresh and not self._tail
+        chunk = self._tail + fresh
         cut = chunk.rfind(b"\n")
         if cut < 0:
             self._tail = chunk
