@@ -11,7 +11,8 @@ Measured on 2 cores (see the project's Ray notes): Ray Serve's proxy saturates n
   ``Retry-After``. The events are appended to the journal and fsynced, concurrent requests
   together (a group commit), before the answer: 2xx means durable. Malformed events are
   journaled too (the run dead-letters them through its normal path) and listed in the
-  answer with their reasons, found by the same :class:`~pipelines.normalise.Normaliser`.
+  answer with their reasons, found by the same :class:`~pipelines.normalise.Normaliser`,
+  run once per group commit (in its thread, off the event loop).
 - ``POST /score``: one event (an object) or a few (an array of objects). Journaled the
   same way, then answered when the run's driver reports what their keyed partition decided
   (:meth:`Ingress.resolve`): scores with model versions, alerts, ``latency_ms``.
@@ -82,13 +83,14 @@ class _Append:
     """Lines waiting for the next group commit of their part."""
 
     lines: list[bytes]
-    done: asyncio.Future[None]
+    done: asyncio.Future[list[dict[str, Any]]]  # its malformed events, once durable
 
 
 @dataclass
 class _PartJournal:
     """One journal part: its writer, the offsets handed out, the appends queued."""
 
+    part: str
     writer: JournalWriter
     assigned: int
     queue: list[_Append] = field(default_factory=list)
@@ -121,7 +123,7 @@ class Ingress:
 
     def _journal(self, folder: str | Path, part: str) -> _PartJournal:
         writer = JournalWriter(folder, part, self.options.segment_bytes)
-        return _PartJournal(writer, writer.next_offset)
+        return _PartJournal(part, writer, writer.next_offset)
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -225,9 +227,7 @@ class Ingress:
         lines = await self._body(request, objects_only=False)
         if isinstance(lines, web.Response):
             return lines
-        # validation in a thread (Polars releases the GIL): the loop goes on serving others
-        malformed, _ = await asyncio.gather(asyncio.to_thread(self.malformed, lines),
-                                            self.append(EVENTS_PART, lines))
+        malformed = await self.append(EVENTS_PART, lines)
         return web.json_response({"accepted": len(lines) - len(malformed),
                                   "dead_lettered": malformed}, status=202)
 
@@ -270,6 +270,15 @@ class Ingress:
                  "message": row["message"]}
                 for row in dead.select(["offset", "event_id", "reason", "message"]).to_pylist()]
 
+    def _durable(self, journal: _PartJournal, group: list[_Append]) -> list[list[dict[str, Any]]]:
+        """Append a group and fsync; for bulk events, validate them in the same pass (one
+        normaliser call per group, not per request: its cost is mostly fixed per call)."""
+        lines = [line for item in group for line in item.lines]
+        journal.writer.append(lines)
+        if journal.part != EVENTS_PART:
+            return [[] for _ in group]
+        return _by_request(self.malformed(lines), group)
+
     def event_ids(self, lines: list[bytes], first: int) -> list[str]:
         """Each event's id: the producer's, or the one the run derives from its offset."""
         derived = derived_event_ids(self.source_name, SCORE_PART,
@@ -280,24 +289,25 @@ class Ingress:
             ids.append(given if isinstance(given, str) and given else fallback)
         return ids
 
-    def enqueue(self, part: str, lines: list[bytes]) -> tuple[int, asyncio.Future[None]]:
+    def enqueue(self, part: str, lines: list[bytes]) -> tuple[int, asyncio.Future[list[dict[str, Any]]]]:
         """Queue ``lines`` for the part's next group commit; returns their first offset and
         a future done once they are durable. Offsets are handed out here, in queue order,
         which is the order the commit writes them in."""
         journal = self.parts[part]
         first = journal.assigned
         journal.assigned += len(lines)
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        done: asyncio.Future[list[dict[str, Any]]] = asyncio.get_running_loop().create_future()
         journal.queue.append(_Append(lines, done))
         if not journal.committing:
             journal.committing = True
             asyncio.get_running_loop().create_task(self._commit(journal))
         return first, done
 
-    async def append(self, part: str, lines: list[bytes]) -> int:
-        first, done = self.enqueue(part, lines)
-        await done
-        return first
+    async def append(self, part: str, lines: list[bytes]) -> list[dict[str, Any]]:
+        """Append ``lines`` durably; returns the malformed ones (``events`` part), their
+        ``index`` in ``lines``."""
+        _, done = self.enqueue(part, lines)
+        return await done
 
     async def _commit(self, journal: _PartJournal) -> None:
         """Write and fsync whatever is queued, in one go, until nothing is: requests that
@@ -305,18 +315,28 @@ class Ingress:
         try:
             while journal.queue:
                 group, journal.queue = journal.queue, []
-                lines = [line for item in group for line in item.lines]
                 try:
-                    await asyncio.to_thread(journal.writer.append, lines)
+                    found = await asyncio.to_thread(self._durable, journal, group)
                 except OSError as exc:
                     self.accepting = False  # offsets handed out no longer match the file
                     for item in group:
                         item.done.set_exception(exc)
                     continue
-                for item in group:
-                    item.done.set_result(None)
+                for item, malformed in zip(group, found, strict=True):
+                    item.done.set_result(malformed)
         finally:
             journal.committing = False
+
+
+def _by_request(dead: list[dict[str, Any]], group: list[_Append]) -> list[list[dict[str, Any]]]:
+    """A group's malformed events, split by request, indexed within each request's body."""
+    found: list[list[dict[str, Any]]] = []
+    start = 0
+    for item in group:
+        end = start + len(item.lines)
+        found.append([{**d, "index": d["index"] - start} for d in dead if start <= d["index"] < end])
+        start = end
+    return found
 
 
 def _busy() -> web.Response:
