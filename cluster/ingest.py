@@ -243,4 +243,7 @@ def _arrival_guard(spec: PipelineSpec) -> ArrivalGuard:
             dimensions[stage.name] = pl.when(
                 pl.col("event_type").str.contains(type_regex(stage.event_types))).then(
                 pl.col("data").struct.field(stage.key))
-    return ArrivalGuard(dimensions, horizon=spec.source.dedup_horizon // _US)
+    # No horizon: forgetting a key a window operator still holds (its reach is the
+    # operator's business, up to weeks) would let an older event of it through. One time per
+    # key and dimension is little beside what the operators keep per key.
+    return ArrivalGuard(dimensions)

@@ -7,8 +7,10 @@ time: :class:`ArrivalGuard` finds those, per partition key and per enrichment st
 (a terminal's events come from many customers), so the run sends them the late lane
 instead (stored flagged ``{"late": true}`` with ``late: process``, else dead-lettered).
 
-Memory stays bounded: a key whose latest event is ``horizon`` older than the newest event
-time seen is forgotten (an event of it after that is in order again, as for a new key).
+With a ``horizon``, a key whose latest event is that much older than the newest event time
+seen is forgotten (an event of it after that is in order again, as for a new key): only
+safe when no keyed operator remembers the key longer, so a live run keeps every key (one
+time per key and dimension).
 
 Example:
     >>> import pyarrow as pa
