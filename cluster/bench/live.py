@@ -26,6 +26,9 @@ from typing import Any
 
 from cluster.produce import open_loop, simulated_events
 
+#: The warm-up before the measured rates: 10 s at 20 requests/s.
+WARMUP_EVENTS, WARMUP_RATE = 200, 20.0
+
 
 def _free_port() -> int:
     with socket.socket() as probe:
@@ -62,6 +65,9 @@ def bench_live(config: Path, work: Path, rates: tuple[float, ...], seconds: floa
     steps = []
     try:
         _wait_ready(port, process)
+        # warm-up, not counted: the actors' first batches load the model and compile plans
+        warm = [json.dumps(e).encode() for e in simulated_events(WARMUP_EVENTS, seed=12)]
+        asyncio.run(open_loop(f"http://127.0.0.1:{port}/score", warm, WARMUP_RATE, token))
         offset = 0
         for rate in rates:
             count = int(rate * seconds)
