@@ -3,6 +3,8 @@
 Commands:
     run CONFIG       run a pipeline (embedded local Ray, or ``--address`` of a cluster)
     submit CONFIG    submit the same run to a cluster as a Ray job and follow its logs
+    serve CONFIG     run a pipeline over live sources (HTTP ingestion) until SIGTERM, then drain
+    produce          send simulated transactions to a live endpoint at a fixed rate
     simulate         write synthetic card transactions (the project's own generator)
     train            fit a fraud model on the store's features and save it to a registry
     evaluate         fraud models by the handbook's protocol; anomaly detectors on NAB
@@ -43,6 +45,18 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--run-id", type=_run_id,
                      help="the run's id (default: derived from the config and the input)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    serve = commands.add_parser("serve", help="run a pipeline over live sources until SIGTERM")
+    serve.add_argument("config", type=Path)
+    serve.add_argument("--store", type=Path, help="event store (default: the config's)")
+    serve.add_argument("--address", help="Ray cluster address; default: an embedded local Ray")
+    serve.add_argument("--port", type=int, help="HTTP port (default: the config's; 0: any free)")
+    serve.add_argument("--no-progress", action="store_true", help="no live progress line")
+
+    from cluster.produce import add_arguments as add_produce_arguments
+
+    add_produce_arguments(commands.add_parser(
+        "produce", help="send simulated transactions at a fixed rate (open loop)"))
 
     submit = commands.add_parser("submit", help="submit a run to a cluster as a Ray job")
     submit.add_argument("config", type=Path)
@@ -180,6 +194,19 @@ def command_run(args: argparse.Namespace) -> dict[str, Any]:
                    log=_log)
 
 
+def command_serve(args: argparse.Namespace) -> dict[str, Any]:
+    from cluster.serve import serve_pipeline
+
+    return serve_pipeline(args.config, store=args.store, address=args.address, port=args.port,
+                          progress=False if args.no_progress else None, log=_log)
+
+
+def command_produce(args: argparse.Namespace) -> dict[str, Any]:
+    from cluster.produce import command
+
+    return command(args, log=_log)
+
+
 def command_submit(args: argparse.Namespace) -> dict[str, Any]:
     from cluster.submit import submit_job
 
@@ -252,16 +279,18 @@ def command_report(args: argparse.Namespace) -> dict[str, Any]:
     if not args.store.is_dir():
         raise PipelineError(f"store {args.store} is not a directory")
     return write_report(args.store, args.day, args.out)
+
+
 def command_mine(args: argparse.Namespace) -> dict[str, Any]:
     from pipelines.patterns.mining import mine_store
 
     return mine_store(args.store, args.patterns, args.out, args.start, args.end)
 
 
-COMMANDS = {"run": command_run, "submit": command_submit, "simulate": command_simulate,
+COMMANDS = {"run": command_run, "submit": command_submit, "serve": command_serve,
+            "produce": command_produce, "simulate": command_simulate,
             "evaluate": command_evaluate, "train": command_train, "bench": command_bench,
-            "report": command_report,
-            "mine": command_mine}
+            "report": command_report, "mine": command_mine}
 
 
 def main(argv: list[str] | None = None) -> int:

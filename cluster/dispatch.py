@@ -9,7 +9,7 @@ number. Receipts that come back are counted; the events the partitions' steps de
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import pyarrow as pa
 
@@ -49,6 +49,8 @@ class Dispatcher:
         self.copied = repartitioned_patterns(spec)
         self.patterns = pattern_specs(spec)
         self.latencies = Latencies()
+        #: called with every receipt acknowledged (``eventray serve`` answers ``/score``)
+        self.on_receipt: Callable[[BatchReceipt], None] | None = None
 
     def route(self, events: pa.Table, hops: int = 0) -> None:
         """Route a batch and its derived events (hop by hop) into the lanes."""
@@ -111,6 +113,8 @@ class Dispatcher:
     def acknowledge(self, receipts: Iterable[BatchReceipt]) -> None:
         counts = self.counts
         for receipt in receipts:
+            if self.on_receipt is not None:
+                self.on_receipt(receipt)
             self.latencies.add(receipt.latency_s, receipt.rows)
             counts.stored += receipt.rows
             if receipt.dead_lettered:  # poison events: sent, dead-lettered instead of stored

@@ -21,9 +21,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from cluster.accounting import RunCounts
+from pipelines.arrival import ArrivalGuard
 from pipelines.deadletters import dead_letters_of
 from pipelines.dedup import DuplicateFilter
-from pipelines.envelope import envelope_schema
+from pipelines.envelope import DEADLETTER_SCHEMA, envelope_schema
 from pipelines.event_time import EventTimeOrderer, WatermarkPolicy
 from pipelines.kinds import keyed_event_types
 from pipelines.labels import LabelFeed
@@ -54,7 +55,8 @@ def flag_late(events: pa.Table) -> pa.Table:
 class Ingest:
     """The driver's side of a source: normalise, dedup, order, dead-letter, label feed."""
 
-    def __init__(self, spec: PipelineSpec, store: EventStore, run: str, clock: Clock) -> None:
+    def __init__(self, spec: PipelineSpec, store: EventStore, run: str, clock: Clock,
+                 live: bool = False) -> None:
         source = spec.source
         self.spec, self.store, self.run, self.clock = spec, store, run, clock
         self.writer = WriterId.ingest(run).name
@@ -66,9 +68,14 @@ class Ingest:
             clock=clock, schema=schema, tiebreak=source.order_ties_by) \
             if source.ordering == "event-time" else None
         self.labels = LabelFeed(spec.labels, spec.registry(), schema) if spec.labels else None
+        self.last_dead = DEADLETTER_SCHEMA.empty_table()
         patterns = keyed_event_types(spec)
         #: the event types a keyed step or stage sees (the late policy applies to them)
         self.keyed_types = type_regex(patterns) if patterns else None
+        #: a live source in arrival order: events older than their key's latest go the
+        #: late lane (:mod:`pipelines.arrival`)
+        self.arrival = _arrival_guard(spec) if live and self.orderer is None else None
+        self.last_late = schema.empty_table()
 
     @property
     def watermark_us(self) -> int | None:
@@ -83,7 +90,9 @@ class Ingest:
         dead = [self._without_skipped_duplicates(out.deadletters, counts)]
         events, repeated = self._without_stored_elsewhere(out.events, counts)
         events, late = self._order(events)
-        dead = pa.concat_tables([*dead, repeated, late])
+        events, behind = self._late_lane(events, counts)
+        dead = pa.concat_tables([*dead, repeated, late, behind])
+        self.last_dead = dead  # what a synchronous caller of these events is told
         self.store.write("deadletter", dead, writer=self.writer, seq=counts.batches)
         counts.batches += 1
         counts.count_dead_letters(dead.column("reason").to_numpy(zero_copy_only=False))
@@ -143,6 +152,29 @@ class Ingest:
             late.filter(keyed), LATE, f"event time is older than the source's watermark "
                         f"({_iso(self.orderer.watermark_us)}): later than source.lateness allows")
 
+    def _late_lane(self, events: pa.Table, counts: RunCounts) -> tuple[pa.Table, pa.Table]:
+        """In arrival order: events a keyed operator sees that are older than their key's
+        latest are stored at once, flagged late (``late: process``), or returned as dead
+        letters; returns (the events that go on, those dead letters)."""
+        self.last_late = events.slice(0, 0)
+        none = self._dead(events.slice(0, 0), LATE, "")
+        if self.arrival is None or events.num_rows == 0 or self.keyed_types is None:
+            return events, none
+        keyed = pc.match_substring_regex(events.column("event_type"), self.keyed_types)
+        late = self.arrival.late(events, pl.col("timestamp"),
+                                 keyed.to_numpy(zero_copy_only=False))
+        if not late.any():
+            return events, none
+        rows, rest = events.filter(pa.array(late)), events.filter(pa.array(~late))
+        if self.spec.source.late == "dead-letter":
+            return rest, self._dead(rows, LATE, "event time is older than its key's latest "
+                                                "event (a live source decides in arrival order)")
+        self.last_late = flag_late(rows)
+        self.store.write("events", self.last_late, writer=self.writer, seq=counts.batches)
+        counts.stored += rows.num_rows
+        counts.sent += rows.num_rows  # stored here, as a partition would (sent = stored + poisoned)
+        return rest, none
+
     def _dead(self, events: pa.Table, reason: str, message: str) -> pa.Table:
         return dead_letters_of(events, reason, message, self.clock())
 
@@ -181,6 +213,8 @@ class Ingest:
             state["labels"] = self.labels.snapshot()
         if self.orderer is not None:
             state["orderer"] = self.orderer.snapshot()
+        if self.arrival is not None:
+            state["arrival"] = self.arrival.snapshot()
         return state
 
     def restore(self, state: dict[str, bytes]) -> None:
@@ -189,9 +223,27 @@ class Ingest:
             self.labels.restore(state["labels"])
         if self.orderer is not None:
             self.orderer.restore(state["orderer"])
+        if self.arrival is not None:
+            self.arrival.restore(state["arrival"])
 
 
 def _iso(micros: int | None) -> str:
     if micros is None:
         return "none yet"
     return dt.datetime.fromtimestamp(micros / 1e6, dt.UTC).isoformat()
+
+
+def _arrival_guard(spec: PipelineSpec) -> ArrivalGuard:
+    """The keys whose time order a live run keeps: the partition key, and each enrichment
+    stage's key (a payload field) for the stage's event types."""
+    dimensions = {"key": pl.col("key")}
+    fields = {f.name for f in spec.registry().data_type()}
+    for stage in spec.enrich:
+        if stage.key in fields:
+            dimensions[stage.name] = pl.when(
+                pl.col("event_type").str.contains(type_regex(stage.event_types))).then(
+                pl.col("data").struct.field(stage.key))
+    # No horizon: forgetting a key a window operator still holds (its reach is the
+    # operator's business, up to weeks) would let an older event of it through. One time per
+    # key and dimension is little beside what the operators keep per key.
+    return ArrivalGuard(dimensions)

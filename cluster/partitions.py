@@ -24,6 +24,7 @@ process: the in-process runner for tests and debugging.
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 from pathlib import Path
@@ -33,9 +34,10 @@ import pyarrow as pa
 
 from pipelines.checkpoint import CheckpointStore
 from pipelines.errors import PipelineError
+from pipelines.group_commit import GroupCommitSink
 from pipelines.keyed import DEADLETTER_STEP, BatchReceipt, PartitionWorker
 from pipelines.kinds import build_stage, build_steps
-from pipelines.spec import EnrichSpec, PipelineSpec, RuntimeSpec
+from pipelines.spec import EnrichSpec, PipelineSpec, RuntimeSpec, StoreSpec
 from pipelines.store import EventStore
 from pipelines.writers import WriterId
 
@@ -85,7 +87,7 @@ class _RunWorker(PartitionWorker):
 
     def __init__(self, partition: int, store_root: str | Path, run: str,
                  spec: PipelineSpec | None = None, stage: EnrichSpec | None = None,
-                 objects: dict[str, Any] | None = None) -> None:
+                 objects: dict[str, Any] | None = None, live: bool = False) -> None:
         if stage is not None:
             assert spec is not None, "an enrichment stage needs its pipeline"
             steps = [build_stage(stage, spec)]
@@ -93,9 +95,17 @@ class _RunWorker(PartitionWorker):
             steps = build_steps(spec, objects) if spec is not None else []
         writer = WriterId.partition(run, partition)
         owner = WriterId.stage(run, stage.name, partition) if stage is not None else writer
-        super().__init__(partition, EventStore(store_root), steps=steps, store_events=stage is None,
+        store = StoreSpec() if spec is None else spec.store
+        self.store = EventStore(store_root)
+        # A replay commits at points its input decides (every commit_rows rows and at each
+        # checkpoint), so a recovered run's files equal a fault-free run's byte for byte; a
+        # live run also every commit_interval, which bounds the store's commit lag.
+        self.grouped = GroupCommitSink(self.store, store.commit_rows,
+                                       store.commit_interval.total_seconds() if live else math.inf)
+        super().__init__(partition, self.grouped, steps=steps, store_events=stage is None,
                          writer=writer, deadletter_writer=owner.for_step(DEADLETTER_STEP))
         self.run, self.stage = run, stage
+        self.decisions = live  # a live run's receipts carry decisions (/score)
         self.owner = owner.local
         self.checkpoints = CheckpointStore(store_root, run)
         latest = self.checkpoints.latest()
@@ -103,9 +113,27 @@ class _RunWorker(PartitionWorker):
             seqs = latest.partition_seqs if stage is None else latest.stage_seqs.get(stage.name, {})
             if partition in seqs:
                 self.restore(self.checkpoints.read_state(latest.epoch, self.owner))
+        # what a predecessor committed past the checkpoint may be grouped otherwise than the
+        # replay will group it: remove it, the replay writes it again
+        self.store.truncate_writers(run, dict.fromkeys(self._writers(), self.next_seq))
+
+    def _writers(self) -> list[str]:
+        """The writers (without the run) this partition's files are named by."""
+        names = [self.deadletter_writer.local]
+        if self.store_events:
+            names += [self.writer.local, *(self.writer.for_step(s.name).local for s in self.steps)]
+        return names
+
+    def apply(self, seq: int, events: pa.Table) -> BatchReceipt:
+        receipt = super().apply(seq, events)
+        if self.grouped.due():  # committed in a thread: the receipt leaves now
+            self.grouped.flush_in_background()
+        return receipt
 
     def checkpoint(self, epoch: int) -> int:
-        """Write this partition's state for ``epoch``; returns its next sequence number."""
+        """Commit the held store writes, then write this partition's state for ``epoch``;
+        returns its next sequence number."""
+        self.grouped.flush()
         self.checkpoints.write_state(epoch, self.owner, self.snapshot())
         return self.next_seq
 
@@ -117,8 +145,8 @@ class LocalPartitions:
 
     def __init__(self, partitions: int, store_root: str | Path, run: str,
                  spec: PipelineSpec | None = None, stage: EnrichSpec | None = None,
-                 objects: dict[str, Any] | None = None) -> None:
-        self.workers = [_RunWorker(p, store_root, run, spec, stage, objects)
+                 objects: dict[str, Any] | None = None, live: bool = False) -> None:
+        self.workers = [_RunWorker(p, store_root, run, spec, stage, objects, live)
                         for p in range(partitions)]
         self._done: list[BatchReceipt] = []
 
@@ -156,10 +184,11 @@ def _actor_class() -> Any:
         """Owns one partition: a thin shell around :class:`PartitionWorker`."""
 
         def __init__(self, partition: int, store_root: str, run: str, spec: PipelineSpec | None,
-                     stage: EnrichSpec | None = None, objects: dict[str, Any] | None = None) -> None:
+                     stage: EnrichSpec | None = None, objects: dict[str, Any] | None = None,
+                     live: bool = False) -> None:
             from ray.util.metrics import Counter, Histogram
 
-            self.worker = _RunWorker(partition, store_root, run, spec, stage, objects)
+            self.worker = _RunWorker(partition, store_root, run, spec, stage, objects, live)
             self.tags = {"partition": str(partition)}
             self.stored = Counter("eventray_events_stored", "events applied and stored",
                                   tag_keys=("partition",))
@@ -197,10 +226,13 @@ class RayPartitions:
     def __init__(self, partitions: int, store_root: str | Path, run: str,
                  max_in_flight: int, cpus_per_actor: float | None,
                  spec: PipelineSpec | None = None, stage: EnrichSpec | None = None,
-                 objects: dict[str, Any] | None = None) -> None:
+                 objects: dict[str, Any] | None = None, live: bool = False) -> None:
         """``cpus_per_actor``: CPUs each actor holds; ``None``: Ray's actor default (a CPU
         free to be placed, none held while running). ``objects``: processors registered in
-        Python, shipped to every actor (each unpickles its own copy)."""
+        Python, shipped to every actor (each unpickles its own copy). ``live``: a live run
+        (``eventray serve``): receipts carry each batch's decisions (see
+        :attr:`PartitionWorker.decisions`) and the store commits also every
+        ``store.commit_interval``."""
         import ray
         from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
@@ -210,7 +242,7 @@ class RayPartitions:
         self._actor = _actor_class()
         self.store_root, self.run = str(Path(store_root).resolve()), run
         self.cpus_per_actor, self.spec, self.stage = cpus_per_actor, spec, stage
-        self.objects = objects
+        self.objects, self.live = objects, live
         self.batch_timeout_s = (spec.runtime if spec else RuntimeSpec()).batch_timeout_s
         self.actors = [self._spawn(p) for p in range(partitions)]
         self.max_in_flight = max_in_flight
@@ -232,7 +264,8 @@ class RayPartitions:
                 return self._actor.options(
                     name=self.ray_name(partition), namespace=NAMESPACE,
                     num_cpus=self.cpus_per_actor, scheduling_strategy="SPREAD",
-                ).remote(partition, self.store_root, self.run, self.spec, self.stage, self.objects)
+                ).remote(partition, self.store_root, self.run, self.spec, self.stage, self.objects,
+                         self.live)
             except ValueError:  # the dead actor's name is not released yet
                 if time.monotonic() > deadline:
                     raise

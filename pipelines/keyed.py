@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
+import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -120,6 +121,52 @@ class BatchReceipt:
     reasons: dict[str, int] = field(default_factory=dict)
     poisoned: pa.Array | None = None
     counters: dict[str, int] = field(default_factory=dict)  # the steps' (StepOutput.counters)
+    #: with :attr:`PartitionWorker.decisions` on: what the batch decided, per applied event
+    #: (:func:`decisions_of`), handed back as soon as the batch is scored
+    decisions: pa.Table | None = None
+
+
+#: One row per applied event and step that scored it (``step`` null for an event no step
+#: scored); ``alert`` is the alert's type where the score raised one.
+DECISIONS_SCHEMA = pa.schema([
+    pa.field("event_id", pa.string()), pa.field("step", pa.string()),
+    pa.field("model", pa.string()), pa.field("score", pa.float64()),
+    pa.field("alert", pa.string()), pa.field("threshold", pa.float64()),
+])
+
+
+def decisions_of(kept: pa.Table, outputs: Outputs) -> pa.Table:
+    """The decisions of a batch: its applied events' ids joined with the ``scores`` and
+    ``alerts`` rows its steps wrote (a synchronous caller's answer).
+
+    Example:
+        >>> decisions_of(pa.table({"event_id": ["a"]}), []).to_pylist()[0]["step"] is None
+        True
+    """
+    ids = _frame(kept, {"event_id": pl.String})
+    scores = [_frame(output.tables["scores"], {"event_id": pl.String, "model": pl.String,
+                                               "score": pl.Float64}).with_columns(step=pl.lit(name))
+              for name, output in outputs if "scores" in output.tables]
+    alerts = [_frame(output.tables["alerts"].rename_columns({"event_type": "alert"}),
+                     {"event_id": pl.String, "alert": pl.String, "threshold": pl.Float64})
+              .with_columns(step=pl.lit(name))
+              for name, output in outputs if "alerts" in output.tables]
+    frame = ids.join(pl.concat(scores), on="event_id", how="left") if scores else \
+        ids.with_columns(step=pl.lit(None, pl.String), model=pl.lit(None, pl.String),
+                         score=pl.lit(None, pl.Float64))
+    if alerts:
+        frame = frame.join(pl.concat(alerts), on=["event_id", "step"], how="left")
+    else:
+        frame = frame.with_columns(alert=pl.lit(None, pl.String), threshold=pl.lit(None, pl.Float64))
+    return frame.to_arrow().select(DECISIONS_SCHEMA.names).cast(DECISIONS_SCHEMA)
+
+
+def _frame(rows: pa.Table, columns: dict[str, pl.DataType]) -> pl.DataFrame:
+    """``columns`` of ``rows`` as a Polars frame of those types (nulls where absent)."""
+    frame = pl.from_arrow(rows.select([c for c in columns if c in rows.column_names]))
+    assert isinstance(frame, pl.DataFrame)
+    return frame.with_columns(pl.col(c).cast(t) if c in frame.columns else pl.lit(None, t).alias(c)
+                              for c, t in columns.items()).select(list(columns))
 
 
 class PartitionWorker:
@@ -151,6 +198,8 @@ class PartitionWorker:
         self.steps = list(steps)
         self.log = StateLog(self.steps)
         self.next_seq = 0
+        #: hand each batch's decisions back in its receipt (``eventray serve``'s ``/score``)
+        self.decisions = False
 
     def apply(self, seq: int, events: pa.Table) -> BatchReceipt:
         if seq < self.next_seq:
@@ -175,7 +224,8 @@ class PartitionWorker:
         return BatchReceipt(self.partition, seq, stored, True, self._latency(events),
                             time.perf_counter() - started, derived, alerts,
                             len(poison), {PROCESSOR_ERROR: len(poison)} if poison else {},
-                            self._positions(events, poison), counters)
+                            self._positions(events, poison), counters,
+                            decisions_of(without_copies(kept), outputs) if self.decisions else None)
 
     def _process(self, events: pa.Table) -> tuple[Outputs, pa.Table, dict[int, StepFailure]]:
         """The steps' outputs, the events applied and the poison events by row."""

@@ -7,7 +7,8 @@ Three plugin families, each a :class:`~pipelines.plugins.PluginRegistry`:
   (a projection of ``projections:`` folded in the stream).
 - :data:`STAGE_KINDS` (``eventray.stages``): enrichment stages keyed by their own key.
 - :data:`SOURCE_KINDS` (``eventray.sources``): where events come from. Built in:
-  ``parquet``, ``csv``, ``jsonl``.
+  ``parquet``, ``csv``, ``jsonl``; ``http``, a live source (:mod:`pipelines.live`): the
+  ingest journal that ``eventray serve``'s HTTP endpoint appends to.
 
 A step or stage kind is a :class:`~pipelines.processing.Step` subclass whose
 ``spec_class`` validates its config section; a source kind is a :class:`SourceKind`.
@@ -27,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from pipelines.envelope import envelope_schema
 from pipelines.errors import ConfigError, UnknownPluginError
+from pipelines.journal import HttpSourceOptions, JournalSource
 from pipelines.patterns.spec import pattern_specs
 from pipelines.patterns.step import PatternStep
 from pipelines.plugins import PluginImportError, PluginRegistry
@@ -76,6 +78,12 @@ def file_source(cls: type[Source]) -> SourceKind:
     return SourceKind(FileSourceOptions, build, json_lines=cls is JsonLinesSource)
 
 
+def _http_journal(spec: SourceSpec, paths: list[str], _: Any, limits: LimitsSpec) -> Any:
+    """The ``http`` kind's source: the journal in ``paths[0]`` (``eventray serve`` puts a
+    relative ``source.path`` under the store), read as a live source."""
+    return JournalSource(spec.source_name, paths[0])
+
+
 STEP_KINDS = PluginRegistry("step kind", "eventray.processors",
                             {"anomaly": AnomalyStep, "python": PythonStep,
                              "projection": ProjectionStep})
@@ -84,6 +92,7 @@ SOURCE_KINDS = PluginRegistry("source format", "eventray.sources", {
     "parquet": file_source(ParquetSource),
     "csv": file_source(CsvSource),
     "jsonl": file_source(JsonLinesSource),
+    "http": SourceKind(HttpSourceOptions, _http_journal, json_lines=True),
 })
 
 

@@ -136,6 +136,7 @@ def _reason(checks: list[tuple[pl.Expr, str, pl.Expr]]) -> tuple[pl.Expr, pl.Exp
     return reason.otherwise(None), message.otherwise(None)
 
 
+
 class Normaliser:
     """Turns :class:`~pipelines.sources.RawBatch` es into envelope batches and dead letters.
 

@@ -217,6 +217,11 @@ class RuntimeSpec(_Frozen):
         description="seconds an actor may take to answer its oldest batch before it is "
                     "replaced as stalled")
     adaptive_batching: AdaptiveBatching | None = None
+    checkpoint_interval: Duration = Field(
+        default=dt.timedelta(seconds=10),
+        description="eventray serve: time between checkpoints under load (an idle run "
+                    "checkpoints after store.commit_interval); a checkpoint drains what is in "
+                    "flight, so decisions wait behind it")
 
 
 class EmitSpec(_Frozen):
@@ -357,7 +362,17 @@ class MatchPayload(BaseModel):
 
 
 class StoreSpec(_Frozen):
+    """Where the event store is, and how often its files are committed.
+
+    ``commit_interval``: a partition writes the batches it applied as one file per
+    (table, event type, date) at least this often, and whenever it holds ``commit_rows``
+    rows; ``eventray serve`` also takes its checkpoints this often (a checkpoint commits
+    what is pending first). Decisions do not wait for it: they leave with each batch.
+    """
+
     path: str = "store"
+    commit_interval: Duration = dt.timedelta(seconds=1)
+    commit_rows: int = Field(default=500_000, gt=0)
 
 
 class PipelineSpec(_Frozen):

@@ -229,6 +229,25 @@ class EventStore:
                 removed.append(path)
         return removed
 
+    def truncate_writers(self, run: str, next_seqs: dict[str, int]) -> list[Path]:
+        """Remove the files of the named writers of ``run`` from their sequence number on;
+        other writers' files are untouched (a partition restored from a checkpoint removes
+        what its predecessor wrote past it, see :mod:`pipelines.group_commit`).
+
+        Args:
+            run: the run's file prefix.
+            next_seqs: writer (without the run prefix) -> first sequence number to remove.
+        """
+        removed = []
+        for path in self.root.glob(f"*/event_type=*/date=*/part-{run}-*.parquet"):
+            match = _FILE_NAME.match(path.name)
+            if match is None or match["run"] != run or match["writer"] not in next_seqs:
+                continue
+            if int(match["seq"]) >= next_seqs[match["writer"]]:
+                path.unlink(missing_ok=True)
+                removed.append(path)
+        return removed
+
     def files(self, table: str, event_types: Sequence[str] | None = None) -> list[Path]:
         """The table's data files (optionally of some event types), sorted."""
         base = self.table_dir(table)

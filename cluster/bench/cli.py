@@ -32,6 +32,16 @@ def _loads(text: str) -> tuple[float, ...]:
     return loads
 
 
+def _loads_per_s(text: str) -> tuple[float, ...]:
+    try:
+        rates = tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma list of numbers") from None
+    if not rates or min(rates) <= 0:
+        raise argparse.ArgumentTypeError("rates are positive requests per second")
+    return rates
+
+
 def _seconds(text: str) -> float:
     try:
         value = float(text)
@@ -77,6 +87,14 @@ def add_arguments(bench: argparse.ArgumentParser) -> None:
                        help="bench complex-event patterns only: the engine against partial matches "
                             "and pattern count, and the config's flow without and with FILE's "
                             "card-testing and terminal-hopping (default configs/patterns/fraud.yaml)")
+    bench.add_argument("--live", action="store_true",
+                       help="instead, the live decision path: `eventray serve` of --live-config, "
+                            "POST /score offered open loop at --live-rates, figures client-side")
+    bench.add_argument("--live-config", type=Path, default=Path("configs/live.yaml"))
+    bench.add_argument("--live-rates", type=_loads_per_s, default=(100.0, 300.0, 1000.0),
+                       help="offered /score requests per second (default 100,300,1000)")
+    bench.add_argument("--live-seconds", type=_seconds, default=20.0,
+                       help="length of each rate's load (default 20)")
     bench.add_argument("--bytewax-processes", type=_count, default=1,
                        help="Bytewax processes, one worker each, over 127.0.0.1 (default 1; more "
                             "reorder a terminal's events between stages, so features are not exact)")
@@ -89,6 +107,11 @@ def command(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, A
     from cluster.bench.report import compact, table
     from pipelines.pipeline import load_pipeline
 
+    if args.live:
+        from cluster.bench.live import bench_live
+
+        args.work.mkdir(parents=True, exist_ok=True)
+        return bench_live(args.live_config, args.work, args.live_rates, args.live_seconds, log)
     if not args.config.is_file():
         raise BenchError(f"no such config: {args.config}")
     load_pipeline(args.config)  # a bad config names its field here (ConfigError), not in a child

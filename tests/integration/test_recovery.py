@@ -122,9 +122,10 @@ def test_a_partition_that_fails_every_time_ends_the_run_with_an_error_naming_it(
         run_pipeline(spec, lambda run: RayPartitions(1, store, run, 2, 0.5, spec), store,
                      progress=False, clock=FakeClock())
     message = str(failed.value)
-    assert failed.value.actor == "partition-0" and failed.value.what == "batch 0"
+    # store writes are group-committed: the first commit, and failure, is the checkpoint's
+    assert failed.value.actor == "partition-0" and failed.value.what == "checkpoint 1"
     assert failed.value.attempts == MAX_FUTILE_RECOVERIES + 1
-    assert "partition-0 failed batch 0 6 times in a row" in message
+    assert "partition-0 failed checkpoint 1 6 times in a row" in message
     assert "event_type=iot.reading" in message and "--resume" in message
     assert time.monotonic() - started < 120
     deadline = time.monotonic() + 30  # the run's actor goes with it (ray.kill is asynchronous)

@@ -1,0 +1,145 @@
+"""``eventray produce``: simulated card transactions sent to a live endpoint at a fixed rate.
+
+Open loop: request ``i`` is due at ``start + i / rate`` whatever the answers before it
+took, and its latency is measured from when it was due, so a server that falls behind
+shows its queueing in the percentiles instead of slowing the load down (no coordinated
+omission). Every figure is taken here, client-side.
+
+Example:
+    eventray produce --to http://127.0.0.1:8080/score --rate 300 --duration 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import urlsplit
+
+import numpy as np
+import pyarrow as pa
+
+from pipelines.errors import ConfigError
+
+
+def transactions_as_events(table: pa.Table, source: str = "card-network",
+                           seed: int = 0) -> list[dict[str, Any]]:
+    """Simulator transactions as events in the seed's JSON schema (the id is derived from
+    the simulation's seed and the transaction id, so a resent transaction is the same
+    event and another seed's are others).
+
+    Example:
+        >>> from pipelines.fraud.simulator import SimulationSpec, simulate_transactions
+        >>> t = simulate_transactions(SimulationSpec(n_customers=5, n_terminals=10, n_days=1))
+        >>> transactions_as_events(t)[0]["eventType"]
+        'transaction.created'
+    """
+    import uuid
+
+    rows = table.to_pylist()  # the client's side: one JSON document per event anyway
+    namespace = uuid.UUID("6f1d7a52-3c3e-4d8e-9a55-0d2f0e7b9c11")
+    events = []
+    for row in rows:
+        when = row["TX_DATETIME"]
+        data = {k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in row.items()}
+        events.append({
+            "eventId": str(uuid.uuid5(namespace, f"tx-{seed}-{row['TRANSACTION_ID']}")),
+            "eventType": "transaction.created",
+            "timestamp": when.isoformat() + ("" if when.tzinfo else "Z"),
+            "source": source,
+            "correlationId": str(row["CUSTOMER_ID"]),
+            "data": data,
+            "metadata": {"version": "1", "region": "eu-west"},
+        })
+    return events
+
+
+def simulated_events(count: int, seed: int = 0) -> list[dict[str, Any]]:
+    """At least ``count`` simulated transactions as events (the first ``count``)."""
+    from pipelines.fraud.simulator import SimulationSpec, simulate_transactions
+
+    days = 1
+    while True:
+        table = simulate_transactions(SimulationSpec(n_customers=500, n_terminals=1000,
+                                                     n_days=days, seed=seed))
+        if table.num_rows >= count:
+            return transactions_as_events(table.slice(0, count), seed=seed)
+        days *= 2
+
+
+async def _send(session: Any, url: str, body: bytes, headers: dict[str, str], due: float,
+                latencies: list[float], statuses: dict[int, int]) -> None:
+    try:
+        async with session.post(url, data=body, headers=headers) as response:
+            await response.read()
+            status = response.status
+    except Exception:  # a refused or broken connection is a result, counted as 0
+        status = 0
+    statuses[status] = statuses.get(status, 0) + 1
+    if 200 <= status < 300:
+        latencies.append(time.perf_counter() - due)
+
+
+async def open_loop(url: str, bodies: list[bytes], rate: float, token: str) -> dict[str, Any]:
+    """POST ``bodies`` to ``url`` at ``rate`` requests/s, open loop; client-side figures."""
+    import aiohttp
+
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+    latencies: list[float] = []
+    statuses: dict[int, int] = {}
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        tasks = []
+        start = time.perf_counter() + 0.05
+        for i, body in enumerate(bodies):
+            due = start + i / rate
+            delay = due - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(_send(session, url, body, headers, due,
+                                                   latencies, statuses)))
+        await asyncio.gather(*tasks)
+        elapsed = time.perf_counter() - start
+    return summarise(latencies, statuses, len(bodies), elapsed, rate)
+
+
+def summarise(latencies: list[float], statuses: dict[int, int], sent: int, elapsed: float,
+              rate: float) -> dict[str, Any]:
+    """Percentiles in ms of the answered requests, and what was answered how."""
+    values = np.array(latencies) * 1000
+    p50, p90, p99, top = (np.percentile(values, [50, 90, 99, 100]).round(2).tolist()
+                          if len(values) else [None] * 4)
+    return {"requests": sent, "offered_per_s": rate, "elapsed_s": round(elapsed, 3),
+            "ok": len(latencies), "statuses": {str(k): v for k, v in sorted(statuses.items())},
+            "latency_ms": {"p50": p50, "p90": p90, "p99": p99, "max": top}}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--to", required=True,
+                        help="endpoint: http://HOST:PORT/score or http://HOST:PORT/events")
+    parser.add_argument("--rate", type=float, required=True, help="requests per second")
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds of load")
+    parser.add_argument("--batch", type=int, default=1, help="events per request")
+    parser.add_argument("--token-env", default="EVENTRAY_TOKEN",
+                        help="environment variable holding the bearer token")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def command(args: argparse.Namespace, log: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
+    target = urlsplit(args.to)
+    if target.scheme not in ("http", "https"):
+        raise ConfigError(f"produce --to {args.to}: only http:// endpoints are supported here")
+    token = os.environ.get(args.token_env)
+    if not token:
+        raise ConfigError(f"produce: ${args.token_env} (the bearer token) is not set")
+    requests = max(1, int(args.rate * args.duration))
+    events = simulated_events(requests * args.batch, args.seed)
+    single = args.batch == 1 and target.path.endswith("/score")
+    bodies = [json.dumps(events[i] if single else events[i:i + args.batch]).encode()
+              for i in range(0, len(events), args.batch)]
+    log(f"sending {len(bodies)} requests of {args.batch} event(s) at {args.rate:g}/s to {args.to}")
+    return asyncio.run(open_loop(args.to, bodies, args.rate, token))

@@ -1,0 +1,167 @@
+"""The ingest journal (a live source read exactly once), the arrival-order late lane, the
+group commit of store writes and the decisions a receipt carries: no Ray."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pytest
+
+from cluster.ingest import Ingest
+from cluster.produce import simulated_events
+from pipelines.arrival import ArrivalGuard
+from pipelines.group_commit import GroupCommitSink
+from pipelines.journal import JournalSource, JournalWriter
+from pipelines.keyed import PartitionWorker, decisions_of
+from pipelines.live import LiveSource
+from pipelines.pipeline import load_pipeline
+from pipelines.processing import StepOutput
+from pipelines.sources import RawBatch
+from pipelines.store import EventStore
+from pipelines.testing import FakeClock, ListSink
+from tests.support import ROOT
+
+
+def lines(n: int, start: int = 0) -> list[bytes]:
+    return [json.dumps({"n": i}).encode() for i in range(start, start + n)]
+
+
+def read_all(source: JournalSource) -> list[tuple[str, list[int]]]:
+    """Every batch the source has now (one segment per poll at most)."""
+    found = []
+    while batches := source.poll(1000, 0.0):
+        found += [(b.part, b.offsets.tolist()) for b in batches]
+    return found
+
+
+def test_journal_is_a_live_source_read_exactly_once_across_segments(tmp_path: Path) -> None:
+    writer = JournalWriter(tmp_path, "events", segment_bytes=64)
+    for start in range(0, 30, 5):
+        writer.append(lines(5, start))
+    source = JournalSource("http", tmp_path, parts=("events",))
+    assert isinstance(source, LiveSource)
+    source.open(None)
+    assert [o for _, offsets in read_all(source) for o in offsets] == list(range(30))
+    positions = source.positions()
+    assert positions == {"events": 30}
+    segments = sorted((tmp_path / "events").glob("seg-*"))
+    assert len(segments) > 2
+    source.committed(positions)
+    assert len(sorted((tmp_path / "events").glob("seg-*"))) == 1  # the one being written
+    # a restart resumes after the committed position: nothing is read twice
+    writer.append(lines(3, 30))
+    again = JournalSource("http", tmp_path, parts=("events",))
+    again.open({"events": 30})
+    assert read_all(again) == [("events", [30, 31, 32])]
+    for opened in (source, again, writer):
+        opened.close()
+
+
+def test_journal_resumes_mid_segment_and_waits_for_whole_lines(tmp_path: Path) -> None:
+    writer = JournalWriter(tmp_path, "score")
+    writer.append(lines(10))
+    source = JournalSource("http", tmp_path, parts=("score",))
+    source.open({"score": 4})
+    batch = source.poll(3, 0.0)[0]
+    assert batch.offsets.tolist() == [4, 5, 6]
+    assert json.loads(batch.records.column("line")[0].as_py()) == {"n": 4}
+    with open(tmp_path / "score" / "seg-000000000000000.ndjson", "ab") as torn:
+        torn.write(b'{"n": 10')  # a crash mid-append: never acknowledged
+    assert [b.offsets.tolist() for b in source.poll(100, 0.0)] == [[7, 8, 9]]
+    assert source.poll(100, 0.01) == []
+    reopened = JournalWriter(tmp_path, "score")  # a restarted ingress cuts the torn line
+    assert reopened.next_offset == 10
+    reopened.append([b'{"n": 10}'])
+    assert [b.offsets.tolist() for b in source.poll(100, 0.0)] == [[10]]
+    for opened in (source, writer, reopened):
+        opened.close()
+
+
+def test_arrival_guard_keeps_every_dimension_in_time_order() -> None:
+    guard = ArrivalGuard({"key": pl.col("key"), "terminal": pl.col("terminal")}, horizon=100)
+    t = pa.table({"key": ["a", "b", "a"], "terminal": ["x", "x", None],
+                  "ts": pa.array([10, 5, 12], pa.int64())})
+    # b is in order for its customer but goes back in time for terminal x
+    assert guard.late(t, pl.col("ts")).tolist() == [False, True, False]
+    state = guard.snapshot()
+    restored = ArrivalGuard({"key": pl.col("key"), "terminal": pl.col("terminal")}, horizon=100)
+    restored.restore(state)
+    later = pa.table({"key": ["a", "c"], "terminal": ["y", "x"], "ts": pa.array([11, 10, ], pa.int64())})
+    assert restored.late(later, pl.col("ts")).tolist() == [True, False]
+    # a key silent for longer than the horizon is forgotten: memory stays bounded
+    restored.late(pa.table({"key": ["z"], "terminal": ["w"], "ts": pa.array([500], pa.int64())}),
+                  pl.col("ts"))
+    assert restored.latest["key"]["k"].to_list() == ["z"]
+
+
+def test_live_ingest_sends_events_older_than_their_key_to_the_late_lane(tmp_path: Path) -> None:
+    spec = load_pipeline(ROOT / "configs" / "live.yaml")
+    store = EventStore(tmp_path)
+    ingest = Ingest(spec, store, "r1", FakeClock(), live=True)
+    events = simulated_events(40, seed=1)
+    late = {**events[-1], "eventId": "late", "timestamp": "2018-03-01T00:00:00Z"}
+    rows = [json.dumps(e).encode() for e in [*events, late]]
+    raw = RawBatch("card-network", "events", np.arange(len(rows)),
+                   pa.record_batch([pa.array(rows, pa.binary())], names=["line"]))
+    from cluster.accounting import RunCounts
+
+    counts = RunCounts()
+    going = ingest.read(raw, counts)
+    assert going.num_rows == 40 and "late" not in going.column("event_id").to_pylist()
+    assert ingest.last_late.column("event_id").to_pylist() == ["late"]
+    stored = store.scan("events").collect()
+    assert stored["event_id"].to_list() == ["late"]
+    assert '"late":true' in stored["metadata"].struct.field("tags")[0]
+    assert counts.stored == 1
+
+
+def test_group_commit_writes_one_file_per_group_and_flushes_when_due(tmp_path: Path) -> None:
+    now = [0.0]
+    store = EventStore(tmp_path)
+    grouped = GroupCommitSink(store, max_rows=1000, interval_s=1.0, clock=lambda: now[0])
+    rows = pa.table({"event_type": ["t.a"] * 2, "timestamp": pa.array(
+        [0, 1], pa.timestamp("us", "UTC")), "key": ["k", "k"]})
+    for seq in range(5):
+        grouped.write("events", rows, writer="r1-p0000", seq=seq)
+    assert not grouped.due() and store.files("events") == []
+    now[0] = 1.5
+    assert grouped.due()
+    grouped.flush_in_background()
+    grouped.wait()
+    assert [p.name for p in store.files("events")] == ["part-r1-p0000-000000000000.parquet"]
+    assert store.scan("events").collect().height == 10
+    grouped.write("events", rows, writer="r1-p0000", seq=5)
+    grouped.flush()
+    assert len(store.files("events")) == 2
+    # a partition restored at seq 5 removes its files from 5 on, no one else's
+    assert len(store.truncate_writers("r1", {"p0000": 5, "other": 0})) == 1
+
+
+def test_receipts_carry_each_applied_event_s_decisions() -> None:
+    kept = pa.table({"event_id": ["a", "b"]})
+    scores = pa.table({"event_id": ["a", "b"], "model": ["fraud@3", "fraud@3"], "score": [0.9, 0.1]})
+    alerts = pa.table({"event_id": ["a"], "event_type": ["fraud.suspected"], "threshold": [0.5]})
+    decided = decisions_of(kept, [("fraud", StepOutput(tables={"scores": scores, "alerts": alerts}))])
+    assert decided.to_pylist() == [
+        {"event_id": "a", "step": "fraud", "model": "fraud@3", "score": 0.9,
+         "alert": "fraud.suspected", "threshold": 0.5},
+        {"event_id": "b", "step": "fraud", "model": "fraud@3", "score": 0.1, "alert": None,
+         "threshold": None}]
+    worker = PartitionWorker(0, ListSink(), clock=FakeClock())
+    assert worker.apply(0, kept).decisions is None  # off unless asked for
+    worker.decisions = True
+    assert worker.apply(1, kept).decisions.column("event_id").to_pylist() == ["a", "b"]
+
+
+@pytest.mark.parametrize("body", [b"[1, 2", b"\n"])
+def test_bodies_that_hold_no_events_are_refused(body: bytes) -> None:
+    from cluster.ingress import BodyError, split_body
+
+    try:
+        assert split_body(body) == []
+    except BodyError:
+        pass

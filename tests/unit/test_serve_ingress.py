@@ -1,0 +1,89 @@
+"""The HTTP endpoint's logic on a real aiohttp server (no Ray): auth, size, backpressure,
+durable group commit, and /score answered from what the driver resolves."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from cluster.ingress import Ingress
+from cluster.produce import simulated_events
+from pipelines.journal import HttpSourceOptions, JournalSource
+from pipelines.pipeline import load_pipeline
+from tests.support import ROOT
+
+TOKEN = "s3cret"
+
+
+def ingress(tmp_path: Path, **options: Any) -> Ingress:
+    spec = load_pipeline(ROOT / "configs" / "live.yaml")
+    server = Ingress(spec, tmp_path / "_journal", HttpSourceOptions(port=0, **options), TOKEN)
+    server.ready = True
+    return server
+
+
+async def post(port: int, path: str, body: bytes, token: str | None = TOKEN) -> tuple[int, Any, dict]:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    async with aiohttp.ClientSession() as session, \
+            session.post(f"http://127.0.0.1:{port}{path}", data=body, headers=headers) as response:
+        return response.status, await response.json(), dict(response.headers)
+
+
+def test_events_are_durable_before_2xx_and_refusals_say_why(tmp_path: Path) -> None:
+    events = simulated_events(30)
+
+    async def scenario() -> None:
+        server = ingress(tmp_path, max_body_bytes=20_000, max_pending_events=35)
+        port = await server.start()
+        try:
+            assert (await post(port, "/events", b"[]", token=None))[0] == 401
+            assert (await post(port, "/events", b"[]", token="s3cre7"))[0] == 401
+            assert (await post(port, "/events", b" " * 20_001))[0] == 413
+            bodies = [json.dumps(events[i:i + 10]).encode() for i in range(0, 30, 10)]
+            answers = await asyncio.gather(*(post(port, "/events", b) for b in bodies))
+            assert [a[0] for a in answers] == [202, 202, 202]
+            # durable: on disk, readable by the run, before the answer came
+            journal = JournalSource("card-network", tmp_path / "_journal", parts=("events",))
+            journal.open(None)
+            assert sum(b.num_rows for b in journal.poll(100, 0.0)) == 30
+            journal.close()
+            status, _, headers = await post(port, "/events", bodies[0])
+            assert status == 429 and headers["Retry-After"] == "1"  # 30 + 10 > 35 pending at most
+            server.progress({"events": 30})  # the run has read them
+            assert (await post(port, "/events", bodies[0]))[0] == 202
+            status, answer, _ = await post(port, "/events", b'{"eventId": "x"}\nnot json\n')
+            assert status == 202 and answer["accepted"] == 0
+            assert [d["reason"] for d in answer["dead_lettered"]] == ["missing_event_type", "bad_json"]
+        finally:
+            await server.close()
+
+    asyncio.run(scenario())
+
+
+def test_score_answers_with_what_the_driver_resolves(tmp_path: Path) -> None:
+    event = simulated_events(1)[0]
+
+    async def scenario() -> None:
+        server = ingress(tmp_path, score_timeout_s=5)
+        port = await server.start()
+        try:
+            asked = asyncio.create_task(post(port, "/score", json.dumps(event).encode()))
+            while event["eventId"] not in server.waiters:
+                await asyncio.sleep(0.001)
+            server.resolve([{"event_id": event["eventId"], "scores": [
+                {"step": "fraud", "model": "fraud@1", "score": 0.7}], "alerts": []}])
+            status, answer, _ = await asked
+            assert status == 200
+            assert answer["scores"][0]["model"] == "fraud@1" and answer["latency_ms"] > 0
+            assert (await post(port, "/score", b"[1]"))[0] == 400  # only objects are decided
+            server.options = server.options.model_copy(update={"score_timeout_s": 0.05})
+            status, answer, _ = await post(port, "/score", json.dumps([event]).encode())
+            assert status == 504 and answer["event_ids"] == [event["eventId"]]
+        finally:
+            await server.close()
+
+    asyncio.run(scenario())
