@@ -90,6 +90,16 @@ class Progress:
         self.bar.close()
 
 
+def routed_schema(spec: PipelineSpec) -> pa.Schema:
+    """The schema of routed batches: the envelope, the enrichment stages' transit columns,
+    and the copy marker when patterns are keyed otherwise than their events."""
+    transit = [pa.field(c, pa.float64()) for stage in spec.enrich
+               for c in stage_class(stage, tuple(spec.search_path)).columns]
+    if repartitioned_patterns(spec):
+        transit.append(pa.field(PATTERN_COPY, pa.int32()))
+    return pa.schema([*envelope_schema(spec.registry()), *transit])
+
+
 class PipelineRun:
     """One run: its operators and the loop over them. Use :func:`run_pipeline`."""
 
@@ -109,11 +119,7 @@ class PipelineRun:
         pace = spec.source.pace
         self.pacer = Pacer(pace.speedup, pace.linger_ms / 1000) if pace else None
         self.partition_factory, self.stage_factory = partitions, stages
-        transit = [pa.field(c, pa.float64()) for stage in spec.enrich
-                   for c in stage_class(stage, tuple(spec.search_path)).columns]
-        if repartitioned_patterns(spec):
-            transit.append(pa.field(PATTERN_COPY, pa.int32()))
-        self.routed_schema = pa.schema([*envelope_schema(spec.registry()), *transit])
+        self.routed_schema = routed_schema(spec)
         self.watermarks = wants_watermarks(spec)
 
     def _start(self, resume: bool) -> tuple[bool, dict[str, int]]:

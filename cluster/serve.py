@@ -38,14 +38,20 @@ import pyarrow.compute as pc
 
 from cluster.accounting import RunCounts, weighted_percentiles
 from cluster.checkpointing import Checkpointer, RunIdentity
-from cluster.driver import PartitionFactory, PipelineRun, StageFactory, _summary, config_digest
+from cluster.driver import (
+    PartitionFactory,
+    PipelineRun,
+    StageFactory,
+    _summary,
+    config_digest,
+    routed_schema,
+)
 from cluster.ingest import Ingest
-from pipelines.envelope import envelope_schema
 from pipelines.errors import ConfigError
 from pipelines.event_ids import derived_event_ids
 from pipelines.journal import SCORE_PART, HttpSourceOptions, JournalSource
 from pipelines.keyed import BatchReceipt
-from pipelines.kinds import build_source, source_kind, stage_class
+from pipelines.kinds import build_source, source_kind, wants_watermarks
 from pipelines.live import LiveSource
 from pipelines.normalise import Clock, utc_now
 from pipelines.sources import RawBatch
@@ -178,9 +184,8 @@ class LiveRun(PipelineRun):
             spec, config_digest(spec), [source.name]))
         self.pacer = None
         self.partition_factory, self.stage_factory = partitions, stages
-        transit = [pa.field(c, pa.float64()) for stage in spec.enrich
-                   for c in stage_class(stage, tuple(spec.search_path)).columns]
-        self.routed_schema = pa.schema([*envelope_schema(spec.registry()), *transit])
+        self.routed_schema = routed_schema(spec)
+        self.watermarks = wants_watermarks(spec)
         self.replies: ScoreReplies | None = None
         self.progress_to: Callable[[dict[str, int]], None] | None = None
 
