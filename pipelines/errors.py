@@ -15,6 +15,11 @@ misuse, found before or at start-up, and for broken invariants::
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
 
 class PipelineError(Exception):
     """Base class of every error raised by ``pipelines``."""
@@ -64,3 +69,15 @@ class AccountingError(PipelineError):
             "events read != stored + dead-lettered + filtered: "
             + ", ".join(f"{k}={v}" for k, v in sorted(self.counts.items()))
         )
+
+
+def validated(model: type[BaseModel], values: Mapping[str, Any], where: str) -> Any:
+    """``values`` validated by ``model``; a :class:`ConfigError` names each bad field."""
+    try:
+        return model.model_validate(dict(values))
+    except ValidationError as exc:
+        lines = [f"{where}: invalid"]
+        for err in exc.errors():
+            field = ".".join(str(p) for p in err["loc"])
+            lines.append(f"  {where}.{field}: {err['msg']}" if field else f"  {where}: {err['msg']}")
+        raise ConfigError("\n".join(lines)) from None

@@ -24,10 +24,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 
 from pipelines.envelope import envelope_schema
-from pipelines.errors import ConfigError, UnknownPluginError
+from pipelines.errors import ConfigError, UnknownPluginError, validated
 from pipelines.journal import HttpSourceOptions, JournalSource
 from pipelines.patterns.spec import pattern_specs
 from pipelines.patterns.step import PatternStep
@@ -96,15 +96,6 @@ SOURCE_KINDS = PluginRegistry("source format", "eventray.sources", {
 })
 
 
-def _validated(model: type[BaseModel], values: Mapping[str, Any], where: str) -> Any:
-    try:
-        return model.model_validate(dict(values))
-    except ValidationError as exc:
-        lines = [f"{where}: invalid"]
-        for err in exc.errors():
-            field = ".".join(str(p) for p in err["loc"])
-            lines.append(f"  {where}.{field}: {err['msg']}" if field else f"  {where}: {err['msg']}")
-        raise ConfigError("\n".join(lines)) from None
 
 
 def step_class(step: StepSpec | EnrichSpec, search_path: tuple[str, ...] = (),
@@ -119,7 +110,7 @@ def step_class(step: StepSpec | EnrichSpec, search_path: tuple[str, ...] = (),
 
 def step_spec(step: StepSpec | EnrichSpec, cls: type[Step], where: str) -> Any:
     """The step's section validated by its kind's model."""
-    return _validated(cls.spec_class, step.model_dump(by_alias=True, exclude_unset=True), where)
+    return validated(cls.spec_class, step.model_dump(by_alias=True, exclude_unset=True), where)
 
 
 def source_kind(spec: SourceSpec, search_path: tuple[str, ...] = ()) -> tuple[SourceKind, Any]:
@@ -127,7 +118,7 @@ def source_kind(spec: SourceSpec, search_path: tuple[str, ...] = ()) -> tuple[So
     kind = SOURCE_KINDS.resolve(spec.format, search_path)
     if not isinstance(kind, SourceKind):
         raise ConfigError(f"source format {spec.format!r} is {kind!r}, not a SourceKind")
-    return kind, _validated(kind.options, spec.options(), "source")
+    return kind, validated(kind.options, spec.options(), "source")
 
 
 def reads_json_lines(spec: SourceSpec, search_path: tuple[str, ...] = ()) -> bool:

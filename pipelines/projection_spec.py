@@ -38,22 +38,19 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-from typing import Annotated, Any, Literal
+from typing import Literal
 
 import sqlglot
 from pydantic import (
     BaseModel,
-    BeforeValidator,
     ConfigDict,
     Field,
-    PlainSerializer,
-    ValidationInfo,
     field_validator,
     model_validator,
 )
 from sqlglot import exp
 
-from pipelines.timestamps import parse_duration
+from pipelines.timestamps import Duration
 
 #: Names of projections and of their fields (columns of the state table).
 PROJECTION_NAME = r"^[a-z][a-z0-9_]{0,62}$"
@@ -92,13 +89,6 @@ def safe_value_sql(text: str) -> str:
     return tree.sql(dialect="postgres")
 
 
-def _duration(value: Any, info: ValidationInfo) -> dt.timedelta:
-    return parse_duration(value, info.field_name or "duration")
-
-
-#: A duration (``30d``, ``12h``, seconds), dumped as seconds (as :mod:`pipelines.spec` does).
-Duration = Annotated[dt.timedelta, BeforeValidator(_duration),
-                     PlainSerializer(lambda v: v.total_seconds(), return_type=float, when_used="json")]
 
 
 class _Frozen(BaseModel):

@@ -21,15 +21,12 @@ from __future__ import annotations
 import datetime as dt
 import importlib
 import re
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 from pydantic import (
     BaseModel,
-    BeforeValidator,
     ConfigDict,
     Field,
-    PlainSerializer,
-    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -43,7 +40,7 @@ from pipelines.envelope import (
 from pipelines.errors import SchemaError
 from pipelines.plugins import IMPORT_PATH
 from pipelines.projection_spec import ProjectionSpec
-from pipelines.timestamps import parse_duration
+from pipelines.timestamps import Duration
 
 ENVELOPE_KEY_FIELDS = ("event_id", "event_type", "source", "correlation_id", "part")
 #: Names of steps, routes, patterns and actions: ``big-orders``, ``card_testing``.
@@ -63,17 +60,6 @@ class Constant(_Frozen):
 #: A mapped field: a source column (or JSON field) name, or a constant.
 FieldRef = str | Constant
 
-#: A duration setting: ``500ms``, ``20m``, ``1h``, ``7d``, ``1d12h`` or seconds (see
-#: :func:`pipelines.timestamps.parse_duration`); dumped as seconds, which it reads back.
-def _duration(value: Any, info: ValidationInfo) -> dt.timedelta:
-    return parse_duration(value, info.field_name or "duration")
-
-
-Duration = Annotated[
-    dt.timedelta,
-    BeforeValidator(_duration),
-    PlainSerializer(lambda value: value.total_seconds(), return_type=float, when_used="json"),
-]
 
 
 class PaceSpec(_Frozen):

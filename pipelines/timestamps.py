@@ -20,9 +20,10 @@ from __future__ import annotations
 import datetime as dt
 import math
 import re
-from typing import Literal
+from typing import Annotated, Any, Literal
 
 import polars as pl
+from pydantic import BeforeValidator, PlainSerializer, ValidationInfo
 
 TimeUnit = Literal["auto", "s", "ms", "us", "ns"]
 
@@ -146,3 +147,16 @@ datetime.timedelta(seconds=90))
     if not math.isfinite(seconds) or not 0 <= seconds < _MAX_DURATION_S:
         raise ValueError(f"{field}: {value!r} is not a non-negative duration under 1000 years")
     return dt.timedelta(seconds=seconds)
+
+
+def _duration(value: Any, info: ValidationInfo) -> dt.timedelta:
+    return parse_duration(value, info.field_name or "duration")
+
+
+#: A duration setting in a config: ``500ms``, ``20m``, ``1h``, ``7d``, ``1d12h`` or seconds
+#: (see :func:`parse_duration`); dumped as seconds, which it reads back.
+Duration = Annotated[
+    dt.timedelta,
+    BeforeValidator(_duration),
+    PlainSerializer(lambda value: value.total_seconds(), return_type=float, when_used="json"),
+]

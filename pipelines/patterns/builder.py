@@ -21,7 +21,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from pipelines.patterns.spec import PatternSpec, validated
+from pipelines.errors import validated
+from pipelines.patterns.spec import PatternSpec
 
 __all__ = ["Pattern"]
 

@@ -24,26 +24,22 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import (
     BaseModel,
-    BeforeValidator,
     ConfigDict,
     Field,
-    PlainSerializer,
-    ValidationError,
-    ValidationInfo,
     field_validator,
     model_validator,
 )
 
 from pipelines.envelope import EVENT_TYPE_PATTERN
-from pipelines.errors import ConfigError
+from pipelines.errors import ConfigError, validated
 from pipelines.patterns.expressions import Condition, ExpressionError, parse_condition
 from pipelines.spec import MatchPayload, PipelineSpec
-from pipelines.timestamps import parse_duration
+from pipelines.timestamps import Duration
 
 __all__ = ["AggregateSpec", "MatchPayload", "PatternFile", "PatternSpec", "SequenceStepSpec",
            "load_patterns", "pattern_specs"]
@@ -55,15 +51,6 @@ SKIP_PATTERN = r"^(no_skip|skip_to_next|skip_past_last_event|skip_to_(first|last
 DEFAULT_MAX_PARTIAL = 1_000
 
 
-def _duration(value: Any, info: ValidationInfo) -> dt.timedelta:
-    return parse_duration(value, info.field_name or "duration")
-
-
-Duration = Annotated[
-    dt.timedelta,
-    BeforeValidator(_duration),
-    PlainSerializer(lambda value: value.total_seconds(), return_type=float, when_used="json"),
-]
 
 
 class _Frozen(BaseModel):
@@ -282,16 +269,6 @@ def load_patterns(source: str | Path | Mapping[str, Any]) -> list[PatternSpec]:
     return list(validated(PatternFile, data, "patterns-file").patterns)
 
 
-def validated(model: type[BaseModel], values: Mapping[str, Any], where: str) -> Any:
-    """``values`` validated by ``model``; a :class:`ConfigError` names each bad field."""
-    try:
-        return model.model_validate(dict(values))
-    except ValidationError as exc:
-        lines = [f"{where}: invalid"]
-        for err in exc.errors():
-            field = ".".join(str(p) for p in err["loc"])
-            lines.append(f"  {where}.{field}: {err['msg']}" if field else f"  {where}: {err['msg']}")
-        raise ConfigError("\n".join(lines)) from None
 
 
 def pattern_specs(spec: PipelineSpec) -> list[PatternSpec]:
