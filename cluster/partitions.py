@@ -31,6 +31,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from pipelines.actions.outbox import outbox_rules
 from pipelines.checkpoint import CheckpointStore
 from pipelines.errors import PipelineError
 from pipelines.keyed import DEADLETTER_STEP, BatchReceipt, PartitionWorker
@@ -93,8 +94,10 @@ class _RunWorker(PartitionWorker):
             steps = build_steps(spec, objects) if spec is not None else []
         writer = WriterId.partition(run, partition)
         owner = WriterId.stage(run, stage.name, partition) if stage is not None else writer
+        actions = outbox_rules(spec) if stage is None and spec is not None else None
         super().__init__(partition, EventStore(store_root), steps=steps, store_events=stage is None,
-                         writer=writer, deadletter_writer=owner.for_step(DEADLETTER_STEP))
+                         writer=writer, deadletter_writer=owner.for_step(DEADLETTER_STEP),
+                         actions=actions)
         self.run, self.stage = run, stage
         self.owner = owner.local
         self.checkpoints = CheckpointStore(store_root, run)

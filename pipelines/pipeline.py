@@ -33,6 +33,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import ValidationError
 
+from pipelines.actions.kinds import check_action_kinds
+from pipelines.actions.outbox import outbox_rules
 from pipelines.errors import ConfigError, SchemaError, UnknownPluginError
 from pipelines.kinds import validate_kinds
 from pipelines.plugins import IMPORT_PATH, PluginRegistry
@@ -68,6 +70,8 @@ def validate_spec(raw: Mapping[str, Any], where: str,
         spec = PipelineSpec.model_validate(dict(raw))
         spec.registry()
         Router(spec)
+        outbox_rules(spec)  # action filters compile now, naming the rule
+        check_action_kinds(spec)
     except ValidationError as exc:
         raise ConfigError(_format_validation_error(where, exc)) from None
     except SchemaError as exc:
