@@ -93,6 +93,14 @@ def _parser() -> argparse.ArgumentParser:
     add_bench_arguments(commands.add_parser("bench", help="benchmark the fraud pipeline against "
                                             "a batch job, a per-event design and Bytewax"))
 
+    actions = commands.add_parser("actions", help="the actions outbox of a store")
+    verbs = actions.add_subparsers(dest="verb", required=True, metavar="VERB")
+    retry = verbs.add_parser("retry", help="send dead-lettered actions again")
+    retry.add_argument("--store", type=Path, required=True, help="the event store")
+    retry.add_argument("--rule", help="only this rule's actions")
+    retry.add_argument("--since", type=_moment, help="only actions parked at or after this "
+                       "time (ISO 8601, UTC if no zone)")
+
     sim = commands.add_parser("simulate", help="write synthetic card transactions")
     sim.add_argument("--out", type=Path, required=True, help="output folder")
     sim.add_argument("--days", type=_positive, default=183)
@@ -118,6 +126,16 @@ def _day(text: str) -> Any:
         return dt.date.fromisoformat(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a date YYYY-MM-DD") from None
+
+
+def _moment(text: str) -> Any:
+    import datetime as dt
+
+    try:
+        moment = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an ISO 8601 time") from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=dt.UTC)
 
 
 def _run_id(text: str) -> str:
@@ -221,8 +239,15 @@ def command_bench(args: argparse.Namespace) -> dict[str, Any]:
     return command(args, log=_log)
 
 
+def command_actions(args: argparse.Namespace) -> dict[str, Any]:
+    from pipelines.actions.dispatch import retry_dead_letters
+
+    return retry_dead_letters(args.store, rule=args.rule, since=args.since)
+
+
 COMMANDS = {"run": command_run, "submit": command_submit, "simulate": command_simulate,
-            "evaluate": command_evaluate, "train": command_train, "bench": command_bench}
+            "evaluate": command_evaluate, "train": command_train, "bench": command_bench,
+            "actions": command_actions}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -359,3 +359,20 @@ def dead_letters(store_root: str | Path, rule: str | None = None,
     done = list(delivered_ids(store))
     return (frame.filter(~pl.col("action_id").is_in(done)).sort("deadlettered_at")
             .unique("action_id", keep="last", maintain_order=True).collect())
+
+
+def retry_dead_letters(store_root: str | Path, rule: str | None = None,
+                       since: dt.datetime | None = None) -> dict[str, int]:
+    """``eventray actions retry``: send the store's dead letters (of ``rule``, parked since
+    ``since``) again, each with its own id (the receiver's idempotency key) and a fresh
+    retry budget; those that fail again are parked again.
+
+    Raises:
+        ConfigError: a rule's ``secret_env`` variable is not set.
+    """
+    rows = dead_letters(store_root, rule, since)
+    if rows.height == 0:
+        return {"retried": 0, "delivered": 0, "dead_lettered": 0}
+    names = {r.secret_env for t in rows["target"].unique().to_list()
+             if (r := ActionRuleSpec.model_validate_json(t)).secret_env}
+    return asyncio.run(redeliver(store_root, rows, secrets=read_secrets(names)))
