@@ -181,6 +181,31 @@ class Pipeline:
         self.spec  # validate now: a bad event type pattern fails here  # noqa: B018
         return self
 
+    def add_action(self, name: str, event_types: str | Sequence[str], *, kind: str,
+                   **settings: Any) -> Pipeline:
+        """Set off an action for every event of ``event_types`` (wildcards allowed) that a
+        partition decides or stores: a rule of the ``actions:`` section
+        (:class:`pipelines.actions.ActionRuleSpec`), validated now.
+
+        Args:
+            name: the rule's name (part of each action's id: keep it stable).
+            event_types: one type or a list of shell-style patterns.
+            kind: ``webhook``, ``notify``, ``workflow``, ``update`` or a plugin's kind.
+            settings: the rest of the rule (``url``, ``secret_env``, ``where``,
+                ``rate_limit``, ``retry``...).
+
+        Returns:
+            The pipeline, to chain calls.
+        """
+        types = [event_types] if isinstance(event_types, str) else list(event_types)
+        current = self._base.actions.model_dump(mode="json", exclude_unset=True) \
+            if self._base.actions is not None else {}
+        rules = [*current.get("rules", []), {"name": name, "event_types": types, "kind": kind, **settings}]
+        raw = {**self._base.model_dump(by_alias=True, exclude_unset=True),
+               "actions": {**current, "rules": rules}}
+        self._base = validate_spec(raw, f"pipeline {self._base.name!r}", self.objects)
+        return self
+
     @property
     def spec(self) -> PipelineSpec:
         """The whole pipeline as one frozen spec (registered processors as ``python`` steps)."""

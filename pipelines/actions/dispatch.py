@@ -257,14 +257,14 @@ class OutboxDispatcher:
         """One attempt: checks (allow-list, gone, breaker), rate limit, send, record."""
         endpoint = endpoint_of(action.url)
         breaker = self.breakers.setdefault(endpoint, CircuitBreaker(rule.breaker))
-        refusal = self._refusal(action, rule, endpoint, breaker)
-        if refusal is not None:
-            self._record(action, number, refusal, None)
-            raise refusal
-        limiter = self._limiter(rule)
-        if limiter is not None:
-            await limiter.acquire()
-        async with self.semaphore:
+        async with self.semaphore:  # checked when its turn comes: a 410 or a breaker may be new
+            refusal = self._refusal(action, rule, endpoint, breaker)
+            if refusal is not None:
+                self._record(action, number, refusal, None)
+                raise refusal
+            limiter = self._limiter(rule)
+            if limiter is not None:
+                await limiter.acquire()
             started = time.perf_counter()
             try:
                 sent = await action_kind(rule.kind).send(action, rule, self._context())

@@ -183,14 +183,17 @@ class ActionRules:
         """The rule's URL with its placeholders filled from each trigger (per column)."""
         if rule.url is None:
             return pl.lit(None, pl.String)
-        url = pl.lit(rule.url)
         columns = [f.name for f in matched.schema["data"].fields] \
             if isinstance(matched.schema.get("data"), pl.Struct) else []
-        for name in sorted(set(URL_PLACEHOLDER.findall(rule.url))):
+        parts: list[pl.Expr] = [pl.col("key").str.slice(0, 0)]  # one value per row
+        literal = 0
+        for found in URL_PLACEHOLDER.finditer(rule.url):
+            name = found[1]
             value = payload_text("data", name[5:], columns) if name.startswith("data.") \
                 else pl.col(name).cast(pl.String)
-            url = url.str.replace_all("{" + name + "}", value.fill_null(""), literal=True)
-        return url
+            parts += [pl.lit(rule.url[literal:found.start()]), value.fill_null("")]
+            literal = found.end()
+        return pl.concat_str([*parts, pl.lit(rule.url[literal:])])
 
     @staticmethod
     def _update_rows(rule: ActionRuleSpec, matched: pl.DataFrame) -> pa.Table:
