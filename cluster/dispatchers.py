@@ -233,7 +233,11 @@ class LocalDispatchers:
 
     def _main(self) -> None:
         asyncio.set_event_loop(self.loop)
-        self.loop.run_until_complete(self._serve())
+        try:
+            self.loop.run_until_complete(self._serve())
+            self.loop.run_until_complete(self.loop.shutdown_default_executor())
+        finally:
+            self.loop.close()  # an unclosed loop warns when collected, anywhere
 
     async def _serve(self) -> None:
         self.stop = asyncio.Event()

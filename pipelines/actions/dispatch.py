@@ -180,8 +180,9 @@ class OutboxDispatcher:
     def load(self) -> int:
         """Start delivering the actions newly covered by a committed checkpoint."""
         files = committed_outbox_files(self.store, self.run, self.seen_files)
-        self.seen_files.update(files)
-        return self.submit(pl.read_parquet(files, hive_partitioning=False) if files else None)
+        started = self.submit(pl.read_parquet(files, hive_partitioning=False) if files else None)
+        self.seen_files.update(files)  # only now: a drain counts files read as files started
+        return started
 
     def submit(self, rows: pl.DataFrame | None) -> int:
         """Start a delivery task for each of ``rows`` in this shard not finished already."""

@@ -126,10 +126,12 @@ def test_url_templates_fill_from_the_trigger_and_where_filters_rows() -> None:
     assert rows["url"].to_pylist() == ["http://127.0.0.1:9/users/u1/k1"]
 
 
-def test_the_target_carries_settings_and_the_allow_list_never_a_secret(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_target_carries_settings_and_the_allow_list_never_a_secret(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HOOK_SECRET", "whsec_c2VjcmV0LXZhbHVl")
     outbox = rules([{**HOOK, "secret_env": "HOOK_SECRET"}])
-    target = outbox.apply([], envelope_rows(["user.login"]), FakeClock()()).tables["actions"]["target"][0].as_py()
+    rows = outbox.apply([], envelope_rows(["user.login"]), FakeClock()()).tables["actions"]
+    target = rows["target"][0].as_py()
     assert '"secret_env":"HOOK_SECRET"' in target and '"allow_hosts":["127.0.0.1"]' in target
     assert "c2VjcmV0LXZhbHVl" not in target
 

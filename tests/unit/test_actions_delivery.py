@@ -132,36 +132,45 @@ def test_an_open_breaker_keeps_actions_pending_until_their_budget_runs_out(tmp_p
     assert table(tmp_path, "actions_deadletter").height == LOGINS
 
 
-def test_notify_by_chat_and_by_email_through_a_real_smtp_server(tmp_path: Path) -> None:
-    from aiosmtpd.controller import Controller
+def test_notify_by_email_through_a_real_smtp_server(tmp_path: Path) -> None:
+    import mailbox
+    import subprocess
+    import sys
+    import time
 
-    class Inbox:
-        def __init__(self) -> None:
-            self.messages: list[Any] = []
-
-        async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802
-            self.messages.append(envelope)
-            return "250 OK"
-
-    inbox = Inbox()
-    with socket.socket() as probe:  # a free port (the controller checks it by connecting)
+    with socket.socket() as probe:  # a free port
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    smtp = Controller(inbox, hostname="127.0.0.1", port=port)
-    smtp.start()
+    # aiosmtpd's own server in a process of its own, delivering into a Maildir
+    server = subprocess.Popen([sys.executable, "-m", "aiosmtpd", "-n", "-l", f"127.0.0.1:{port}",
+                               "-c", "aiosmtpd.handlers.Mailbox", str(tmp_path / "maildir")],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        with Receiver(None) as chat:
-            summary = run_with(
-                tmp_path,
-                {"name": "mail", "event_types": ["order.placed"], "kind": "notify", "channel": "email",
-                 "smtp": f"127.0.0.1:{port}", "to": ["risk@example.org"]},
-                {"name": "chat", "event_types": ["user.login"], "kind": "notify", "url": chat.url})
-            texts = [body["text"] for body in chat.received.accepted.values()]
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.05)
+        summary = run_with(tmp_path, {
+            "name": "mail", "event_types": ["order.placed"], "kind": "notify", "channel": "email",
+            "smtp": f"127.0.0.1:{port}", "to": ["risk@example.org"]})
     finally:
-        smtp.stop()
-    assert summary["actions"]["delivered"] == 6 + LOGINS
-    assert len(inbox.messages) == 6 and inbox.messages[0].rcpt_tos == ["risk@example.org"]
-    assert b"Message-ID: <" in inbox.messages[0].content
+        server.terminate()
+        server.wait(timeout=30)
+    messages = list(mailbox.Maildir(tmp_path / "maildir", create=False))
+    assert summary["actions"]["delivered"] == 6
+    assert len(messages) == 6 and {m["To"] for m in messages} == {"risk@example.org"}
+    ids = {m["Message-ID"].strip("<>").split("@")[0] for m in messages}
+    assert ids == set(table(tmp_path, "actions")["action_id"])  # the receiver's dedup key
+
+
+def test_notify_by_chat(tmp_path: Path) -> None:
+    with Receiver(None) as chat:
+        summary = run_with(tmp_path, {"name": "chat", "event_types": ["user.login"], "kind": "notify",
+                                      "url": chat.url})
+        texts = [body["text"] for body in chat.received.accepted.values()]
+    assert summary["actions"]["delivered"] == LOGINS
     assert len(texts) == LOGINS and all(t.startswith("[chat] user.login for ") for t in texts)
 
 
