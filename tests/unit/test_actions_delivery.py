@@ -18,7 +18,7 @@ from pipelines.actions.kinds import ACTION_KINDS, Action, ActionKind, DeliveryCo
 from pipelines.actions.spec import ActionRuleSpec
 from pipelines.pipeline import load_pipeline, validate_spec
 from pipelines.store import EventStore
-from tests.actions_receiver import Behaviour, Receiver, new_secret
+from pipelines.actions.receiver import Behaviour, Receiver, new_secret
 from tests.support import ROOT, eventray, summary_of
 
 LOGINS = 7  # user.login events stored from examples/events.jsonl

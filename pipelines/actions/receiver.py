@@ -1,5 +1,6 @@
-"""A real webhook receiver on 127.0.0.1 for the action tests: flaky on purpose, and
-deduplicating by ``webhook-id`` as the Standard Webhooks spec asks receivers to.
+"""A real webhook receiver on 127.0.0.1, for tests and benchmarks of actions (part of the
+testing kit): flaky on demand, and deduplicating by ``webhook-id`` as the Standard Webhooks
+spec asks receivers to.
 
 Each request is verified with the shared secret (``standardwebhooks``), then, unless its
 ``webhook-id`` was accepted before (answered 200 again, counted as a duplicate), it is
