@@ -125,7 +125,8 @@ def plot(latency: pl.Series, path: Path, result: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cluster.bench.actions", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m cluster.bench.actions",
+                                     description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--days", type=int, default=14)
     parser.add_argument("--seconds", type=float, default=20.0, help="the days are replayed over this long")
     parser.add_argument("--fail-rate", type=float, default=0.0)

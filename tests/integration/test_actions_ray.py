@@ -17,9 +17,9 @@ import pytest
 from cluster.dispatchers import RayDispatchers
 from cluster.driver import run_pipeline
 from cluster.partitions import NAMESPACE, RayPartitions
+from pipelines.actions.receiver import Behaviour, Receiver, new_secret
 from pipelines.pipeline import validate_spec
 from pipelines.spec import PipelineSpec
-from pipelines.actions.receiver import Behaviour, Receiver, new_secret
 from tests.support import fraud_spec, train_into
 
 DAYS = 14  # of the handbook's April: ~134k transactions, a few hundred alerts

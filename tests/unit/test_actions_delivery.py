@@ -15,10 +15,10 @@ import pytest
 
 from cluster.job import run_in_process
 from pipelines.actions.kinds import ACTION_KINDS, Action, ActionKind, DeliveryContext, Sent
+from pipelines.actions.receiver import Behaviour, Receiver, new_secret
 from pipelines.actions.spec import ActionRuleSpec
 from pipelines.pipeline import load_pipeline, validate_spec
 from pipelines.store import EventStore
-from pipelines.actions.receiver import Behaviour, Receiver, new_secret
 from tests.support import ROOT, eventray, summary_of
 
 LOGINS = 7  # user.login events stored from examples/events.jsonl
