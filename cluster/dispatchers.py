@@ -27,9 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from cluster.partitions import NAMESPACE
+from pipelines.action_rules import ActionsSpec
 from pipelines.actions.dispatch import OutboxDispatcher, read_secrets
 from pipelines.actions.ledger import committed_outbox_files
-from pipelines.actions.spec import ActionsSpec
 from pipelines.errors import PipelineError
 from pipelines.store import EventStore
 

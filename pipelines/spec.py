@@ -34,7 +34,7 @@ from pydantic import (
     model_validator,
 )
 
-from pipelines.actions.spec import ActionsSpec
+from pipelines.action_rules import ActionsSpec
 from pipelines.envelope import (
     EVENT_TYPE_PATTERN,
     PayloadRegistry,

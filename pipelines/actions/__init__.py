@@ -15,6 +15,6 @@ Exceptions (all :class:`~pipelines.errors.PipelineError`)::
 
 from __future__ import annotations
 
-from pipelines.actions.spec import ActionRuleSpec, ActionsSpec, BreakerSpec, RetrySpec
+from pipelines.action_rules import ActionRuleSpec, ActionsSpec, BreakerSpec, RetrySpec
 
 __all__ = ["ActionRuleSpec", "ActionsSpec", "BreakerSpec", "RetrySpec"]

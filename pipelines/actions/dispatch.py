@@ -38,6 +38,7 @@ import pyarrow as pa
 from aiolimiter import AsyncLimiter
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential, wait_fixed
 
+from pipelines.action_rules import ActionRuleSpec, BreakerSpec
 from pipelines.actions.kinds import Action, DeliveryContext, DeliveryFailed, action_kind
 from pipelines.actions.ledger import (
     LedgerWriter,
@@ -46,7 +47,6 @@ from pipelines.actions.ledger import (
     delivered_ids,
     utc_now,
 )
-from pipelines.actions.spec import ActionRuleSpec, BreakerSpec
 from pipelines.errors import ConfigError
 from pipelines.hashing import partition_of
 from pipelines.store import EventStore

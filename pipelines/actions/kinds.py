@@ -24,7 +24,7 @@ from typing import Any
 
 import httpx
 
-from pipelines.actions.spec import ActionRuleSpec
+from pipelines.action_rules import ActionRuleSpec
 from pipelines.errors import PipelineError
 from pipelines.plugins import PluginRegistry, import_path
 
@@ -102,7 +102,7 @@ def signed_headers(action: Action, body: bytes, secret: str | None, now: dt.date
 
 
 def _http_failure(response: httpx.Response, now: dt.datetime) -> DeliveryFailed:
-    from pipelines.actions.spec import retry_after_seconds
+    from pipelines.action_rules import retry_after_seconds
 
     code = response.status_code
     if code == 410:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import polars as pl
 import pyarrow as pa
 
-from pipelines.actions.spec import URL_PLACEHOLDER, ActionRuleSpec, ActionsSpec
+from pipelines.action_rules import URL_PLACEHOLDER, ActionRuleSpec, ActionsSpec
 from pipelines.envelope import TIMESTAMP, envelope_schema
 from pipelines.errors import ConfigError
 from pipelines.event_ids import uuid5_strings

@@ -11,9 +11,9 @@ import pytest
 
 import pipelines.actions
 from cluster.job import run_in_process
+from pipelines.action_rules import ActionsSpec, BreakerSpec, retry_after_seconds
 from pipelines.actions.dispatch import CircuitBreaker
 from pipelines.actions.outbox import ACTIONS_STEP, ActionRules
-from pipelines.actions.spec import ActionsSpec, BreakerSpec, retry_after_seconds
 from pipelines.envelope import envelope_schema
 from pipelines.errors import ConfigError, UnknownPluginError
 from pipelines.event_ids import EVENTRAY_NAMESPACE

@@ -14,9 +14,9 @@ import polars as pl
 import pytest
 
 from cluster.job import run_in_process
+from pipelines.action_rules import ActionRuleSpec
 from pipelines.actions.kinds import ACTION_KINDS, Action, ActionKind, DeliveryContext, Sent
 from pipelines.actions.receiver import Behaviour, Receiver, new_secret
-from pipelines.actions.spec import ActionRuleSpec
 from pipelines.pipeline import load_pipeline, validate_spec
 from pipelines.store import EventStore
 from tests.support import ROOT, eventray, summary_of

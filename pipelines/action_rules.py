@@ -1,4 +1,4 @@
-"""Action rules in config: what a decision sets off, where, and how hard to try.
+"""Action rules in config (the ``actions:`` section): what a decision sets off, and where.
 
 ``actions:`` in a pipeline config is a list of rules, or a mapping with ``allow_hosts`` (the
 hosts every rule may reach) and ``rules``::
