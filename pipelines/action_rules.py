@@ -6,7 +6,7 @@ hosts every rule may reach) and ``rules``::
     actions:
       - name: notify-risk-team
         event_types: [fraud.suspected, fraud.card_testing]   # wildcards allowed
-        where: "key <> 'test'"                              # optional filter (SQL subset)
+        where: "data.score > 0.9"                           # optional filter (SQL subset)
         kind: webhook
         url: http://127.0.0.1:9000/hooks/fraud
         secret_env: FRAUD_HOOK_SECRET

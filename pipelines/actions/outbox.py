@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass, field
+from typing import Any
 
 import polars as pl
 import pyarrow as pa
@@ -106,18 +107,50 @@ class ActionRules:
         self._targets = [self._target(rule) for rule in self.rules]
 
     def _compile(self, index: int, rule: ActionRuleSpec) -> pl.Expr:
+        """The rule's mask: its event types, and its ``where`` over the envelope. Payload
+        fields a JSON payload holds (``data.score`` of an alert event) are read from it, as
+        numbers when the filter type-checks so, else as text."""
         mask = pl.col("event_type").str.contains(type_regex(rule.event_types))
         if rule.where is None:
             return mask
-        try:
-            condition = pl.sql_expr(safe_filter_sql(rule.where))
-            empty = pl.from_arrow(self.envelope.empty_table())
-            assert isinstance(empty, pl.DataFrame)
-            empty.filter(condition)  # type errors show now, not at the first batch
-        except Exception as exc:  # polars raises several kinds for a bad expression
-            raise ConfigError(f"actions.rules.{index}.where (action {rule.name!r}): "
-                              f"{rule.where!r}: {exc}") from None
-        return mask & condition.fill_null(False)
+        error: Exception | None = None
+        for json_type in (None, pl.Float64, pl.String):
+            try:
+                condition = pl.sql_expr(safe_filter_sql(rule.where))
+                payload = self._json_payload(rule.where, json_type)
+                empty = pl.from_arrow(self.envelope.empty_table())
+                assert isinstance(empty, pl.DataFrame)
+                if payload is not None:
+                    empty = empty.with_columns(payload)
+                empty.filter(condition)  # type errors show now, not at the first batch
+            except Exception as exc:  # polars raises several kinds for a bad expression
+                error = error or exc
+                continue
+            if payload is not None:  # the fields read, then the filter over them
+                return mask & pl.struct(pl.all()).map_batches(
+                    lambda s, p=payload, c=condition: s.struct.unnest().with_columns(p).select(
+                        c.fill_null(False)).to_series(), return_dtype=pl.Boolean)
+            return mask & condition.fill_null(False)
+        raise ConfigError(f"actions.rules.{index}.where (action {rule.name!r}): "
+                          f"{rule.where!r}: {error}") from None
+
+    def _json_payload(self, where: str, json_type: Any) -> pl.Expr | None:
+        """``data`` with the filter's missing payload fields read from its JSON text."""
+        import sqlglot
+        from sqlglot import exp
+
+        fields = self.envelope.field("data").type
+        names = {fields.field(i).name for i in range(fields.num_fields)}
+        if json_type is None or "json" not in names:
+            return None
+        wanted = sorted({c.name for c in sqlglot.parse_one(where, read="postgres").find_all(exp.Column)
+                         if c.table == "data" and c.name not in names})
+        if not wanted:
+            return None
+        text = pl.field("json")
+        return pl.col("data").struct.with_fields(
+            text.str.json_path_match(f"$.{name}").cast(json_type, strict=False).alias(name)
+            for name in wanted)
 
     def _target(self, rule: ActionRuleSpec) -> str:
         return rule.model_copy(update={"allow_hosts": self.spec.allowed_hosts(rule)}).model_dump_json()

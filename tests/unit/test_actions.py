@@ -89,7 +89,7 @@ def envelope_rows(types: list[str], sources: list[str] | None = None) -> pa.Tabl
             "timestamp": [1_700_000_000_000_000 + i for i in range(n)],
             "source": sources or ["web"] * n, "correlation_id": [f"c{i}" for i in range(n)],
             "key": [f"k{i}" for i in range(n)],
-            "data": [{"json": f'{{"user": "u{i}", "score": {i / 10}}}'} for i in range(n)],
+            "data": [{"json": f'{{"user": "u{i}", "score": {i / 10}, "who": "w{i}"}}'} for i in range(n)],
             "metadata": [{"version": "1", "region": None, "ingested_at": 0, "tags": None}] * n}
     return pa.Table.from_pydict(rows, schema=schema)
 
@@ -104,7 +104,7 @@ def test_the_outbox_is_written_in_the_apply_that_decides_with_ids_of_event_and_r
     expected = [str(uuid.uuid5(EVENTRAY_NAMESPACE, f"e{i}/hook")) for i in (0, 2)]
     assert outbox["action_id"].to_pylist() == expected
     assert outbox["url"].to_pylist() == ["http://127.0.0.1:9/h"] * 2
-    assert '"data":{"user": "u2", "score": 0.2}' in outbox["body"][1].as_py()
+    assert '"data":{"user": "u2", "score": 0.2, "who": "w2"}' in outbox["body"][1].as_py()
     replayed = ListSink()
     PartitionWorker(0, replayed, clock=FakeClock(), actions=rules([HOOK])).apply(0, batch)
     assert replayed.table("actions").equals(outbox)  # a replay writes the same rows
@@ -124,6 +124,16 @@ def test_url_templates_fill_from_the_trigger_and_where_filters_rows() -> None:
         **HOOK, "url": "http://127.0.0.1:9/users/{data.user}/{key}", "where": "key <> 'k0'"}]})
     rows = outbox.apply([], envelope_rows(["user.login", "user.login"]), FakeClock()()).tables["actions"]
     assert rows["url"].to_pylist() == ["http://127.0.0.1:9/users/u1/k1"]
+
+
+def test_where_reads_the_fields_of_json_payloads_as_numbers_or_text() -> None:
+    batch = envelope_rows(["fraud.suspected"] * 3, ["step:fraud"] * 3)
+    by_score = rules([{**HOOK, "event_types": ["fraud.*"], "where": "data.score > 0.05"}])
+    assert by_score.apply([batch], envelope_rows([]), FakeClock()()).tables["actions"]["event_id"] \
+        .to_pylist() == ["e1", "e2"]
+    by_text = rules([{**HOOK, "event_types": ["fraud.*"], "where": "data.who = 'w2' OR key = 'k0'"}])
+    assert by_text.apply([batch], envelope_rows([]), FakeClock()()).tables["actions"]["event_id"] \
+        .to_pylist() == ["e0", "e2"]
 
 
 def test_the_target_carries_settings_and_the_allow_list_never_a_secret(
