@@ -49,7 +49,7 @@ def hooked_spec(registry: Path, url: str) -> PipelineSpec:
         runtime={**base.runtime.model_dump(exclude_none=True), "checkpoint_every": 3},
         actions={"rules": [{
             "name": "notify-risk-team", "event_types": ["fraud.suspected", "fraud.card_*"],
-            "where": "key IS NOT NULL",
+            "where": "data.score >= 0.3",  # a field of the alert event's JSON payload
             "kind": "webhook", "url": url, "secret_env": "FRAUD_HOOK_SECRET",
             "rate_limit": "2000/s", "timeout": TIMEOUT_S,
             "retry": {"attempts": 15, "backoff": "exponential", "initial_delay": 0.05, "max_delay": 0.5},
