@@ -178,3 +178,21 @@ def test_retry_after_reads_seconds_and_http_dates() -> None:
     assert retry_after_seconds("7", now) == 7.0
     assert retry_after_seconds("Mon, 01 Jan 2024 00:00:30 GMT", now) == 30.0
     assert retry_after_seconds("soon", now) is None and retry_after_seconds(None, now) is None
+
+
+def test_only_outbox_files_a_committed_checkpoint_covers_are_delivered(tmp_path: Path) -> None:
+    from pipelines.actions.ledger import committed_outbox_files
+    from pipelines.checkpoint import Checkpoint, CheckpointStore
+    from pipelines.store import EventStore
+
+    store = EventStore(tmp_path)
+    outbox = rules([HOOK]).apply([], envelope_rows(["user.login"]), FakeClock()()).tables["actions"]
+    for partition, seq in ((0, 0), (0, 1), (1, 0)):
+        store.write("actions", outbox, f"r1-p{partition:04d}-{ACTIONS_STEP}", seq)
+    assert committed_outbox_files(store, "r1", set()) == []  # no checkpoint yet: nothing
+    CheckpointStore(tmp_path, "r1").commit(Checkpoint(1, {}, {0: 1, 1: 0}, 0))
+    assert [p.name for p in committed_outbox_files(store, "r1", set())] == [
+        f"part-r1-p0000-{ACTIONS_STEP}-000000000000.parquet"]  # seq 1 and p1's may be replayed
+    CheckpointStore(tmp_path, "r1").commit(Checkpoint(2, {}, {0: 2, 1: 1}, 0))
+    assert len(committed_outbox_files(store, "r1", set())) == 3
+    assert committed_outbox_files(store, "r2", set()) == []  # another run's checkpoints

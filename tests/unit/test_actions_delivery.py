@@ -226,3 +226,11 @@ def test_workflow_tasks_and_plugin_kinds_are_delivered(tmp_path: Path) -> None:
     assert summary["actions"]["delivered"] == 7 + 6
     assert len(CALLS) == 7 and {c["event_type"] for c in CALLS} == {"iot.reading"}
     assert json.dumps(CALLS[0]["body"]) and len(MemoKind.sent) == 6
+
+
+def test_a_rerun_into_the_same_store_never_sends_an_acknowledged_action_again(tmp_path: Path) -> None:
+    with Receiver(None) as receiver:
+        first = run_with(tmp_path, hook(receiver.url))
+        again = run_with(tmp_path, hook(receiver.url))  # the same run id: its files rewritten
+        assert receiver.received.requests == LOGINS
+    assert first["run"] == again["run"] and again["actions"]["delivered"] == LOGINS
