@@ -227,6 +227,7 @@ class LocalDispatchers:
         self.loop = asyncio.new_event_loop()
         self.dispatchers: list[OutboxDispatcher] = []
         self.stop: asyncio.Event | None = None
+        self.failure: BaseException | None = None
         self.thread = threading.Thread(target=self._main, name=f"{run}-dispatchers", daemon=True)
         self.started = threading.Event()
         self.thread.start()
@@ -236,8 +237,11 @@ class LocalDispatchers:
         try:
             self.loop.run_until_complete(self._serve())
             self.loop.run_until_complete(self.loop.shutdown_default_executor())
+        except BaseException as exc:  # reported by poll() and drain() in the driver's thread
+            self.failure = exc
         finally:
             self.loop.close()  # an unclosed loop warns when collected, anywhere
+            self.started.set()
 
     async def _serve(self) -> None:
         self.stop = asyncio.Event()
@@ -254,7 +258,7 @@ class LocalDispatchers:
 
     def poll(self) -> None:
         if not self.thread.is_alive():
-            raise PipelineError("the in-process dispatchers stopped")
+            raise PipelineError(f"the in-process dispatchers stopped: {self.failure!r}")
 
     def drain(self, poll_interval: float = 0.05) -> None:
         expected = len(committed_outbox_files(EventStore(self.store_root), self.run, set()))
