@@ -51,7 +51,9 @@ def config_digest(spec: PipelineSpec) -> str:
     """A digest of what the pipeline computes: the config less its runtime, store and
     search path (changing the partition count keeps the run's identity, so that
     ``--resume`` can refuse the change instead of silently starting another run)."""
-    text = spec.model_dump_json(exclude={"runtime", "store", "search_path"})
+    # no actions: the digest of a pipeline from before the section existed, run ids unchanged
+    unset = {"actions"} if spec.actions is None else set()
+    text = spec.model_dump_json(exclude={"runtime", "store", "search_path", *unset})
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
