@@ -6,6 +6,8 @@ Commands:
     simulate         write synthetic card transactions (the project's own generator)
     train            fit a fraud model on the store's features and save it to a registry
     evaluate         fraud models by the handbook's protocol; anomaly detectors on NAB
+    report           one day of a store as an HTML compliance report with plots
+    actions retry    send dead-lettered actions again (--store S [--rule R] [--since T])
 
 Every command ends by printing one JSON line on stdout. Bad arguments print usage;
 bad configs print what is wrong with which field; neither prints a traceback.
@@ -92,6 +94,11 @@ def _parser() -> argparse.ArgumentParser:
 
     add_bench_arguments(commands.add_parser("bench", help="benchmark the fraud pipeline against "
                                             "a batch job, a per-event design and Bytewax"))
+
+    report = commands.add_parser("report", help="one day of a store as an HTML compliance report")
+    report.add_argument("--store", type=Path, required=True, help="event store directory")
+    report.add_argument("--day", type=_day, required=True, help="the day (UTC), YYYY-MM-DD")
+    report.add_argument("--out", type=Path, help="HTML file (default: STORE/_reports/DAY.html)")
 
     actions = commands.add_parser("actions", help="the actions outbox of a store")
     verbs = actions.add_subparsers(dest="verb", required=True, metavar="VERB")
@@ -239,6 +246,14 @@ def command_bench(args: argparse.Namespace) -> dict[str, Any]:
     return command(args, log=_log)
 
 
+def command_report(args: argparse.Namespace) -> dict[str, Any]:
+    from cluster.report import write_report
+
+    if not args.store.is_dir():
+        raise PipelineError(f"store {args.store} is not a directory")
+    return write_report(args.store, args.day, args.out)
+
+
 def command_actions(args: argparse.Namespace) -> dict[str, Any]:
     from pipelines.actions.dispatch import retry_dead_letters
 
@@ -247,7 +262,7 @@ def command_actions(args: argparse.Namespace) -> dict[str, Any]:
 
 COMMANDS = {"run": command_run, "submit": command_submit, "simulate": command_simulate,
             "evaluate": command_evaluate, "train": command_train, "bench": command_bench,
-            "actions": command_actions}
+            "report": command_report, "actions": command_actions}
 
 
 def main(argv: list[str] | None = None) -> int:
