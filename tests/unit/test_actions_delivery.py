@@ -234,3 +234,12 @@ def test_a_rerun_into_the_same_store_never_sends_an_acknowledged_action_again(tm
         again = run_with(tmp_path, hook(receiver.url))  # the same run id: its files rewritten
         assert receiver.received.requests == LOGINS
     assert first["run"] == again["run"] and again["actions"]["delivered"] == LOGINS
+
+
+def test_a_rule_rate_limit_spaces_its_deliveries(tmp_path: Path) -> None:
+    with Receiver(None) as receiver:
+        run_with(tmp_path, hook(receiver.url, rate_limit="2/s"), concurrency=1)
+        assert len(receiver.received.accepted) == LOGINS
+    times = table(tmp_path, "action_attempts").sort("attempted_at")["attempted_at"]
+    # a burst of 2, then 2 a second: 7 deliveries span at least 2 s (unlimited: milliseconds)
+    assert (times[-1] - times[0]).total_seconds() >= 2.0
