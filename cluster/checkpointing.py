@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
 from cluster.accounting import RunCounts
+from pipelines.actions.outbox import ACTIONS_STEP
 from pipelines.checkpoint import CHECKPOINT_DIR, Checkpoint, CheckpointStore, write_durably
 from pipelines.errors import AccountingError, ConfigError
 from pipelines.keyed import DEADLETTER_STEP
@@ -137,6 +138,7 @@ class Checkpointer:
             writers[writer.local] = seq
             writers.update({writer.for_step(step.name).local: seq for step in self.spec.steps})
             writers[writer.for_step(DEADLETTER_STEP).local] = seq  # its poison events
+            writers[writer.for_step(ACTIONS_STEP).local] = seq  # its outbox rows
         for name, seqs in latest.stage_seqs.items():
             for partition, seq in seqs.items():
                 writers[WriterId.stage(self.run, name, partition).for_step(DEADLETTER_STEP).local] = seq

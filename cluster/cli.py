@@ -10,6 +10,7 @@ Commands:
     evaluate         fraud models by the handbook's protocol; anomaly detectors on NAB
     report           one day of a store as an HTML compliance report with plots
     mine             match a pattern file over a store's events (no Ray)
+    actions retry    send dead-lettered actions again (--store S [--rule R] [--since T])
 
 Every command ends by printing one JSON line on stdout. Bad arguments print usage;
 bad configs print what is wrong with which field; neither prints a traceback.
@@ -114,6 +115,14 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--day", type=_day, required=True, help="the day (UTC), YYYY-MM-DD")
     report.add_argument("--out", type=Path, help="HTML file (default: STORE/_reports/DAY.html)")
 
+    actions = commands.add_parser("actions", help="the actions outbox of a store")
+    verbs = actions.add_subparsers(dest="verb", required=True, metavar="VERB")
+    retry = verbs.add_parser("retry", help="send dead-lettered actions again")
+    retry.add_argument("--store", type=Path, required=True, help="the event store")
+    retry.add_argument("--rule", help="only this rule's actions")
+    retry.add_argument("--since", type=_moment, help="only actions parked at or after this "
+                       "time (ISO 8601, UTC if no zone)")
+
     sim = commands.add_parser("simulate", help="write synthetic card transactions")
     sim.add_argument("--out", type=Path, required=True, help="output folder")
     sim.add_argument("--days", type=_positive, default=183)
@@ -157,6 +166,16 @@ def _day(text: str) -> Any:
         return dt.date.fromisoformat(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a date YYYY-MM-DD") from None
+
+
+def _moment(text: str) -> Any:
+    import datetime as dt
+
+    try:
+        moment = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an ISO 8601 time") from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=dt.UTC)
 
 
 def _run_id(text: str) -> str:
@@ -287,10 +306,16 @@ def command_mine(args: argparse.Namespace) -> dict[str, Any]:
     return mine_store(args.store, args.patterns, args.out, args.start, args.end)
 
 
+def command_actions(args: argparse.Namespace) -> dict[str, Any]:
+    from pipelines.actions.dispatch import retry_dead_letters
+
+    return retry_dead_letters(args.store, rule=args.rule, since=args.since)
+
+
 COMMANDS = {"run": command_run, "submit": command_submit, "serve": command_serve,
             "produce": command_produce, "simulate": command_simulate,
             "evaluate": command_evaluate, "train": command_train, "bench": command_bench,
-            "report": command_report, "mine": command_mine}
+            "report": command_report, "mine": command_mine, "actions": command_actions}
 
 
 def main(argv: list[str] | None = None) -> int:

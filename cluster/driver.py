@@ -27,6 +27,7 @@ from cluster.dispatch import Dispatcher
 from cluster.enrichment import EnrichmentChain
 from cluster.ingest import Ingest
 from cluster.operators import KeyedExecutor
+from pipelines.actions.ledger import run_outcomes
 from pipelines.envelope import envelope_schema
 from pipelines.errors import ConfigError
 from pipelines.kinds import build_source, repartitioned_patterns, stage_class, wants_watermarks
@@ -43,13 +44,17 @@ IDLE_POLL_S = 0.001
 
 PartitionFactory = Callable[[str], KeyedExecutor]
 StageFactory = Callable[[str, EnrichSpec], KeyedExecutor]
+#: Builds the run's action dispatchers, given its id (see :mod:`cluster.dispatchers`).
+ActionsFactory = Callable[[str], Any]
 
 
 def config_digest(spec: PipelineSpec) -> str:
     """A digest of what the pipeline computes: the config less its runtime, store and
     search path (changing the partition count keeps the run's identity, so that
     ``--resume`` can refuse the change instead of silently starting another run)."""
-    text = spec.model_dump_json(exclude={"runtime", "store", "search_path"})
+    # no actions: the digest of a pipeline from before the section existed, run ids unchanged
+    unset = {"actions"} if spec.actions is None else set()
+    text = spec.model_dump_json(exclude={"runtime", "store", "search_path", *unset})
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -105,7 +110,8 @@ class PipelineRun:
 
     def __init__(self, spec: PipelineSpec, partitions: PartitionFactory,
                  store_root: str | Path, inputs: list[str] | None, clock: Clock,
-                 stages: StageFactory | None = None, run: str | None = None) -> None:
+                 stages: StageFactory | None = None, run: str | None = None,
+                 actions: ActionsFactory | None = None) -> None:
         if spec.enrich and stages is None:
             raise ConfigError("enrich: this runner has no executor for enrichment stages")
         self.spec = spec
@@ -119,6 +125,9 @@ class PipelineRun:
         pace = spec.source.pace
         self.pacer = Pacer(pace.speedup, pace.linger_ms / 1000) if pace else None
         self.partition_factory, self.stage_factory = partitions, stages
+        delivered = spec.actions is not None and any(r.delivered for r in spec.actions.rules)
+        self.actions_factory = actions if delivered else None
+        self.actions: Any = None
         self.routed_schema = routed_schema(spec)
         self.watermarks = wants_watermarks(spec)
 
@@ -130,10 +139,12 @@ class PipelineRun:
         seqs = restored.partition_seqs if restored else [0] * self.spec.runtime.partitions
         stage_seqs = {s.name: (restored.stage_seqs.get(s.name) if restored else None)
                       or [0] * s.partitions for s in self.spec.enrich}
+        if self.actions_factory is not None:  # secrets checked before any partition starts
+            self.actions = self.actions_factory(self.run)
         executor = self.partition_factory(self.run)
         stage_executors = [self.stage_factory(self.run, stage)  # type: ignore[misc]
                            for stage in self.spec.enrich]
-        for started in [executor, *stage_executors]:
+        for started in [executor, *stage_executors, *([self.actions] if self.actions else [])]:
             started.ready()  # actors up (imports, models, restored state) before the clock
         self.dispatcher = Dispatcher(self.spec, executor, seqs, self.counts, self.routed_schema)
         self.chain = EnrichmentChain(self.spec, stage_executors, stage_seqs, self.counts)
@@ -179,6 +190,8 @@ class PipelineRun:
         if self.watermarks:
             self.dispatcher.advance_watermark(self.ingest.watermark_us, final)
         self.checkpointer.take(self.dispatcher, self.chain, self.ingest, self.counts, offsets)
+        if self.actions is not None:
+            self.actions.poll()  # a dead dispatcher is replaced; it resends what is unacknowledged
 
     def _batches(self, offsets: dict[str, int]) -> Iterator[RawBatch]:
         """The source's batches; a bounded Parquet or CSV source in event-time order reads
@@ -211,15 +224,27 @@ class PipelineRun:
             if rest is not None:  # the source has ended: no pacing, nothing comes after it
                 self.enter(rest)
             self.checkpoint(offsets, final=True)
+            if self.actions is not None:  # a bounded run ends once its outbox is drained
+                self.actions.drain()
             self.counts.restarts = self.dispatcher.executor.restarts + self.chain.restarts
         finally:
             bar.close()
             self.dispatcher.executor.close()
             self.chain.close()
+            if self.actions is not None:
+                self.actions.close()
         self.counts.check()
         elapsed = time.perf_counter() - started
-        return {**_summary(self.spec, self.counts, self.dispatcher, elapsed, self.store),
-                "startup_s": round(started - starting, 3), "run": self.run, "resumed": resumed}
+        return {**self.summary(elapsed), "startup_s": round(started - starting, 3),
+                "run": self.run, "resumed": resumed}
+
+    def summary(self, elapsed: float) -> dict[str, Any]:
+        """The run's summary fields, with its actions' outcomes when it has actions."""
+        summary = _summary(self.spec, self.counts, self.dispatcher, elapsed, self.store)
+        if self.spec.actions is not None:
+            summary["actions"] = {**run_outcomes(self.store, self.run),
+                                  "dispatcher_restarts": getattr(self.actions, "restarts", 0)}
+        return summary
 
 
 def run_pipeline(
@@ -232,6 +257,7 @@ def run_pipeline(
     resume: bool = False,
     stage_factory: StageFactory | None = None,
     run_id: str | None = None,
+    actions_factory: ActionsFactory | None = None,
 ) -> dict[str, Any]:
     """Run a pipeline to the end of its source; returns the summary (see the CLI).
 
@@ -246,8 +272,12 @@ def run_pipeline(
         stage_factory: builds an enrichment stage's executor, given the run's id and the
             stage (needed when the pipeline has ``enrich`` stages).
         run_id: the run's id (default: derived from the config and the input).
+        actions_factory: builds the run's action dispatchers, given its id (needed to
+            deliver the actions of a pipeline with ``actions``; the outbox is written
+            without it).
     """
-    run = PipelineRun(spec, executor_factory, store_root, inputs, clock, stage_factory, run_id)
+    run = PipelineRun(spec, executor_factory, store_root, inputs, clock, stage_factory, run_id,
+                      actions_factory)
     return run.execute(resume, progress)
 
 

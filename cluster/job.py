@@ -64,6 +64,7 @@ def run_in_process(spec: PipelineSpec, store_root: Path, *, objects: Mapping[str
                    progress: bool | None = False, address: str | None = None,
                    run_id: str | None = None) -> dict[str, Any]:
     """The ``local`` runner: the same driver and partition logic, in this process."""
+    from cluster.dispatchers import LocalDispatchers
     from cluster.driver import run_pipeline
     from cluster.partitions import LocalPartitions
 
@@ -75,7 +76,8 @@ def run_in_process(spec: PipelineSpec, store_root: Path, *, objects: Mapping[str
     summary = run_pipeline(
         spec, lambda run: LocalPartitions(spec.runtime.partitions, store_root, run, spec, objects=found),
         store_root, inputs, progress, resume=resume, run_id=run_id,
-        stage_factory=lambda run, stage: LocalPartitions(stage.partitions, store_root, run, spec, stage))
+        stage_factory=lambda run, stage: LocalPartitions(stage.partitions, store_root, run, spec, stage),
+        actions_factory=lambda run: LocalDispatchers(spec.actions, store_root, run))
     return {**summary, "ray": "in-process"}
 
 
@@ -115,6 +117,7 @@ def run_on_ray(spec: PipelineSpec, store_root: Path, *, objects: Mapping[str, An
                progress: bool | None = False, run_id: str | None = None) -> dict[str, Any]:
     """The ``ray`` runner: keyed actors on an embedded local Ray, or on the cluster at
     ``address`` (a Ray job joins its own cluster)."""
+    from cluster.dispatchers import RayDispatchers
     from cluster.driver import run_pipeline
     from cluster.partitions import RayPartitions
     from cluster.ray_runtime import ray_session
@@ -134,5 +137,6 @@ def run_on_ray(spec: PipelineSpec, store_root: Path, *, objects: Mapping[str, An
                                       per_actor, spec, objects=found),
             store_root, inputs, progress, resume=resume, run_id=run_id,
             stage_factory=lambda run, stage: RayPartitions(
-                stage.partitions, store_root, run, runtime.max_in_flight, per_actor, spec, stage))
+                stage.partitions, store_root, run, runtime.max_in_flight, per_actor, spec, stage),
+            actions_factory=lambda run: RayDispatchers(spec.actions, store_root, run))
     return {**summary, "ray": ray_facts["mode"]}

@@ -32,6 +32,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from pipelines.actions.outbox import outbox_rules
 from pipelines.checkpoint import CheckpointStore
 from pipelines.errors import PipelineError
 from pipelines.group_commit import GroupCommitSink
@@ -102,8 +103,10 @@ class _RunWorker(PartitionWorker):
         # live run also every commit_interval, which bounds the store's commit lag.
         self.grouped = GroupCommitSink(self.store, store.commit_rows,
                                        store.commit_interval.total_seconds() if live else math.inf)
+        actions = outbox_rules(spec) if stage is None and spec is not None else None
         super().__init__(partition, self.grouped, steps=steps, store_events=stage is None,
-                         writer=writer, deadletter_writer=owner.for_step(DEADLETTER_STEP))
+                         writer=writer, deadletter_writer=owner.for_step(DEADLETTER_STEP),
+                         actions=actions)
         self.run, self.stage = run, stage
         self.decisions = live  # a live run's receipts carry decisions (/score)
         self.owner = owner.local

@@ -38,11 +38,12 @@ import pyarrow.compute as pc
 
 from cluster.accounting import RunCounts, weighted_percentiles
 from cluster.checkpointing import Checkpointer, RunIdentity
+from cluster.dispatchers import RayDispatchers
 from cluster.driver import (
+    ActionsFactory,
     PartitionFactory,
     PipelineRun,
     StageFactory,
-    _summary,
     config_digest,
     routed_schema,
 )
@@ -168,11 +169,12 @@ class LiveRun(PipelineRun):
         clock: stamps ``ingested_at``.
         stages: builds an enrichment stage's executor.
         run: the run's id (default :func:`live_run_id`).
+        actions: builds the run's action dispatchers (see :class:`PipelineRun`).
     """
 
     def __init__(self, spec: PipelineSpec, partitions: PartitionFactory, store_root: str | Path,
                  source: LiveSource, clock: Clock = utc_now, stages: StageFactory | None = None,
-                 run: str | None = None) -> None:
+                 run: str | None = None, actions: ActionsFactory | None = None) -> None:
         if spec.enrich and stages is None:
             raise ConfigError("enrich: this runner has no executor for enrichment stages")
         self.spec, self.source = spec, source  # type: ignore[assignment]
@@ -186,6 +188,9 @@ class LiveRun(PipelineRun):
         self.partition_factory, self.stage_factory = partitions, stages
         self.routed_schema = routed_schema(spec)
         self.watermarks = wants_watermarks(spec)
+        delivered = spec.actions is not None and any(r.delivered for r in spec.actions.rules)
+        self.actions_factory = actions if delivered else None
+        self.actions: Any = None
         self.replies: ScoreReplies | None = None
         self.progress_to: Callable[[dict[str, int]], None] | None = None
 
@@ -247,16 +252,20 @@ class LiveRun(PipelineRun):
                 live.tick(self.counts)
             self._drain(drain_to())
             self.commit()
+            if self.actions is not None:  # what was decided is delivered or parked first
+                self.actions.drain()
             self.counts.restarts = self.dispatcher.executor.restarts + self.chain.restarts
         finally:
             live.close()
             self.dispatcher.executor.close()
             self.chain.close()
             self.source.close()  # type: ignore[attr-defined]
+            if self.actions is not None:
+                self.actions.close()
         self.counts.check()
         elapsed = time.perf_counter() - started
-        return {**_summary(self.spec, self.counts, self.dispatcher, elapsed, self.store),
-                "startup_s": round(started - starting, 3), "run": self.run, "resumed": resumed}
+        return {**self.summary(elapsed), "startup_s": round(started - starting, 3),
+                "run": self.run, "resumed": resumed}
 
     def _receipt_hook(self, live: LiveProgress) -> Callable[[BatchReceipt], None]:
         replies = self.replies
@@ -345,7 +354,8 @@ def _serve_on_ray(spec: PipelineSpec, store_root: Path, source: LiveSource,
             runtime.partitions, store_root, run_id, runtime.max_in_flight, None, spec,
             live=True), store_root, source,
             stages=lambda run_id, stage: RayPartitions(
-                stage.partitions, store_root, run_id, runtime.max_in_flight, None, spec, stage))
+                stage.partitions, store_root, run_id, runtime.max_in_flight, None, spec, stage),
+            actions=lambda run_id: RayDispatchers(spec.actions, store_root, run_id))
         ingress, bound = None, None
         if options is not None:
             assert token is not None and isinstance(source, JournalSource)

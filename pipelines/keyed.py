@@ -23,6 +23,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipelines.actions.outbox import ACTIONS_STEP, ActionRules
 from pipelines.errors import PipelineError
 from pipelines.hashing import partition_of
 from pipelines.poison import (
@@ -188,8 +189,10 @@ class PartitionWorker:
     def __init__(self, partition: int, sink: Sink, clock: Clock | None = None,
                  steps: Sequence[Step] = (), store_events: bool = True,
                  writer: WriterId | None = None,
-                 deadletter_writer: WriterId | None = None) -> None:
+                 deadletter_writer: WriterId | None = None,
+                 actions: ActionRules | None = None) -> None:
         self.partition = partition
+        self.actions = actions  # the outbox: written in the apply that decides
         self.writer = writer or WriterId.partition("local", partition)
         self.deadletter_writer = deadletter_writer or self.writer.for_step(DEADLETTER_STEP)
         self.sink = sink
@@ -252,11 +255,22 @@ class PartitionWorker:
                 alerts += rows.num_rows if table == "alerts" else 0
             if output.derived is not None and output.derived.num_rows:
                 derived.append(output.derived)
+        if self.actions is not None:
+            derived += self._write_actions(seq, derived, kept)
         if self.store_events:  # transit columns (``_``-prefixed) are never stored
             stored = [c for c in kept.column_names if not c.startswith("_")]
             self.sink.write("events", without_copies(kept).select(stored),
                             writer=self.writer.name, seq=seq)
         return (pa.concat_tables(derived) if derived else None), alerts
+
+    def _write_actions(self, seq: int, decided: list[pa.Table], kept: pa.Table) -> list[pa.Table]:
+        """Write the batch's outbox rows (and state-table rows) under its sequence number,
+        so they are committed with the decisions; returns the command events they derive."""
+        assert self.actions is not None
+        effects = self.actions.apply(decided, kept, self.clock())
+        for table, rows in effects.tables.items():
+            self.sink.write(table, rows, writer=self.writer.for_step(ACTIONS_STEP).name, seq=seq)
+        return [effects.derived] if effects.derived is not None else []
 
     @staticmethod
     def _positions(events: pa.Table, poison: dict[int, StepFailure]) -> pa.Array | None:

@@ -33,6 +33,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import ValidationError
 
+from pipelines.actions.kinds import check_action_kinds
+from pipelines.actions.outbox import outbox_rules
 from pipelines.errors import ConfigError, SchemaError, UnknownPluginError
 from pipelines.kinds import validate_kinds
 from pipelines.plugins import IMPORT_PATH, PluginRegistry
@@ -68,6 +70,8 @@ def validate_spec(raw: Mapping[str, Any], where: str,
         spec = PipelineSpec.model_validate(dict(raw))
         spec.registry()
         Router(spec)
+        outbox_rules(spec)  # action filters compile now, naming the rule
+        check_action_kinds(spec)
     except ValidationError as exc:
         raise ConfigError(_format_validation_error(where, exc)) from None
     except SchemaError as exc:
@@ -188,6 +192,31 @@ class Pipeline:
             pattern = pattern.model_dump(mode="json")
         raw = self._base.model_dump(by_alias=True, exclude_unset=True)
         raw["patterns"] = [*self._base.patterns, dict(pattern)]
+        self._base = validate_spec(raw, f"pipeline {self._base.name!r}", self.objects)
+        return self
+
+    def add_action(self, name: str, event_types: str | Sequence[str], *, kind: str,
+                   **settings: Any) -> Pipeline:
+        """Set off an action for every event of ``event_types`` (wildcards allowed) that a
+        partition decides or stores: a rule of the ``actions:`` section
+        (:class:`pipelines.actions.ActionRuleSpec`), validated now.
+
+        Args:
+            name: the rule's name (part of each action's id: keep it stable).
+            event_types: one type or a list of shell-style patterns.
+            kind: ``webhook``, ``notify``, ``workflow``, ``update`` or a plugin's kind.
+            settings: the rest of the rule (``url``, ``secret_env``, ``where``,
+                ``rate_limit``, ``retry``...).
+
+        Returns:
+            The pipeline, to chain calls.
+        """
+        types = [event_types] if isinstance(event_types, str) else list(event_types)
+        current = self._base.actions.model_dump(mode="json", exclude_unset=True) \
+            if self._base.actions is not None else {}
+        rules = [*current.get("rules", []), {"name": name, "event_types": types, "kind": kind, **settings}]
+        raw = {**self._base.model_dump(by_alias=True, exclude_unset=True),
+               "actions": {**current, "rules": rules}}
         self._base = validate_spec(raw, f"pipeline {self._base.name!r}", self.objects)
         return self
 

@@ -31,6 +31,7 @@ from pydantic import (
     model_validator,
 )
 
+from pipelines.action_rules import ActionsSpec
 from pipelines.envelope import (
     EVENT_TYPE_PATTERN,
     PayloadRegistry,
@@ -383,6 +384,9 @@ class PipelineSpec(_Frozen):
     patterns: list[dict[str, Any]] = Field(default_factory=list)
     runtime: RuntimeSpec = Field(default_factory=RuntimeSpec)
     store: StoreSpec = Field(default_factory=StoreSpec)
+    #: Action rules: webhooks, notifications, workflows and updates set off by decisions
+    #: (:mod:`pipelines.actions`).
+    actions: ActionsSpec | None = None
     #: Folders searched first for import paths (``module:attr``): the config's folder and
     #: the working directory, filled in by :func:`pipelines.load_pipeline`.
     search_path: list[str] = Field(default_factory=list)

@@ -46,7 +46,8 @@ from pipelines.envelope import INVALID_EVENT_TYPE
 from pipelines.errors import StoreError
 from pipelines.tables import take_rows
 
-TABLES = ("events", "scores", "alerts", "actions", "deadletter")
+TABLES = ("events", "scores", "alerts", "actions", "deadletter", "action_attempts",
+          "actions_deadletter")
 #: The column whose UTC date partitions each table.
 TIME_COLUMN = {"deadletter": "ingested_at"}
 _SAFE_VALUE = re.compile(r"^[a-z0-9_][a-z0-9_.-]{0,127}$")
