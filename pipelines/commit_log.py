@@ -51,6 +51,11 @@ def file_stat(path: Path) -> Stat:
     return stat.st_size, stat.st_mtime_ns
 
 
+def modified_at(stat: Stat) -> dt.datetime:
+    """The modification time of a :func:`file_stat`, to the microsecond (floored)."""
+    return dt.datetime(1970, 1, 1, tzinfo=dt.UTC) + dt.timedelta(microseconds=stat[1] // 1000)
+
+
 @dataclass(frozen=True)
 class CommitRecord:
     """One commit: when, by whom, the files it made visible and the files it replaced."""

@@ -33,7 +33,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines.commit_log import CommitLog, file_stat, relative_posix
+from pipelines.commit_log import CommitLog, file_stat, modified_at, relative_posix
 from pipelines.errors import StoreError
 from pipelines.segments import (
     Segment,
@@ -129,7 +129,7 @@ def _commit_time(store: EventStore, committed: Mapping, path: Path) -> dt.dateti
     recorded = committed.get(relative_posix(store.root, path))
     if recorded is not None and recorded[1] == stat:
         return recorded[0]
-    return dt.datetime.fromtimestamp(stat[1] / 1e9, dt.UTC)
+    return modified_at(stat)
 
 
 def _pieces(store: EventStore, committed: Mapping, files: list[Path]) -> list[tuple[Segment, pa.Table]]:

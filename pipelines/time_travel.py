@@ -16,7 +16,7 @@ from typing import Any, NoReturn
 
 import polars as pl
 
-from pipelines.commit_log import CommitLog, Stat, file_stat, relative_posix
+from pipelines.commit_log import CommitLog, Stat, file_stat, modified_at, relative_posix
 from pipelines.errors import StoreError
 from pipelines.segments import Segment, is_compacted, read_segments
 from pipelines.store import EventStore
@@ -62,7 +62,7 @@ class StoreView(EventStore):
             return None
         recorded = self._times().get(relative_posix(self.root, path))
         if recorded is None:  # no record: a store older than the commit log
-            return dt.datetime.fromtimestamp(stat[1] / 1e9, dt.UTC)
+            return modified_at(stat)
         return recorded[0] if recorded[1] == stat else None
 
     def visible_segments(self, path: Path) -> list[tuple[int, Segment]]:

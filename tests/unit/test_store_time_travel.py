@@ -13,7 +13,7 @@ import pytest
 
 from cluster.driver import run_pipeline
 from cluster.partitions import LocalPartitions
-from pipelines.commit_log import CommitLog
+from pipelines.commit_log import CommitLog, file_stat, modified_at
 from pipelines.compaction import Retention, compact_store
 from pipelines.errors import StoreError
 from pipelines.pipeline import load_pipeline
@@ -104,9 +104,11 @@ def test_files_without_a_record_count_as_committed_at_their_mtime(two_runs: tupl
     store, _, _, _, _ = two_runs
     for record in (store / "_commits").glob("*.json"):
         record.unlink()
-    newest = max(p.stat().st_mtime for p in store.glob("events/*/*/*.parquet"))
-    moment = dt.datetime.fromtimestamp(newest, dt.UTC)
-    assert len(ids(EventStore(store).as_of(moment).scan("events"))) == 100
+    stats = sorted(file_stat(p) for p in store.glob("events/*/*/*.parquet"))
+    newest = max(modified_at(s) for s in stats)
+    assert len(ids(EventStore(store).as_of(newest).scan("events"))) == 100
+    assert len(ids(EventStore(store).as_of(newest - dt.timedelta(microseconds=1))
+                   .scan("events"))) < 100
 
 
 def test_history_is_one_keys_events_in_event_time_order(two_runs: tuple) -> None:
