@@ -6,7 +6,7 @@ Three plugin families, each a :class:`~pipelines.plugins.PluginRegistry`:
   keyed partitions. Built in: ``anomaly``, ``python`` (a user's processor).
 - :data:`STAGE_KINDS` (``eventray.stages``): enrichment stages keyed by their own key.
 - :data:`SOURCE_KINDS` (``eventray.sources``): where events come from. Built in:
-  ``parquet``, ``csv``, ``jsonl``.
+  ``parquet``, ``csv``, ``jsonl``, ``store`` (a store's source events, for replay).
 
 A step or stage kind is a :class:`~pipelines.processing.Step` subclass whose
 ``spec_class`` validates its config section; a source kind is a :class:`SourceKind`.
@@ -28,6 +28,7 @@ from pipelines.errors import ConfigError, UnknownPluginError
 from pipelines.plugins import PluginImportError, PluginRegistry
 from pipelines.processing import AnomalyStep, Step, StepContext
 from pipelines.processors import PythonStep
+from pipelines.replay import StoreSourceOptions, build_store_source
 from pipelines.sources import CsvSource, JsonLinesSource, ParquetSource, Source
 from pipelines.spec import EnrichSpec, LimitsSpec, PipelineSpec, SourceSpec, StepSpec
 
@@ -73,6 +74,7 @@ SOURCE_KINDS = PluginRegistry("source format", "eventray.sources", {
     "parquet": file_source(ParquetSource),
     "csv": file_source(CsvSource),
     "jsonl": file_source(JsonLinesSource),
+    "store": SourceKind(StoreSourceOptions, build_store_source),  # replay of a store's events
 })
 
 

@@ -345,7 +345,14 @@ class EnrichSpec(_Open):
 
 
 class StoreSpec(_Frozen):
+    """Where the store is, and how long its rows are kept.
+
+    ``retention``: ``max_age`` per table (``events: 400d``) or per table and event type
+    (``events/fraud.reported: 30d``), applied by ``eventray compact``; the more specific wins.
+    """
+
     path: str = "store"
+    retention: dict[str, Duration] = Field(default_factory=dict)
 
 
 class PipelineSpec(_Frozen):
