@@ -6,6 +6,7 @@ Commands:
     simulate         write synthetic card transactions (the project's own generator)
     train            fit a fraud model on the store's features and save it to a registry
     evaluate         fraud models by the handbook's protocol; anomaly detectors on NAB
+    compact, replay, compare, explain   the store's commands (:mod:`cluster.store_commands`)
 
 Every command ends by printing one JSON line on stdout. Bad arguments print usage;
 bad configs print what is wrong with which field; neither prints a traceback.
@@ -92,6 +93,10 @@ def _parser() -> argparse.ArgumentParser:
 
     add_bench_arguments(commands.add_parser("bench", help="benchmark the fraud pipeline against "
                                             "a batch job, a per-event design and Bytewax"))
+
+    from cluster.store_commands import add_store_commands
+
+    add_store_commands(commands)
 
     sim = commands.add_parser("simulate", help="write synthetic card transactions")
     sim.add_argument("--out", type=Path, required=True, help="output folder")
@@ -221,8 +226,18 @@ def command_bench(args: argparse.Namespace) -> dict[str, Any]:
     return command(args, log=_log)
 
 
+def _store_command(name: str) -> Any:
+    def command(args: argparse.Namespace) -> dict[str, Any]:
+        from cluster.store_commands import STORE_COMMANDS
+
+        return STORE_COMMANDS[name](args, _log)
+
+    return command
+
+
 COMMANDS = {"run": command_run, "submit": command_submit, "simulate": command_simulate,
-            "evaluate": command_evaluate, "train": command_train, "bench": command_bench}
+            "evaluate": command_evaluate, "train": command_train, "bench": command_bench,
+            **{name: _store_command(name) for name in ("compact", "replay", "compare", "explain")}}
 
 
 def main(argv: list[str] | None = None) -> int:

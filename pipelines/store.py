@@ -283,6 +283,20 @@ class EventStore:
 
         return StoreView.of(self, moment, run)
 
+    def commits(self) -> pl.DataFrame:
+        """The commit log, oldest first: ``committed_at``, ``run``, ``kind`` (``checkpoint``,
+        ``compaction``, ``truncate``), ``epoch``, ``files`` (how many it made visible) and
+        ``replaces`` (how many it replaced). Any of its times can be given to :meth:`as_of`.
+        """
+        from pipelines.commit_log import CommitLog
+
+        rows = [{"committed_at": r.committed_at, "run": r.run, "kind": r.kind, "epoch": r.epoch,
+                 "files": len(r.files), "replaces": len(r.replaces)}
+                for r in CommitLog(self.root).records()]
+        return pl.DataFrame(rows, schema={"committed_at": pl.Datetime("us", "UTC"), "run": pl.String,
+                                          "kind": pl.String, "epoch": pl.Int64, "files": pl.Int64,
+                                          "replaces": pl.Int64})
+
     def history(self, key: str, table: str = "events") -> pl.LazyFrame:
         """One key's rows of ``table`` in event-time order, as a LazyFrame.
 

@@ -114,6 +114,7 @@ MODELS_SCHEMA = pa.schema([
     pa.field("trained_to", pa.string()),
     pa.field("created_at", pa.string()),
     pa.field("threshold", pa.float64()),
+    pa.field("features", pa.list_(pa.string())),  # the model's inputs, in its order
 ])
 MODEL_LOADED = "model.loaded"
 
@@ -257,7 +258,7 @@ class ModelSlot:
             "event_type": MODEL_LOADED, "timestamp": first, "step": step, "model": self.label,
             "registry": str(self.ref.registry), "trained_from": trained.get("start"),
             "trained_to": trained.get("end"), "created_at": facts.get("created_at"),
-            "threshold": threshold}], MODELS_SCHEMA)
+            "threshold": threshold, "features": list(facts.get("features") or [])}], MODELS_SCHEMA)
 
     def current(self) -> FraudModel | None:
         """The model to score this batch with (``None``: no model yet)."""

@@ -72,6 +72,9 @@ def test_every_checkpoint_commit_is_recorded(two_runs: tuple) -> None:
     assert {r.run for r in records} == {first["run"], second["run"]}
     assert all(r.kind == "checkpoint" for r in records)
     assert len(records) == first["checkpoints"] + second["checkpoints"]
+    commits = EventStore(store).commits()
+    assert commits["run"].to_list() == [r.run for r in records]
+    assert commits["committed_at"].is_sorted() and commits["files"].sum() > 0
     recorded = {path for r in records for path in r.files}
     on_disk = {p.relative_to(store).as_posix() for p in store.glob("*/event_type=*/date=*/*.parquet")}
     assert recorded == on_disk
