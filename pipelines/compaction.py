@@ -224,11 +224,7 @@ def drop_run_segments(store: EventStore, run: str, next_seqs: Mapping[str, int],
         doomed = [_is_truncated(s.file, run, next_seqs) for s in segments]
         if not any(doomed):
             continue
-        held, pieces, start = pq.read_table(path, partitioning=None).replace_schema_metadata(None), [], 0
-        for segment, drop in zip(segments, doomed, strict=True):
-            if not drop:
-                pieces.append((segment, held.slice(start, segment.rows)))
-            start += segment.rows
+        pieces = [] if all(doomed) else _kept_pieces(path, segments, doomed)
         # originals of other runs a crashed compaction left behind stay hidden
         carried = [name for name in replaces if not _is_truncated(name, run, next_seqs)]
         merged = None
@@ -243,6 +239,18 @@ def drop_run_segments(store: EventStore, run: str, next_seqs: Mapping[str, int],
         _remove([path], keep=merged)
         rewritten.append(path)
     return rewritten
+
+
+def _kept_pieces(path: Path, segments: tuple[Segment, ...],
+                 doomed: list[bool]) -> list[tuple[Segment, pa.Table]]:
+    """The segments of a compacted file that stay, with their rows."""
+    held = pq.read_table(path, partitioning=None).replace_schema_metadata(None)
+    pieces, start = [], 0
+    for segment, drop in zip(segments, doomed, strict=True):
+        if not drop:
+            pieces.append((segment, held.slice(start, segment.rows)))
+        start += segment.rows
+    return pieces
 
 
 def _is_truncated(name: str, run: str, next_seqs: Mapping[str, int]) -> bool:
