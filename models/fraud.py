@@ -61,6 +61,25 @@ HANDBOOK_FEATURES: tuple[str, ...] = (
     "TERMINAL_ID_NB_TX_30DAY_WINDOW",
     "TERMINAL_ID_RISK_30DAY_WINDOW",
 )
+#: The history features a fraud pipeline computes beside the handbook's 15 (see
+#: ``pipelines.fraud.features``): the customer's amount against its 30-day history, the time
+#: since its last transaction, how new the terminal is to the customer, and how long ago a
+#: terminal's known frauds began and last happened.
+HISTORY_FEATURES: tuple[str, ...] = (
+    "CUSTOMER_ID_NB_TX_BEFORE_30DAY_WINDOW",
+    "CUSTOMER_ID_AMOUNT_RATIO_30DAY_WINDOW",
+    "CUSTOMER_ID_AMOUNT_ZSCORE_30DAY_WINDOW",
+    "CUSTOMER_ID_HOURS_SINCE_LAST_TX",
+    "CUSTOMER_TERMINAL_NB_TX_BEFORE_30DAY_WINDOW",
+    "CUSTOMER_TERMINAL_DAYS_SINCE_LAST_TX",
+    "TERMINAL_ID_RISK_7DAY_WINDOW_14DAY_BEFORE",
+    "TERMINAL_ID_RISK_7DAY_WINDOW_21DAY_BEFORE",
+    "TERMINAL_ID_RISK_7DAY_WINDOW_28DAY_BEFORE",
+    "TERMINAL_ID_DAYS_SINCE_FIRST_KNOWN_FRAUD",
+    "TERMINAL_ID_DAYS_SINCE_LAST_KNOWN_FRAUD",
+)
+#: The handbook's 15 inputs and the history features.
+EXTENDED_FEATURES: tuple[str, ...] = (*HANDBOOK_FEATURES, *HISTORY_FEATURES)
 LABEL = "TX_FRAUD"
 ClassWeight = Literal["balanced"] | dict[int, float] | None
 
@@ -339,6 +358,7 @@ class ModelPreset:
         history_days: labelled days before the protocol's 7-day training week that the
             model is also fitted on (:attr:`models.evaluation.SplitSpec.history_days`); the
             test set is the same whatever this is.
+        features: the input columns (the handbook's 15, or :data:`EXTENDED_FEATURES`).
         description: where the parameters come from.
 
     Example:
@@ -349,6 +369,7 @@ class ModelPreset:
     model: str
     params: Mapping[str, Any] = field(default_factory=dict)
     history_days: int = 0
+    features: tuple[str, ...] = HANDBOOK_FEATURES
     description: str = field(default="", compare=False)
 
     def build(self, seed: int = 0, *, parallel: bool = False, **overrides: Any) -> FraudModel:
@@ -360,11 +381,14 @@ class ModelPreset:
         params = dict(self.params) | overrides
         if parallel and self.model in ("random_forest", "forest_and_boosting"):
             params.setdefault("n_jobs", -1)
-        return make_model(self.model, seed=seed, **params)
+        model = make_model(self.model, seed=seed, **params)
+        model.features = tuple(self.features)
+        return model
 
 
 #: Recipes by name: the handbook's baselines (library defaults, which reproduce its chapter 3
-#: numbers) and the ``*_tuned`` recipes chosen on the validation folds only (how: :mod:`models.tuning`).
+#: numbers), the ``*_tuned`` recipes on the same 15 inputs and the ``*_history`` recipes on
+#: :data:`EXTENDED_FEATURES`, chosen on the validation folds only (how: :mod:`models.tuning`).
 MODEL_PRESETS: dict[str, ModelPreset] = {
     "logistic_regression": ModelPreset("logistic_regression", description="handbook chapter 3 (C=1)"),
     "decision_tree": ModelPreset("decision_tree", {"max_depth": 2}, description="handbook chapter 3"),
@@ -378,7 +402,14 @@ MODEL_PRESETS: dict[str, ModelPreset] = {
         {"learning_rate": 0.03, "max_iter": 300, "max_leaf_nodes": 15, "min_samples_leaf": 100,
          "l2_regularization": 1.0}, history_days=21,
         description="best mean validation AP of the boosting candidates of models.tuning.SEARCH_SPACE"),
+    "hist_gradient_boosting_history": ModelPreset(
+        "hist_gradient_boosting",
+        {"learning_rate": 0.03, "max_iter": 300, "max_leaf_nodes": 15, "min_samples_leaf": 100,
+         "l2_regularization": 1.0}, history_days=21, features=EXTENDED_FEATURES,
+        description="best validation CP@100 of the boosting in models.tuning.HISTORY_SEARCH_SPACE"),
 }
+#: The recipe a fraud pipeline ships (``eventray evaluate fraud`` prints it beside the baselines).
+SHIPPED_RECIPE = "hist_gradient_boosting_history"
 
 
 def find_preset(name: str) -> ModelPreset:

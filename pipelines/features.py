@@ -17,17 +17,18 @@ Window semantics, for an event of key ``k`` at time ``t`` (every input row is an
   an event sees its past and itself, never its successors.
 - ``delay > 0``: the rows of ``k`` with time in ``(t - delay - duration, t - delay]``.
 
-``count``, ``min``, ``max`` and ``share`` (the fraction of rows whose column is non-zero) are
-exact functions of the window's rows. ``sum`` and ``mean`` (sum / count) use the running sum a
-streaming system keeps, and the handbook's pandas code kept: a row's value is added when the
-row enters the window and subtracted when it leaves, both at the first later event of its key
-(at one event: leaving rows first, then entering rows, each in arrival order; a row that would
-enter and leave at the same event is skipped). The float result so carries rounding from the
-key's history; both implementations do the same additions in the same order and agree bit for
-bit. When a key's next event comes after all its rows have left every window (a gap of at
-least ``horizon``), its sums restart from zero, unless ``carry_residual`` asks for pandas'
-behaviour of carrying the rounding residual; then they restart only after a gap of at least
-``residual_horizon`` (default a year; None: never, as pandas).
+``count``, ``min``, ``max``, ``last`` (the value of the window's latest row) and ``share`` (the
+fraction of rows whose column is non-zero) are exact functions of the window's rows. ``sum``
+and ``mean`` (sum / count) use the running sum a streaming system keeps, and the handbook's
+pandas code kept: a row's value is added when the row enters the window and subtracted when it
+leaves, both at the first later event of its key (at one event: leaving rows first, then
+entering rows, each in arrival order; a row that would enter and leave at the same event is
+skipped). The float result so carries rounding from the key's history; both implementations do
+the same additions in the same order and agree bit for bit. When a key's next event comes after
+all its rows have left every window (a gap of at least ``horizon``), its sums restart from
+zero, unless ``carry_residual`` asks for pandas' behaviour of carrying the rounding residual;
+then they restart only after a gap of at least ``residual_horizon`` (default a year; None:
+never, as pandas).
 
 Labels, and what is read: a spec may name a ``label`` column (``TX_FRAUD`` in the
 handbook), known only ``label_delay`` after its row's time. Validation refuses any aggregate
@@ -92,7 +93,7 @@ __all__ = [
     "window_features_batch",
 ]
 
-AggregateKind = Literal["count", "sum", "mean", "min", "max", "share"]
+AggregateKind = Literal["count", "sum", "mean", "min", "max", "last", "share"]
 FrameLike = pl.DataFrame | pa.Table | pa.RecordBatch
 ZERO = dt.timedelta(0)
 HOUR = dt.timedelta(hours=1)
@@ -100,7 +101,7 @@ DAY = dt.timedelta(days=1)
 #: How long a key idle past its windows keeps a carried running-sum residual (see
 #: KeyedWindowSpec.carry_residual): a key back after a year restarts its sums at zero.
 RESIDUAL_HORIZON = dt.timedelta(days=365)
-_KINDS = ("count", "sum", "mean", "min", "max", "share")
+_KINDS = ("count", "sum", "mean", "min", "max", "last", "share")
 _RUNNING = ("sum", "mean")
 _MAGIC = b"ERFEAT1\n"
 _ARENA_MIN_SLOTS = 1024  # the smallest arena; tests lower it to move and compact slabs often
@@ -158,11 +159,12 @@ class Aggregate:
 
     Attributes:
         name: The output column's name.
-        kind: ``count`` (Int64), or ``sum``, ``mean``, ``min``, ``max``, ``share`` (Float64;
-            ``share`` is the fraction of the window's rows whose ``column`` is non-zero).
+        kind: ``count`` (Int64), or ``sum``, ``mean``, ``min``, ``max``, ``last``, ``share``
+            (Float64; ``last`` is the value of the window's latest row, ``share`` the fraction
+            of the window's rows whose ``column`` is non-zero).
         window: The window.
         column: The value column (none for ``count``).
-        empty: The value of ``mean``/``min``/``max``/``share`` for an empty window (None gives
+        empty: The value of ``mean``/``min``/``max``/``last``/``share`` for an empty window (None gives
             null). ``count`` and ``sum`` of an empty window are always 0.
 
     Example:
@@ -870,6 +872,8 @@ class KeyedWindowOperator:
             prefix = self._arena.values[len(self._plan.columns) + self._plan.flags.index(column)]
             flags, last = self._arena.values[column], np.maximum(hi - 1, lo)
             return np.where(hi > lo, prefix[last] + flags[last] - prefix[lo], 0.0)
+        if agg.kind == "last":  # a key's rows sit in arrival order in its slab
+            return np.where(hi > lo, self._arena.values[column, np.maximum(hi - 1, lo)], 0.0)
         ufunc = np.minimum if agg.kind == "min" else np.maximum
         return _extremum(self._arena.values[column], lo, hi, ufunc)
 
@@ -1158,6 +1162,8 @@ def _reference_aggregate(
     elif agg.kind == "share":
         prefix = pl.concat([pl.Series([0], dtype=pl.Int64), values.cast(pl.Int64).cum_sum()])
         raw = prefix.gather(spans["hi"]) - prefix.gather(spans["lo"])
+    elif agg.kind == "last":  # rows are in (key, arrival) order: the window's last row is hi - 1
+        raw = values.gather((spans["hi"] - 1).clip(lower_bound=0))
     else:
         raw = _reference_extremum(values, spans, agg.kind)
     frame = pl.DataFrame({"n": count, "x": raw})

@@ -3,7 +3,8 @@
 Three plugin families, each a :class:`~pipelines.plugins.PluginRegistry`:
 
 - :data:`STEP_KINDS` (entry-point group ``eventray.processors``): processing steps in the
-  keyed partitions. Built in: ``anomaly``, ``python`` (a user's processor).
+  keyed partitions. Built in: ``anomaly``, ``python`` (a user's processor), ``projection``
+  (a projection of ``projections:`` folded in the stream).
 - :data:`STAGE_KINDS` (``eventray.stages``): enrichment stages keyed by their own key.
 - :data:`SOURCE_KINDS` (``eventray.sources``): where events come from. Built in:
   ``parquet``, ``csv``, ``jsonl``, ``store`` (a store's source events, for replay).
@@ -28,6 +29,7 @@ from pipelines.errors import ConfigError, UnknownPluginError
 from pipelines.plugins import PluginImportError, PluginRegistry
 from pipelines.processing import AnomalyStep, Step, StepContext
 from pipelines.processors import PythonStep
+from pipelines.projections.step import ProjectionStep
 from pipelines.replay import StoreSourceOptions, build_store_source
 from pipelines.sources import CsvSource, JsonLinesSource, ParquetSource, Source
 from pipelines.spec import EnrichSpec, LimitsSpec, PipelineSpec, SourceSpec, StepSpec
@@ -48,10 +50,14 @@ class SourceKind:
         build: ``build(spec, paths, options, limits) -> Source``; ``paths`` are the inputs
             to read (the config's ``path``, or the command line's ``--input``), ``limits``
             the pipeline's (a source never buffers a record over ``max_payload_bytes``).
+            A live kind builds a :class:`~pipelines.live.LiveSource` instead of a ``Source``.
+        json_lines: its batches hold one ``line`` column of JSON text per record, which the
+            normaliser decodes as it decodes a JSON Lines file's.
     """
 
     options: type[BaseModel]
-    build: Callable[[SourceSpec, list[str], Any, LimitsSpec], Source]
+    build: Callable[[SourceSpec, list[str], Any, LimitsSpec], Any]
+    json_lines: bool = False
 
 
 def file_source(cls: type[Source]) -> SourceKind:
@@ -64,11 +70,12 @@ def file_source(cls: type[Source]) -> SourceKind:
             kwargs["max_line_bytes"] = limits.max_payload_bytes
         return cls(spec.source_name, paths, **kwargs)
 
-    return SourceKind(FileSourceOptions, build)
+    return SourceKind(FileSourceOptions, build, json_lines=cls is JsonLinesSource)
 
 
 STEP_KINDS = PluginRegistry("step kind", "eventray.processors",
-                            {"anomaly": AnomalyStep, "python": PythonStep})
+                            {"anomaly": AnomalyStep, "python": PythonStep,
+                             "projection": ProjectionStep})
 STAGE_KINDS = PluginRegistry("enrich kind", "eventray.stages")
 SOURCE_KINDS = PluginRegistry("source format", "eventray.sources", {
     "parquet": file_source(ParquetSource),
@@ -112,6 +119,14 @@ def source_kind(spec: SourceSpec, search_path: tuple[str, ...] = ()) -> tuple[So
     return kind, _validated(kind.options, spec.options(), "source")
 
 
+def reads_json_lines(spec: SourceSpec, search_path: tuple[str, ...] = ()) -> bool:
+    """Whether the source's kind hands over JSON lines (see :attr:`SourceKind.json_lines`)."""
+    if spec.format == "jsonl":
+        return True
+    kind = SOURCE_KINDS.resolve(spec.format, search_path)
+    return bool(getattr(kind, "json_lines", False))
+
+
 def validate_kinds(spec: PipelineSpec, objects: Mapping[str, Any] | None = None) -> None:
     """Resolve every kind the pipeline names and validate its section; import paths of
     ``python`` steps are imported now, so a bad one fails before any actor starts."""
@@ -126,6 +141,8 @@ def validate_kinds(spec: PipelineSpec, objects: Mapping[str, Any] | None = None)
         except UnknownPluginError as exc:
             raise exc.at(f"steps.{index}.kind") from None
         typed = step_spec(step, cls, f"steps.{index}")
+        if step.kind == "projection":  # its expressions compile against the envelope now
+            ProjectionStep(typed, StepContext(envelope_schema(spec.registry()), spec.registry(), search))
         if step.kind == "python" and step.name not in (objects or {}):
             try:
                 PythonStep(typed, StepContext(envelope_schema(spec.registry()), spec.registry(), search))

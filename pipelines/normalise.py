@@ -52,6 +52,7 @@ from pipelines.envelope import (
     envelope_schema,
 )
 from pipelines.event_ids import derived_event_ids
+from pipelines.kinds import reads_json_lines
 from pipelines.payloads import cast_field, is_blank
 from pipelines.sources import (
     MALFORMED_MESSAGE,
@@ -146,7 +147,7 @@ class Normaliser:
         self.clock = clock
         self.registry: PayloadRegistry = spec.registry()
         self.schema = envelope_schema(self.registry)
-        self.json_lines = spec.source.format == "jsonl"
+        self.json_lines = reads_json_lines(spec.source, tuple(spec.search_path))
         #: Registered types with a payload model: their payloads are typed fields.
         self.typed = [n for n, schema in self.registry.schemas.items() if schema.model is not None]
 

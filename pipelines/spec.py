@@ -42,6 +42,7 @@ from pipelines.envelope import (
 )
 from pipelines.errors import SchemaError
 from pipelines.plugins import IMPORT_PATH
+from pipelines.projection_spec import ProjectionSpec
 from pipelines.timestamps import parse_duration
 
 ENVELOPE_KEY_FIELDS = ("event_id", "event_type", "source", "correlation_id", "part")
@@ -128,7 +129,8 @@ class SourceSpec(_Open):
 
     format: str = Field(min_length=1)
     name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.-]+$")
-    path: list[str] = Field(min_length=1)
+    #: the files a file source reads; a live source (Redis, MQTT) reads none
+    path: list[str] = Field(default_factory=list)
     pattern: str | None = None
     batch_size: int = Field(default=10_000, gt=0)
     pace: PaceSpec | None = None
@@ -368,11 +370,30 @@ class PipelineSpec(_Frozen):
     labels: LabelFeedSpec | None = None
     enrich: list[EnrichSpec] = Field(default_factory=list)
     steps: list[StepSpec] = Field(default_factory=list)
+    #: Event-sourced projections (:mod:`pipelines.projection_spec`); each online one also
+    #: runs as a ``projection`` step, appended to ``steps``.
+    projections: list[ProjectionSpec] = Field(default_factory=list)
     runtime: RuntimeSpec = Field(default_factory=RuntimeSpec)
     store: StoreSpec = Field(default_factory=StoreSpec)
     #: Folders searched first for import paths (``module:attr``): the config's folder and
     #: the working directory, filled in by :func:`pipelines.load_pipeline`.
     search_path: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _projection_steps(cls, values: Any) -> Any:
+        """Every online projection runs as a ``projection`` step named after it (once: a
+        dumped spec already has the step; another step of that name is a duplicate)."""
+        if not isinstance(values, dict) or not values.get("projections"):
+            return values
+        steps = list(values.get("steps") or [])
+        made = {s.get("name") if isinstance(s, dict) else getattr(s, "name", None) for s in steps
+                if (s.get("kind") if isinstance(s, dict) else getattr(s, "kind", None)) == "projection"}
+        for projection in values["projections"]:
+            body = projection.model_dump() if isinstance(projection, BaseModel) else projection
+            if isinstance(body, dict) and body.get("online", True) and body.get("name") not in made:
+                steps.append({"kind": "projection", "name": body.get("name"), "projection": body})
+        return {**values, "steps": steps}
 
     @field_validator("steps")
     @classmethod

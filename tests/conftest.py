@@ -14,6 +14,7 @@ import pytest
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "token")
 
+from tests.live_servers import mqtt_broker, redis_server  # noqa: E402, F401 (fixtures)
 from tests.support import HANDBOOK  # noqa: E402 (after the environment above)
 
 

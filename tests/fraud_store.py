@@ -8,8 +8,8 @@ need a store as such a run leaves it. This module writes one through
 - ``scores``, event type ``transaction.created``: per transaction ``event_id``,
   ``event_type``, ``timestamp`` (UTC, us), ``key`` (the customer), ``step == "fraud"``,
   ``model`` (``"none"``), ``score`` (null: no model loaded), ``TRANSACTION_ID``,
-  ``CUSTOMER_ID``, ``TERMINAL_ID``, ``TX_DATETIME`` (naive), ``TX_AMOUNT`` and the 14
-  engineered inputs under the handbook's names;
+  ``CUSTOMER_ID``, ``TERMINAL_ID``, ``TX_DATETIME`` (naive), ``TX_AMOUNT``, the 14
+  engineered inputs under the handbook's names and the history features;
 - ``events``: the ``transaction.created`` events and one ``fraud.reported`` event per
   transaction 7 days after it, ``data`` a struct (the union of both payloads) whose
   ``TRANSACTION_ID`` and ``TX_FRAUD`` carry the label.
@@ -26,8 +26,8 @@ from pathlib import Path
 import polars as pl
 import pyarrow as pa
 
-from models.fraud import HANDBOOK_FEATURES
-from pipelines.fraud.features import handbook_features_batch
+from models.fraud import HANDBOOK_FEATURES, HISTORY_FEATURES
+from pipelines.fraud.features import handbook_features_batch, history_features_batch
 from pipelines.fraud.simulator import SimulationSpec, simulate_transactions, write_monthly
 from pipelines.store import EventStore
 
@@ -56,13 +56,14 @@ def _utc(column: str) -> pl.Expr:
 def score_rows(transactions: pl.DataFrame) -> pl.DataFrame:
     """The fraud step's ``scores`` rows for ``transactions`` (features computed offline)."""
     features = handbook_features_batch(transactions).drop("TRANSACTION_ID")
+    history = history_features_batch(transactions).select(HISTORY_FEATURES)
     return pl.concat([transactions.select(
         event_id=pl.format("tx-{}", "TRANSACTION_ID"), event_type=pl.lit("transaction.created"),
         timestamp=_utc("TX_DATETIME"), key=pl.col("CUSTOMER_ID").cast(pl.String), step=pl.lit("fraud"),
         model=pl.lit("none"), score=pl.lit(None, pl.Float64), TRANSACTION_ID="TRANSACTION_ID",
         CUSTOMER_ID="CUSTOMER_ID", TERMINAL_ID="TERMINAL_ID",
         TX_DATETIME=pl.col("TX_DATETIME").cast(pl.Datetime("us")), TX_AMOUNT="TX_AMOUNT",
-    ), features.select(name for name in HANDBOOK_FEATURES if name != "TX_AMOUNT")], how="horizontal")
+    ), features.select(name for name in HANDBOOK_FEATURES if name != "TX_AMOUNT"), history], how="horizontal")
 
 
 def event_rows(transactions: pl.DataFrame) -> pl.DataFrame:

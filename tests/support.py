@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -217,11 +218,13 @@ def normalised_batches(spec: PipelineSpec, table: pa.Table, size: int) -> list[p
     return out
 
 
-def mismatches(online: pl.DataFrame, offline: pl.DataFrame) -> dict[str, int]:
+def mismatches(online: pl.DataFrame, offline: pl.DataFrame,
+               features: Sequence[str] = FEATURES) -> dict[str, int]:
+    """Per feature, how many transactions' online and offline values differ."""
     joined = offline.join(online, on="TRANSACTION_ID", suffix="_online")
     assert joined.height == offline.height == online.height
     return {c: joined.filter(pl.col(c).cast(pl.Float64) != pl.col(f"{c}_online").cast(pl.Float64)).height
-            for c in FEATURES}
+            for c in features}
 
 
 def train_into(registry: Path, table: pa.Table, seed: int, model: str = "logistic_regression") -> int:

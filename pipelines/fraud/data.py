@@ -39,15 +39,16 @@ from typing import Literal
 import numpy as np
 import polars as pl
 
-from models.fraud import HANDBOOK_FEATURES, LABEL, ModelError
+from models.fraud import HANDBOOK_FEATURES, HISTORY_FEATURES, LABEL, ModelError
 from pipelines.errors import ConfigError, PipelineError, StoreError
-from pipelines.fraud.features import handbook_features_batch
+from pipelines.fraud.features import handbook_features_batch, history_features_batch
 from pipelines.store import EventStore
 
 FeatureSource = Literal["store", "offline"]
 ID_COLUMNS: tuple[str, ...] = ("TRANSACTION_ID", "TX_DATETIME", "CUSTOMER_ID", "TERMINAL_ID")
-#: The columns of every frame built here, in order.
-FRAME_COLUMNS: tuple[str, ...] = (*ID_COLUMNS, LABEL, *HANDBOOK_FEATURES)
+#: The columns of every frame built here, in order (a store written before the history
+#: features existed gives the frame without :data:`~models.fraud.HISTORY_FEATURES`).
+FRAME_COLUMNS: tuple[str, ...] = (*ID_COLUMNS, LABEL, *HANDBOOK_FEATURES, *HISTORY_FEATURES)
 FRAUD_STEP = "fraud"
 TRANSACTION_TYPE = "transaction.created"
 LABEL_TYPE = "fraud.reported"
@@ -83,16 +84,17 @@ def _features_from_store(
     store: EventStore, start: dt.datetime | None, end: dt.datetime | None
 ) -> pl.DataFrame:
     scores = store.scan("scores", event_types=[TRANSACTION_TYPE], start=start, end=end)
-    missing = [name for name in (*ID_COLUMNS, *HANDBOOK_FEATURES, "step")
-               if name not in scores.collect_schema().names()]
+    names = scores.collect_schema().names()
+    missing = [name for name in (*ID_COLUMNS, *HANDBOOK_FEATURES, "step") if name not in names]
     if missing:
         raise StoreError(f"{store.root}: table 'scores' lacks the fraud step's columns {missing}")
+    history = HISTORY_FEATURES if all(name in names for name in HISTORY_FEATURES) else ()
     return (
         scores.filter(pl.col("step") == FRAUD_STEP)
         .select(
             *(pl.col(name).cast(pl.Int64) for name in ("TRANSACTION_ID", "CUSTOMER_ID", "TERMINAL_ID")),
             pl.col("TX_DATETIME").cast(pl.Datetime("us")),
-            *(pl.col(name) for name in HANDBOOK_FEATURES),
+            *(pl.col(name) for name in (*HANDBOOK_FEATURES, *history)),
         )
         .collect()
     )
@@ -134,7 +136,8 @@ def feature_frame(
     if doubled:
         raise StoreError(f"{store.root}: {doubled} transactions have more than one fraud score row")
     labelled = features.join(_labels_from_store(store, lo, hi), on="TRANSACTION_ID", how="inner")
-    return labelled.select(FRAME_COLUMNS).sort("TX_DATETIME", "TRANSACTION_ID")
+    return labelled.select(name for name in FRAME_COLUMNS if name in labelled.columns).sort(
+        "TX_DATETIME", "TRANSACTION_ID")
 
 
 def read_transactions(directory: str | Path) -> pl.DataFrame:
@@ -158,7 +161,8 @@ def offline_features(transactions: pl.DataFrame) -> pl.DataFrame:
         >>> offline_features(t).columns == list(FRAME_COLUMNS)
         True
     """
-    inputs = handbook_features_batch(transactions)
+    inputs = pl.concat([handbook_features_batch(transactions),
+                        history_features_batch(transactions).drop("TRANSACTION_ID")], how="horizontal")
     frame = transactions.select(*ID_COLUMNS, "TX_AMOUNT", LABEL).join(
         inputs, on="TRANSACTION_ID", how="left", maintain_order="left")
     return frame.with_columns(pl.col("TX_DATETIME").cast(pl.Datetime("us"))).select(FRAME_COLUMNS)
@@ -221,7 +225,9 @@ def compare_frames(
     """
     joined = store_frame.join(offline_frame, on="TRANSACTION_ID", how="inner", suffix="_OFFLINE")
     differs = np.zeros(joined.height, dtype=bool)
-    for name in (*HANDBOOK_FEATURES, LABEL):
+    compared = [name for name in (*HANDBOOK_FEATURES, *HISTORY_FEATURES, LABEL)
+                if f"{name}_OFFLINE" in joined.columns]
+    for name in compared:
         ours = joined.get_column(name).cast(pl.Float64).to_numpy()
         theirs = joined.get_column(f"{name}_OFFLINE").cast(pl.Float64).to_numpy()
         differs |= ~np.isclose(ours, theirs, rtol=rtol, atol=0.0)

@@ -14,22 +14,29 @@ The flow has two keyed stages:
    position), so the batch keeps its order and goes on to stage 2 as one piece; these
    columns travel as ``_``-prefixed transit columns that the store never writes.
 2. :class:`FraudStep` (step kind ``fraud``), in the customer-keyed partitions, adds the
-   customer windows and the calendar flags, scores the 15 inputs with a registry model and
-   writes ``scores`` (the inputs under the handbook's names, the score and the model
-   version) and ``alerts``.
+   customer windows and the calendar flags, and the customer-side history features (the
+   amount against the customer's 30 days before, the time since its last transaction, and
+   keyed by (customer, terminal), which a customer's partition holds whole, how new the
+   terminal is to the card); it scores with a registry model and writes ``scores`` (the 15
+   inputs under the handbook's names, the history features beside them, the score and the
+   model version) and ``alerts``. The terminal stage adds the terminal's history features
+   (fraud shares of earlier weeks, days since its first and last known frauds) likewise.
 
 Both plug into the engine through its public seams (the entry points of the
 ``eventray.stages`` and ``eventray.processors`` groups); the engine imports nothing from
-here. Both equal :func:`pipelines.fraud.features.handbook_features_batch` over the whole
-history (tested on the handbook's published features and on simulator data). A model named ``latest`` is
+here. Both equal :func:`pipelines.fraud.features.handbook_features_batch` and
+:func:`pipelines.fraud.features.history_features_batch` over the whole history (tested on
+the handbook's published features and on simulator data). A model named ``latest`` is
 re-resolved every ``reload_every`` batches, so a new registry version is picked up without
-a restart; every score row records ``name:version``.
+a restart; every score row records ``name:version``. The version in use is part of the
+step's snapshot, so a restored step replays its batches with the model that scored them.
 """
 
 from __future__ import annotations
 
 import base64
 import dataclasses
+import datetime as dt
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -50,7 +57,12 @@ from pipelines.fraud.features import (
     HANDBOOK_CUSTOMER_SPEC,
     HANDBOOK_FEATURES,
     HANDBOOK_LABEL_DELAY,
+    HISTORY,
+    HISTORY_FEATURES,
+    TERMINAL_HISTORY_FEATURES,
+    HistoryFeatures,
     calendar_features,
+    terminal_history_features,
 )
 from pipelines.processing import (
     ALERTS_SCHEMA,
@@ -81,14 +93,21 @@ MODEL_INPUTS = ("TX_AMOUNT", *HANDBOOK_FEATURES)
 CUSTOMER_SPEC = dataclasses.replace(HANDBOOK_CUSTOMER_SPEC, allowed_lateness=90 * DAY)
 POSITION = ROW_POSITION
 _DAYS = (1, 7, 30)
-TERMINAL_FEATURES = tuple(
-    name for n in _DAYS for name in (f"TERMINAL_ID_NB_TX_{n}DAY_WINDOW", f"TERMINAL_ID_RISK_{n}DAY_WINDOW"))
+#: The terminal history windows: a week ending this many days before the transaction.
+_RISK_BEFORE = tuple(name for name in TERMINAL_HISTORY_FEATURES if "_RISK_" in name)
+_BEFORE_DAYS = tuple(int(name.split("_")[-2].removesuffix("DAY")) for name in _RISK_BEFORE)
+_LABEL_DELAY_US = HANDBOOK_LABEL_DELAY // dt.timedelta(microseconds=1)
+TERMINAL_FEATURES = (
+    *(name for n in _DAYS
+      for name in (f"TERMINAL_ID_NB_TX_{n}DAY_WINDOW", f"TERMINAL_ID_RISK_{n}DAY_WINDOW")),
+    *TERMINAL_HISTORY_FEATURES)
 #: The transit columns the terminal stage adds to a batch (Float64; null for non-transactions).
 TERMINAL_TRANSIT = tuple(f"_{name}" for name in TERMINAL_FEATURES)
 IDS = ("TRANSACTION_ID", "CUSTOMER_ID", "TERMINAL_ID")
 
 #: The ``scores`` rows of the fraud step: the common columns (``score`` null while no model
-#: is loaded), the ids, the transaction time and the 15 inputs under the handbook's names.
+#: is loaded), the ids, the transaction time, the 15 inputs under the handbook's names and
+#: the history features (:data:`pipelines.fraud.features.HISTORY_FEATURES`) beside them.
 FRAUD_SCORES_SCHEMA = pa.schema([
     *(SCORES_SCHEMA.field(name) for name in ("event_id", "event_type", "timestamp", "key", "step", "model")),
     pa.field("score", pa.float64()),
@@ -98,6 +117,7 @@ FRAUD_SCORES_SCHEMA = pa.schema([
     pa.field("TX_DURING_WEEKEND", pa.int64()),
     pa.field("TX_DURING_NIGHT", pa.int64()),
     *(pa.field(name, pa.float64()) for name in MODEL_INPUTS[3:]),
+    *(pa.field(name, pa.float64()) for name in HISTORY_FEATURES),
 ])
 
 
@@ -160,7 +180,9 @@ def _terminal_spec() -> KeyedWindowSpec:
     """Counts of a terminal's transactions 7 days back, and of its label events up to now.
 
     A label event for a transaction at ``s`` is at ``s + 7 days``, so the label events in
-    ``(t - n, t]`` are exactly those of the transactions in ``(t - 7 - n, t - 7]``.
+    ``(t - n, t]`` are exactly those of the transactions in ``(t - 7 - n, t - 7]``; the
+    history weeks ``(t - d - 7, t - d]`` likewise pair with label events in
+    ``(t - d, t - d + 7]``.
     """
     aggregates: list[Aggregate] = []
     for n in _DAYS:
@@ -168,7 +190,36 @@ def _terminal_spec() -> KeyedWindowSpec:
             Aggregate(f"tx_{n}", "sum", Window(n * DAY, delay=HANDBOOK_LABEL_DELAY), "is_tx"),
             Aggregate(f"fraud_{n}", "sum", Window(n * DAY), "is_fraud"),
         ]
+    for d in _BEFORE_DAYS:
+        aggregates += [
+            Aggregate(f"tx_before_{d}", "sum", Window(7 * DAY, delay=d * DAY), "is_tx"),
+            Aggregate(f"fraud_before_{d}", "sum", Window(7 * DAY, delay=d * DAY - HANDBOOK_LABEL_DELAY),
+                      "is_fraud"),
+        ]
+    # The label events of the last 30 days are those of the transactions in (t - 37, t - 7].
+    aggregates += [Aggregate("_TERMINAL_FIRST_FRAUD_US", "min", Window(HISTORY), "fraud_first_us"),
+                   Aggregate("_TERMINAL_LAST_FRAUD_US", "max", Window(HISTORY), "fraud_last_us")]
     return KeyedWindowSpec("TERMINAL_ID", "time", tuple(aggregates))
+
+
+def _share(frauds: pl.Expr, count: pl.Expr) -> pl.Expr:
+    return pl.when(count > 0).then(frauds / count).otherwise(0.0)
+
+
+def _terminal_columns(sums: pl.DataFrame) -> pl.DataFrame:
+    """:data:`POSITION` and :data:`TERMINAL_TRANSIT` from the terminal operator's sums."""
+    handbook = [pl.col(POSITION)]
+    for n in _DAYS:
+        count, frauds = pl.col(f"tx_{n}"), pl.col(f"fraud_{n}")
+        handbook += [count.alias(f"TERMINAL_ID_NB_TX_{n}DAY_WINDOW"),
+                     _share(frauds, count).alias(f"TERMINAL_ID_RISK_{n}DAY_WINDOW")]
+    shares = [_share(pl.col(f"fraud_before_{d}"), pl.col(f"tx_before_{d}")).alias(name)
+              for d, name in zip(_BEFORE_DAYS, _RISK_BEFORE, strict=True)]
+    history = terminal_history_features(
+        sums["time"].dt.epoch("us").cast(pl.Float64),
+        sums.select(*shares, "_TERMINAL_FIRST_FRAUD_US", "_TERMINAL_LAST_FRAUD_US"))
+    out = pl.concat([sums.select(handbook), history], how="horizontal")
+    return out.rename({name: f"_{name}" for name in TERMINAL_FEATURES})
 
 
 class TerminalRiskStage(Step):
@@ -203,19 +254,17 @@ class TerminalRiskStage(Step):
         if frame.height == 0:
             return StepOutput()
         data = pl.col("data")
+        is_fraud = (kind == self.label_type) & (data.struct.field("TX_FRAUD").fill_null(0) != 0)
+        # A label event is stamped 7 days after its transaction: the transaction's time, exactly.
+        fraud_us = (pl.col("timestamp").dt.epoch("us") - _LABEL_DELAY_US).cast(pl.Float64)
         rows = frame.select(
             POSITION, is_tx=(kind == self.transaction_type),
-            TERMINAL_ID=data.struct.field(self.spec.key), time=pl.col("timestamp"),
-            is_fraud=(kind == self.label_type) & (data.struct.field("TX_FRAUD").fill_null(0) != 0))
+            TERMINAL_ID=data.struct.field(self.spec.key), time=pl.col("timestamp"), is_fraud=is_fraud,
+            fraud_first_us=pl.when(is_fraud).then(fraud_us).otherwise(float("inf")),
+            fraud_last_us=pl.when(is_fraud).then(fraud_us).otherwise(float("-inf")))
         sums = self.operator.update(rows)
-        features = [pl.col(POSITION)]
-        for n in _DAYS:
-            count, frauds = pl.col(f"tx_{n}"), pl.col(f"fraud_{n}")
-            features += [count.alias(f"_TERMINAL_ID_NB_TX_{n}DAY_WINDOW"),
-                         pl.when(count > 0).then(frauds / count).otherwise(0.0)
-                         .alias(f"_TERMINAL_ID_RISK_{n}DAY_WINDOW")]
-        out = pl.concat([rows.select(POSITION, "is_tx"), sums], how="horizontal")
-        return StepOutput(derived=out.filter("is_tx").select(features).to_arrow())
+        out = pl.concat([rows.select(POSITION, "is_tx", "time"), sums], how="horizontal").filter("is_tx")
+        return StepOutput(derived=_terminal_columns(out).to_arrow())
 
     def snapshot(self) -> Any:
         return base64.b64encode(self.operator.snapshot()).decode()
@@ -320,6 +369,7 @@ class FraudStep(Step):
         self.envelope = context.envelope if context is not None else None
         self.alert_version = alert_version_of(context, spec.alert_type)
         self.customer = KeyedWindowOperator(CUSTOMER_SPEC)
+        self.history = HistoryFeatures(allowed_lateness=CUSTOMER_SPEC.allowed_lateness)
         self.slot = ModelSlot(spec)
 
     def process(self, events: pa.Table) -> StepOutput:
@@ -352,29 +402,40 @@ class FraudStep(Step):
         return StepOutput(tables=tables, derived=derived)
 
     def features(self, mine: pl.DataFrame) -> pl.DataFrame:
-        """The ids, the transaction time (naive UTC) and the 15 inputs of each transaction."""
+        """The ids, the transaction time (naive UTC), the 15 inputs and the history features
+        of each transaction (the terminal's from the stage's transit columns)."""
         data = pl.col("data")
         base = mine.select(
             *(data.struct.field(name) for name in IDS),
             TX_DATETIME=data.struct.field("TX_DATETIME").dt.replace_time_zone(None),
             TX_AMOUNT=data.struct.field("TX_AMOUNT"))
         customer = self.customer.update(base)
+        history = self.history.update(base)
         terminal = mine.select(pl.col(c).alias(c[1:]) for c in TERMINAL_TRANSIT)
         return pl.concat([base, calendar_features(base), customer.with_columns(
-            pl.col(pl.Int64).cast(pl.Float64)), terminal], how="horizontal")
+            pl.col(pl.Int64).cast(pl.Float64)), terminal, history], how="horizontal")
 
     def snapshot(self) -> Any:
-        """The customer windows and the model version in use (exactly-once on replay)."""
+        """The windows, the history features and the model version in use (exactly-once on
+        replay)."""
         return {"customer": base64.b64encode(self.customer.snapshot()).decode(),
+                "history": base64.b64encode(self.history.snapshot()).decode(),
                 "model": self.slot.snapshot()}
 
     def restore(self, state: Any) -> None:
+        """Replace the windows and the model in use with a :meth:`snapshot`'s.
+
+        Raises:
+            StateRestoreError: the snapshot is not a fraud step's (an earlier format included).
+        """
         self.customer = KeyedWindowOperator(CUSTOMER_SPEC)
+        self.history = HistoryFeatures(allowed_lateness=CUSTOMER_SPEC.allowed_lateness)
         if state is None:
             self.slot.restore(None)
             return
-        if not isinstance(state, dict) or set(state) != {"customer", "model"}:
-            raise StateRestoreError("not a fraud step snapshot (an earlier format?): "
-                                    f"{type(state).__name__}")
+        if not isinstance(state, dict) or set(state) != {"customer", "history", "model"}:
+            raise StateRestoreError("not a fraud step snapshot (customer, history and model "
+                                    f"expected; an earlier format?): {type(state).__name__}")
         self.customer.restore(base64.b64decode(state["customer"]))
+        self.history.restore(base64.b64decode(state["history"]))
         self.slot.restore(state["model"])

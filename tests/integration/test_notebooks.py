@@ -17,6 +17,11 @@ ROOT = Path(__file__).resolve().parents[2]
 #: Notebooks that need a scored store (a model, alerts) run in test_store_notebooks.py.
 SCORED = {"backtest.ipynb", "audit.ipynb"}
 NOTEBOOKS = sorted(p for p in (ROOT / "notebooks").glob("*.ipynb") if p.name not in SCORED)
+#: What each notebook prints once its analysis ran (default: the mining notebook's line).
+MARKERS = {"sequential_patterns.ipynb": "frequent patterns (support >= 5%)",
+           "event_correlations.ipynb": "directed pairs of event types"}
+#: Notebooks whose plots are drawn inline: their executed outputs hold the images.
+PLOTTED = {"sequential_patterns.ipynb": 2, "event_correlations.ipynb": 2}
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +43,10 @@ def test_notebook_runs(path: Path, store: Path, monkeypatch: pytest.MonkeyPatch)
                    resources={"metadata": {"path": str(ROOT)}}).execute()
     outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
-    assert any("customers with repeated frauds" in o.get("text", "") for o in outputs)
+    marker = MARKERS.get(path.name, "customers with repeated frauds")
+    assert any(marker in o.get("text", "") for o in outputs)
+    images = [o for o in outputs if "image/png" in o.get("data", {})]
+    assert len(images) >= PLOTTED.get(path.name, 0)
 
 
 def test_there_is_a_notebook() -> None:

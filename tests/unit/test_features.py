@@ -76,6 +76,7 @@ def every_kind(key: str, value: str, flag: str, carry: bool) -> KeyedWindowSpec:
                        Aggregate(f"mean_{name}", "mean", window, value),
                        Aggregate(f"min_{name}", "min", window, value),
                        Aggregate(f"max_{name}", "max", window, value),
+                       Aggregate(f"last_{name}", "last", window, value),
                        Aggregate(f"share_{name}", "share", window, flag, empty=0.0 if carry else None)]
     return KeyedWindowSpec(key, "TX_DATETIME", tuple(aggregates), carry_residual=carry)
 
@@ -172,7 +173,7 @@ def keyed_streams(draw: st.DrawFn) -> tuple[pl.DataFrame, KeyedWindowSpec, list[
         Aggregate(f"{kind}_{i}", kind, Window(d * SECOND, delay=lag * SECOND), column)
         for i, (d, lag) in enumerate(windows)
         for kind, column in (("count", None), ("sum", "x"), ("mean", "x"), ("min", "x"), ("max", "x"),
-                             ("share", "y"))
+                             ("last", "x"), ("share", "y"))
     )
     reach = max(d + lag for d, lag in windows)
     residual = draw(st.sampled_from([None, 0, 3, 30]))  # extra seconds a residual outlives the windows
@@ -213,6 +214,7 @@ def brute_force(frame: pl.DataFrame, spec: KeyedWindowSpec) -> dict[str, list]:
                 "count": len(inside), "sum": running if inside else 0.0,
                 "mean": running / len(inside) if inside else None,
                 "min": min(xs, default=None), "max": max(xs, default=None),
+                "last": xs[-1] if xs else None,
                 "share": sum(rows[j]["y"] != 0 for j in inside) / len(inside) if inside else None,
             }[agg.kind]
             out[agg.name].append(value)

@@ -111,3 +111,10 @@ def test_locations_are_required(tmp_path: Path) -> None:
         load_frame("offline")
     with pytest.raises(ConfigError, match="no transactions"):
         load_frame("offline", data=tmp_path)
+
+
+def test_the_history_feature_names_are_the_models_ones() -> None:
+    from models.fraud import HISTORY_FEATURES
+    from pipelines.fraud.features import HISTORY_FEATURES as PIPELINE_HISTORY
+
+    assert PIPELINE_HISTORY == HISTORY_FEATURES

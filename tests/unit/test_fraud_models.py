@@ -17,9 +17,12 @@ from threadpoolctl import threadpool_limits
 
 from models import registry as registry_module
 from models.fraud import (
+    EXTENDED_FEATURES,
     HANDBOOK_FEATURES,
+    HISTORY_FEATURES,
     MODEL_FACTORIES,
     MODEL_PRESETS,
+    SHIPPED_RECIPE,
     AlertThreshold,
     FeatureError,
     FraudModel,
@@ -334,3 +337,18 @@ def test_logistic_scores_do_not_depend_on_the_batch() -> None:
     assert np.array_equal(whole, parts)
     reference = model.estimator.predict_proba(model.feature_matrix(frame))[:, 1]
     assert np.allclose(whole, reference, rtol=0, atol=1e-12)
+
+
+def test_a_preset_s_features_are_its_model_s_inputs() -> None:
+    shipped = MODEL_PRESETS[SHIPPED_RECIPE]
+    assert shipped.features == EXTENDED_FEATURES == (*HANDBOOK_FEATURES, *HISTORY_FEATURES)
+    model = shipped.build(seed=1, max_iter=5)
+    assert model.features == EXTENDED_FEATURES
+    rng = np.random.default_rng(0)
+    train = pl.DataFrame({name: rng.normal(size=400) for name in EXTENDED_FEATURES}
+                         | {"TX_FRAUD": rng.integers(0, 2, 400)})
+    assert model.fit(train).score(train).shape == (400,)
+    with pytest.raises(FeatureError, match="CUSTOMER_ID_AMOUNT_RATIO_30DAY_WINDOW"):
+        model.score(train.select(HANDBOOK_FEATURES))  # a store without the history features
+    assert MODEL_PRESETS["hist_gradient_boosting_tuned"].build().features == HANDBOOK_FEATURES
+

@@ -18,9 +18,12 @@ import pytest
 from cluster.driver import run_pipeline
 from cluster.job import run_spec
 from cluster.partitions import LocalPartitions
+from models.fraud import MODEL_PRESETS, SHIPPED_RECIPE
+from models.registry import ModelRegistry
 from pipelines.envelope import PayloadSchema, envelope_schema
 from pipelines.features import StateRestoreError
-from pipelines.fraud.features import handbook_features_batch
+from pipelines.fraud.data import offline_features
+from pipelines.fraud.features import HISTORY_FEATURES, handbook_features_batch, history_features_batch
 from pipelines.fraud.flow import (
     POSITION,
     FraudStep,
@@ -43,13 +46,21 @@ def transactions() -> pa.Table:
     return simulate_transactions(SimulationSpec(n_customers=300, n_terminals=600, n_days=75, seed=3))
 
 
-def stream_features(spec: PipelineSpec, table: pa.Table, size: int) -> pl.DataFrame:
-    """Both stages in one process, the way the driver joins them (by row position)."""
+def stream_features(
+    spec: PipelineSpec, table: pa.Table, size: int, restart_at: int | None = None
+) -> pl.DataFrame:
+    """Both stages in one process, the way the driver joins them (by row position); with
+    ``restart_at``, both are replaced by fresh ones restored from their snapshots there."""
     feed = LabelFeed(spec.labels, spec.registry(), envelope_schema(spec.registry()))
     stage = TerminalRiskStage(TerminalStageSpec(name="terminal", key="TERMINAL_ID"))
     step = FraudStep(FraudStepSpec(kind="fraud"))
     scores = []
-    for events in normalised_batches(spec, table, size):
+    for i, events in enumerate(normalised_batches(spec, table, size)):
+        if i == restart_at:
+            states = json.loads(json.dumps([stage.snapshot(), step.snapshot()]))  # as checkpoints keep them
+            stage, step = TerminalRiskStage(stage.spec), FraudStep(step.spec)
+            stage.restore(states[0])
+            step.restore(states[1])
         merged, _ = feed.merge(events)
         merged = merged.append_column(POSITION, pa.array(np.arange(merged.num_rows)))
         added = pl.from_arrow(stage.process(merged).derived)
@@ -62,6 +73,36 @@ def stream_features(spec: PipelineSpec, table: pa.Table, size: int) -> pl.DataFr
 def test_two_stage_stream_equals_the_batch_reference(transactions: pa.Table, size: int) -> None:
     online = stream_features(fraud_spec(), transactions, size)
     assert mismatches(online, handbook_features_batch(transactions)) == dict.fromkeys(FEATURES, 0)
+
+
+@pytest.mark.parametrize(("size", "restart_at"), [(997, 40), (20_000, 2)])
+def test_history_features_stream_equal_the_batch_reference(
+    transactions: pa.Table, size: int, restart_at: int
+) -> None:
+    """The features beyond the handbook's 15 (customer history, customer-terminal novelty,
+    terminal history): streamed through both stages, cut anywhere and restored from
+    snapshots mid-stream, they equal the offline reference bit for bit."""
+    online = stream_features(fraud_spec(), transactions, size, restart_at=restart_at)
+    offline = history_features_batch(transactions)
+    assert mismatches(online, offline, list(HISTORY_FEATURES)) == dict.fromkeys(HISTORY_FEATURES, 0)
+    assert online.select(HISTORY_FEATURES).null_count().sum_horizontal().item() == 0
+    # the features carry information: novel terminals, known frauds, amounts off the history
+    assert (online["CUSTOMER_TERMINAL_NB_TX_BEFORE_30DAY_WINDOW"] == 0).any()
+    assert (online["TERMINAL_ID_DAYS_SINCE_FIRST_KNOWN_FRAUD"] >= 7).any()
+    assert online["CUSTOMER_ID_AMOUNT_RATIO_30DAY_WINDOW"].n_unique() > 100
+
+
+def test_history_features_never_read_a_label_before_its_delay(transactions: pa.Table) -> None:
+    """Flipping the labels of the transactions of the last 7 days of the stream changes no
+    feature: they are not known yet at any transaction of the stream."""
+    frame = pl.from_arrow(transactions)
+    last = frame["TX_DATETIME"].max() - dt.timedelta(days=7)
+    flipped = frame.with_columns(
+        TX_FRAUD=pl.when(pl.col("TX_DATETIME") > last).then(1 - pl.col("TX_FRAUD")).otherwise("TX_FRAUD"))
+    assert history_features_batch(flipped).equals(history_features_batch(frame))
+    # while labels 7 days old do count
+    older = frame.with_columns(TX_FRAUD=pl.lit(1, pl.Int64))
+    assert not history_features_batch(older).equals(history_features_batch(frame))
 
 
 def test_label_events_come_a_delay_later_and_before_same_time_transactions(transactions: pa.Table) -> None:
@@ -147,6 +188,83 @@ def test_the_step_scores_alerts_and_picks_up_a_new_version(tmp_path: Path, trans
     assert alerts > 0
 
 
+def stage_frames(spec: PipelineSpec, transactions: pa.Table, size: int) -> list[pa.Table]:
+    """The batches as the fraud step receives them (label events merged, terminal columns joined)."""
+    feed = LabelFeed(spec.labels, spec.registry(), envelope_schema(spec.registry()))
+    stage = TerminalRiskStage(TerminalStageSpec(name="terminal", key="TERMINAL_ID"))
+    frames = []
+    for events in normalised_batches(spec, transactions, size):
+        merged = feed.merge(events)[0]
+        merged = merged.append_column(POSITION, pa.array(np.arange(merged.num_rows)))
+        added = pl.from_arrow(stage.process(merged).derived)
+        joined = pl.from_arrow(merged).join(added, on=POSITION, how="left", maintain_order="left")
+        frames.append(joined.to_arrow())
+    return frames
+
+
+def test_a_restored_step_replays_with_the_model_version_of_its_checkpoint(
+    tmp_path: Path, transactions: pa.Table
+) -> None:
+    """Snapshot with v1 in use, v2 appears in the registry, restore: the replayed batch is
+    scored by v1 exactly as the first time, and ``latest`` is resolved again at the same
+    batch count as before (v2 from there on)."""
+    spec = fraud_spec()
+    registry = tmp_path / "registry"
+    train_into(registry, transactions, seed=0)
+    step_spec = FraudStepSpec(kind="fraud", threshold=0.3,
+                              model=ModelRef(registry=str(registry), name="fraud", reload_every=2))
+    context = StepContext(envelope_schema(spec.registry()), spec.registry())
+    frames = stage_frames(spec, transactions.slice(0, 30_000), 6000)
+    step = FraudStep(step_spec, context)
+    step.process(frames[0])
+    checkpoint = json.loads(json.dumps(step.snapshot()))
+    first = step.process(frames[1])
+    assert checkpoint["model"] == {"version": 1, "batches": 1}
+    train_into(registry, transactions, seed=1, model="hist_gradient_boosting")  # v2, while down
+    restarted = FraudStep(step_spec, context)
+    restarted.restore(checkpoint)
+    replayed = restarted.process(frames[1])
+    assert set(pl.from_arrow(replayed.tables["scores"])["model"]) == {"fraud:1"}
+    assert replayed.tables["scores"].equals(first.tables["scores"])
+    assert replayed.tables["alerts"].equals(first.tables["alerts"])
+    assert replayed.derived is not None and first.derived is not None
+    assert replayed.derived.equals(first.derived)  # the fraud.suspected events already stored
+    after = pl.from_arrow(restarted.process(frames[2]).tables["scores"])
+    assert set(after["model"]) == {"fraud:2"}  # batch 3: latest resolved again, as before the restart
+    # a step that was never checkpointed with a model starts without one
+    empty = FraudStep(step_spec, context)
+    empty.restore(None)
+    assert empty.slot.version is None and empty.slot.batches == 0
+
+
+def test_the_shipped_recipe_scores_the_streamed_history_features(
+    tmp_path: Path, transactions: pa.Table
+) -> None:
+    """A model on the 15 inputs plus the history features scores each streamed transaction
+    as it scores the same transaction's offline features."""
+    table = transactions.slice(0, 24_000)
+    offline = offline_features(pl.from_arrow(table))
+    model = MODEL_PRESETS[SHIPPED_RECIPE].build(seed=0, max_iter=10).fit(offline)
+    registry = tmp_path / "registry"
+    ModelRegistry(registry).save(model, name="fraud", created_at=dt.datetime(2024, 1, 1, tzinfo=dt.UTC))
+    spec = fraud_spec()
+    step = FraudStep(FraudStepSpec(kind="fraud", model=ModelRef(registry=str(registry), name="fraud")),
+                     StepContext(envelope_schema(spec.registry()), spec.registry()))
+    scores = pl.concat([pl.from_arrow(step.process(frame).tables["scores"])
+                        for frame in stage_frames(spec, table, 6000)])
+    expected = offline.select("TRANSACTION_ID", expected=pl.Series(model.score(offline)))
+    joined = scores.join(expected, on="TRANSACTION_ID")
+    assert joined.height == table.num_rows and (joined["score"] == joined["expected"]).all()
+
+
+def test_a_fraud_step_refuses_a_snapshot_that_is_not_its_own() -> None:
+    step = FraudStep(FraudStepSpec(kind="fraud"))
+    with pytest.raises(StateRestoreError):
+        step.restore("an earlier format: the customer windows alone")
+    with pytest.raises(StateRestoreError):
+        step.restore(step.snapshot() | {"model": {"version": 1}})
+
+
 def test_the_in_process_runner_stores_features_labels_and_no_transit_columns(tmp_path: Path) -> None:
     data = tmp_path / "tx"
     table = simulate_transactions(SimulationSpec(n_customers=200, n_terminals=400, n_days=45, seed=5))
@@ -205,59 +323,3 @@ def test_slices_leave_the_stage_in_order_when_its_answers_come_back_out_of_order
     assert summary["stored"] == 2 * table.num_rows
     scores = pl.read_parquet(tmp_path / "store" / "scores" / "**" / "*.parquet", hive_partitioning=True)
     assert mismatches(scores, handbook_features_batch(table)) == dict.fromkeys(FEATURES, 0)
-
-
-def stage_frames(spec: PipelineSpec, transactions: pa.Table, size: int) -> list[pa.Table]:
-    """The batches as the fraud step receives them (label events merged, terminal columns joined)."""
-    feed = LabelFeed(spec.labels, spec.registry(), envelope_schema(spec.registry()))
-    stage = TerminalRiskStage(TerminalStageSpec(name="terminal", key="TERMINAL_ID"))
-    frames = []
-    for events in normalised_batches(spec, transactions, size):
-        merged = feed.merge(events)[0]
-        merged = merged.append_column(POSITION, pa.array(np.arange(merged.num_rows)))
-        added = pl.from_arrow(stage.process(merged).derived)
-        joined = pl.from_arrow(merged).join(added, on=POSITION, how="left", maintain_order="left")
-        frames.append(joined.to_arrow())
-    return frames
-
-
-def test_a_restored_step_replays_with_the_model_version_of_its_checkpoint(
-    tmp_path: Path, transactions: pa.Table
-) -> None:
-    """Snapshot with v1 in use, v2 appears in the registry, restore: the replayed batch is
-    scored by v1 exactly as the first time, and ``latest`` is resolved again at the same
-    batch count as before (v2 from there on)."""
-    spec = fraud_spec()
-    registry = tmp_path / "registry"
-    train_into(registry, transactions, seed=0)
-    step_spec = FraudStepSpec(kind="fraud", threshold=0.3,
-                              model=ModelRef(registry=str(registry), name="fraud", reload_every=2))
-    context = StepContext(envelope_schema(spec.registry()), spec.registry())
-    frames = stage_frames(spec, transactions.slice(0, 30_000), 6000)
-    step = FraudStep(step_spec, context)
-    step.process(frames[0])
-    checkpoint = json.loads(json.dumps(step.snapshot()))
-    first = step.process(frames[1])
-    assert checkpoint["model"] == {"version": 1, "batches": 1}
-    train_into(registry, transactions, seed=1, model="hist_gradient_boosting")  # v2, while down
-    restarted = FraudStep(step_spec, context)
-    restarted.restore(checkpoint)
-    replayed = restarted.process(frames[1])
-    assert set(pl.from_arrow(replayed.tables["scores"])["model"]) == {"fraud:1"}
-    assert replayed.tables["scores"].equals(first.tables["scores"])
-    assert replayed.tables["alerts"].equals(first.tables["alerts"])
-    assert replayed.derived is not None and first.derived is not None
-    assert replayed.derived.equals(first.derived)  # the fraud.suspected events already stored
-    after = pl.from_arrow(restarted.process(frames[2]).tables["scores"])
-    assert set(after["model"]) == {"fraud:2"}  # latest resolved again, as before the restart
-    empty = FraudStep(step_spec, context)
-    empty.restore(None)
-    assert empty.slot.version is None and empty.slot.batches == 0
-
-
-def test_a_fraud_step_refuses_a_snapshot_that_is_not_its_own() -> None:
-    step = FraudStep(FraudStepSpec(kind="fraud"))
-    with pytest.raises(StateRestoreError):
-        step.restore("an earlier format: the customer windows alone")
-    with pytest.raises(StateRestoreError):
-        step.restore(step.snapshot() | {"model": {"version": 1}})

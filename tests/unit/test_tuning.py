@@ -57,3 +57,10 @@ def test_history_beyond_the_data_is_refused() -> None:
 def test_the_tuned_presets_come_from_the_search_space() -> None:
     tuned = {name: preset for name, preset in MODEL_PRESETS.items() if name.endswith("_tuned")}
     assert tuned and all(preset in SEARCH_SPACE.values() for preset in tuned.values())
+
+
+def test_the_shipped_recipe_is_a_history_candidate() -> None:
+    from models.fraud import SHIPPED_RECIPE
+    from models.tuning import HISTORY_SEARCH_SPACE
+
+    assert MODEL_PRESETS[SHIPPED_RECIPE] in HISTORY_SEARCH_SPACE.values()
