@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -258,7 +258,3 @@ def _is_truncated(name: str, run: str, next_seqs: Mapping[str, int]) -> bool:
     return bool(match and match["run"] == run
                 and int(match["seq"]) >= next_seqs.get(match["writer"], 0))
 
-
-def now_utc_clock() -> Callable[[], dt.datetime]:
-    """The wall clock, for the command line (logic takes "now" as an argument)."""
-    return lambda: dt.datetime.now(dt.UTC)

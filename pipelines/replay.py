@@ -24,7 +24,6 @@ Example:
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -182,9 +181,3 @@ def replay_spec(spec: PipelineSpec, store: str | Path, *, start: dt.datetime | N
     return PipelineSpec.model_validate({**spec.model_dump(by_alias=True, exclude_none=True),
                                         "source": source, "mapping": mapping})
 
-
-def iter_records(source: StoreSource) -> Iterator[pa.RecordBatch]:
-    """The records of a store source, batch by batch (for inspection and tests)."""
-    with source.open_part("events") as reader:
-        while (batch := reader.next_batch()) is not None:
-            yield batch.records
