@@ -96,8 +96,6 @@ class CommitLog:
         Raises:
             StoreError: a naive ``committed_at`` or an unknown ``kind``.
         """
-        from pipelines.checkpoint import write_durably  # it builds on the store's fsyncs
-
         if committed_at.tzinfo is None:
             raise StoreError("commit times must be timezone-aware (UTC)")
         if kind not in KINDS:
@@ -108,8 +106,8 @@ class CommitLog:
         text = record.to_json()
         # the digest keeps two records of one instant apart (a fixed clock, two folders)
         digest = hashlib.sha256(text.encode()).hexdigest()[:8]
-        write_durably(self.directory / f"{stamp}-{run}-{kind}-{epoch:012d}-{digest}.json",
-                      text.encode())
+        _write_durably(self.directory / f"{stamp}-{run}-{kind}-{epoch:012d}-{digest}.json",
+                       text.encode())
         return record
 
     def records(self, run: str | None = None) -> list[CommitRecord]:
@@ -185,6 +183,28 @@ class RunCommitter:
         record = self.log.record(self.run, changed, committed_at, epoch)
         known.update(changed)
         return record
+
+
+def _write_durably(path: Path, payload: bytes) -> None:
+    """Write a record atomically and durably: a temporary name, fsync, rename, then the
+    folder's fsync (the store and the checkpoints build on this module, not it on them)."""
+    created = not path.parent.is_dir()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(payload)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    for folder in (path.parent, path.parent.parent) if created else (path.parent,):
+        descriptor = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
 
 
 def relative_posix(root: Path, path: Path) -> str:

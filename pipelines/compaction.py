@@ -14,7 +14,7 @@ A reader listing the folder between 2 and 4 sees the originals and the merged fi
 :meth:`pipelines.store.EventStore.files` ignores the originals the merged file replaces: every
 row once. (A LazyFrame built before the compaction and collected after it fails on the
 removed files instead of returning other rows.) A rerun or resume drops its batches from
-compacted files (:func:`drop_run_segments`) before it writes them again.
+compacted files (:meth:`pipelines.store.EventStore.truncate`) before it writes them again.
 
 Retention works on the rows' time (event time; ``ingested_at`` for dead letters) against
 an injected "now". Rules are ``<table>`` or ``<table>/<event type>``; the more specific
@@ -43,7 +43,7 @@ from pipelines.segments import (
     read_segments,
     with_segments,
 )
-from pipelines.store import _FILE_NAME, TIME_COLUMN, EventStore, fsync_directory, write_parquet_atomic
+from pipelines.store import TIME_COLUMN, EventStore, fsync_directory, write_parquet_atomic
 from pipelines.timestamps import parse_duration
 
 _RULE = re.compile(r"^(?P<table>[A-Za-z0-9_][A-Za-z0-9_.-]*)(/(?P<type>[a-z0-9_][a-z0-9_.-]*))?$")
@@ -210,51 +210,3 @@ def _remove(paths: list[Path], keep: Path | None) -> None:
         fsync_directory(folder.parent)
     elif folder.is_dir():
         fsync_directory(folder)
-
-
-def drop_run_segments(store: EventStore, run: str, next_seqs: Mapping[str, int],
-                      committed_at: dt.datetime | None) -> list[Path]:
-    """Rewrite the compacted files that hold batches of ``run`` at or after ``next_seqs``
-    (as :meth:`EventStore.truncate` counts them) without those batches; returns the files
-    rewritten (removed, when nothing is left)."""
-    log = CommitLog(store.root)
-    rewritten = []
-    for path in sorted(store.root.glob("*/event_type=*/date=*/compact-*.parquet")):
-        segments, replaces = read_segments(path)
-        doomed = [_is_truncated(s.file, run, next_seqs) for s in segments]
-        if not any(doomed):
-            continue
-        pieces = [] if all(doomed) else _kept_pieces(path, segments, doomed)
-        # originals of other runs a crashed compaction left behind stay hidden
-        carried = [name for name in replaces if not _is_truncated(name, run, next_seqs)]
-        merged = None
-        if pieces:
-            merged = path.parent / compacted_name([path.name, *carried])
-            rows = pa.concat_tables([p[1] for p in pieces], promote_options="default")
-            write_parquet_atomic(with_segments(rows, [p[0] for p in pieces], [path.name, *carried]),
-                                 merged)
-        when = committed_at or max(s.committed_at for s in segments)
-        log.record(run, {relative_posix(store.root, merged): file_stat(merged)} if merged else {},
-                   when, kind="truncate", replaces=[relative_posix(store.root, path)])
-        _remove([path], keep=merged)
-        rewritten.append(path)
-    return rewritten
-
-
-def _kept_pieces(path: Path, segments: tuple[Segment, ...],
-                 doomed: list[bool]) -> list[tuple[Segment, pa.Table]]:
-    """The segments of a compacted file that stay, with their rows."""
-    held = pq.read_table(path, partitioning=None).replace_schema_metadata(None)
-    pieces, start = [], 0
-    for segment, drop in zip(segments, doomed, strict=True):
-        if not drop:
-            pieces.append((segment, held.slice(start, segment.rows)))
-        start += segment.rows
-    return pieces
-
-
-def _is_truncated(name: str, run: str, next_seqs: Mapping[str, int]) -> bool:
-    match = _FILE_NAME.match(name)
-    return bool(match and match["run"] == run
-                and int(match["seq"]) >= next_seqs.get(match["writer"], 0))
-

@@ -40,8 +40,9 @@ import os
 import re
 import threading
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any, NoReturn
 
 import numpy as np
 import polars as pl
@@ -49,9 +50,18 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipelines.commit_log import CommitLog, Stat, file_stat, modified_at, relative_posix
 from pipelines.envelope import INVALID_EVENT_TYPE
 from pipelines.errors import StoreError
-from pipelines.segments import COMPACT_PREFIX, hide_replaced, read_segments
+from pipelines.segments import (
+    COMPACT_PREFIX,
+    Segment,
+    compacted_name,
+    hide_replaced,
+    is_compacted,
+    read_segments,
+    with_segments,
+)
 from pipelines.tables import take_rows
 
 TABLES = ("events", "scores", "alerts", "actions", "deadletter")
@@ -233,9 +243,7 @@ class EventStore:
             committed_at: when the rewrite of compacted files is recorded.
         """
         if any(self.root.glob(f"*/event_type=*/date=*/{COMPACT_PREFIX}*.parquet")):
-            from pipelines.compaction import drop_run_segments
-
-            drop_run_segments(self, run, next_seqs, committed_at)
+            _drop_compacted_batches(self, run, next_seqs, committed_at)
         removed = []
         for path in self.root.glob(f"*/event_type=*/date=*/part-{run}-*.parquet"):
             match = _FILE_NAME.match(path.name)
@@ -279,8 +287,6 @@ class EventStore:
             StoreError: neither or both of ``moment`` and ``run``, a naive ``moment``, or a
                 run with no commit in this store.
         """
-        from pipelines.time_travel import StoreView
-
         return StoreView.of(self, moment, run)
 
     def commits(self) -> pl.DataFrame:
@@ -288,8 +294,6 @@ class EventStore:
         ``compaction``, ``truncate``), ``epoch``, ``files`` (how many it made visible) and
         ``replaces`` (how many it replaced). Any of its times can be given to :meth:`as_of`.
         """
-        from pipelines.commit_log import CommitLog
-
         rows = [{"committed_at": r.committed_at, "run": r.run, "kind": r.kind, "epoch": r.epoch,
                  "files": len(r.files), "replaces": len(r.replaces)}
                 for r in CommitLog(self.root).records()]
@@ -417,3 +421,147 @@ def _safe_column(values: pl.Series) -> pl.Series:
     ok = values.str.contains(_SAFE_VALUE.pattern) & ~values.str.contains("..", literal=True)
     safe = pl.when(ok.fill_null(False)).then(values).otherwise(pl.lit(INVALID_EVENT_TYPE))
     return pl.select(safe).to_series()
+
+
+# ------------------------------------------------------------------------------------------
+# A read-only view of the store at a commit time (:meth:`EventStore.as_of`)
+# ------------------------------------------------------------------------------------------
+
+_ROW = "__eventray_row"
+
+
+class StoreView(EventStore):
+    """The store at ``moment``: scans see exactly what was committed by then; writes raise.
+
+    Example:
+        >>> view = store.as_of(run="r0123456789")  # doctest: +SKIP
+        >>> view.scan("events").collect()  # doctest: +SKIP
+    """
+
+    def __init__(self, root: str | Path, moment: dt.datetime) -> None:
+        super().__init__(root)
+        self.moment = moment
+        self._committed: dict[str, tuple[dt.datetime, Stat]] | None = None
+
+    @classmethod
+    def of(cls, store: EventStore, moment: dt.datetime | None, run: str | None) -> StoreView:
+        """The view of ``store`` at ``moment`` or at ``run``'s last commit."""
+        if (moment is None) == (run is None):
+            raise StoreError("as_of: give a commit time or a run, not both or neither")
+        if run is not None:
+            moment = CommitLog(store.root).last_commit(run)
+        assert moment is not None
+        if moment.tzinfo is None:
+            raise StoreError("as_of: the time must be timezone-aware (UTC)")
+        return cls(store.root, moment.astimezone(dt.UTC))
+
+    def _times(self) -> dict[str, tuple[dt.datetime, Stat]]:
+        if self._committed is None:
+            self._committed = CommitLog(self.root).committed_times()
+        return self._committed
+
+    def committed_at(self, path: Path) -> dt.datetime | None:
+        """When a plain data file was committed (``None``: a rewrite not committed yet)."""
+        try:
+            stat = file_stat(path)
+        except FileNotFoundError:
+            return None
+        recorded = self._times().get(relative_posix(self.root, path))
+        if recorded is None:  # no record: a store older than the commit log
+            return modified_at(stat)
+        return recorded[0] if recorded[1] == stat else None
+
+    def visible_segments(self, path: Path) -> list[tuple[int, Segment]]:
+        """A compacted file's segments committed by the view's time, with their first row."""
+        visible, start = [], 0
+        for segment in read_segments(path)[0]:
+            if segment.committed_at <= self.moment:
+                visible.append((start, segment))
+            start += segment.rows
+        return visible
+
+    def files(self, table: str, event_types: Sequence[str] | None = None) -> list[Path]:
+        """The files holding rows committed by the view's time (a compacted file may hold
+        later ones too: read the table through :meth:`scan`)."""
+        kept = []
+        for path in super().files(table, event_types):
+            if is_compacted(path):
+                if self.visible_segments(path):
+                    kept.append(path)
+            elif (when := self.committed_at(path)) is not None and when <= self.moment:
+                kept.append(path)
+        return kept
+
+    def _lazy(self, table: str, event_types: Sequence[str] | None) -> pl.LazyFrame | None:
+        whole: list[Path] = []
+        partial: list[pl.LazyFrame] = []
+        for path in self.files(table, event_types):
+            segments = self.visible_segments(path) if is_compacted(path) else None
+            if segments is None or len(segments) == len(read_segments(path)[0]):
+                whole.append(path)
+                continue
+            in_view = pl.lit(False)
+            for start, segment in segments:
+                in_view = in_view | pl.col(_ROW).is_between(start, start + segment.rows - 1)
+            partial.append(pl.scan_parquet(path, hive_partitioning=True)
+                           .with_row_index(_ROW).filter(in_view).drop(_ROW))
+        frames = ([pl.scan_parquet(whole, hive_partitioning=True)] if whole else []) + partial
+        if not frames:
+            return None
+        return frames[0] if len(frames) == 1 else pl.concat(frames, how="vertical")
+
+    def _read_only(self, *_: Any, **__: Any) -> NoReturn:
+        raise StoreError(f"a view of {self.root} as of {self.moment.isoformat()} is read-only")
+
+    write = _read_only
+    truncate = _read_only
+    sync = _read_only
+
+
+def _drop_compacted_batches(store: EventStore, run: str, next_seqs: Mapping[str, int],
+                      committed_at: dt.datetime | None) -> list[Path]:
+    """Rewrite the compacted files that hold batches of ``run`` at or after ``next_seqs``
+    (as :meth:`EventStore.truncate` counts them) without those batches; returns the files
+    rewritten (removed, when nothing is left)."""
+    log = CommitLog(store.root)
+    rewritten = []
+    for path in sorted(store.root.glob("*/event_type=*/date=*/compact-*.parquet")):
+        segments, replaces = read_segments(path)
+        doomed = [_is_truncated(s.file, run, next_seqs) for s in segments]
+        if not any(doomed):
+            continue
+        pieces = [] if all(doomed) else _kept_pieces(path, segments, doomed)
+        # originals of other runs a crashed compaction left behind stay hidden
+        carried = [name for name in replaces if not _is_truncated(name, run, next_seqs)]
+        merged = None
+        if pieces:
+            merged = path.parent / compacted_name([path.name, *carried])
+            rows = pa.concat_tables([p[1] for p in pieces], promote_options="default")
+            write_parquet_atomic(with_segments(rows, [p[0] for p in pieces], [path.name, *carried]),
+                                 merged)
+        when = committed_at or max(s.committed_at for s in segments)
+        log.record(run, {relative_posix(store.root, merged): file_stat(merged)} if merged else {},
+                   when, kind="truncate", replaces=[relative_posix(store.root, path)])
+        path.unlink(missing_ok=True)
+        fsync_directory(path.parent)
+        rewritten.append(path)
+    return rewritten
+
+
+def _kept_pieces(path: Path, segments: tuple[Segment, ...],
+                 doomed: list[bool]) -> list[tuple[Segment, pa.Table]]:
+    """The segments of a compacted file that stay, with their rows."""
+    held = pq.read_table(path, partitioning=None).replace_schema_metadata(None)
+    pieces, start = [], 0
+    for segment, drop in zip(segments, doomed, strict=True):
+        if not drop:
+            pieces.append((segment, held.slice(start, segment.rows)))
+        start += segment.rows
+    return pieces
+
+
+def _is_truncated(name: str, run: str, next_seqs: Mapping[str, int]) -> bool:
+    match = _FILE_NAME.match(name)
+    return bool(match and match["run"] == run
+                and int(match["seq"]) >= next_seqs.get(match["writer"], 0))
+
