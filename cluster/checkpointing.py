@@ -19,8 +19,10 @@ from typing import TYPE_CHECKING
 from cluster.accounting import RunCounts
 from pipelines.actions.outbox import ACTIONS_STEP
 from pipelines.checkpoint import CHECKPOINT_DIR, Checkpoint, CheckpointStore, write_durably
+from pipelines.commit_log import RunCommitter
 from pipelines.errors import AccountingError, ConfigError
 from pipelines.keyed import DEADLETTER_STEP
+from pipelines.normalise import Clock, utc_now
 from pipelines.spec import PipelineSpec
 from pipelines.store import EventStore
 from pipelines.writers import WriterId
@@ -85,9 +87,11 @@ class Checkpointer:
     """Takes the run's checkpoints and restores the run from its last one."""
 
     def __init__(self, spec: PipelineSpec, store: EventStore, run: str,
-                 identity: RunIdentity) -> None:
+                 identity: RunIdentity, clock: Clock = utc_now) -> None:
         self.spec, self.store, self.run, self.identity = spec, store, run, identity
         self.checkpoints = CheckpointStore(store.root, run)
+        #: every commit is recorded in the store's commit log, at the injected clock's time
+        self.committer, self.clock = RunCommitter(store.root, run), clock
         self.epoch = 0
 
     def _started_as(self) -> RunIdentity | None:
@@ -128,7 +132,7 @@ class Checkpointer:
                                   f"{'; '.join(changes)}. Run without --resume to start afresh")
         if latest is None:
             self.checkpoints.clear()
-            self.store.truncate(self.run, {})
+            self.store.truncate(self.run, {}, self.clock())
             write_durably(self.checkpoints.directory / IDENTITY_FILE,
                           json.dumps(asdict(self.identity), sort_keys=True).encode())
             return None
@@ -143,7 +147,7 @@ class Checkpointer:
             for partition, seq in seqs.items():
                 writers[WriterId.stage(self.run, name, partition).for_step(DEADLETTER_STEP).local] = seq
         writers[WriterId.ingest(self.run).local] = latest.deadletter_seq
-        self.store.truncate(self.run, writers)
+        self.store.truncate(self.run, writers, self.clock())
         ingest.restore({name: self.checkpoints.read_state(latest.epoch, name)
                         for name in ingest.snapshot()})
         self.epoch = latest.epoch
@@ -171,6 +175,7 @@ class Checkpointer:
         self.checkpoints.commit(Checkpoint(
             self.epoch, dict(offsets), seqs, counts.batches, counts.numbers(),
             dict(counts.reasons), stage_seqs))
+        self.committer.commit(self.epoch, self.clock())  # after the manifest: it is the commit
         dispatcher.executor.committed()
         chain.committed()
         counts.checkpoints += 1

@@ -11,6 +11,7 @@ Commands:
     report           one day of a store as an HTML compliance report with plots
     mine             match a pattern file over a store's events (no Ray)
     actions retry    send dead-lettered actions again (--store S [--rule R] [--since T])
+    compact, replay, compare, explain   the store's commands (:mod:`cluster.store_commands`)
 
 Every command ends by printing one JSON line on stdout. Bad arguments print usage;
 bad configs print what is wrong with which field; neither prints a traceback.
@@ -122,6 +123,10 @@ def _parser() -> argparse.ArgumentParser:
     retry.add_argument("--rule", help="only this rule's actions")
     retry.add_argument("--since", type=_moment, help="only actions parked at or after this "
                        "time (ISO 8601, UTC if no zone)")
+
+    from cluster.store_commands import add_store_commands
+
+    add_store_commands(commands)
 
     sim = commands.add_parser("simulate", help="write synthetic card transactions")
     sim.add_argument("--out", type=Path, required=True, help="output folder")
@@ -312,10 +317,20 @@ def command_actions(args: argparse.Namespace) -> dict[str, Any]:
     return retry_dead_letters(args.store, rule=args.rule, since=args.since)
 
 
+def _store_command(name: str) -> Any:
+    def command(args: argparse.Namespace) -> dict[str, Any]:
+        from cluster.store_commands import STORE_COMMANDS
+
+        return STORE_COMMANDS[name](args, _log)
+
+    return command
+
+
 COMMANDS = {"run": command_run, "submit": command_submit, "serve": command_serve,
             "produce": command_produce, "simulate": command_simulate,
             "evaluate": command_evaluate, "train": command_train, "bench": command_bench,
-            "report": command_report, "mine": command_mine, "actions": command_actions}
+            "report": command_report, "mine": command_mine, "actions": command_actions,
+            **{name: _store_command(name) for name in ("compact", "replay", "compare", "explain")}}
 
 
 def main(argv: list[str] | None = None) -> int:

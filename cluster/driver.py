@@ -121,7 +121,7 @@ class PipelineRun:
         self.counts = RunCounts()
         self.ingest = Ingest(spec, self.store, self.run, clock)
         self.checkpointer = Checkpointer(spec, self.store, self.run, RunIdentity.of(
-            spec, config_digest(spec), self.source.list_parts()))
+            spec, config_digest(spec), self.source.list_parts()), clock)
         pace = spec.source.pace
         self.pacer = Pacer(pace.speedup, pace.linger_ms / 1000) if pace else None
         self.partition_factory, self.stage_factory = partitions, stages

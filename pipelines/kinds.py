@@ -7,8 +7,9 @@ Three plugin families, each a :class:`~pipelines.plugins.PluginRegistry`:
   (a projection of ``projections:`` folded in the stream).
 - :data:`STAGE_KINDS` (``eventray.stages``): enrichment stages keyed by their own key.
 - :data:`SOURCE_KINDS` (``eventray.sources``): where events come from. Built in:
-  ``parquet``, ``csv``, ``jsonl``; ``http``, a live source (:mod:`pipelines.live`): the
-  ingest journal that ``eventray serve``'s HTTP endpoint appends to.
+  ``parquet``, ``csv``, ``jsonl``, ``store`` (a store's source events, for replay); ``http``,
+  a live source (:mod:`pipelines.live`): the ingest journal that ``eventray serve``'s HTTP
+  endpoint appends to.
 
 A step or stage kind is a :class:`~pipelines.processing.Step` subclass whose
 ``spec_class`` validates its config section; a source kind is a :class:`SourceKind`.
@@ -35,6 +36,7 @@ from pipelines.plugins import PluginImportError, PluginRegistry
 from pipelines.processing import AnomalyStep, Step, StepContext
 from pipelines.processors import PythonStep
 from pipelines.projections.step import ProjectionStep
+from pipelines.replay import StoreSourceOptions, build_store_source
 from pipelines.routing import type_regex
 from pipelines.sources import CsvSource, JsonLinesSource, ParquetSource, Source
 from pipelines.spec import EnrichSpec, LimitsSpec, PipelineSpec, SourceSpec, StepSpec
@@ -93,6 +95,7 @@ SOURCE_KINDS = PluginRegistry("source format", "eventray.sources", {
     "csv": file_source(CsvSource),
     "jsonl": file_source(JsonLinesSource),
     "http": SourceKind(HttpSourceOptions, _http_journal, json_lines=True),
+    "store": SourceKind(StoreSourceOptions, build_store_source),  # replay of a store's events
 })
 
 

@@ -349,17 +349,21 @@ class MatchPayload(BaseModel):
 
 
 class StoreSpec(_Frozen):
-    """Where the event store is, and how often its files are committed.
+    """Where the event store is, how often its files are committed, how long rows are kept.
 
     ``commit_interval``: a partition writes the batches it applied as one file per
     (table, event type, date) at least this often, and whenever it holds ``commit_rows``
     rows; ``eventray serve`` also takes its checkpoints this often (a checkpoint commits
     what is pending first). Decisions do not wait for it: they leave with each batch.
+
+    ``retention``: ``max_age`` per table (``events: 400d``) or per table and event type
+    (``events/fraud.reported: 30d``), applied by ``eventray compact``; the more specific wins.
     """
 
     path: str = "store"
     commit_interval: Duration = dt.timedelta(seconds=1)
     commit_rows: int = Field(default=500_000, gt=0)
+    retention: dict[str, Duration] = Field(default_factory=dict)
 
 
 class PipelineSpec(_Frozen):

@@ -121,6 +121,24 @@ FRAUD_SCORES_SCHEMA = pa.schema([
 ])
 
 
+#: ``models``: one row per batch in which a step started scoring with a model version (and
+#: after a restore), so that an alert's model can be traced to its training data and
+#: threshold from the store alone (``eventray explain``).
+MODELS_SCHEMA = pa.schema([
+    pa.field("event_type", pa.string(), nullable=False),  # always "model.loaded"
+    pa.field("timestamp", pa.timestamp("us", "UTC"), nullable=False),  # the batch's first event
+    pa.field("step", pa.string(), nullable=False),
+    pa.field("model", pa.string(), nullable=False),  # name:version
+    pa.field("registry", pa.string()),
+    pa.field("trained_from", pa.string()),
+    pa.field("trained_to", pa.string()),
+    pa.field("created_at", pa.string()),
+    pa.field("threshold", pa.float64()),
+    pa.field("features", pa.list_(pa.string())),  # the model's inputs, in its order
+])
+MODEL_LOADED = "model.loaded"
+
+
 class ModelRef(BaseModel):
     """A model in the registry: ``latest`` follows new versions while the pipeline runs."""
 
@@ -277,6 +295,19 @@ class ModelSlot:
         self.version: int | None = None
         self.label = "none"
         self.batches = 0
+        self.loaded_facts: dict[str, Any] | None = None
+
+    def announce(self, step: str, threshold: float, first: Any) -> pa.Table | None:
+        """The ``models`` row of a version loaded since the last call (``None``: none)."""
+        facts, self.loaded_facts = self.loaded_facts, None
+        if facts is None or self.ref is None:
+            return None
+        trained = facts.get("training_range") or {}
+        return pa.Table.from_pylist([{
+            "event_type": MODEL_LOADED, "timestamp": first, "step": step, "model": self.label,
+            "registry": str(self.ref.registry), "trained_from": trained.get("start"),
+            "trained_to": trained.get("end"), "created_at": facts.get("created_at"),
+            "threshold": threshold, "features": list(facts.get("features") or [])}], MODELS_SCHEMA)
 
     def current(self) -> FraudModel | None:
         """The model to score this batch with (``None``: no model yet)."""
@@ -297,6 +328,7 @@ class ModelSlot:
             return
         loaded = self.registry.load(self.ref.name, wanted)
         self.model, self.version, self.label = loaded.model, wanted, f"{self.ref.name}:{wanted}"
+        self.loaded_facts = loaded.metadata  # announced in the next batch's ``models`` row
 
     def snapshot(self) -> dict[str, int | None]:
         """The version in use (``None``: none yet) and the batches scored so far."""
@@ -309,6 +341,7 @@ class ModelSlot:
             StateRestoreError: the snapshot is not a model slot's.
         """
         self.model, self.version, self.label, self.batches = None, None, "none", 0
+        self.loaded_facts = None
         if state is None:
             return
         if not isinstance(state, dict) or not isinstance(state.get("batches"), int):
@@ -316,6 +349,9 @@ class ModelSlot:
         self.batches = state["batches"]
         if state.get("version") is not None and self.registry is not None:
             self._load(state["version"])
+            # announced already, in a batch the checkpoint covers: a restore adds no row,
+            # so a recovered run writes exactly the models rows a fault-free one does
+            self.loaded_facts = None
 
 
 class FraudStep(Step):
@@ -354,6 +390,9 @@ class FraudStep(Step):
         tables = {"scores": scored.to_arrow().select(FRAUD_SCORES_SCHEMA.names).cast(FRAUD_SCORES_SCHEMA)}
         if model is None:
             return StepOutput(tables=tables)
+        announced = self.slot.announce(self.name, self.spec.threshold, mine["timestamp"][0])
+        if announced is not None:
+            tables["models"] = announced
         flagged = scored["score"] >= self.spec.threshold
         alerts = alert_rows(scored.filter(flagged), self.name, self.spec.alert_type, self.spec.threshold)
         tables["alerts"] = alerts.to_arrow().cast(ALERTS_SCHEMA)

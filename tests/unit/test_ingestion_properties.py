@@ -56,6 +56,7 @@ SAFE_DIR = re.compile(r"[a-z0-9_][a-z0-9_.-]{0,127}")
 DATE_DIR = re.compile(r"date=(\d{4}-\d{2}-\d{2})")
 #: Where a run keeps its checkpoints, beside the tables (pipelines.checkpoint).
 CHECKPOINTS = "_checkpoints"
+COMMIT_DIR = "_commits"
 
 # ------------------------------------------------------------------------------------------
 # the model of a file: what each line is and what must become of it
@@ -353,7 +354,7 @@ def check_files(root: Path, store_root: Path, normalised: bool = True) -> None:
         assert path.resolve().is_relative_to(store_root.resolve()), f"file outside the store: {path}"
         assert not path.name.endswith(".tmp"), f"temporary file left behind: {path}"
         parts = path.relative_to(store_root).parts
-        if parts[0] == CHECKPOINTS:
+        if parts[0] in {CHECKPOINTS, COMMIT_DIR}:  # bookkeeping: checkpoints, the commit log
             continue
         assert len(parts) == 4, parts
         table, type_dir, date_dir, name = parts
