@@ -107,8 +107,9 @@ class DuplicateFilter:
         n = len(ids)
         buckets = self._bucket_of(timestamps, n)
         candidates = np.ones(n, bool) if keep is None else np.asarray(keep, bool).copy()
-        if self._floor is not None:
-            candidates &= buckets >= self._floor  # outside the horizon: never a duplicate
+        # a row older than the horizon is still checked against every id remembered (its
+        # first copy may be recent); it is not recorded: its bucket is forgotten already
+        recorded = np.ones(n, bool) if self._floor is None else buckets >= self._floor
         duplicate = np.zeros(n, dtype=bool)
         rows = np.flatnonzero(candidates)
         if len(rows) == 0:
@@ -121,9 +122,10 @@ class DuplicateFilter:
         for bucket in list(self._buckets):
             seen |= self._seen(bucket, hashes, in_order)
         duplicate[rows] = seen
-        fresh = rows[~seen]
-        order = fresh[np.argsort(buckets[fresh], kind="stable")]
-        fresh_hashes = hashes[~seen][np.argsort(buckets[fresh], kind="stable")]
+        new = ~seen & recorded[rows]
+        fresh = rows[new]
+        by_bucket = np.argsort(buckets[fresh], kind="stable")
+        order, fresh_hashes = fresh[by_bucket], hashes[new][by_bucket]
         ordered_buckets = buckets[order]
         ordered_ids = ids.take(pa.array(order))
         for start, end in _segments(ordered_buckets):

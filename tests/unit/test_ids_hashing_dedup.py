@@ -96,7 +96,8 @@ HOUR = 3_600_000_000
 def test_filter_is_exact_within_the_horizon(batches: list[list[tuple[str, int]]],
                                              horizon_hours: int) -> None:
     # Reference: the first occurrences of ids, each with its hour, forgetting hours older than
-    # watermark - horizon; an id seen again within the horizon is a duplicate at any hour.
+    # watermark - horizon; an id seen again while its first copy is remembered, or earlier in
+    # the same batch, is a duplicate at any hour (an old row too: its first copy may be new).
     f = DuplicateFilter(horizon_us=horizon_hours * HOUR, bucket_us=HOUR)
     kept: list[tuple[str, int]] = []
     watermark = 0
@@ -104,10 +105,11 @@ def test_filter_is_exact_within_the_horizon(batches: list[list[tuple[str, int]]]
         hours = np.array([h for _, h in batch], dtype=np.int64)
         marks = f.mark(pa.array([i for i, _ in batch], pa.string()), hours * HOUR).tolist()
         floor = watermark - horizon_hours if watermark else None
-        expected = []
+        expected, in_batch = [], set()
         for event_id, hour in batch:
             inside = floor is None or hour >= floor
-            repeat = inside and any(event_id == k for k, _ in kept)
+            repeat = event_id in in_batch or any(event_id == k for k, _ in kept)
+            in_batch.add(event_id)
             expected.append(repeat)
             if inside and not repeat:
                 kept.append((event_id, hour))
@@ -126,7 +128,7 @@ def test_equal_hashes_never_make_a_duplicate(monkeypatch: pytest.MonkeyPatch) ->
     assert f.mark(pa.array(["d", "b", "e", "c"]), t).tolist() == [False, True, False, True]
 
 
-def test_old_events_are_never_duplicates_and_memory_is_released() -> None:
+def test_forgotten_events_are_not_duplicates_and_memory_is_released() -> None:
     f = DuplicateFilter(horizon_us=2 * HOUR, bucket_us=HOUR)
     ids = pa.array([f"id{i}" for i in range(100)])
     assert not f.mark(ids, np.arange(100) * HOUR // 10).any()
@@ -134,6 +136,16 @@ def test_old_events_are_never_duplicates_and_memory_is_released() -> None:
     assert len(f) == 0
     again = f.mark(ids, np.arange(100) * HOUR // 10)
     assert not again.any() and len(f) == 0  # older than the horizon: not called, not kept
+
+
+def test_an_old_copy_of_a_remembered_event_is_a_duplicate() -> None:
+    """The second copy of a recent event, stamped far behind the horizon, is still caught:
+    the first copy is remembered (a late copy must not be stored twice)."""
+    f = DuplicateFilter(horizon_us=2 * HOUR, bucket_us=HOUR)
+    assert not f.mark(pa.array(["a", "b"]), np.array([100, 100]) * HOUR).any()
+    f.advance(100 * HOUR)
+    assert f.mark(pa.array(["a", "c"]), np.array([3, 3]) * HOUR).tolist() == [True, False]
+    assert len(f) == 2  # the old row "c" is not recorded: its hour is forgotten already
 
 
 def test_snapshots_restore_in_full_and_by_changed_buckets() -> None:
