@@ -82,14 +82,19 @@ class DuplicateFilter:
         return sum(h.nbytes + ids.nbytes for runs in self._buckets.values() for h, ids in runs)
 
     def advance(self, watermark_us: int) -> None:
-        """Forget the buckets that end before ``watermark_us - horizon_us``."""
+        """Forget the buckets that end before ``watermark_us - horizon_us`` (at the first
+        watermark, ids seen before it move to the horizon's edge instead: an event stamped
+        far behind the stream's start is remembered for one horizon like any other)."""
         floor = (watermark_us - self.horizon_us) // self.bucket_us
         if self._floor is not None and floor <= self._floor:
             return
-        self._floor = floor
+        first, self._floor = self._floor is None, floor
         for bucket in [b for b in self._buckets if b < floor]:
-            del self._buckets[bucket]
+            runs = self._buckets.pop(bucket)
             self._changed.discard(bucket)
+            if first:  # seen before any watermark: remembered as if at the horizon's edge
+                self._buckets.setdefault(floor, []).extend(runs)
+                self._changed.add(floor)
 
     def mark(self, event_ids: pa.Array | pa.ChunkedArray, timestamps: object = None,
              keep: np.ndarray | None = None) -> np.ndarray:
@@ -107,9 +112,11 @@ class DuplicateFilter:
         n = len(ids)
         buckets = self._bucket_of(timestamps, n)
         candidates = np.ones(n, bool) if keep is None else np.asarray(keep, bool).copy()
-        # a row older than the horizon is still checked against every id remembered (its
-        # first copy may be recent); it is not recorded: its bucket is forgotten already
-        recorded = np.ones(n, bool) if self._floor is None else buckets >= self._floor
+        # a row older than the horizon is checked against every id remembered (its first
+        # copy may be recent) and remembered as if at the horizon's edge (its own bucket is
+        # forgotten already), so a later copy within the horizon is caught too
+        if self._floor is not None:
+            buckets = np.maximum(buckets, self._floor)
         duplicate = np.zeros(n, dtype=bool)
         rows = np.flatnonzero(candidates)
         if len(rows) == 0:
@@ -122,7 +129,7 @@ class DuplicateFilter:
         for bucket in list(self._buckets):
             seen |= self._seen(bucket, hashes, in_order)
         duplicate[rows] = seen
-        new = ~seen & recorded[rows]
+        new = ~seen
         fresh = rows[new]
         by_bucket = np.argsort(buckets[fresh], kind="stable")
         order, fresh_hashes = fresh[by_bucket], hashes[new][by_bucket]

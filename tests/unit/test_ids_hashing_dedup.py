@@ -95,12 +95,13 @@ HOUR = 3_600_000_000
        st.integers(0, 10))
 def test_filter_is_exact_within_the_horizon(batches: list[list[tuple[str, int]]],
                                              horizon_hours: int) -> None:
-    # Reference: the first occurrences of ids, each with its hour, forgetting hours older than
-    # watermark - horizon; an id seen again while its first copy is remembered, or earlier in
-    # the same batch, is a duplicate at any hour (an old row too: its first copy may be new).
+    # Reference: the first occurrences of ids, each with its hour (an hour older than the
+    # horizon counts as the horizon's edge), forgetting hours older than watermark - horizon;
+    # an id seen again while its first copy is remembered, or earlier in the same batch, is a
+    # duplicate at any hour (an old row too: its first copy may be new).
     f = DuplicateFilter(horizon_us=horizon_hours * HOUR, bucket_us=HOUR)
     kept: list[tuple[str, int]] = []
-    watermark = 0
+    watermark, first_advance = 0, True
     for batch in batches:
         hours = np.array([h for _, h in batch], dtype=np.int64)
         marks = f.mark(pa.array([i for i, _ in batch], pa.string()), hours * HOUR).tolist()
@@ -111,11 +112,14 @@ def test_filter_is_exact_within_the_horizon(batches: list[list[tuple[str, int]]]
             repeat = event_id in in_batch or any(event_id == k for k, _ in kept)
             in_batch.add(event_id)
             expected.append(repeat)
-            if inside and not repeat:
-                kept.append((event_id, hour))
+            if not repeat:
+                kept.append((event_id, hour if inside else floor))
         assert marks == expected
         watermark = max([watermark, *hours.tolist()])
         f.advance(watermark * HOUR)
+        if first_advance:  # ids seen before the first watermark move to the horizon's edge
+            kept = [(k, max(h, watermark - horizon_hours)) for k, h in kept]
+            first_advance = False
         kept = [(k, h) for k, h in kept if h >= watermark - horizon_hours]
         assert len(f) == len(kept)  # memory is the horizon's ids, no more
 
@@ -130,12 +134,25 @@ def test_equal_hashes_never_make_a_duplicate(monkeypatch: pytest.MonkeyPatch) ->
 
 def test_forgotten_events_are_not_duplicates_and_memory_is_released() -> None:
     f = DuplicateFilter(horizon_us=2 * HOUR, bucket_us=HOUR)
+    f.advance(0)  # the stream has a watermark from the start
     ids = pa.array([f"id{i}" for i in range(100)])
     assert not f.mark(ids, np.arange(100) * HOUR // 10).any()
     f.advance(12 * HOUR)  # keeps the buckets from hour 10 on: nothing of hours 0-9 is left
     assert len(f) == 0
     again = f.mark(ids, np.arange(100) * HOUR // 10)
-    assert not again.any() and len(f) == 0  # older than the horizon: not called, not kept
+    assert not again.any()  # forgotten: not called duplicates
+    assert len(f) == 100  # remembered again, as at the horizon's edge (hour 10)
+    f.advance(13 * HOUR)
+    assert len(f) == 0
+
+
+def test_ids_seen_before_the_first_watermark_are_kept_for_one_horizon() -> None:
+    f = DuplicateFilter(horizon_us=2 * HOUR, bucket_us=HOUR)
+    f.mark(pa.array(["old"]), np.array([0]))  # far behind the stream's start
+    f.advance(100 * HOUR)
+    assert f.mark(pa.array(["old"]), np.array([99]) * HOUR).tolist() == [True]
+    f.advance(101 * HOUR)
+    assert len(f) == 0  # forgotten one horizon later, as any id
 
 
 def test_an_old_copy_of_a_remembered_event_is_a_duplicate() -> None:
@@ -145,11 +162,13 @@ def test_an_old_copy_of_a_remembered_event_is_a_duplicate() -> None:
     assert not f.mark(pa.array(["a", "b"]), np.array([100, 100]) * HOUR).any()
     f.advance(100 * HOUR)
     assert f.mark(pa.array(["a", "c"]), np.array([3, 3]) * HOUR).tolist() == [True, False]
-    assert len(f) == 2  # the old row "c" is not recorded: its hour is forgotten already
+    # the old row "c" is remembered as if at the horizon's edge: a later copy is caught
+    assert f.mark(pa.array(["c"]), np.array([99]) * HOUR).tolist() == [True]
 
 
 def test_snapshots_restore_in_full_and_by_changed_buckets() -> None:
     f = DuplicateFilter(horizon_us=24 * HOUR, bucket_us=HOUR)
+    f.advance(0)  # the stream has a watermark from the start
     f.mark(pa.array(["a", "b"]), np.array([0, 5 * HOUR]))
     base = f.snapshot()
     f.mark(pa.array(["c"]), np.array([5 * HOUR]))
