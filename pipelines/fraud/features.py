@@ -210,6 +210,11 @@ HISTORY = 30 * DAY
 _HOURS_WITHOUT_HISTORY = HISTORY / dt.timedelta(hours=1)
 _DAYS_WITHOUT_HISTORY = HISTORY / DAY
 _TERMINAL_DELAYS = (14, 21, 28)
+#: Unit conversions as multipliers. Polars divides a column by a scalar as a multiplication by
+#: its reciprocal, except for a column of one row, which it divides: the two differ in the last
+#: bit, so a quotient would depend on how the events were batched. A product does not.
+_HOURS_PER_US = 1 / 3.6e9
+_DAYS_PER_US = 1 / 8.64e10
 
 
 def _customer_history_spec() -> KeyedWindowSpec:
@@ -308,10 +313,11 @@ def customer_history_features(
         pl.when(seen).then(amount / (mean + 1.0)).otherwise(1.0).alias(CUSTOMER_HISTORY_FEATURES[1]),
         pl.when(seen).then((amount - mean) / (deviation + 1.0)).otherwise(0.0)
         .alias(CUSTOMER_HISTORY_FEATURES[2]),
-        pl.when(seen).then((now - pl.col("_CUSTOMER_LAST_US")) / 3.6e9).otherwise(_HOURS_WITHOUT_HISTORY)
+        pl.when(seen).then((now - pl.col("_CUSTOMER_LAST_US")) * _HOURS_PER_US)
+        .otherwise(_HOURS_WITHOUT_HISTORY)
         .alias(CUSTOMER_HISTORY_FEATURES[3]),
         pl.col("_PAIR_COUNT").cast(pl.Float64).alias(CUSTOMER_HISTORY_FEATURES[4]),
-        pl.when(pl.col("_PAIR_COUNT") > 0).then((now - pl.col("_PAIR_LAST_US")) / 8.64e10)
+        pl.when(pl.col("_PAIR_COUNT") > 0).then((now - pl.col("_PAIR_LAST_US")) * _DAYS_PER_US)
         .otherwise(_DAYS_WITHOUT_HISTORY).alias(CUSTOMER_HISTORY_FEATURES[5]),
     )
 
@@ -360,7 +366,7 @@ def terminal_history_features(epoch_us: pl.Series, terminal: pl.DataFrame) -> pl
     def days_since(column: str) -> pl.Expr:
         at = pl.col(column)
         known = at.is_finite().fill_null(False)
-        return pl.when(known).then((pl.col("_NOW_US") - at) / 8.64e10).otherwise(0.0)
+        return pl.when(known).then((pl.col("_NOW_US") - at) * _DAYS_PER_US).otherwise(0.0)
 
     shares = [name for name in TERMINAL_HISTORY_FEATURES if "_RISK_" in name]
     return terminal.with_columns(_NOW_US=epoch_us).select(

@@ -14,7 +14,6 @@ from polars.testing import assert_frame_equal
 
 from cluster.driver import run_pipeline
 from cluster.partitions import RayPartitions
-from pipelines.fraud.features import HISTORY_FEATURES
 from pipelines.fraud.simulator import SimulationSpec, simulate_transactions, write_monthly
 from pipelines.spec import PipelineSpec
 from tests.support import ROOT, eventray, fraud_spec, summary_of, train_into
@@ -56,14 +55,8 @@ def scored_run(ray_local: object, tmp_path_factory: pytest.TempPathFactory) -> t
 
 
 def assert_same_rows(original: pl.DataFrame, again: pl.DataFrame) -> None:
-    """Row for row: the ids, the model, the score and the handbook's 15 inputs bit for bit;
-    the history features beside them to the last bits (in 2 of 14,585 rows the replay's
-    hours since the customer's last transaction differed from the run's by 1e-15, while
-    the run itself repeated with another batch size matched it bit for bit; not explained
-    yet)."""
-    exact = [c for c in original.columns if c not in HISTORY_FEATURES]
-    assert again.select(exact).equals(original.select(exact))
-    assert_frame_equal(again, original, check_exact=False, rel_tol=1e-12, abs_tol=1e-9)
+    """Row for row, bit for bit: the ids, the model, the score and every model input."""
+    assert_frame_equal(again, original, check_exact=True)
 
 
 def read(store: Path, table: str) -> pl.DataFrame:

@@ -23,7 +23,15 @@ from models.registry import ModelRegistry
 from pipelines.envelope import PayloadSchema, envelope_schema
 from pipelines.features import StateRestoreError
 from pipelines.fraud.data import offline_features
-from pipelines.fraud.features import HISTORY_FEATURES, handbook_features_batch, history_features_batch
+from pipelines.fraud.features import (
+    CUSTOMER_HISTORY_FEATURES,
+    HISTORY_FEATURES,
+    TERMINAL_HISTORY_FEATURES,
+    HistoryFeatures,
+    handbook_features_batch,
+    history_features_batch,
+    terminal_history_features,
+)
 from pipelines.fraud.flow import (
     POSITION,
     FraudStep,
@@ -90,6 +98,25 @@ def test_history_features_stream_equal_the_batch_reference(
     assert (online["CUSTOMER_TERMINAL_NB_TX_BEFORE_30DAY_WINDOW"] == 0).any()
     assert (online["TERMINAL_ID_DAYS_SINCE_FIRST_KNOWN_FRAUD"] >= 7).any()
     assert online["CUSTOMER_ID_AMOUNT_RATIO_30DAY_WINDOW"].n_unique() > 100
+
+
+def test_history_features_do_not_depend_on_how_the_events_are_batched(transactions: pa.Table) -> None:
+    """One event at a time, as after a restart or in a live run, gives the very bits of a
+    whole batch: Polars divides a one-row column by a scalar differently from a longer one,
+    so the features must not divide by constants."""
+    head = pl.from_arrow(transactions).head(400)
+    online = HistoryFeatures()
+    singles = pl.concat([online.update(head.slice(i, 1)) for i in range(head.height)])
+    offline = history_features_batch(head).select(CUSTOMER_HISTORY_FEATURES)
+    assert singles.equals(offline)
+    assert (singles["CUSTOMER_ID_HOURS_SINCE_LAST_TX"] != 720.0).sum() > 50
+    now = pl.Series(np.linspace(1.5e15, 1.6e15, 300))
+    terminal = pl.DataFrame({name: np.zeros(300) for name in TERMINAL_HISTORY_FEATURES if "_RISK_" in name}
+                            ).with_columns(_TERMINAL_FIRST_FRAUD_US=now - 12_345_678.0,
+                                           _TERMINAL_LAST_FRAUD_US=now - 98_765.0)
+    whole = terminal_history_features(now, terminal)
+    assert pl.concat([terminal_history_features(now.slice(i, 1), terminal.slice(i, 1))
+                      for i in range(300)]).equals(whole)
 
 
 def test_history_features_never_read_a_label_before_its_delay(transactions: pa.Table) -> None:
