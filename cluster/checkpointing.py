@@ -18,8 +18,9 @@ from typing import TYPE_CHECKING
 
 from cluster.accounting import RunCounts
 from pipelines.actions.outbox import ACTIONS_STEP
-from pipelines.checkpoint import CHECKPOINT_DIR, Checkpoint, CheckpointStore, write_durably
+from pipelines.checkpoint import CHECKPOINT_DIR, Checkpoint, CheckpointStore
 from pipelines.commit_log import RunCommitter
+from pipelines.durable import write_durably
 from pipelines.errors import AccountingError, ConfigError
 from pipelines.keyed import DEADLETTER_STEP
 from pipelines.normalise import Clock, utc_now

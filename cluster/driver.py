@@ -224,15 +224,27 @@ class PipelineRun:
             if rest is not None:  # the source has ended: no pacing, nothing comes after it
                 self.enter(rest)
             self.checkpoint(offsets, final=True)
-            if self.actions is not None:  # a bounded run ends once its outbox is drained
-                self.actions.drain()
-            self.counts.restarts = self.dispatcher.executor.restarts + self.chain.restarts
+            self.drain_actions()
         finally:
             bar.close()
-            self.dispatcher.executor.close()
-            self.chain.close()
-            if self.actions is not None:
-                self.actions.close()
+            self.close()
+        return self.result(starting, started, resumed)
+
+    def drain_actions(self) -> None:
+        """A run ends once its outbox is drained: what it decided is delivered or parked."""
+        if self.actions is not None:
+            self.actions.drain()
+        self.counts.restarts = self.dispatcher.executor.restarts + self.chain.restarts
+
+    def close(self) -> None:
+        """Stop the run's executors and action dispatchers."""
+        self.dispatcher.executor.close()
+        self.chain.close()
+        if self.actions is not None:
+            self.actions.close()
+
+    def result(self, starting: float, started: float, resumed: bool) -> dict[str, Any]:
+        """The run's summary, once the accounting invariant is checked."""
         self.counts.check()
         elapsed = time.perf_counter() - started
         return {**self.summary(elapsed), "startup_s": round(started - starting, 3),

@@ -252,20 +252,12 @@ class LiveRun(PipelineRun):
                 live.tick(self.counts)
             self._drain(drain_to())
             self.commit()
-            if self.actions is not None:  # what was decided is delivered or parked first
-                self.actions.drain()
-            self.counts.restarts = self.dispatcher.executor.restarts + self.chain.restarts
+            self.drain_actions()
         finally:
             live.close()
-            self.dispatcher.executor.close()
-            self.chain.close()
+            self.close()
             self.source.close()  # type: ignore[attr-defined]
-            if self.actions is not None:
-                self.actions.close()
-        self.counts.check()
-        elapsed = time.perf_counter() - started
-        return {**self.summary(elapsed), "startup_s": round(started - starting, 3),
-                "run": self.run, "resumed": resumed}
+        return self.result(starting, started, resumed)
 
     def _receipt_hook(self, live: LiveProgress) -> Callable[[BatchReceipt], None]:
         replies = self.replies

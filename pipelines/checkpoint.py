@@ -17,14 +17,13 @@ Layout: ``STORE/_checkpoints/<run>/{manifest-<epoch>.json, p<i>-<epoch>.state, d
 from __future__ import annotations
 
 import json
-import os
 import re
-import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from pipelines.durable import write_durably
 from pipelines.errors import PipelineError
-from pipelines.store import fsync_directory, make_directories, sync_written_folders
+from pipelines.store import sync_written_folders
 
 CHECKPOINT_DIR = "_checkpoints"
 _MANIFEST = re.compile(r"^manifest-(\d{12})\.json$")
@@ -61,22 +60,6 @@ class Checkpoint:
         data["stage_seqs"] = {name: {int(k): v for k, v in seqs.items()}
                               for name, seqs in data.get("stage_seqs", {}).items()}
         return cls(**data)
-
-
-def write_durably(path: Path, payload: bytes) -> None:
-    """Write ``payload`` to ``path`` atomically and durably (temp file, fsync, rename)."""
-    created_in = make_directories(path.parent)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "wb") as handle:
-            handle.write(payload)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-        for folder in [path.parent, *sorted(created_in, key=lambda p: len(p.parts), reverse=True)]:
-            fsync_directory(folder)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 class CheckpointStore:

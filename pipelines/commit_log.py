@@ -35,6 +35,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipelines.durable import write_durably
 from pipelines.errors import StoreError
 
 COMMIT_DIR = "_commits"
@@ -106,7 +107,7 @@ class CommitLog:
         text = record.to_json()
         # the digest keeps two records of one instant apart (a fixed clock, two folders)
         digest = hashlib.sha256(text.encode()).hexdigest()[:8]
-        _write_durably(self.directory / f"{stamp}-{run}-{kind}-{epoch:012d}-{digest}.json",
+        write_durably(self.directory / f"{stamp}-{run}-{kind}-{epoch:012d}-{digest}.json",
                        text.encode())
         return record
 
@@ -183,28 +184,6 @@ class RunCommitter:
         record = self.log.record(self.run, changed, committed_at, epoch)
         known.update(changed)
         return record
-
-
-def _write_durably(path: Path, payload: bytes) -> None:
-    """Write a record atomically and durably: a temporary name, fsync, rename, then the
-    folder's fsync (the store and the checkpoints build on this module, not it on them)."""
-    created = not path.parent.is_dir()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "wb") as handle:
-            handle.write(payload)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    for folder in (path.parent, path.parent.parent) if created else (path.parent,):
-        descriptor = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
 
 
 def relative_posix(root: Path, path: Path) -> str:

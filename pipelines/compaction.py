@@ -34,6 +34,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines.commit_log import CommitLog, file_stat, modified_at, relative_posix
+from pipelines.durable import fsync_directory
 from pipelines.errors import StoreError
 from pipelines.segments import (
     Segment,
@@ -43,7 +44,7 @@ from pipelines.segments import (
     read_segments,
     with_segments,
 )
-from pipelines.store import TIME_COLUMN, EventStore, fsync_directory, write_parquet_atomic
+from pipelines.store import TIME_COLUMN, EventStore, write_parquet_atomic
 from pipelines.timestamps import parse_duration
 
 _RULE = re.compile(r"^(?P<table>[A-Za-z0-9_][A-Za-z0-9_.-]*)(/(?P<type>[a-z0-9_][a-z0-9_.-]*))?$")

@@ -51,6 +51,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipelines.commit_log import CommitLog, Stat, file_stat, modified_at, relative_posix
+from pipelines.durable import fsync_directory, make_directories
 from pipelines.envelope import INVALID_EVENT_TYPE
 from pipelines.errors import StoreError
 from pipelines.segments import (
@@ -90,29 +91,6 @@ def sync_written_folders() -> int:
         if folder.is_dir():  # a folder removed since (truncate, compaction) needs nothing
             fsync_directory(folder)
     return len(folders)
-
-
-def fsync_directory(directory: Path) -> None:
-    """Make a directory's entries (renames, new files and folders in it) durable."""
-    descriptor = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
-def make_directories(directory: Path) -> set[Path]:
-    """Create ``directory`` and its missing parents; returns the folders whose entries
-    changed (the parent of each folder created), which need an fsync to be durable."""
-    missing = []
-    probe = directory
-    while not probe.is_dir():
-        missing.append(probe)
-        if probe.parent == probe:
-            break
-        probe = probe.parent
-    directory.mkdir(parents=True, exist_ok=True)
-    return {folder.parent for folder in missing}
 
 
 def write_parquet_atomic(rows: pa.Table, path: Path, sync_folder: bool = True) -> Path:
