@@ -306,14 +306,18 @@ def command_report(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def command_mine(args: argparse.Namespace) -> dict[str, Any]:
+    from cluster.store_commands import existing_store
     from pipelines.patterns.mining import mine_store
 
+    existing_store(args.store)
     return mine_store(args.store, args.patterns, args.out, args.start, args.end)
 
 
 def command_actions(args: argparse.Namespace) -> dict[str, Any]:
+    from cluster.store_commands import existing_store
     from pipelines.actions.dispatch import retry_dead_letters
 
+    existing_store(args.store)
     return retry_dead_letters(args.store, rule=args.rule, since=args.since)
 
 

@@ -71,7 +71,7 @@ def command_compact(args: argparse.Namespace, log: Log) -> dict[str, Any]:
     if args.config is not None:
         rules.update(load_pipeline(args.config).store.retention)
     rules.update(Retention.parse(args.max_age).rules)
-    _existing(args.store)
+    existing_store(args.store)
     now = dt.datetime.now(dt.UTC)  # the command line is where the wall clock enters
     report = compact_store(EventStore(args.store), now, Retention.parse(rules), args.tables)
     log(f"compacted {report.files_before} files into {report.files_after} "
@@ -87,7 +87,7 @@ def command_replay(args: argparse.Namespace, log: Log) -> dict[str, Any]:
     from pipelines.pipeline import load_pipeline
     from pipelines.replay import replay_spec
 
-    _existing(args.store)
+    existing_store(args.store)
     if args.into.resolve() == args.store.resolve():
         raise ConfigError("--into: a replay writes another store than the one it reads")
     spec = replay_spec(load_pipeline(args.config), args.store.resolve(), start=args.start,
@@ -102,8 +102,8 @@ def command_compare(args: argparse.Namespace, log: Log) -> dict[str, Any]:
     from pipelines.alert_diff import compare_alerts
     from pipelines.store import EventStore
 
-    _existing(args.store_a)
-    _existing(args.store_b)
+    existing_store(args.store_a)
+    existing_store(args.store_b)
     diff = compare_alerts(EventStore(args.store_a), EventStore(args.store_b))
     for name in ("added", "removed", "changed"):
         frame = getattr(diff, name)
@@ -146,7 +146,7 @@ def command_explain(args: argparse.Namespace, log: Log) -> dict[str, Any]:
     from pipelines.audit import explain_alert
     from pipelines.store import EventStore
 
-    _existing(args.store)
+    existing_store(args.store)
     store = EventStore(args.store)
     evidence = explain_alert(store.as_of(args.as_of) if args.as_of else store, args.alert_id)
     for line in evidence_lines(evidence):
@@ -172,7 +172,8 @@ def evidence_lines(evidence: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _existing(store: Path) -> None:
+def existing_store(store: Path) -> None:
+    """Refuse a --store that is not a folder: a typo must not read as an empty store."""
     if not store.is_dir():
         raise ConfigError(f"--store: {store} is not a store directory")
 

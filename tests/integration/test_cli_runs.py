@@ -190,6 +190,13 @@ def test_rerunning_the_same_input_rewrites_instead_of_doubling(tmp_path: Path) -
         (["run", "configs/nope.yaml"], "cannot read config"),
         (["run", "configs/events.yaml", "--partitions", "0"], "0 is not >= 1"),
         (["frobnicate"], "invalid choice"),
+        # a mistyped store is refused, never read as an empty one
+        (["actions", "retry", "--store", "no-such-store"], "no-such-store is not a store directory"),
+        (["mine", "--store", "no-such-store", "--patterns", "configs/patterns/fraud.yaml",
+          "--out", "mined"], "no-such-store is not a store directory"),
+        (["compact", "--store", "no-such-store"], "no-such-store is not a store directory"),
+        (["serve", "configs/live.yaml", "--port", "http"], "invalid int value"),
+        (["report", "--store", "no-such-store", "--day", "2018-13-45"], "is not a date"),
     ],
 )
 def test_bad_arguments_print_usage_not_a_traceback(args: list[str], expected: str) -> None:
