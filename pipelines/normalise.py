@@ -137,6 +137,21 @@ def _reason(checks: list[tuple[pl.Expr, str, pl.Expr]]) -> tuple[pl.Expr, pl.Exp
 
 
 
+#: Payload plans kept per normaliser (one per set of column types a source has shown).
+_PLAN_CACHE_SIZE = 16
+
+
+@dataclass(frozen=True)
+class _PayloadPlan:
+    """The typed-payload stage's expressions for one set of column types."""
+
+    sources: list[pl.Expr]
+    casts: list[pl.Expr]
+    checks: list[tuple[pl.Expr, str, pl.Expr]]
+    key: pl.Expr
+    key_checks: list[tuple[pl.Expr, str, pl.Expr]]
+
+
 class Normaliser:
     """Turns :class:`~pipelines.sources.RawBatch` es into envelope batches and dead letters.
 
@@ -151,6 +166,8 @@ class Normaliser:
         self.json_lines = reads_json_lines(spec.source, tuple(spec.search_path))
         #: Registered types with a payload model: their payloads are typed fields.
         self.typed = [n for n, schema in self.registry.schemas.items() if schema.model is not None]
+        self._plans: dict[tuple, _PayloadPlan] = {}
+        self._version_plans: dict[bool, tuple[dict[str, pl.Expr], list]] = {}
 
     def __getstate__(self) -> dict:
         # Payload models built from YAML are dynamic classes: rebuild them from the spec.
@@ -293,23 +310,31 @@ class Normaliser:
         return self._version_column(frame)
 
     def _version_column(self, frame: pl.DataFrame) -> pl.DataFrame:
+        meta = "__meta_version" in frame.columns
+        if not meta:
+            frame = frame.with_columns(__meta_version=pl.lit(None, pl.String),
+                                       __meta_version_number=pl.lit(None, pl.String))
+        if meta not in self._version_plans:  # built once: they depend on the spec alone
+            self._version_plans[meta] = self._build_version_plan(meta)
+        columns, checks = self._version_plans[meta]
+        return self._apply_checks(frame.with_columns(**columns), checks)
+
+    def _build_version_plan(self, meta: bool) -> tuple[dict[str, pl.Expr], list]:
+        """The version columns and the envelope's checks, with or without metadata."""
         et = pl.col("__event_type")
         current = self._per_type(lambda s: pl.lit(s.version, pl.Int32))
         region = self._per_type(lambda s: pl.lit(s.region, pl.String))
-        if "__meta_version" in frame.columns:
+        if meta:
             region = pl.coalesce(pl.col("__meta_region"), region)
             tags = pl.col("__meta_tags")
         else:
-            frame = frame.with_columns(__meta_version=pl.lit(None, pl.String),
-                                       __meta_version_number=pl.lit(None, pl.String))
             tags = pl.lit(None, pl.String)
         given, major, well_formed = producer_version(pl.col("__meta_version"),
                                                      pl.col("__meta_version_number"))
-        frame = frame.with_columns(
-            __version=pl.coalesce(given, current.cast(pl.String)),
-            __major=pl.when(given.is_null()).then(current).otherwise(major),
-            __version_ok=given.is_null() | well_formed,
-            __region=region, __tags=tags, __current_version=current)
+        columns = {"__version": pl.coalesce(given, current.cast(pl.String)),
+                   "__major": pl.when(given.is_null()).then(current).otherwise(major),
+                   "__version_ok": given.is_null() | well_formed,
+                   "__region": region, "__tags": tags, "__current_version": current}
         ts, eid, v = pl.col("__timestamp"), pl.col("__event_id"), pl.col("__version")
         checks = [
             (et.is_null() | (et == ""), "missing_event_type", pl.lit("event type is missing")),
@@ -330,7 +355,7 @@ class Normaliser:
              pl.format("metadata.version {} is newer than {}'s current version {}", v, et,
                        pl.col("__current_version"))),
         ]
-        return self._apply_checks(frame, checks)
+        return columns, checks
 
     def _check_event_time(self, frame: pl.DataFrame, now: dt.datetime) -> pl.DataFrame:
         """Event times past the clock's now plus ``source.max_future``, or past what can be
@@ -354,11 +379,29 @@ class Normaliser:
         return pl.lit(self.json_lines and isinstance(ref, str))
 
     def _apply_checks(self, frame: pl.DataFrame, checks: list) -> pl.DataFrame:
-        reason, message = _reason(checks)
-        return frame.with_columns(
-            __reason=pl.coalesce(pl.col("__reason"), reason),
-            __message=pl.coalesce(pl.col("__message"), message),
-        )
+        """Give each row that has not failed yet the reason and message of its first failing
+        check. The conditions are one pass of flat booleans, and messages are made only for
+        the rows that failed, usually none: a when/then chain over every check and message
+        costs a batch of one event as much as a batch of thousands."""
+        if not checks:
+            return frame
+        names = [f"__check_{i}" for i in range(len(checks))]
+        failed = frame.with_columns(cond.fill_null(False).alias(name) for name, (cond, _, _)
+                                    in zip(names, checks, strict=True)).select(names).to_numpy()
+        hit = failed.any(axis=1) & frame.get_column("__reason").is_null().to_numpy()
+        if not hit.any():
+            return frame
+        rows = np.flatnonzero(hit)
+        first = failed[rows].argmax(axis=1)
+        codes = pl.Series([code for _, code, _ in checks], dtype=pl.String)
+        reason = frame.get_column("__reason").cast(pl.String).clone()
+        reason.scatter(rows, codes.gather(first))
+        message = frame.get_column("__message").cast(pl.String).clone()
+        for check in np.unique(first):
+            at = rows[first == check]
+            text = frame[at].with_columns(__text=checks[check][2].cast(pl.String))
+            message.scatter(at, text.get_column("__text"))
+        return frame.with_columns(__reason=reason, __message=message)
 
     def _per_type(self, value: Callable) -> pl.Expr:
         """An expression giving, per row, ``value(schema of the row's event type)``."""
@@ -424,9 +467,30 @@ class Normaliser:
             typed = frame.select((et.is_in(self.typed) | et.is_null()).all()).item()
             frame = frame.with_columns(__payload=pl.lit(None, pl.String) if typed
                                        else self._payload_json(frame, source_columns))
-        checks: list[tuple[pl.Expr, str, pl.Expr]] = []
+        plan = self._payload_plan(frame)
         # every field's source, then every field's cast: two passes over the batch whatever
         # the number of fields (a pass has a fixed cost, which a one-event batch pays in full)
+        frame = frame.with_columns(plan.sources).with_columns(plan.casts)
+        frame = self._apply_checks(frame, plan.checks)
+        return self._apply_checks(frame.with_columns(__key=plan.key), plan.key_checks)
+
+    def _payload_plan(self, frame: pl.DataFrame) -> _PayloadPlan:
+        """The expressions that type the payload fields and check them and the key. They
+        depend on the spec and, for a tabular source, on the types of its columns: built
+        once per column types, not per batch (building them costs a one-event batch more
+        than running them)."""
+        tabular = not isinstance(self.spec.mapping.payload, JsonRef)
+        signature = tuple(frame.schema.items()) if tabular else ()
+        plan = self._plans.get(signature)
+        if plan is None:
+            if len(self._plans) >= _PLAN_CACHE_SIZE:  # a source whose column types keep changing
+                self._plans.clear()
+            plan = self._plans[signature] = self._build_payload_plan(frame)
+        return plan
+
+    def _build_payload_plan(self, frame: pl.DataFrame) -> _PayloadPlan:
+        et = pl.col("__event_type")
+        checks: list[tuple[pl.Expr, str, pl.Expr]] = []
         sources: list[pl.Expr] = []
         casts: list[pl.Expr] = []
         for field in self.registry.data_type():
@@ -450,16 +514,13 @@ class Normaliser:
                  pl.format(f"payload field {field.name}: cannot read {{}} as {_kind(field.type)}",
                            src.cast(pl.String))),
             ]
-        frame = frame.with_columns(sources).with_columns(casts)
         size = pl.col("__payload").str.len_bytes()
         checks.append((~et.is_in(self.typed) & (size > self.spec.limits.max_payload_bytes),
                        "payload_too_large",
                        pl.format("payload of {} bytes exceeds limits.max_payload_bytes", size)))
-        frame = self._apply_checks(frame, checks)
-        frame = frame.with_columns(__key=self._per_type(self._key_expr))
         key, correlation = pl.col("__key"), pl.col("__correlation_id")
         longest = self.spec.limits.max_key_length
-        return self._apply_checks(frame, [
+        return _PayloadPlan(sources, casts, checks, self._per_type(self._key_expr), [
             (key.is_null() | (key == ""), "missing_key", self._per_type(
                 lambda s: pl.lit(f"partition key {s.key} is missing"))),
             (key.str.len_chars() > longest, "bad_field", self._per_type(
