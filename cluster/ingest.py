@@ -133,6 +133,7 @@ class Ingest:
         """(events released in event-time order, dead letters of late events)."""
         none = self._dead(events.slice(0, 0), LATE, "")
         if self.orderer is None:
+            self._age_duplicates(events)
             return events, none
         ordered = self.orderer.push(events)
         if self.orderer.watermark_us is not None:
@@ -151,6 +152,14 @@ class Ingest:
         return released, self._dead(
             late.filter(keyed), LATE, f"event time is older than the source's watermark "
                         f"({_iso(self.orderer.watermark_us)}): later than source.lateness allows")
+
+    def _age_duplicates(self, events: pa.Table) -> None:
+        """In arrival order there is no watermark: the duplicate filter ages by the latest
+        event time seen instead (valid events are never past the clock's now plus
+        ``source.max_future``), so it keeps one horizon of ids, not every id ever seen."""
+        if events.num_rows:
+            latest = pc.max(pc.cast(events.column("timestamp"), pa.int64())).as_py()
+            self.duplicates.advance(latest)
 
     def _late_lane(self, events: pa.Table, counts: RunCounts) -> tuple[pa.Table, pa.Table]:
         """In arrival order: events a keyed operator sees that are older than their key's

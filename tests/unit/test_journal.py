@@ -3,6 +3,7 @@ group commit of store writes and the decisions a receipt carries: no Ray."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 from pathlib import Path
 
@@ -117,6 +118,30 @@ def test_live_ingest_sends_events_older_than_their_key_to_the_late_lane(tmp_path
     assert stored["event_id"].to_list() == ["late"]
     assert '"late":true' in stored["metadata"].struct.field("tags")[0]
     assert counts.stored == 1
+
+
+def test_live_ingest_remembers_one_horizon_of_ids_not_every_id_ever_seen(tmp_path: Path) -> None:
+    """In arrival order there is no watermark; the duplicate filter ages by the latest event
+    time seen, so a long-running serve keeps about one horizon (7 days) of ids, and still
+    catches a retry within it."""
+    from cluster.accounting import RunCounts
+
+    spec = load_pipeline(ROOT / "configs" / "live.yaml")
+    ingest = Ingest(spec, EventStore(tmp_path), "r1", FakeClock(), live=True)
+    counts = RunCounts()
+    start = dt.datetime(2018, 4, 1, tzinfo=dt.UTC)
+    events = [{**e, "timestamp": (start + dt.timedelta(hours=i)).isoformat()}  # 125 days
+              for i, e in enumerate(simulated_events(3000, seed=2))]
+    for start in range(0, len(events), 300):
+        rows = [json.dumps(e).encode() for e in events[start:start + 300]]
+        ingest.read(RawBatch("card-network", "events", np.arange(start, start + len(rows)),
+                             pa.record_batch([pa.array(rows, pa.binary())], names=["line"])), counts)
+    remembered = len(ingest.duplicates)
+    assert 0 < remembered < len(events) / 2
+    retry = [json.dumps(events[-1]).encode()]
+    ingest.read(RawBatch("card-network", "events", np.array([len(events)]),
+                         pa.record_batch([pa.array(retry, pa.binary())], names=["line"])), counts)
+    assert counts.duplicates == 1
 
 
 def test_group_commit_writes_one_file_per_group_and_flushes_when_due(tmp_path: Path) -> None:
