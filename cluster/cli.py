@@ -4,7 +4,7 @@ Commands:
     run CONFIG       run a pipeline (embedded local Ray, or ``--address`` of a cluster)
     submit CONFIG    submit the same run to a cluster as a Ray job and follow its logs
     serve CONFIG     run a pipeline over live sources (HTTP ingestion) until SIGTERM, then drain
-    produce          send simulated transactions to a live endpoint at a fixed rate
+    produce          send simulated transactions to a live endpoint (http, redis) at a fixed rate
     simulate         write synthetic card transactions (the project's own generator)
     train            fit a fraud model on the store's features and save it to a registry
     evaluate         fraud models by the handbook's protocol; anomaly detectors on NAB

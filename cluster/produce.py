@@ -7,6 +7,7 @@ omission). Every figure is taken here, client-side.
 
 Example:
     eventray produce --to http://127.0.0.1:8080/score --rate 300 --duration 20
+    eventray produce --to redis://127.0.0.1:6379/transactions --rate 2000 --duration 10
 """
 
 from __future__ import annotations
@@ -120,19 +121,25 @@ def summarise(latencies: list[float], statuses: dict[int, int], sent: int, elaps
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--to", required=True,
-                        help="endpoint: http://HOST:PORT/score or http://HOST:PORT/events")
-    parser.add_argument("--rate", type=float, required=True, help="requests per second")
+                        help="endpoint: http://HOST:PORT/score, http://HOST:PORT/events, or "
+                             "redis://HOST:PORT/STREAM (XADD STREAM * event <json>)")
+    parser.add_argument("--rate", type=float, required=True,
+                        help="requests per second (redis: events per second)")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds of load")
-    parser.add_argument("--batch", type=int, default=1, help="events per request")
+    parser.add_argument("--batch", type=int, default=1, help="events per request (http)")
     parser.add_argument("--token-env", default="EVENTRAY_TOKEN",
-                        help="environment variable holding the bearer token")
+                        help="environment variable holding the bearer token (http)")
     parser.add_argument("--seed", type=int, default=0)
 
 
 def command(args: argparse.Namespace, log: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
     target = urlsplit(args.to)
+    if args.rate <= 0 or args.duration <= 0 or args.batch < 1:
+        raise ConfigError("produce: --rate and --duration must be > 0, --batch >= 1")
+    if target.scheme in ("redis", "rediss"):
+        return _to_redis(args, target, log)
     if target.scheme not in ("http", "https"):
-        raise ConfigError(f"produce --to {args.to}: only http:// endpoints are supported here")
+        raise ConfigError(f"produce --to {args.to}: give an http(s):// or redis:// endpoint")
     token = os.environ.get(args.token_env)
     if not token:
         raise ConfigError(f"produce: ${args.token_env} (the bearer token) is not set")
@@ -143,3 +150,28 @@ def command(args: argparse.Namespace, log: Callable[[str], None] = lambda _: Non
               for i in range(0, len(events), args.batch)]
     log(f"sending {len(bodies)} requests of {args.batch} event(s) at {args.rate:g}/s to {args.to}")
     return asyncio.run(open_loop(args.to, bodies, args.rate, token))
+
+
+def _to_redis(args: argparse.Namespace, target: Any, log: Callable[[str], None]) -> dict[str, Any]:
+    """``XADD`` the simulated events to the stream the URL's path names, open loop at
+    ``--rate`` events/s; what was sent, and how fast the server took it."""
+    from redis.exceptions import RedisError
+
+    from pipelines.live_redis import add_events
+
+    stream = target.path.strip("/")
+    if not stream or "/" in stream:
+        raise ConfigError(f"produce --to {args.to}: name the stream, redis://HOST:PORT/STREAM")
+    count = max(1, int(args.rate * args.duration))
+    events = simulated_events(count, args.seed)
+    server = target._replace(path="").geturl()
+    log(f"adding {count} events at {args.rate:g}/s to stream {stream!r} on {server}")
+    started = time.perf_counter()
+    try:
+        ids = add_events(server, stream, events, rate=args.rate)
+    except (OSError, RedisError) as exc:  # a server down or refusing: say where, no traceback
+        raise ConfigError(f"produce --to {args.to}: {exc}") from None
+    elapsed = time.perf_counter() - started
+    return {"stream": stream, "sent": len(ids), "offered_per_s": args.rate,
+            "elapsed_s": round(elapsed, 3), "achieved_per_s": round(len(ids) / elapsed, 1),
+            "first_id": ids[0].decode(), "last_id": ids[-1].decode()}

@@ -350,3 +350,21 @@ def test_pending_entries_trimmed_from_the_stream_are_acknowledged_without_an_eve
     again.committed(again.positions())
     assert client.xpending("tx-trim", "eventray")["pending"] == 0
     again.close()
+
+
+def test_produce_adds_simulated_events_to_a_stream_at_the_rate_asked(redis_server: Server) -> None:
+    """`eventray produce --to redis://HOST:PORT/STREAM`: one entry per event, in the seed's
+    schema under the field `event`, at about the rate asked (open loop)."""
+    from tests.support import eventray, summary_of
+
+    summary = summary_of(eventray("produce", "--to", f"{redis_server.url}/tx-load", "--rate", "400",
+                                  "--duration", "1.5", "--seed", "4"))
+    client = redis.Redis.from_url(redis_server.url)
+    entries = client.xrange("tx-load")
+    client.close()
+    assert summary["sent"] == 600 == len(entries)
+    assert summary["elapsed_s"] >= 1.4  # paced, not sent as fast as the server takes them
+    events = [json.loads(fields[b"event"]) for _, fields in entries]
+    assert {e["eventType"] for e in events} == {"transaction.created"}
+    assert len({e["eventId"] for e in events}) == 600
+    assert entries[0][0].decode() == summary["first_id"]
