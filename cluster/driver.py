@@ -112,18 +112,26 @@ class PipelineRun:
                  store_root: str | Path, inputs: list[str] | None, clock: Clock,
                  stages: StageFactory | None = None, run: str | None = None,
                  actions: ActionsFactory | None = None) -> None:
-        if spec.enrich and stages is None:
-            raise ConfigError("enrich: this runner has no executor for enrichment stages")
-        self.spec = spec
-        self.source = build_source(spec, inputs)
-        self.store = EventStore(store_root)
-        self.run = run or run_id(spec, self.source)
-        self.counts = RunCounts()
-        self.ingest = Ingest(spec, self.store, self.run, clock)
-        self.checkpointer = Checkpointer(spec, self.store, self.run, RunIdentity.of(
-            spec, config_digest(spec), self.source.list_parts()), clock)
+        source = build_source(spec, inputs)
+        self.wire(spec, partitions, store_root, source, run or run_id(spec, source),
+                  source.list_parts(), clock, stages, actions)
         pace = spec.source.pace
         self.pacer = Pacer(pace.speedup, pace.linger_ms / 1000) if pace else None
+
+    def wire(self, spec: PipelineSpec, partitions: PartitionFactory, store_root: str | Path,
+             source: Any, run: str, parts: list[str], clock: Clock, stages: StageFactory | None,
+             actions: ActionsFactory | None, live: bool = False) -> None:
+        """What every run has: its store, ingest, checkpointer, executor factories and the
+        schema of its routed batches (``parts``: what the run's identity is made of)."""
+        if spec.enrich and stages is None:
+            raise ConfigError("enrich: this runner has no executor for enrichment stages")
+        self.spec, self.source, self.run = spec, source, run
+        self.store = EventStore(store_root)
+        self.counts = RunCounts()
+        self.ingest = Ingest(spec, self.store, run, clock, live=live)
+        self.checkpointer = Checkpointer(spec, self.store, run, RunIdentity.of(
+            spec, config_digest(spec), parts), clock)
+        self.pacer: Pacer | None = None
         self.partition_factory, self.stage_factory = partitions, stages
         delivered = spec.actions is not None and any(r.delivered for r in spec.actions.rules)
         self.actions_factory = actions if delivered else None

@@ -85,7 +85,7 @@ class Ingest:
     def read(self, raw: RawBatch, counts: RunCounts) -> pa.Table:
         """One source batch's events, ordered, with the labels now due; its dead letters are
         stored."""
-        out = self.normaliser.normalise(raw, self.duplicates)
+        out = self.normaliser.normalise(raw, self.duplicates, dedup_by_arrival=self.orderer is None)
         counts.read += out.read
         dead = [self._without_skipped_duplicates(out.deadletters, counts)]
         events, repeated = self._without_stored_elsewhere(out.events, counts)
@@ -133,7 +133,7 @@ class Ingest:
         """(events released in event-time order, dead letters of late events)."""
         none = self._dead(events.slice(0, 0), LATE, "")
         if self.orderer is None:
-            self._age_duplicates(events)
+            self._age_duplicates()
             return events, none
         ordered = self.orderer.push(events)
         if self.orderer.watermark_us is not None:
@@ -153,13 +153,12 @@ class Ingest:
             late.filter(keyed), LATE, f"event time is older than the source's watermark "
                         f"({_iso(self.orderer.watermark_us)}): later than source.lateness allows")
 
-    def _age_duplicates(self, events: pa.Table) -> None:
-        """In arrival order there is no watermark: the duplicate filter ages by the latest
-        event time seen instead (valid events are never past the clock's now plus
-        ``source.max_future``), so it keeps one horizon of ids, not every id ever seen."""
-        if events.num_rows:
-            latest = pc.max(pc.cast(events.column("timestamp"), pa.int64())).as_py()
-            self.duplicates.advance(latest)
+    def _age_duplicates(self) -> None:
+        """In arrival order there is no watermark, and a client's retry comes soon after the
+        first try whatever the event's time: the duplicate filter keeps ids by arrival time
+        (see :meth:`read`) and forgets those that arrived more than one horizon ago, so a
+        long-running serve keeps a horizon of ids, not every id it ever saw."""
+        self.duplicates.advance(int(self.clock().timestamp() * 1e6))
 
     def _late_lane(self, events: pa.Table, counts: RunCounts) -> tuple[pa.Table, pa.Table]:
         """In arrival order: events a keyed operator sees that are older than their key's

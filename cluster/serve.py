@@ -37,7 +37,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from cluster.accounting import RunCounts, weighted_percentiles
-from cluster.checkpointing import Checkpointer, RunIdentity
 from cluster.dispatchers import RayDispatchers
 from cluster.driver import (
     ActionsFactory,
@@ -45,19 +44,16 @@ from cluster.driver import (
     PipelineRun,
     StageFactory,
     config_digest,
-    routed_schema,
 )
-from cluster.ingest import Ingest
 from pipelines.errors import ConfigError
 from pipelines.event_ids import derived_event_ids
 from pipelines.journal import SCORE_PART, HttpSourceOptions, JournalSource
 from pipelines.keyed import BatchReceipt
-from pipelines.kinds import build_source, source_kind, wants_watermarks
+from pipelines.kinds import build_source, source_kind
 from pipelines.live import LiveSource
 from pipelines.normalise import Clock, utc_now
 from pipelines.sources import RawBatch
 from pipelines.spec import PipelineSpec
-from pipelines.store import EventStore
 
 #: How long one poll of an idle source waits before the loop collects receipts again.
 POLL_WAIT_S = 0.001
@@ -175,22 +171,8 @@ class LiveRun(PipelineRun):
     def __init__(self, spec: PipelineSpec, partitions: PartitionFactory, store_root: str | Path,
                  source: LiveSource, clock: Clock = utc_now, stages: StageFactory | None = None,
                  run: str | None = None, actions: ActionsFactory | None = None) -> None:
-        if spec.enrich and stages is None:
-            raise ConfigError("enrich: this runner has no executor for enrichment stages")
-        self.spec, self.source = spec, source  # type: ignore[assignment]
-        self.store = EventStore(store_root)
-        self.run = run or live_run_id(spec, source)
-        self.counts = RunCounts()
-        self.ingest = Ingest(spec, self.store, self.run, clock, live=True)
-        self.checkpointer = Checkpointer(spec, self.store, self.run, RunIdentity.of(
-            spec, config_digest(spec), [source.name]))
-        self.pacer = None
-        self.partition_factory, self.stage_factory = partitions, stages
-        self.routed_schema = routed_schema(spec)
-        self.watermarks = wants_watermarks(spec)
-        delivered = spec.actions is not None and any(r.delivered for r in spec.actions.rules)
-        self.actions_factory = actions if delivered else None
-        self.actions: Any = None
+        self.wire(spec, partitions, store_root, source, run or live_run_id(spec, source),
+                  [source.name], clock, stages, actions, live=True)
         self.replies: ScoreReplies | None = None
         self.progress_to: Callable[[dict[str, int]], None] | None = None
 

@@ -250,13 +250,17 @@ class Normaliser:
 
     # -- the batch ------------------------------------------------------------------------
 
-    def normalise(self, raw: RawBatch, duplicates: DuplicateFilter | None = None) -> Normalised:
+    def normalise(self, raw: RawBatch, duplicates: DuplicateFilter | None = None,
+                  dedup_by_arrival: bool = False) -> Normalised:
         """Normalise one source batch (see the module docstring for the checks).
 
         Args:
             raw: the source batch.
             duplicates: the run's duplicate filter; valid events whose id it has seen
                 become ``duplicate_event_id`` dead letters (and it learns the others).
+            dedup_by_arrival: the filter keeps ids by when they arrived (this batch's
+                ``ingested_at``), not by their event time: a source without a watermark,
+                where a client's retry comes seconds later whatever the event's time.
         """
         ingested_at = self.clock()
         records = raw.records
@@ -277,7 +281,8 @@ class Normaliser:
         frame = self._check_event_time(frame, ingested_at)
         frame = self._typed_payload(frame, source_columns)
         if duplicates is not None:
-            frame = self._mark_duplicates(frame, duplicates)
+            arrived = int(ingested_at.timestamp() * 1e6) if dedup_by_arrival else None
+            frame = self._mark_duplicates(frame, duplicates, arrived)
         events = self._events(frame.filter(pl.col("__reason").is_null()), ingested_at)
         dead = self._deadletters(frame.filter(pl.col("__reason").is_not_null()), raw,
                                  source_columns, ingested_at)
@@ -540,9 +545,11 @@ class Normaliser:
             return pl.col(f"__field_{schema.key}").cast(pl.String)
         return pl.col("__payload").str.json_path_match(f"$.{schema.key}")
 
-    def _mark_duplicates(self, frame: pl.DataFrame, duplicates: DuplicateFilter) -> pl.DataFrame:
+    def _mark_duplicates(self, frame: pl.DataFrame, duplicates: DuplicateFilter,
+                         arrived_us: int | None) -> pl.DataFrame:
         valid = frame["__reason"].is_null().to_numpy()
-        times = frame["__timestamp"].dt.epoch("us").fill_null(0).to_numpy()
+        times = np.full(frame.height, arrived_us, np.int64) if arrived_us is not None \
+            else frame["__timestamp"].dt.epoch("us").fill_null(0).to_numpy()
         repeat = duplicates.mark(frame["__event_id"].fill_null("").to_arrow(), times, keep=valid)
         return self._apply_checks(frame.with_columns(__duplicate=repeat), [(
             pl.col("__duplicate"), "duplicate_event_id",

@@ -110,8 +110,9 @@ class SourceSpec(_Open):
     arrival`` keeps the source's own order (each file's row order is its keys' order).
 
     ``duplicates``: an event whose id was stored before (in this run, within
-    ``dedup_horizon`` of event time, or by an earlier run into the same store) is skipped
-    and counted (``skip``), or dead-lettered as ``duplicate_event_id``.
+    ``dedup_horizon`` of event time, or of arrival time with ``ordering: arrival``, where a
+    retry comes soon whatever the event's time; or by an earlier run into the same store) is
+    skipped and counted (``skip``), or dead-lettered as ``duplicate_event_id``.
     """
 
     format: str = Field(min_length=1)

@@ -120,28 +120,35 @@ def test_live_ingest_sends_events_older_than_their_key_to_the_late_lane(tmp_path
     assert counts.stored == 1
 
 
-def test_live_ingest_remembers_one_horizon_of_ids_not_every_id_ever_seen(tmp_path: Path) -> None:
-    """In arrival order there is no watermark; the duplicate filter ages by the latest event
-    time seen, so a long-running serve keeps about one horizon (7 days) of ids, and still
-    catches a retry within it."""
+def test_live_ingest_remembers_one_horizon_of_arrivals_not_every_id_ever_seen(tmp_path: Path) -> None:
+    """In arrival order there is no watermark: the duplicate filter keeps ids by arrival time
+    and forgets those older than the horizon (7 days), so a long-running serve keeps about a
+    horizon of ids. A retry is caught whatever its event time, even months behind the
+    stream's latest (a client's retry comes soon after the first try)."""
     from cluster.accounting import RunCounts
 
     spec = load_pipeline(ROOT / "configs" / "live.yaml")
-    ingest = Ingest(spec, EventStore(tmp_path), "r1", FakeClock(), live=True)
+    clock = FakeClock(dt.datetime(2018, 9, 1, tzinfo=dt.UTC))
+    ingest = Ingest(spec, EventStore(tmp_path), "r1", clock, live=True)
     counts = RunCounts()
     start = dt.datetime(2018, 4, 1, tzinfo=dt.UTC)
     events = [{**e, "timestamp": (start + dt.timedelta(hours=i)).isoformat()}  # 125 days
               for i, e in enumerate(simulated_events(3000, seed=2))]
-    for start in range(0, len(events), 300):
-        rows = [json.dumps(e).encode() for e in events[start:start + 300]]
-        ingest.read(RawBatch("card-network", "events", np.arange(start, start + len(rows)),
+
+    def post(batch: list[dict], first: int) -> None:
+        rows = [json.dumps(e).encode() for e in batch]
+        ingest.read(RawBatch("card-network", "events", np.arange(first, first + len(rows)),
                              pa.record_batch([pa.array(rows, pa.binary())], names=["line"])), counts)
-    remembered = len(ingest.duplicates)
-    assert 0 < remembered < len(events) / 2
-    retry = [json.dumps(events[-1]).encode()]
-    ingest.read(RawBatch("card-network", "events", np.array([len(events)]),
-                         pa.record_batch([pa.array(retry, pa.binary())], names=["line"])), counts)
-    assert counts.duplicates == 1
+
+    for day, at in enumerate(range(0, len(events), 100)):  # 100 events a day, for 30 days
+        post(events[at:at + 100], at)
+        if day == 3:  # a retry of the first day's events, 12 days of event time behind: caught
+            post(events[:100], len(events))
+        clock.advance(86_400)
+    assert counts.duplicates == 100
+    assert 0 < len(ingest.duplicates) <= 9 * 100  # about a horizon of days, not 30 days
+    post(events[-200:-100], 2 * len(events))  # the events of two days ago, again: caught
+    assert counts.duplicates == 200
 
 
 def test_group_commit_writes_one_file_per_group_and_flushes_when_due(tmp_path: Path) -> None:
