@@ -184,7 +184,10 @@ class ReaderRun:
     def _rounds(self, state: dict[str, Any] | None) -> list[dict[str, Any]]:
         """Rounds until every reader is done; returns the readers' last statuses."""
         if state is None:
-            self.length = round_length(self._call("first_batch"), self.spec.source.batch_size)
+            # a round of about one source batch per reader: each reader's piece of a
+            # round is as large as a driver's batch, so fixed costs per call stay small
+            self.length = round_length(self._call("first_batch"),
+                                       self.spec.source.batch_size * self.readers)
             self.round, self.end_us = 0, None
         else:
             self.length, self.round, self.end_us = state["length"], state["round"], state["end_us"]

@@ -186,14 +186,20 @@ def merge_pieces(pieces: Sequence[pa.Table | None]) -> tuple[pa.Table | None, np
 
 def round_length(first_batches: Sequence[tuple[int, int, int]], target_rows: int) -> int:
     """The event time of one round, in microseconds: about ``target_rows`` events of the
-    whole input, from each reader's first batch (rows, oldest and newest event time).
+    whole input, from each reader's first batch (rows, oldest and newest event time). The
+    readers' first splits lie side by side in time (dealt round-robin), so the rate is
+    their rows over the time they span together.
 
     Example:
-        >>> round_length([(100, 0, 1_000_000), (100, 0, 1_000_000)], 100)
-        500000
+        >>> round_length([(100, 0, 1_000_000), (100, 1_000_000, 2_000_000)], 100)
+        1000000
     """
-    rate = sum(rows / max(newest - oldest, 1) for rows, oldest, newest in first_batches if rows)
-    return max(1, int(target_rows / rate)) if rate > 0 else 1
+    given = [batch for batch in first_batches if batch[0]]
+    if not given:
+        return 1
+    span = max(newest for _, _, newest in given) - min(oldest for _, oldest, _ in given)
+    rate = sum(rows for rows, _, _ in given) / max(span, 1)
+    return max(1, int(target_rows / rate))
 
 
 class RoundInputs:
