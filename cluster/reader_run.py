@@ -192,7 +192,8 @@ class ReaderRun:
         else:
             self.length, self.round, self.end_us = state["length"], state["round"], state["end_us"]
         statuses = self._call("status")
-        every = self.spec.runtime.checkpoint_every
+        # a round holds about one source batch per reader: checkpoint_every source batches
+        every = max(1, round(self.spec.runtime.checkpoint_every / self.readers))
         while True:
             final = all(s["done"] for s in statuses)
             end = END_OF_TIME
