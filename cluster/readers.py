@@ -90,7 +90,8 @@ class _StageInput:
         self.pieces: dict[int, tuple[int, pa.Table]] = {}
         self.refs: dict[int, Any] | None = None
 
-    def _send(self) -> dict[int, Any]:
+    def send(self) -> dict[int, Any]:
+        """Hand in this reader's pieces of the round to every partition (once)."""
         if self.refs is None:
             self.refs = {p: actor.exchange.remote(self.round, self.source,
                                                   self.pieces[p][1] if p in self.pieces else None)
@@ -106,7 +107,7 @@ class _StageInput:
     def poll(self, block: bool = False) -> list[BatchReceipt]:
         if not self.pieces:
             return []
-        refs = self._send()
+        refs = self.send()
         waiting = {refs[p]: p for p in self.pieces if p in refs}
         if not waiting:
             return []
@@ -123,7 +124,7 @@ class _StageInput:
     def end_round(self) -> None:
         """Hand in this reader's piece to every partition that has none yet, and wait for
         those (empty) exchanges: the stage applies the round once all readers' are in."""
-        refs = self._send()
+        refs = self.send()
         self._ray.get([ref for p, ref in refs.items() if p not in self.pieces])
 
     def checkpoint(self, epoch: int) -> dict[int, int]:
@@ -233,6 +234,9 @@ class Reader:
         self.schema = envelope_schema(spec.registry())
         self.carry: list[pa.Table] = []
         self.exhausted = False
+        #: the round in the stages (number, end, final) and what left the chain at once
+        self.pending: tuple[int, int, bool] | None = None
+        self.finished: list[pa.Table] = []
         offsets = self._restore(epoch) if epoch is not None else None
         self.splits = SplitReader(source, splits, offsets)
 
@@ -277,25 +281,45 @@ class Reader:
         return self.carry[0] if self.carry else self.schema.empty_table()
 
     def run_round(self, round_no: int, end_us: int, final: bool, drain: bool) -> dict[str, Any]:
-        """Contribute this reader's events older than ``end_us`` to round ``round_no``."""
-        self.partition_input.wait(1)  # at most this round and the one before in flight
+        """Contribute this reader's events older than ``end_us`` to round ``round_no``.
+
+        Pipelined: the round's events go into the enrichment stages, and the call returns
+        while the stages apply them; the next call reads the next round's events first,
+        then joins this round's answers and hands its pieces to the partitions. ``drain``
+        (a checkpoint follows) or ``final`` finishes the round before returning.
+        """
+        self.partition_input.wait(1)  # at most the last round's pieces still unapplied
         while not self.exhausted and (self.ingest.watermark_us is None
                                       or self.ingest.watermark_us < end_us):
             self._read_one()
         due = self._take(end_us)
+        self._finish_pending()
         for stage in self.stage_inputs:
             stage.begin(round_no)
-        finished = self.chain.submit(due) if due is not None else []
-        finished += self.chain.finish()
+        self.finished = self.chain.submit(due) if due is not None else []
+        if self.stage_inputs:
+            self.stage_inputs[0].send()  # the first stage's pieces, empty ones too
+        self.pending = (round_no, end_us, final)
+        if drain or final:
+            self._finish_pending()
+            self.partition_input.wait(0)
+        return self.status()
+
+    def _finish_pending(self) -> None:
+        """The round in the stages: answers joined, routed, its pieces handed to the
+        partitions (every stage has every reader's piece of it: it was sent in the call
+        before, and the driver starts a round once all readers have returned)."""
+        if self.pending is None:
+            return
+        round_no, end_us, final = self.pending
+        finished = self.finished + self.chain.finish()
         for stage in self.stage_inputs:
             stage.end_round()
         for events in finished:
             self.dispatcher.route(events)
         self.dispatcher.flush()
         self.partition_input.end_round(round_no, end_us, final)
-        if drain:
-            self.partition_input.wait(0)
-        return self.status()
+        self.pending, self.finished = None, []
 
     def _take(self, end_us: int) -> pa.Table | None:
         if not self.carry:

@@ -30,7 +30,7 @@ pytestmark = pytest.mark.ray
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, pa.Table]:
     root = tmp_path_factory.mktemp("readers")
-    table = simulate_transactions(SimulationSpec(n_customers=120, n_terminals=240, n_days=30, seed=5))
+    table = simulate_transactions(SimulationSpec(n_customers=100, n_terminals=200, n_days=21, seed=5))
     write_monthly(table, root / "tx")
     train_into(root / "registry", table, seed=0, model="logistic_regression")
     return root / "tx", root / "registry", table
@@ -39,7 +39,7 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, pa.Tab
 def reader_spec(registry: Path, readers: int, checkpoint_every: int = 3) -> PipelineSpec:
     base = fraud_spec()
     return fraud_spec(
-        source={**base.source.model_dump(exclude_none=True), "batch_size": 2000},
+        source={**base.source.model_dump(exclude_none=True), "batch_size": 400},
         steps=[{"kind": "fraud", "threshold": 0.2, "event_types": ["transaction.created"],
                 "model": {"registry": str(registry), "name": "fraud", "version": 1}}],
         runtime={**base.runtime.model_dump(exclude_none=True), "readers": readers,
@@ -74,7 +74,7 @@ def test_scores_are_identical_for_one_two_and_four_readers(
         store, summary = runs[readers]
         assert table_of(store, "scores").equals(one), readers
         assert table_of(store, "events").equals(table_of(runs[1][0], "events"))
-        assert summary["rounds"] > 3 and summary["readers"] == readers
+        assert summary["rounds"] >= 3 and summary["readers"] == readers
     for _, summary in runs.values():
         assert summary["events_in"] == table.num_rows
         # transactions, their labels and the alerts' fraud.suspected events
