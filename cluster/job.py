@@ -143,7 +143,7 @@ def run_on_ray(spec: PipelineSpec, store_root: Path, *, objects: Mapping[str, An
             from cluster.reader_run import run_with_readers
 
             summary = run_with_readers(spec, store_root, inputs, resume=resume, run_id=run_id,
-                                       objects=found)
+                                       objects=found, progress=progress)
             return {**summary, "ray": ray_facts["mode"]}
         summary = run_pipeline(
             spec,

@@ -22,7 +22,7 @@ from typing import Any
 
 from cluster.accounting import RunCounts
 from cluster.checkpointing import Checkpointer, ResumeError, RunIdentity
-from cluster.driver import config_digest, run_id
+from cluster.driver import Progress, config_digest, estimate_rows, run_id
 from cluster.partitions import NAMESPACE, actor_name
 from cluster.readers import ReadersFailed, reader_actor_class
 from cluster.round_operators import ACTOR_CPUS, counts_of, partition_actor_class, stage_actor_class
@@ -52,6 +52,17 @@ def add_counts(total: RunCounts, more: RunCounts) -> None:
     for reason, n in more.reasons.items():
         total.reasons[reason] = total.reasons.get(reason, 0) + n
     merge_counters(total.steps, more.steps)
+
+
+def _process_cpu(pid: int) -> float | None:
+    """CPU-seconds of a process on this machine (user and system), if it is here."""
+    import psutil
+
+    try:
+        times = psutil.Process(pid).cpu_times()
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return None
+    return times.user + times.system
 
 
 class ReaderRun:
@@ -85,8 +96,9 @@ class ReaderRun:
         self.reader_source = build_source(reader_spec, inputs)
         self.splits = deal(plan_splits(self.reader_source, rows), self.readers)
         self.restarts, self.checkpoints_taken = 0, 0
+        self.progress: Progress | None = None
         self.cpu: dict[str, float] = {}
-        self.baseline: dict[str, tuple[str, float]] = {}
+        self.baseline: dict[str, tuple[str, float, int]] = {}
 
     # -- state -------------------------------------------------------------------------
 
@@ -132,7 +144,7 @@ class ReaderRun:
                                           self.partitions, epoch, self.clock) for i in range(n)]
         actors = self._actors()
         answers = self._get([actor.cpu.remote() for _, actor in actors])
-        self.baseline = {name: (role, cpu["cpu_s"]) for (name, actor), cpu, role in
+        self.baseline = {name: (role, cpu["cpu_s"], int(cpu["pid"])) for (name, actor), cpu, role in
                          zip(actors, answers, self._roles(), strict=True)}
 
     def _actors(self) -> list[tuple[str, Any]]:
@@ -145,16 +157,23 @@ class ReaderRun:
         return ["readers"] * self.readers + ["stages"] * stages + ["partitions"] * len(self.partitions)
 
     def _collect_cpu(self) -> None:
-        """Add each live actor's CPU-seconds since it started to its role's total."""
-        for name, actor in self._actors():
-            if name not in self.baseline:
-                continue  # it never answered
-            role, start = self.baseline[name]
-            try:
-                now = self._ray.get(actor.cpu.remote(), timeout=10)["cpu_s"]
-            except Exception:  # a dead actor's seconds are lost with it
-                continue
-            self.cpu[role] = self.cpu.get(role, 0.0) + now - start
+        """Add each live actor's CPU-seconds since it started to its role's total. An actor
+        busy in a round that cannot finish (a peer died) is read from outside by its pid
+        when it runs on this machine; a dead actor's seconds are lost with it."""
+        asked = {name: actor.cpu.remote() for name, actor in self._actors() if name in self.baseline}
+        ready, _ = self._ray.wait(list(asked.values()), num_returns=len(asked), timeout=2.0)
+        for name, ref in asked.items():
+            role, start, pid = self.baseline[name]
+            now = None
+            if ref in ready:
+                try:
+                    now = self._ray.get(ref)["cpu_s"]
+                except Exception:  # it died meanwhile
+                    now = None
+            if now is None:
+                now = _process_cpu(pid)
+            if now is not None:
+                self.cpu[role] = self.cpu.get(role, 0.0) + now - start
         self.baseline = {}
 
     def _stop(self) -> None:
@@ -202,12 +221,19 @@ class ReaderRun:
                 end = max(lower if self.end_us is None else self.end_us, lower) + self.length
             due = final or (self.round + 1) % every == 0
             statuses = self._call("run_round", self.round, end, final, due)
+            self._show(statuses)
             self.round += 1
             self.end_us = self.end_us if final else end
             if due:
                 self._checkpoint()
             if final:
                 return statuses
+
+    def _show(self, statuses: list[dict[str, Any]]) -> None:
+        """Progress on a terminal: events the readers have read so far."""
+        if self.progress is not None:
+            read = sum(status["counts"]["read"] for status in statuses)
+            self.progress.update(read - self.progress.bar.n, RunCounts(read=read), 0)
 
     def _checkpoint(self) -> None:
         """A checkpoint at this round boundary: nothing is in flight (the readers drained)."""
@@ -237,8 +263,9 @@ class ReaderRun:
         total.checkpoints, total.restarts = self.checkpoints_taken, self.restarts
         return total
 
-    def execute(self, resume: bool) -> dict[str, Any]:
+    def execute(self, resume: bool, progress: bool | None = False) -> dict[str, Any]:
         starting = time.perf_counter()
+        self.progress = Progress(estimate_rows(self.source), progress)
         state = self._restore(resume)
         resumed, self.futile = state is not None, 0
         self.reader_actors, self.stages, self.partitions = [], {}, []
@@ -255,6 +282,7 @@ class ReaderRun:
                     state = self._recover(exc)
             counts = self._totals(statuses)
         finally:
+            self.progress.close()
             self._stop()
         counts.check()
         elapsed = time.perf_counter() - (started or starting)
@@ -297,8 +325,10 @@ class ReaderRun:
 
 def run_with_readers(spec: PipelineSpec, store_root: str | Path, inputs: list[str] | None = None,
                      clock: Clock = utc_now, resume: bool = False, run_id: str | None = None,
-                     objects: dict[str, Any] | None = None) -> dict[str, Any]:
+                     objects: dict[str, Any] | None = None,
+                     progress: bool | None = False) -> dict[str, Any]:
     """Run a pipeline with ``spec.runtime.readers`` reader actors on the Ray this process is
     connected to; returns the summary (the driver path's, plus ``readers``, ``rounds``,
-    ``cpu_s`` and ``cpu_s_per_million`` by kind of process)."""
-    return ReaderRun(spec, store_root, inputs, clock, run_id, objects).execute(resume)
+    ``cpu_s`` and ``cpu_s_per_million`` by kind of process). ``progress``: a progress bar
+    (``None``: when stderr is a terminal)."""
+    return ReaderRun(spec, store_root, inputs, clock, run_id, objects).execute(resume, progress)
