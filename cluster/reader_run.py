@@ -242,7 +242,9 @@ class ReaderRun:
         seqs = self._get([p.checkpoint.remote(epoch) for p in self.partitions])
         stage_seqs = {name: dict(enumerate(self._get([a.checkpoint.remote(epoch) for a in actors])))
                       for name, actors in self.stages.items()}
-        reader_seqs = self._call("checkpoint", epoch)
+        written = self._call("checkpoint", epoch)
+        reader_seqs = [reader["seq"] for reader in written]
+        offsets = {split: offset for reader in written for split, offset in reader["offsets"].items()}
         self.checkpoints_taken += 1
         counts = self._totals(self._call("status"))
         checkpointer.checkpoints.write_state(epoch, ROUNDS_STATE, json.dumps({
@@ -250,7 +252,7 @@ class ReaderRun:
             "readers": self.readers, "reader_seqs": reader_seqs,
             "checkpoints": self.checkpoints_taken}).encode())
         checkpointer.checkpoints.commit(Checkpoint(
-            epoch, {}, dict(enumerate(seqs)), 0, counts.numbers(), dict(counts.reasons), stage_seqs))
+            epoch, offsets, dict(enumerate(seqs)), 0, counts.numbers(), dict(counts.reasons), stage_seqs))
         checkpointer.committer.commit(epoch, self.clock())
         checkpointer.epoch = epoch
         self.futile = 0

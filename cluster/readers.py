@@ -338,8 +338,10 @@ class Reader:
         return {"next_us": min(marks) if marks else (None if done else 0), "done": done,
                 **counts_state(self.counts)}
 
-    def checkpoint(self, epoch: int) -> int:
-        """Write this reader's state for ``epoch``; returns its dead letters' next sequence."""
+    def checkpoint(self, epoch: int) -> dict[str, Any]:
+        """Write this reader's state for ``epoch``; returns its dead letters' next sequence
+        (``seq``) and its splits' offsets (``offsets``, for the manifest)."""
+        assert self.pending is None, "a checkpoint follows a drained round"
         owner = self.writer.local
         for name, state in self.ingest.snapshot().items():
             self.checkpoints.write_state(epoch, f"{owner}-{name}", state)
@@ -351,7 +353,7 @@ class Reader:
         state = {**counts_state(self.counts), "exhausted": self.exhausted,
                  "offsets": self.splits.offsets}
         self.checkpoints.write_state(epoch, owner, json.dumps(state).encode())
-        return self.counts.batches
+        return {"seq": self.counts.batches, "offsets": dict(self.splits.offsets)}
 
 
 def reader_actor_class() -> Any:
@@ -373,7 +375,7 @@ def reader_actor_class() -> Any:
         def status(self) -> dict[str, Any]:
             return self.reader.status()
 
-        def checkpoint(self, epoch: int) -> int:
+        def checkpoint(self, epoch: int) -> dict[str, Any]:
             return self.reader.checkpoint(epoch)
 
         def cpu(self) -> dict[str, float]:
