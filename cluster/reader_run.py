@@ -78,6 +78,9 @@ class ReaderRun:
         if spec.actions is not None and any(rule.delivered for rule in spec.actions.rules):
             raise ConfigError("runtime.readers: actions delivered by dispatchers run on the "
                               "driver path only (runtime.readers: 0)")
+        if spec.source.ordering != "event-time":
+            raise ConfigError("runtime.readers: readers merge their events by event time; "
+                              "source.ordering must be event-time")
         self.spec, self.readers, self.clock, self.objects = spec, spec.runtime.readers, clock, objects
         self.source = build_source(spec, inputs)
         if not isinstance(self.source, Source):
