@@ -227,7 +227,8 @@ class Reader:
         self.ingest = Ingest(spec, EventStore(store_root), run, clock, writer=self.writer)
         self.stage_inputs = [_StageInput(stages[s.name], index) for s in spec.enrich]
         self.chain = EnrichmentChain(spec, list(self.stage_inputs),  # type: ignore[arg-type]
-                                     {s.name: [0] * s.partitions for s in spec.enrich}, self.counts)
+                                     {s.name: [0] * s.partitions for s in spec.enrich}, self.counts,
+                                     carried=_tie_fields(spec))
         self.partition_input = _PartitionInput(partitions, index)
         self.dispatcher = Dispatcher(spec, self.partition_input,  # type: ignore[arg-type]
                                      [0] * spec.runtime.partitions, self.counts, routed_schema(spec))
@@ -354,6 +355,15 @@ class Reader:
                  "offsets": self.splits.offsets}
         self.checkpoints.write_state(epoch, owner, json.dumps(state).encode())
         return {"seq": self.counts.batches, "offsets": dict(self.splits.offsets)}
+
+
+def _tie_fields(spec: PipelineSpec) -> tuple[str, ...]:
+    """The payload field ``source.order_ties_by`` names, which the stages order ties by."""
+    ties = spec.source.order_ties_by
+    if ties is None or not ties.startswith("data."):
+        return ()
+    field = ties.removeprefix("data.")
+    return (field,) if field in {f.name for f in spec.registry().data_type()} else ()
 
 
 def reader_actor_class() -> Any:

@@ -2,8 +2,8 @@
 
 Each reader hands every partition and every enrichment stage's partition its piece of each
 round (:mod:`pipelines.rounds`); an operator applies a round once all readers have handed
-theirs in, merged and sorted by ``(timestamp, event_id)``, so per-key order and results do
-not depend on how many readers there are. The logic objects wrap the same
+theirs in, merged and sorted by :class:`~pipelines.rounds.RoundOrder`, so per-key order
+and results do not depend on how many readers there are. The logic objects wrap the same
 :class:`~cluster.partitions._RunWorker` the driver path uses (steps, group-committed store
 writes, poison isolation, checkpoints); the actors are thin shells around them.
 
@@ -41,7 +41,7 @@ from pipelines.keyed import BatchReceipt
 from pipelines.kinds import wants_watermarks
 from pipelines.poison import PROCESSOR_ERROR
 from pipelines.processing import ROW_POSITION, watermark_batch
-from pipelines.rounds import END_OF_TIME, RoundInputs, merge_pieces
+from pipelines.rounds import END_OF_TIME, RoundInputs, RoundOrder, merge_pieces
 from pipelines.spec import EnrichSpec, PipelineSpec
 
 #: CPUs each actor of a run with readers holds: 4 readers, 2 stage and 2 customer
@@ -123,6 +123,7 @@ class RoundPartition:
         self.schema = routed_schema(spec)
         self.dispatcher = Dispatcher(spec, self.executor, seqs, self.counts, self.schema)
         self.watermarks = wants_watermarks(spec)
+        self.order = round_order(spec)
 
     def offer(self, round_no: int, source: int, rows: pa.Table | None, end_us: int,
               final: bool) -> int:
@@ -130,7 +131,7 @@ class RoundPartition:
         round this partition waits for."""
         self.rounds.add(round_no, source, rows, end_us)
         for _, pieces, end in self.rounds.complete():
-            merged, _ = merge_pieces(pieces)
+            merged, _ = merge_pieces(pieces, self.order)
             if merged is not None:
                 self._apply(merged)
             if self.watermarks:  # patterns' timeouts: where event time stands
@@ -166,7 +167,7 @@ class RoundStage:
                  stage: EnrichSpec, inputs: int) -> None:
         self.worker = _RunWorker(partition, store_root, run, spec, stage)
         state = _rounds_state(self.worker)
-        self.inputs = inputs
+        self.inputs, self.order = inputs, round_order(spec)
         self.rounds = RoundInputs(inputs, state["next_round"] if state else 0)
         self.answers: dict[int, dict[int, BatchReceipt | None]] = {}
 
@@ -177,7 +178,7 @@ class RoundStage:
             self.answers[number] = self._apply(number, pieces)
 
     def _apply(self, round_no: int, pieces: list[pa.Table | None]) -> dict[int, BatchReceipt | None]:
-        merged, origin = merge_pieces(pieces)
+        merged, origin = merge_pieces(pieces, self.order)
         answers: dict[int, BatchReceipt | None] = dict.fromkeys(range(self.inputs))
         if merged is None:
             return answers
@@ -226,6 +227,12 @@ def _answer_of(receipt: BatchReceipt, origin: np.ndarray, positions: np.ndarray,
     return replace(receipt, seq=round_no, rows=int((origin == source).sum()), derived=derived,
                    poisoned=poisoned, dead_lettered=dead,
                    reasons={PROCESSOR_ERROR: dead} if dead else {}, decisions=None)
+
+
+def round_order(spec: PipelineSpec) -> RoundOrder:
+    """The order of a round's events: as the driver path orders ties (labels ahead of the
+    events of their second, then ``source.order_ties_by``), then by event id."""
+    return RoundOrder(spec.labels.event_type if spec.labels else None, spec.source.order_ties_by)
 
 
 def cpu_of_process() -> dict[str, float]:

@@ -6,10 +6,11 @@ some of every stretch of time. The run then advances in *rounds* of event time: 
 ``n`` every reader contributes its events older than the round's end ``T_n`` (reading on
 until its own watermark has passed ``T_n``; what it released beyond ``T_n`` waits in its
 carry for a later round), and every keyed operator applies a round once every reader has
-handed it its piece of it (an empty piece says "nothing from me"), sorted by
-``(timestamp, event_id)``. So each operator sees one total order of the events, whatever
-the number of readers and wherever the splits fall: per-key order holds across readers and
-results are identical for 1, 2 or 4 readers. A round is also an aligned barrier: once all
+handed it its piece of it (an empty piece says "nothing from me"), sorted by time, ties
+as the driver path orders them, then by event id (:class:`RoundOrder`). So each operator
+sees one total order of the events, whatever the number of readers and wherever the
+splits fall: per-key order holds across readers and results are identical for 1, 2 or 4
+readers. A round is also an aligned barrier: once all
 readers have finished round ``n`` nothing of it is in flight, and a checkpoint is every
 reader's split offsets and carry plus every operator's state.
 
@@ -41,6 +42,7 @@ from pipelines.sources import ParquetSource, RawBatch, Source, SourceReader
 __all__ = [
     "END_OF_TIME",
     "RoundInputs",
+    "RoundOrder",
     "Split",
     "SplitReader",
     "deal",
@@ -160,9 +162,51 @@ def split_at(events: pa.Table, end_us: int) -> tuple[pa.Table, pa.Table]:
     return events.filter(pa.array(due)), events.filter(pa.array(~due))
 
 
-def merge_pieces(pieces: Sequence[pa.Table | None]) -> tuple[pa.Table | None, np.ndarray]:
+@dataclass(frozen=True)
+class RoundOrder:
+    """How an operator orders a round's events: by time; at equal times label events
+    first (``labels_first``: the label feed's type; the driver path merges a label ahead of
+    the events of its second), then by ``ties`` (``source.order_ties_by``: a column or
+    ``data.<field>``, where the table has it), then by event id, which makes it total.
+
+    Example:
+        >>> RoundOrder("fraud.reported", "data.TRANSACTION_ID").ties
+        'data.TRANSACTION_ID'
+    """
+
+    labels_first: str | None = None
+    ties: str | None = None
+
+    def keys(self, table: pa.Table) -> pa.Table:
+        """The sort keys of ``table``'s rows, in order."""
+        keys = {"t": pc.cast(table.column("timestamp"), pa.int64())}
+        if self.labels_first is not None:
+            keys["kind"] = pc.not_equal(table.column("event_type"), self.labels_first)
+        tie = _path(table, self.ties) if self.ties else None
+        if tie is not None:
+            keys["tie"] = tie
+        keys["id"] = table.column("event_id")
+        return pa.table(keys)
+
+
+def _path(table: pa.Table, path: str) -> pa.ChunkedArray | None:
+    """A top-level column or a struct field of one (``data.X``), if the table has it."""
+    name, *fields = path.split(".")
+    if name not in table.column_names:
+        return None
+    column = table.column(name)
+    for field in fields:
+        if not pa.types.is_struct(column.type) or column.type.get_field_index(field) < 0:
+            return None
+        column = pc.struct_field(column, field)
+    return column
+
+
+def merge_pieces(pieces: Sequence[pa.Table | None],
+                 order: RoundOrder = RoundOrder()) -> tuple[pa.Table | None, np.ndarray]:
     """One round's pieces (one per input, ``None`` for none) as one table sorted by
-    ``(timestamp, event_id)``, and for each of its rows the input it came from.
+    ``order`` (by default ``(timestamp, event_id)``), and for each of its rows the input
+    it came from.
 
     Example:
         >>> import datetime as dt
@@ -178,10 +222,9 @@ def merge_pieces(pieces: Sequence[pa.Table | None]) -> tuple[pa.Table | None, np
     schema = given[0][1].schema
     table = pa.concat_tables([piece.cast(schema) for _, piece in given])
     origin = np.concatenate([np.full(piece.num_rows, i, np.int64) for i, piece in given])
-    order = pc.sort_indices(
-        pa.table({"t": pc.cast(table.column("timestamp"), pa.int64()), "id": table.column("event_id")}),
-        sort_keys=[("t", "ascending"), ("id", "ascending")])
-    return table.take(order), origin[order.to_numpy()]
+    keys = order.keys(table)
+    indices = pc.sort_indices(keys, sort_keys=[(name, "ascending") for name in keys.column_names])
+    return table.take(indices), origin[indices.to_numpy()]
 
 
 def round_length(first_batches: Sequence[tuple[int, int, int]], target_rows: int) -> int:

@@ -17,6 +17,7 @@ from pipelines.processing import ROW_POSITION
 from pipelines.rounds import (
     END_OF_TIME,
     RoundInputs,
+    RoundOrder,
     SplitReader,
     deal,
     merge_pieces,
@@ -102,3 +103,16 @@ def test_a_stage_answers_each_reader_in_its_own_row_positions() -> None:
     assert one.derived is not None and one.derived.to_pydict() == {ROW_POSITION: [7, 8], "f": [0.0, 2.0]}
     assert one.poisoned is not None and one.poisoned.to_pylist() == [8]
     assert one.reasons == {"processor_error": 1}
+
+
+def test_ties_are_ordered_as_the_driver_path_orders_them() -> None:
+    tx = pa.table({"timestamp": pa.array([T0, T0, T0], pa.timestamp("us", "UTC")),
+                   "event_id": ["a", "b", "c"], "event_type": ["tx", "tx", "label"],
+                   "data": pa.array([{"N": 9}, {"N": 3}, {"N": 5}])})
+    order = RoundOrder(labels_first="label", ties="data.N")
+    merged, _ = merge_pieces([tx.slice(0, 1), tx.slice(1)], order)
+    # the label first (it is merged ahead of its second), then by data.N, not by event id
+    assert merged is not None and merged.column("event_id").to_pylist() == ["c", "b", "a"]
+    # a tie field the table lacks (a stage's projection) is left out of the order
+    merged, _ = merge_pieces([tx.drop_columns(["data"])], RoundOrder(ties="data.N"))
+    assert merged is not None and merged.column("event_id").to_pylist() == ["a", "b", "c"]
