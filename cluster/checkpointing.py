@@ -13,6 +13,7 @@ removes the rest; a fresh run clears the run's old output and checkpoints.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
@@ -115,8 +116,15 @@ class Checkpointer:
                 f"other runs of {self.identity.pipeline!r}: {', '.join(others)}. Resume one with "
                 "--run-id ID and its original input, or run without --resume to start afresh")
 
-    def restore(self, resume: bool, ingest: Ingest) -> Restored | None:
+    def restore(self, resume: bool, ingest: Ingest | None,
+                more_writers: Callable[[Checkpoint], dict[str, int]] | None = None,
+                ) -> Restored | None:
         """Continue from the last checkpoint (``resume``), or clear the run's old output.
+
+        ``ingest``: the driver's ingest, restored too (a run with reader actors has none:
+        each reader restores its own); ``more_writers``: the next sequence numbers of
+        writers the checkpoint knows besides the partitions, stages and the driver's ingest
+        (reader actors' dead letters), whose files up to there are kept.
 
         Raises:
             ResumeError: ``resume`` of a run whose partitions, stages, input or config
@@ -148,9 +156,12 @@ class Checkpointer:
             for partition, seq in seqs.items():
                 writers[WriterId.stage(self.run, name, partition).for_step(DEADLETTER_STEP).local] = seq
         writers[WriterId.ingest(self.run).local] = latest.deadletter_seq
+        if more_writers is not None:
+            writers.update(more_writers(latest))
         self.store.truncate(self.run, writers, self.clock())
-        ingest.restore({name: self.checkpoints.read_state(latest.epoch, name)
-                        for name in ingest.snapshot()})
+        if ingest is not None:
+            ingest.restore({name: self.checkpoints.read_state(latest.epoch, name)
+                            for name in ingest.snapshot()})
         self.epoch = latest.epoch
         partitions = self.spec.runtime.partitions
         return Restored(

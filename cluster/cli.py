@@ -41,6 +41,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--input", nargs="+", metavar="PATH",
                      help="files, folders or globs to read instead of the config's")
     run.add_argument("--partitions", type=_positive, help="override runtime.partitions")
+    run.add_argument("--readers", type=int, metavar="N",
+                     help="override runtime.readers: N reader actors ingest and route the "
+                          "source (0: the driver does)")
     run.add_argument("--in-process", action="store_true",
                      help="run without Ray, in this process (debugging)")
     run.add_argument("--resume", action="store_true",
@@ -215,7 +218,7 @@ def command_run(args: argparse.Namespace) -> dict[str, Any]:
     return run_job(args.config, address=args.address, store=args.store, inputs=args.input,
                    partitions=args.partitions, in_process=args.in_process,
                    progress=False if args.no_progress else None, resume=args.resume,
-                   run_id=args.run_id,
+                   run_id=args.run_id, readers=args.readers,
                    log=_log)
 
 

@@ -43,14 +43,19 @@ class EnrichmentChain:
         executors: one executor per stage of ``spec.enrich``.
         seqs: each stage's partitions' next sequence numbers (from a checkpoint).
         counts: the run's counters (poison events dead-lettered in a stage are added).
+        carried: payload fields every stage receives besides those it reads.
     """
 
     def __init__(self, spec: PipelineSpec, executors: list[KeyedExecutor],
-                 seqs: dict[str, list[int]], counts: RunCounts | None = None) -> None:
+                 seqs: dict[str, list[int]], counts: RunCounts | None = None,
+                 carried: tuple[str, ...] = ()) -> None:
         self.counts = counts if counts is not None else RunCounts()
         self.stages: list[tuple[EnrichSpec, KeyedExecutor]] = list(zip(spec.enrich, executors, strict=True))
         self.reads = [stage_class(s, tuple(spec.search_path)).reads for s in spec.enrich]
         self.seqs = seqs
+        #: payload fields every stage receives besides what it reads (a run with readers:
+        #: the stages order a round's events by ``source.order_ties_by``)
+        self.carried = carried
         self.max_in_flight = spec.runtime.max_in_flight
         self.answers: list[dict[tuple[int, int], BatchReceipt]] = [{} for _ in self.stages]
         self.slices: deque[_Slice] = deque()
@@ -79,7 +84,7 @@ class EnrichmentChain:
         rows = item.frame.filter(pl.col("event_type").is_in(stage.event_types))
         key = pl.col("data").struct.field(stage.key)
         if self.reads[index] is not None:  # only what the stage reads crosses to its actors
-            fields = dict.fromkeys([stage.key, *self.reads[index]])
+            fields = dict.fromkeys([stage.key, *self.reads[index], *self.carried])
             # and the id, which names an event the stage raises on in its dead letter
             rows = rows.select(ROW_POSITION, "event_id", "event_type", "timestamp",
                                data=pl.struct(pl.col("data").struct.field(*fields)))

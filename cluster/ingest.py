@@ -56,10 +56,11 @@ class Ingest:
     """The driver's side of a source: normalise, dedup, order, dead-letter, label feed."""
 
     def __init__(self, spec: PipelineSpec, store: EventStore, run: str, clock: Clock,
-                 live: bool = False) -> None:
+                 live: bool = False, writer: WriterId | None = None) -> None:
         source = spec.source
         self.spec, self.store, self.run, self.clock = spec, store, run, clock
-        self.writer = WriterId.ingest(run).name
+        #: the dead letters' writer: the driver's, or a reader actor's own
+        self.writer = (writer or WriterId.ingest(run)).name
         self.normaliser = Normaliser(spec, clock)
         self.duplicates = DuplicateFilter(horizon_us=source.dedup_horizon // _US)
         schema = envelope_schema(spec.registry())

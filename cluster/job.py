@@ -27,11 +27,14 @@ def run_job(
     resume: bool = False,
     log: Callable[[str], None] = lambda _: None,
     run_id: str | None = None,
+    readers: int | None = None,
 ) -> dict[str, Any]:
     """Load and validate ``config``, then run it to the end; returns the summary."""
     overrides: dict[str, Any] = {}
     if partitions is not None:
         overrides["runtime"] = {"partitions": partitions}
+    if readers is not None:
+        overrides["runtime"] = {**overrides.get("runtime", {}), "readers": readers}
     spec = load_pipeline(config, overrides)
     store_root = Path(store or spec.store.path)
     return run_spec(spec, store_root, address, inputs, in_process, progress, resume, run_id=run_id)
@@ -52,6 +55,11 @@ def run_spec(
 
     ``objects``: processors registered in Python (by step name), shipped to the actors.
     """
+    if in_process and spec.runtime.readers:
+        from pipelines.errors import ConfigError
+
+        raise ConfigError("runtime.readers: reader actors need Ray; run in process with "
+                          "runtime.readers 0 (--readers 0)")
     if in_process:
         return run_in_process(spec, store_root, objects=objects, inputs=inputs,
                               resume=resume, progress=progress, run_id=run_id)
@@ -131,6 +139,12 @@ def run_on_ray(spec: PipelineSpec, store_root: Path, *, objects: Mapping[str, An
         # divide (four actors of 0.75 CPU on three 1-CPU nodes: one never starts and the run
         # waits forever) and leaves no room to replace the actors of a lost node.
         per_actor = None
+        if runtime.readers:  # reader actors ingest and route; the driver coordinates
+            from cluster.reader_run import run_with_readers
+
+            summary = run_with_readers(spec, store_root, inputs, resume=resume, run_id=run_id,
+                                       objects=found, progress=progress)
+            return {**summary, "ray": ray_facts["mode"]}
         summary = run_pipeline(
             spec,
             lambda run: RayPartitions(runtime.partitions, store_root, run, runtime.max_in_flight,

@@ -196,6 +196,10 @@ class RuntimeSpec(_Frozen):
     """Settings of the Ray runtime (``cluster``)."""
 
     partitions: int = Field(default=2, ge=1, le=1024)
+    readers: int = Field(
+        default=0, ge=0, le=256,
+        description="reader actors that ingest and route a bounded source's splits (0: the "
+                    "driver does it itself)")
     max_in_flight: int = Field(default=4, ge=1)
     object_store_mb: int = Field(default=512, ge=64)
     checkpoint_every: int = Field(default=10, ge=1, description="source batches per checkpoint")

@@ -3,7 +3,8 @@
 A data file is named ``part-<writer>-<seq>.parquet``, its writer ``<run>-<owner>[-<step>]``:
 
 - ``run``: the run's id (``r`` and hex digits: no ``-``);
-- ``owner``: ``p0003`` for partition 3, ``ingest`` for the driver's dead letters, or
+- ``owner``: ``p0003`` for partition 3, ``ingest`` for the driver's dead letters,
+  ``reader0002`` for reader actor 2's (runs with ``runtime.readers``), or
   ``stage.<name>.0001`` for a partition of an enrichment stage (checkpoint states only);
 - ``step``: the step whose table rows these are (absent for the partition's events).
 
@@ -23,7 +24,7 @@ from dataclasses import dataclass, replace
 from pipelines.errors import StoreError
 
 _RUN = re.compile(r"^[A-Za-z0-9_]+$")
-_OWNER = re.compile(r"^(p\d{4,}|ingest|stage\.[a-z][a-z0-9_]*\.\d{4,})$")
+_OWNER = re.compile(r"^(p\d{4,}|ingest|reader\d{4,}|stage\.[a-z][a-z0-9_]*\.\d{4,})$")
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,7 @@ class WriterId:
         if not _RUN.match(self.run):
             raise StoreError(f"run id {self.run!r}: letters, digits and _ only")
         if not _OWNER.match(self.owner):
-            raise StoreError(f"writer owner {self.owner!r} is not a partition, ingest or stage")
+            raise StoreError(f"writer owner {self.owner!r} is not a partition, ingest, reader or stage")
 
     @classmethod
     def partition(cls, run: str, partition: int, step: str | None = None) -> WriterId:
@@ -47,6 +48,11 @@ class WriterId:
     @classmethod
     def ingest(cls, run: str) -> WriterId:
         return cls(run, "ingest")
+
+    @classmethod
+    def reader(cls, run: str, reader: int) -> WriterId:
+        """The writer of reader actor ``reader``'s dead letters (and checkpoint state)."""
+        return cls(run, f"reader{reader:04d}")
 
     @classmethod
     def stage(cls, run: str, stage: str, partition: int) -> WriterId:

@@ -87,6 +87,10 @@ def add_arguments(bench: argparse.ArgumentParser) -> None:
                        help="bench complex-event patterns only: the engine against partial matches "
                             "and pattern count, and the config's flow without and with FILE's "
                             "card-testing and terminal-hopping (default configs/patterns/fraud.yaml)")
+    bench.add_argument("--scaling", action="store_true",
+                       help="instead, runs with reader actors on ray.cluster_utils clusters of 1, 2 "
+                            "and 4 nodes (1, 2, 4 readers and partitions): events/s and CPU-seconds "
+                            "per million events, and a projection of events/s against cores")
     bench.add_argument("--live", action="store_true",
                        help="instead, the live decision path: `eventray serve` of --live-config, "
                             "POST /score offered open loop at --live-rates, figures client-side")
@@ -118,6 +122,12 @@ def command(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, A
     missing = [str(p) for p in args.input or () if not p.exists()]
     if missing:
         raise BenchError(f"no such input: {', '.join(missing)}")
+    if args.scaling:
+        from cluster.bench.scaling import run_scaling, scaling_table
+
+        doc = run_scaling(args.config, list(args.input or ()), args.work, log)
+        print(scaling_table(doc), flush=True)
+        return doc
     if args.patterns is not None:
         from cluster.bench.patterns import run_pattern_bench
 
