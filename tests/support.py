@@ -12,12 +12,14 @@ import datetime as dt
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -60,6 +62,22 @@ def unscored_fraud_config(directory: Path) -> Path:
     path = directory / "fraud.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
+
+
+@dataclass(frozen=True)
+class HandbookRun:
+    """The session's run of the fraud pipeline over the handbook (``handbook_run`` fixture):
+    its config (no model), its store, and the summary line it printed. Read, never written."""
+
+    config: Path
+    store: Path
+    summary: dict[str, Any]
+
+    def copy_store(self, into: Path) -> Path:
+        """A private copy of the store to write into. ``copy2`` keeps every file's size and
+        mtime, which the commit log checks its records against, so ``as_of`` reads the copy
+        as it reads the original."""
+        return Path(shutil.copytree(self.store, into, copy_function=shutil.copy2))
 
 
 # --- The CLI as a user runs it: a subprocess ----------------------------------------------

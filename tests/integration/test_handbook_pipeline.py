@@ -1,6 +1,7 @@
 """The fraud pipeline over the handbook's five months, on a real local Ray (one run).
 
-`eventray run configs/fraud.yaml --input ../shared/data/fraud-handbook` stores every
+`eventray run configs/fraud.yaml --input ../shared/data/fraud-handbook` (the session's run,
+``handbook_run`` in tests/conftest.py, which the store's tests read too) stores every
 transaction once with its label event, and the scores table's 15 inputs, streamed by the
 two keyed stages, equal the Polars batch reference exactly and the handbook's published
 features of July and August except where the handbook's own tie order decides (see
@@ -16,23 +17,14 @@ import pytest
 from polars.testing import assert_frame_equal
 
 from pipelines.fraud.features import HANDBOOK_FEATURES, handbook_features_batch
-from tests.support import eventray, parity_report, summary_of, unscored_fraud_config
+from tests.support import HandbookRun, parity_report
 
 pytestmark = pytest.mark.slow
 N_TRANSACTIONS = 1_466_282
 
 
-@pytest.fixture(scope="module")
-def handbook_run(tmp_path_factory: pytest.TempPathFactory, handbook_dir: Path) -> tuple[dict, Path]:
-    store = tmp_path_factory.mktemp("handbook") / "store"
-    config = unscored_fraud_config(store.parent)
-    summary = summary_of(eventray("run", str(config), "--input", str(handbook_dir),
-                                  "--store", str(store), timeout=1500))
-    return summary, store
-
-
-def test_every_transaction_is_stored_once_with_its_label(handbook_run: tuple[dict, Path]) -> None:
-    summary, store = handbook_run
+def test_every_transaction_is_stored_once_with_its_label(handbook_run: HandbookRun) -> None:
+    summary, store = handbook_run.summary, handbook_run.store
     assert summary["events_in"] == summary["derived"] == N_TRANSACTIONS
     assert summary["stored"] == 2 * N_TRANSACTIONS and summary["dead_lettered"] == 0
     counts = pl.scan_parquet(store / "events" / "**" / "*.parquet", hive_partitioning=True).group_by(
@@ -43,9 +35,9 @@ def test_every_transaction_is_stored_once_with_its_label(handbook_run: tuple[dic
 
 
 def test_streamed_inputs_equal_the_reference_and_the_published_features(
-    handbook_run: tuple[dict, Path], handbook_dir: Path
+    handbook_run: HandbookRun, handbook_dir: Path
 ) -> None:
-    _, store = handbook_run
+    store = handbook_run.store
     transactions = pl.concat([pl.read_parquet(handbook_dir / f"transactions-2018-0{m}.parquet")
                               for m in range(4, 9)])
     scores = pl.read_parquet(store / "scores" / "**" / "*.parquet", hive_partitioning=True)
