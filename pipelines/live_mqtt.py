@@ -113,6 +113,7 @@ class MqttSource:
         self._signal = threading.Condition()
         self._connection = 0  # counts connections: a mid is only valid on its own
         self._connected = threading.Event()
+        self._disconnected = threading.Event()
         self._refused: str | None = None
         self._next_offset = 0
         #: (last offset, connection, mids) of each batch handed over, until acknowledged
@@ -151,6 +152,7 @@ class MqttSource:
                              clean_session=None if v5 else False, manual_ack=True)
         client.on_connect = self._on_connect
         client.on_message = self._on_message
+        client.on_disconnect = lambda *_: self._disconnected.set()
         return client
 
     def _connect(self, host: str, port: int) -> None:
@@ -232,7 +234,11 @@ class MqttSource:
             flushed = time.monotonic() + _FLUSH_S
             while client.want_write() and time.monotonic() < flushed:
                 time.sleep(0.005)
+            self._disconnected.clear()
             client.disconnect()
+            # the network thread writes what is queued, DISCONNECT last, then calls
+            # on_disconnect: stopping it sooner could drop a PUBACK still in its hands
+            self._disconnected.wait(max(0.0, flushed - time.monotonic()))
             client.loop_stop()
 
 

@@ -51,10 +51,11 @@ def reading(device: str, index: int, value: float) -> bytes:
 
 
 def drain(source: MqttSource, expected: int, max_rows: int = 1_000, wait_s: float = 5.0) -> list:
-    """Poll until ``expected`` messages arrived (or ``wait_s`` passed without any)."""
+    """Poll until ``expected`` messages arrived (or ``wait_s`` passed without any), never
+    taking more than ``expected``: the positions taken after it cover exactly those."""
     batches, count = [], 0
     while count < expected:
-        polled = source.poll(max_rows, wait_s)
+        polled = source.poll(min(max_rows, expected - count), wait_s)
         if not polled:
             break
         batches += polled
