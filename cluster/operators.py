@@ -41,3 +41,28 @@ class KeyedExecutor(Protocol):
     def capacity(self, partition: int) -> int: ...
     def in_flight(self) -> int: ...
     def close(self) -> None: ...
+
+
+class ImmediateExecutor:
+    """The defaults of an executor that applies what it is given at once: nothing in flight,
+    no queue bound, nothing of its own to checkpoint, commit or close."""
+
+    restarts = 0
+
+    def ready(self) -> None:
+        pass
+
+    def checkpoint(self, epoch: int) -> dict[int, int]:
+        return {}
+
+    def committed(self) -> None:
+        pass
+
+    def capacity(self, partition: int) -> int:
+        return 1 << 30
+
+    def in_flight(self) -> int:
+        return 0
+
+    def close(self) -> None:
+        pass

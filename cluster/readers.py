@@ -36,6 +36,7 @@ from cluster.dispatch import Dispatcher
 from cluster.driver import routed_schema
 from cluster.enrichment import EnrichmentChain
 from cluster.ingest import Ingest
+from cluster.operators import ImmediateExecutor
 from cluster.round_operators import (
     counts_of,
     counts_state,
@@ -72,12 +73,10 @@ def _time_bounds(table: pa.Table) -> tuple[int, int] | None:
     return int(bounds["min"]), int(bounds["max"])
 
 
-class _StageInput:
+class _StageInput(ImmediateExecutor):
     """The :class:`~cluster.operators.KeyedExecutor` a reader's enrichment chain sees for one
     stage: each round, one exchange per stage partition (an empty one where the round has
     no rows for it), answered once every reader's piece is in."""
-
-    restarts = 0
 
     def __init__(self, actors: list[Any], source: int) -> None:
         import ray
@@ -97,9 +96,6 @@ class _StageInput:
                                                   self.pieces[p][1] if p in self.pieces else None)
                          for p, actor in enumerate(self.actors)}
         return self.refs
-
-    def ready(self) -> None:
-        pass
 
     def submit(self, partition: int, seq: int, rows: pa.Table) -> None:
         self.pieces[partition] = (seq, rows)  # one slice per round: one piece per partition
@@ -127,21 +123,6 @@ class _StageInput:
         refs = self.send()
         self._ray.get([ref for p, ref in refs.items() if p not in self.pieces])
 
-    def checkpoint(self, epoch: int) -> dict[int, int]:
-        return {}
-
-    def committed(self) -> None:
-        pass
-
-    def capacity(self, partition: int) -> int:
-        return 1 << 30
-
-    def in_flight(self) -> int:
-        return 0
-
-    def close(self) -> None:
-        pass
-
 
 def _as_piece(receipt: BatchReceipt, partition: int, seq: int) -> BatchReceipt:
     from dataclasses import replace
@@ -149,11 +130,9 @@ def _as_piece(receipt: BatchReceipt, partition: int, seq: int) -> BatchReceipt:
     return replace(receipt, partition=partition, seq=seq)
 
 
-class _PartitionInput:
+class _PartitionInput(ImmediateExecutor):
     """The executor a reader's dispatcher sees: routed pieces are gathered per partition,
     then handed in as the reader's piece of the round (one call per partition)."""
-
-    restarts = 0
 
     def __init__(self, actors: list[Any], source: int) -> None:
         import ray
@@ -161,9 +140,6 @@ class _PartitionInput:
         self._ray, self.actors, self.source = ray, actors, source
         self.pieces: list[list[pa.Table]] = [[] for _ in actors]
         self.sent: list[list[Any]] = []  # each round's calls, oldest first
-
-    def ready(self) -> None:
-        pass
 
     def submit(self, partition: int, seq: int, rows: pa.Table) -> None:
         self.pieces[partition].append(rows)
@@ -184,21 +160,6 @@ class _PartitionInput:
         (a failed call raises: the run restarts from its checkpoint)."""
         while len(self.sent) > rounds_in_flight:
             self._ray.get(self.sent.pop(0))
-
-    def checkpoint(self, epoch: int) -> dict[int, int]:
-        return {}
-
-    def committed(self) -> None:
-        pass
-
-    def capacity(self, partition: int) -> int:
-        return 1 << 30
-
-    def in_flight(self) -> int:
-        return 0
-
-    def close(self) -> None:
-        pass
 
 
 class Reader:

@@ -35,6 +35,7 @@ import pyarrow as pa
 from cluster.accounting import RunCounts
 from cluster.dispatch import Dispatcher
 from cluster.driver import routed_schema
+from cluster.operators import ImmediateExecutor
 from cluster.partitions import _RunWorker
 from pipelines.errors import PipelineError
 from pipelines.keyed import BatchReceipt
@@ -62,16 +63,11 @@ def counts_of(state: dict[str, Any]) -> RunCounts:
     return RunCounts(**state["counts"], reasons=dict(state["reasons"]))
 
 
-class _SelfExecutor:
+class _SelfExecutor(ImmediateExecutor):
     """The :class:`~cluster.operators.KeyedExecutor` of one partition, inside its actor."""
-
-    restarts = 0
 
     def __init__(self, worker: _RunWorker) -> None:
         self.worker, self.done = worker, []  # type: ignore[var-annotated]
-
-    def ready(self) -> None:
-        pass
 
     def submit(self, partition: int, seq: int, rows: pa.Table) -> None:
         if partition != self.worker.partition:
@@ -86,18 +82,6 @@ class _SelfExecutor:
 
     def checkpoint(self, epoch: int) -> dict[int, int]:
         return {self.worker.partition: self.worker.checkpoint(epoch)}
-
-    def committed(self) -> None:
-        pass
-
-    def capacity(self, partition: int) -> int:
-        return 1 << 30
-
-    def in_flight(self) -> int:
-        return 0
-
-    def close(self) -> None:
-        pass
 
 
 def _rounds_state(worker: _RunWorker) -> dict[str, Any] | None:
