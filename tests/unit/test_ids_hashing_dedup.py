@@ -14,7 +14,12 @@ from hypothesis import strategies as st
 
 from pipelines import dedup
 from pipelines.dedup import DuplicateFilter
-from pipelines.event_ids import EVENTRAY_NAMESPACE, derived_event_ids
+from pipelines.event_ids import (
+    EVENTRAY_NAMESPACE,
+    VECTOR_MIN_ROWS,
+    derived_event_ids,
+    uuid5_strings,
+)
 from pipelines.hashing import partition_of, stable_hash64
 
 
@@ -24,6 +29,16 @@ from pipelines.hashing import partition_of, stable_hash64
 def test_derived_ids_equal_uuid5(source: str, part: str, offsets: list[int]) -> None:
     got = derived_event_ids(source, part, np.array(offsets, dtype=np.int64)).to_pylist()
     assert got == [str(uuid.uuid5(EVENTRAY_NAMESPACE, f"{source}/{part}#{o}")) for o in offsets]
+
+
+@pytest.mark.parametrize("rows", [1, VECTOR_MIN_ROWS - 1, VECTOR_MIN_ROWS, 3 * VECTOR_MIN_ROWS])
+def test_ids_equal_uuid5_on_both_sides_of_the_vector_threshold(rows: int) -> None:
+    offsets = np.arange(rows, dtype=np.int64) * 7919 + 5  # offsets of several widths
+    got = derived_event_ids("src", "part-1", offsets).to_pylist()
+    assert got == [str(uuid.uuid5(EVENTRAY_NAMESPACE, f"src/part-1#{o}")) for o in offsets]
+    names = [f"e{i}/route-é" for i in range(rows)]
+    assert uuid5_strings(pa.array(names)).to_pylist() == \
+        [str(uuid.uuid5(EVENTRAY_NAMESPACE, name)) for name in names]
 
 
 @settings(max_examples=60, deadline=None)
