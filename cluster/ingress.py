@@ -14,8 +14,10 @@ Measured on 2 cores (see the project's Ray notes): Ray Serve's proxy saturates n
   answer with their reasons, found by the same :class:`~pipelines.normalise.Normaliser`,
   run once per group commit (in its thread, off the event loop).
 - ``POST /score``: one event (an object) or a few (an array of objects). Journaled the
-  same way, then answered when the run's driver reports what their keyed partition decided
-  (:meth:`Ingress.resolve`): scores with model versions, alerts, ``latency_ms``.
+  same way, then answered when their keyed partition has applied them: the partition hands
+  its batch's decisions straight to this actor (:meth:`Ingress.decided`), the driver only
+  what never reaches a partition (dead letters, duplicates, the late lane:
+  :meth:`Ingress.resolve`). The answer: scores with model versions, alerts, ``latency_ms``.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from aiohttp import web
 
 from pipelines.event_ids import derived_event_ids
@@ -41,6 +44,32 @@ from pipelines.spec import PipelineSpec
 
 #: Seconds a client is asked to wait when the run is at its in-flight bound.
 RETRY_AFTER_S = 1
+
+
+def score_answers(decisions: pa.Table, awaited: pa.Array) -> list[dict[str, Any]]:
+    """The answers of the ``awaited`` events among a batch's decisions (one row per event
+    and step, see :data:`~pipelines.keyed.DECISIONS_SCHEMA`): each event's scores and
+    alerts. Only awaited rows are turned into Python objects: a handful per batch.
+
+    Example:
+        >>> rows = pa.table({"event_id": ["a", "b"], "step": ["fraud"] * 2, "model": ["m@1"] * 2,
+        ...                  "score": [0.9, 0.1], "alert": ["fraud.suspected", None],
+        ...                  "threshold": [0.5, None]})
+        >>> score_answers(rows, pa.array(["a"]))[0]["alerts"][0]["type"]
+        'fraud.suspected'
+    """
+    mine = decisions.filter(pc.is_in(decisions.column("event_id"), awaited))
+    answers: dict[str, dict[str, Any]] = {}
+    for row in mine.to_pylist():
+        answer = answers.setdefault(row["event_id"], {"event_id": row["event_id"],
+                                                      "scores": [], "alerts": []})
+        if row["step"] is not None:
+            answer["scores"].append({"step": row["step"], "model": row["model"],
+                                     "score": row["score"]})
+        if row["alert"] is not None:
+            answer["alerts"].append({"type": row["alert"], "step": row["step"],
+                                     "score": row["score"], "threshold": row["threshold"]})
+    return list(answers.values())
 
 
 class BodyError(ValueError):
@@ -165,8 +194,13 @@ class Ingress:
 
     # -- from the driver ------------------------------------------------------------------
 
+    def decided(self, decisions: pa.Table) -> None:
+        """A partition's batch of decisions: answer the awaited events among them."""
+        if self.waiters and decisions.num_rows:
+            self.resolve(score_answers(decisions, pa.array(list(self.waiters), pa.string())))
+
     def resolve(self, results: list[dict[str, Any]]) -> None:
-        """The decisions of ``/score`` events (each a dict with ``event_id``)."""
+        """The answers of ``/score`` events (each a dict with ``event_id``)."""
         for result in results:
             for waiter in self.waiters.pop(result["event_id"], []):
                 if not waiter.done():
@@ -366,6 +400,9 @@ def ingress_actor_class() -> Any:
 
         async def resolve(self, results: list[dict[str, Any]]) -> None:
             self.ingress.resolve(results)
+
+        async def decided(self, decisions: pa.Table) -> None:
+            self.ingress.decided(decisions)
 
         async def progress(self, consumed: dict[str, int]) -> None:
             self.ingress.progress(consumed)

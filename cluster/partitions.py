@@ -24,6 +24,7 @@ process: the in-process runner for tests and debugging.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections import deque
@@ -188,10 +189,11 @@ def _actor_class() -> Any:
 
         def __init__(self, partition: int, store_root: str, run: str, spec: PipelineSpec | None,
                      stage: EnrichSpec | None = None, objects: dict[str, Any] | None = None,
-                     live: bool = False) -> None:
+                     live: bool = False, replies_to: str | None = None) -> None:
             from ray.util.metrics import Counter, Histogram
 
             self.worker = _RunWorker(partition, store_root, run, spec, stage, objects, live)
+            self.replies_to, self.replies = replies_to, None
             self.tags = {"partition": str(partition)}
             self.stored = Counter("eventray_events_stored", "events applied and stored",
                                   tag_keys=("partition",))
@@ -205,7 +207,22 @@ def _actor_class() -> Any:
                 if receipt.rows:  # a counter refuses 0: a batch of poison events only
                     self.stored.inc(receipt.rows, tags=self.tags)
                 self.latency.observe(receipt.latency_s, tags=self.tags)
+            if self.replies_to is not None and receipt.decisions is not None:
+                self._reply(receipt.decisions)
+                receipt = dataclasses.replace(receipt, decisions=None)
             return receipt
+
+        def _reply(self, decisions: pa.Table) -> None:
+            """Hand the decisions to the ingress, unawaited (a replayed batch's again: the
+            ingress answers an event once). An ingress that is gone answers nobody."""
+            if decisions.num_rows == 0:
+                return
+            if self.replies is None:
+                try:
+                    self.replies = ray.get_actor(self.replies_to, namespace=NAMESPACE)
+                except ValueError:
+                    return
+            self.replies.decided.remote(decisions)
 
         def position(self) -> int:
             return self.worker.next_seq
@@ -229,13 +246,17 @@ class RayPartitions:
     def __init__(self, partitions: int, store_root: str | Path, run: str,
                  max_in_flight: int, cpus_per_actor: float | None,
                  spec: PipelineSpec | None = None, stage: EnrichSpec | None = None,
-                 objects: dict[str, Any] | None = None, live: bool = False) -> None:
+                 objects: dict[str, Any] | None = None, live: bool = False,
+                 replies_to: str | None = None) -> None:
         """``cpus_per_actor``: CPUs each actor holds; ``None``: Ray's actor default (a CPU
         free to be placed, none held while running). ``objects``: processors registered in
         Python, shipped to every actor (each unpickles its own copy). ``live``: a live run
         (``eventray serve``): receipts carry each batch's decisions (see
         :attr:`PartitionWorker.decisions`) and the store commits also every
-        ``store.commit_interval``."""
+        ``store.commit_interval``. ``replies_to``: the name of the actor that answers
+        ``POST /score`` (the ingress): each batch's decisions go straight to its
+        ``decided`` method instead of back in the receipt, so an answer does not wait for
+        the driver's next turn."""
         import ray
         from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
@@ -245,7 +266,7 @@ class RayPartitions:
         self._actor = _actor_class()
         self.store_root, self.run = str(Path(store_root).resolve()), run
         self.cpus_per_actor, self.spec, self.stage = cpus_per_actor, spec, stage
-        self.objects, self.live = objects, live
+        self.objects, self.live, self.replies_to = objects, live, replies_to
         self.batch_timeout_s = (spec.runtime if spec else RuntimeSpec()).batch_timeout_s
         self.actors = [self._spawn(p) for p in range(partitions)]
         self.max_in_flight = max_in_flight
@@ -268,7 +289,7 @@ class RayPartitions:
                     name=self.ray_name(partition), namespace=NAMESPACE,
                     num_cpus=self.cpus_per_actor, scheduling_strategy="SPREAD",
                 ).remote(partition, self.store_root, self.run, self.spec, self.stage, self.objects,
-                         self.live)
+                         self.live, self.replies_to)
             except ValueError:  # the dead actor's name is not released yet
                 if time.monotonic() > deadline:
                     raise

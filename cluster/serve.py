@@ -10,9 +10,11 @@ wait behind it), and ``store.commit_interval`` after the source goes quiet; the 
 files do not wait for them (the partitions group-commit every ``store.commit_interval``).
 Live sources decide in arrival order: no decision waits for a watermark.
 
-Decisions leave the partitions with each batch's receipt (:attr:`BatchReceipt.decisions`);
-the driver hands those of ``POST /score`` events straight back to the waiting handler in
-the ingress actor (:class:`ScoreReplies`).
+Decisions leave the partitions as soon as a batch is scored: on Ray each partition hands
+them straight to the ingress actor, which answers the waiting ``POST /score`` handlers;
+in process they come back with the batch's receipt (:attr:`BatchReceipt.decisions`) and
+the driver hands them on (:class:`ScoreReplies`). The driver itself answers the events
+that never reach a partition: dead letters, duplicates, the late lane.
 
 On SIGTERM or SIGINT: the ingress stops accepting (what it accepted is in the journal),
 the run reads the source to its end, processes it, takes a final checkpoint, acknowledges
@@ -34,7 +36,6 @@ from typing import Any
 import numpy as np
 import polars as pl
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from cluster.accounting import RunCounts, weighted_percentiles
 from cluster.dispatchers import RayDispatchers
@@ -45,6 +46,7 @@ from cluster.driver import (
     StageFactory,
     config_digest,
 )
+from cluster.ingress import score_answers
 from pipelines.errors import ConfigError
 from pipelines.event_ids import derived_event_ids
 from pipelines.journal import SCORE_PART, HttpSourceOptions, JournalSource
@@ -74,11 +76,12 @@ class ScoreReplies:
 
     Events read from the journal's ``score`` part are awaited: those ingest dead-letters
     are answered at once with the reason, duplicates of stored events at once as such, the
-    rest when a receipt brings their decisions.
+    rest when their decisions come (``direct``: the partitions send those to the ingress
+    themselves; otherwise a receipt brings them here).
     """
 
-    def __init__(self, spec: PipelineSpec, send: Send) -> None:
-        self.send = send
+    def __init__(self, spec: PipelineSpec, send: Send, direct: bool = False) -> None:
+        self.send, self.direct = send, direct
         ref = spec.mapping.event_id
         self.id_path = f"$.{ref}" if isinstance(ref, str) else None
         self.waiting: set[str] = set()
@@ -99,7 +102,8 @@ class ScoreReplies:
                     for i in late.column("event_id").to_pylist() if i in asked]
         answered = going | {a["event_id"] for a in answers}
         answers += [{"event_id": i, "duplicate": True} for i in sorted(asked - answered)]
-        self.waiting |= going & asked
+        if not self.direct:
+            self.waiting |= going & asked
         if answers:
             self.send(answers)
 
@@ -108,22 +112,10 @@ class ScoreReplies:
         decisions = receipt.decisions
         if decisions is None or not self.waiting or decisions.num_rows == 0:
             return
-        mine = decisions.filter(pc.is_in(decisions.column("event_id"),
-                                         pa.array(list(self.waiting), pa.string())))
-        if mine.num_rows == 0:
-            return
-        answers: dict[str, dict[str, Any]] = {}
-        for row in mine.to_pylist():  # only awaited events: a handful per batch
-            answer = answers.setdefault(row["event_id"], {"event_id": row["event_id"],
-                                                          "scores": [], "alerts": []})
-            if row["step"] is not None:
-                answer["scores"].append({"step": row["step"], "model": row["model"],
-                                         "score": row["score"]})
-            if row["alert"] is not None:
-                answer["alerts"].append({"type": row["alert"], "step": row["step"],
-                                         "score": row["score"], "threshold": row["threshold"]})
-        self.waiting -= answers.keys()
-        self.send(list(answers.values()))
+        answers = score_answers(decisions, pa.array(list(self.waiting), pa.string()))
+        if answers:
+            self.waiting -= {answer["event_id"] for answer in answers}
+            self.send(answers)
 
 
 class LiveProgress:
@@ -266,6 +258,11 @@ class LiveRun(PipelineRun):
                 break
 
 
+def ingress_name(run: str) -> str:
+    """The ingress actor's name in namespace ``eventray``: the partitions reply to it."""
+    return f"{run}-ingress"
+
+
 def journal_folder(spec: PipelineSpec, store_root: Path) -> Path:
     """The ``http`` source's journal: ``source.path[0]``, under the store when relative."""
     folder = Path(spec.source.path[0])
@@ -312,7 +309,7 @@ def _serve_on_ray(spec: PipelineSpec, store_root: Path, source: LiveSource,
 
     from cluster.ingress import ingress_actor_class
     from cluster.job import code_folders
-    from cluster.partitions import RayPartitions
+    from cluster.partitions import NAMESPACE, RayPartitions
     from cluster.ray_runtime import ray_session
 
     runtime = spec.runtime
@@ -324,22 +321,24 @@ def _serve_on_ray(spec: PipelineSpec, store_root: Path, source: LiveSource,
                      code_search_path=code_folders(spec, {})) as facts:
         for signum in (signal.SIGTERM, signal.SIGINT):  # after ray.init, which sets its own
             signal.signal(signum, lambda *_: stop.set())
+        http = options is not None
         run = LiveRun(spec, lambda run_id: RayPartitions(
             runtime.partitions, store_root, run_id, runtime.max_in_flight, None, spec,
-            live=True), store_root, source,
+            live=True, replies_to=ingress_name(run_id) if http else None), store_root, source,
             stages=lambda run_id, stage: RayPartitions(
                 stage.partitions, store_root, run_id, runtime.max_in_flight, None, spec, stage),
             actions=lambda run_id: RayDispatchers(spec.actions, store_root, run_id))
         ingress, bound = None, None
         if options is not None:
             assert token is not None and isinstance(source, JournalSource)
-            ingress = ingress_actor_class().options(name=f"{run.run}-ingress",
-                                                    namespace="eventray").remote(
+            ingress = ingress_actor_class().options(name=ingress_name(run.run),
+                                                    namespace=NAMESPACE).remote(
                 spec, str(source.folder), options, token)
             bound = ray.get(ingress.start.remote())
             log(f"listening on http://{options.host}:{bound} (POST /events, POST /score, "
                 "GET /healthz)")
-            run.replies = ScoreReplies(spec, lambda answers: ingress.resolve.remote(answers))
+            run.replies = ScoreReplies(spec, lambda answers: ingress.resolve.remote(answers),
+                                       direct=True)
             run.progress_to = lambda consumed: ingress.progress.remote(consumed)
 
         def ready() -> None:
