@@ -456,18 +456,19 @@ class RayPartitions:
             self._committed, self._epoch = list(self._checkpointed), epoch
         self._forget_committed()
         self._flush()
+        # asked of every partition at once: each commits its files and state meanwhile
+        asked = [actor.checkpoint.remote(epoch) for actor in self.actors]
         seqs: dict[int, int] = {}
         for partition in range(len(self.actors)):
             while partition not in seqs:
                 try:
-                    seqs[partition] = self._ray.get(
-                        self.actors[partition].checkpoint.remote(epoch),
-                        timeout=self.batch_timeout_s)
+                    seqs[partition] = self._ray.get(asked[partition], timeout=self.batch_timeout_s)
                     self._futile[partition] = 0
                 except self._failures as exc:
                     self._failed(partition, f"checkpoint {epoch}", exc)
                     while self.pending[partition]:
                         self._collect_oldest(partition)
+                    asked[partition] = self.actors[partition].checkpoint.remote(epoch)
         self._checkpointed = [seqs[p] for p in range(len(self.actors))]
         return seqs
 
