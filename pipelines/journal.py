@@ -218,7 +218,10 @@ class _PartReader:
         return lines
 
     def _next_segment_exists(self) -> bool:
-        return any(f > self._segment_first for f, _ in _segments(self.folder))
+        """Whether the writer has moved on from the segment read to its end: its next one
+        is named by the offset after this one's last line, which is where the reader stands
+        then (one stat, not a listing of the folder on every poll of an idle run)."""
+        return (self.folder / segment_name(self.next_offset)).exists()
 
     def sync(self) -> None:
         """Make what was read durable (a checkpoint is about to cover it)."""
