@@ -33,9 +33,9 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 from aiohttp import web
 
+from pipelines.decisions import answers
 from pipelines.event_ids import derived_event_ids
 from pipelines.journal import EVENTS_PART, SCORE_PART, HttpSourceOptions, JournalWriter
 from pipelines.normalise import Normaliser
@@ -44,32 +44,6 @@ from pipelines.spec import PipelineSpec
 
 #: Seconds a client is asked to wait when the run is at its in-flight bound.
 RETRY_AFTER_S = 1
-
-
-def score_answers(decisions: pa.Table, awaited: pa.Array) -> list[dict[str, Any]]:
-    """The answers of the ``awaited`` events among a batch's decisions (one row per event
-    and step, see :data:`~pipelines.keyed.DECISIONS_SCHEMA`): each event's scores and
-    alerts. Only awaited rows are turned into Python objects: a handful per batch.
-
-    Example:
-        >>> rows = pa.table({"event_id": ["a", "b"], "step": ["fraud"] * 2, "model": ["m@1"] * 2,
-        ...                  "score": [0.9, 0.1], "alert": ["fraud.suspected", None],
-        ...                  "threshold": [0.5, None]})
-        >>> score_answers(rows, pa.array(["a"]))[0]["alerts"][0]["type"]
-        'fraud.suspected'
-    """
-    mine = decisions.filter(pc.is_in(decisions.column("event_id"), awaited))
-    answers: dict[str, dict[str, Any]] = {}
-    for row in mine.to_pylist():
-        answer = answers.setdefault(row["event_id"], {"event_id": row["event_id"],
-                                                      "scores": [], "alerts": []})
-        if row["step"] is not None:
-            answer["scores"].append({"step": row["step"], "model": row["model"],
-                                     "score": row["score"]})
-        if row["alert"] is not None:
-            answer["alerts"].append({"type": row["alert"], "step": row["step"],
-                                     "score": row["score"], "threshold": row["threshold"]})
-    return list(answers.values())
 
 
 class BodyError(ValueError):
@@ -197,7 +171,7 @@ class Ingress:
     def decided(self, decisions: pa.Table) -> None:
         """A partition's batch of decisions: answer the awaited events among them."""
         if self.waiters and decisions.num_rows:
-            self.resolve(score_answers(decisions, pa.array(list(self.waiters), pa.string())))
+            self.resolve(answers(decisions, pa.array(list(self.waiters), pa.string())))
 
     def resolve(self, results: list[dict[str, Any]]) -> None:
         """The answers of ``/score`` events (each a dict with ``event_id``)."""
@@ -380,6 +354,39 @@ def _busy() -> web.Response:
 
 def _too_large(limit: int) -> web.Response:
     return web.json_response({"error": f"body over {limit} bytes"}, status=413)
+
+
+class IngressReplies:
+    """The ingress actor as a partition's :class:`~pipelines.decisions.DecisionSink`: each
+    batch's decisions go to it unawaited, and it answers the waiting ``/score`` clients (a
+    replayed batch's again: an event is answered once). An ingress gone answers nobody.
+
+    Args:
+        actor_name: the ingress actor's name.
+        namespace: its namespace.
+    """
+
+    def __init__(self, actor_name: str, namespace: str = "eventray") -> None:
+        self.actor_name, self.namespace = actor_name, namespace
+        self._actor: Any = None  # looked up once, in the partition's process
+
+    def __getstate__(self) -> dict[str, str]:
+        return {"actor_name": self.actor_name, "namespace": self.namespace}
+
+    def __setstate__(self, state: dict[str, str]) -> None:
+        self.__init__(**state)  # type: ignore[misc]
+
+    def send(self, decisions: pa.Table) -> None:
+        import ray
+
+        if decisions.num_rows == 0:
+            return
+        if self._actor is None:
+            try:
+                self._actor = ray.get_actor(self.actor_name, namespace=self.namespace)
+            except ValueError:
+                return
+        self._actor.decided.remote(decisions)
 
 
 def ingress_actor_class() -> Any:

@@ -35,6 +35,7 @@ import pyarrow as pa
 
 from pipelines.actions.outbox import outbox_rules
 from pipelines.checkpoint import CheckpointStore
+from pipelines.decisions import DecisionSink
 from pipelines.errors import PipelineError
 from pipelines.group_commit import GroupCommitSink
 from pipelines.keyed import DEADLETTER_STEP, BatchReceipt, PartitionWorker
@@ -189,11 +190,11 @@ def _actor_class() -> Any:
 
         def __init__(self, partition: int, store_root: str, run: str, spec: PipelineSpec | None,
                      stage: EnrichSpec | None = None, objects: dict[str, Any] | None = None,
-                     live: bool = False, replies_to: str | None = None) -> None:
+                     live: bool = False, decisions_to: DecisionSink | None = None) -> None:
             from ray.util.metrics import Counter, Histogram
 
             self.worker = _RunWorker(partition, store_root, run, spec, stage, objects, live)
-            self.replies_to, self.replies = replies_to, None
+            self.decisions_to = decisions_to
             self.tags = {"partition": str(partition)}
             self.stored = Counter("eventray_events_stored", "events applied and stored",
                                   tag_keys=("partition",))
@@ -207,22 +208,10 @@ def _actor_class() -> Any:
                 if receipt.rows:  # a counter refuses 0: a batch of poison events only
                     self.stored.inc(receipt.rows, tags=self.tags)
                 self.latency.observe(receipt.latency_s, tags=self.tags)
-            if self.replies_to is not None and receipt.decisions is not None:
-                self._reply(receipt.decisions)
+            if self.decisions_to is not None and receipt.decisions is not None:
+                self.decisions_to.send(receipt.decisions)  # a replayed batch's again
                 receipt = dataclasses.replace(receipt, decisions=None)
             return receipt
-
-        def _reply(self, decisions: pa.Table) -> None:
-            """Hand the decisions to the ingress, unawaited (a replayed batch's again: the
-            ingress answers an event once). An ingress that is gone answers nobody."""
-            if decisions.num_rows == 0:
-                return
-            if self.replies is None:
-                try:
-                    self.replies = ray.get_actor(self.replies_to, namespace=NAMESPACE)
-                except ValueError:
-                    return
-            self.replies.decided.remote(decisions)
 
         def position(self) -> int:
             return self.worker.next_seq
@@ -247,16 +236,16 @@ class RayPartitions:
                  max_in_flight: int, cpus_per_actor: float | None,
                  spec: PipelineSpec | None = None, stage: EnrichSpec | None = None,
                  objects: dict[str, Any] | None = None, live: bool = False,
-                 replies_to: str | None = None) -> None:
+                 decisions_to: DecisionSink | None = None) -> None:
         """``cpus_per_actor``: CPUs each actor holds; ``None``: Ray's actor default (a CPU
         free to be placed, none held while running). ``objects``: processors registered in
         Python, shipped to every actor (each unpickles its own copy). ``live``: a live run
         (``eventray serve``): receipts carry each batch's decisions (see
         :attr:`PartitionWorker.decisions`) and the store commits also every
-        ``store.commit_interval``. ``replies_to``: the name of the actor that answers
-        ``POST /score`` (the ingress): each batch's decisions go straight to its
-        ``decided`` method instead of back in the receipt, so an answer does not wait for
-        the driver's next turn."""
+        ``store.commit_interval``. ``decisions_to``: where each batch's decisions go as soon
+        as it is scored, from the partition itself instead of back in the receipt (the
+        ingress that answers ``POST /score``, a Redis stream), so a decision does not wait
+        for the driver's next turn."""
         import ray
         from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
@@ -266,7 +255,7 @@ class RayPartitions:
         self._actor = _actor_class()
         self.store_root, self.run = str(Path(store_root).resolve()), run
         self.cpus_per_actor, self.spec, self.stage = cpus_per_actor, spec, stage
-        self.objects, self.live, self.replies_to = objects, live, replies_to
+        self.objects, self.live, self.decisions_to = objects, live, decisions_to
         self.batch_timeout_s = (spec.runtime if spec else RuntimeSpec()).batch_timeout_s
         self.actors = [self._spawn(p) for p in range(partitions)]
         self.max_in_flight = max_in_flight
@@ -289,7 +278,7 @@ class RayPartitions:
                     name=self.ray_name(partition), namespace=NAMESPACE,
                     num_cpus=self.cpus_per_actor, scheduling_strategy="SPREAD",
                 ).remote(partition, self.store_root, self.run, self.spec, self.stage, self.objects,
-                         self.live, self.replies_to)
+                         self.live, self.decisions_to)
             except ValueError:  # the dead actor's name is not released yet
                 if time.monotonic() > deadline:
                     raise

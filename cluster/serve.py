@@ -46,7 +46,7 @@ from cluster.driver import (
     StageFactory,
     config_digest,
 )
-from cluster.ingress import score_answers
+from pipelines.decisions import answers
 from pipelines.errors import ConfigError
 from pipelines.event_ids import derived_event_ids
 from pipelines.journal import SCORE_PART, HttpSourceOptions, JournalSource
@@ -94,28 +94,28 @@ class ScoreReplies:
         given = lines.str.json_path_match(self.id_path) if self.id_path else derived
         asked = set(given.fill_null(derived).to_list())
         going = set(events.column("event_id").to_pylist())
-        answers = [{"event_id": row["event_id"], "dead_letter": {
+        replies = [{"event_id": row["event_id"], "dead_letter": {
                     "reason": row["reason"], "message": row["message"]}}
                    for row in dead.select(["event_id", "reason", "message"]).to_pylist()
                    if row["event_id"] in asked]
-        answers += [{"event_id": i, "late": True, "scores": [], "alerts": []}
+        replies += [{"event_id": i, "late": True, "scores": [], "alerts": []}
                     for i in late.column("event_id").to_pylist() if i in asked]
-        answered = going | {a["event_id"] for a in answers}
-        answers += [{"event_id": i, "duplicate": True} for i in sorted(asked - answered)]
+        answered = going | {a["event_id"] for a in replies}
+        replies += [{"event_id": i, "duplicate": True} for i in sorted(asked - answered)]
         if not self.direct:
             self.waiting |= going & asked
-        if answers:
-            self.send(answers)
+        if replies:
+            self.send(replies)
 
     def decided(self, receipt: BatchReceipt) -> None:
         """A partition's receipt: answer the awaited events it applied."""
         decisions = receipt.decisions
         if decisions is None or not self.waiting or decisions.num_rows == 0:
             return
-        answers = score_answers(decisions, pa.array(list(self.waiting), pa.string()))
-        if answers:
-            self.waiting -= {answer["event_id"] for answer in answers}
-            self.send(answers)
+        found = answers(decisions, pa.array(list(self.waiting), pa.string()))
+        if found:
+            self.waiting -= {answer["event_id"] for answer in found}
+            self.send(found)
 
 
 class LiveProgress:
@@ -307,7 +307,7 @@ def _serve_on_ray(spec: PipelineSpec, store_root: Path, source: LiveSource,
                   progress: bool | None, log: Callable[[str], None]) -> dict[str, Any]:
     import ray
 
-    from cluster.ingress import ingress_actor_class
+    from cluster.ingress import IngressReplies, ingress_actor_class
     from cluster.job import code_folders
     from cluster.partitions import NAMESPACE, RayPartitions
     from cluster.ray_runtime import ray_session
@@ -324,7 +324,8 @@ def _serve_on_ray(spec: PipelineSpec, store_root: Path, source: LiveSource,
         http = options is not None
         run = LiveRun(spec, lambda run_id: RayPartitions(
             runtime.partitions, store_root, run_id, runtime.max_in_flight, None, spec,
-            live=True, replies_to=ingress_name(run_id) if http else None), store_root, source,
+            live=True, decisions_to=IngressReplies(ingress_name(run_id)) if http else None),
+            store_root, source,
             stages=lambda run_id, stage: RayPartitions(
                 stage.partitions, store_root, run_id, runtime.max_in_flight, None, spec, stage),
             actions=lambda run_id: RayDispatchers(spec.actions, store_root, run_id))

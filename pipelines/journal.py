@@ -220,8 +220,10 @@ class _PartReader:
     def _next_segment_exists(self) -> bool:
         """Whether the writer has moved on from the segment read to its end: its next one
         is named by the offset after this one's last line, which is where the reader stands
-        then (one stat, not a listing of the folder on every poll of an idle run)."""
-        return (self.folder / segment_name(self.next_offset)).exists()
+        then (one stat, not a listing of the folder on every poll of an idle run). A writer
+        rolls a segment only once it holds something, so the next one starts after it."""
+        return self.next_offset > self._segment_first and \
+            (self.folder / segment_name(self.next_offset)).exists()
 
     def sync(self) -> None:
         """Make what was read durable (a checkpoint is about to cover it)."""

@@ -62,6 +62,24 @@ def test_journal_is_a_live_source_read_exactly_once_across_segments(tmp_path: Pa
         opened.close()
 
 
+def test_a_reader_waits_at_an_empty_segment_and_follows_the_writer_into_the_next(tmp_path: Path) -> None:
+    """The reader stands at the start of a segment with nothing in it yet (a fresh journal,
+    or just after a roll), then the writer fills it and rolls on: the reader waits without
+    taking the segment for finished, and follows into the next with nothing lost."""
+    writer = JournalWriter(tmp_path, "score", segment_bytes=40)
+    source = JournalSource("http", tmp_path, parts=("score",))
+    source.open(None)
+    assert source.poll(1000, 0.0) == []  # an empty first segment is not a finished one
+    got: list[int] = []
+    for start in range(0, 12, 3):
+        writer.append(lines(3, start))  # each append fills a segment: the next one rolls
+        got += [o for _, offsets in read_all(source) for o in offsets]
+        assert source.poll(1000, 0.0) == []
+    assert got == list(range(12)) and len(list((tmp_path / "score").glob("seg-*"))) >= 2
+    writer.close()
+    source.close()
+
+
 def test_journal_resumes_mid_segment_and_waits_for_whole_lines(tmp_path: Path) -> None:
     writer = JournalWriter(tmp_path, "score")
     writer.append(lines(10))
