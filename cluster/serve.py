@@ -322,9 +322,11 @@ def _serve_on_ray(spec: PipelineSpec, store_root: Path, source: LiveSource,
         for signum in (signal.SIGTERM, signal.SIGINT):  # after ray.init, which sets its own
             signal.signal(signum, lambda *_: stop.set())
         http = options is not None
+        # a source with a reply channel of its own (a Redis stream of decisions)
+        sink = source.decision_sink() if hasattr(source, "decision_sink") else None
         run = LiveRun(spec, lambda run_id: RayPartitions(
             runtime.partitions, store_root, run_id, runtime.max_in_flight, None, spec,
-            live=True, decisions_to=IngressReplies(ingress_name(run_id)) if http else None),
+            live=True, decisions_to=IngressReplies(ingress_name(run_id)) if http else sink),
             store_root, source,
             stages=lambda run_id, stage: RayPartitions(
                 stage.partitions, store_root, run_id, runtime.max_in_flight, None, spec, stage),

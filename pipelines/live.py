@@ -16,6 +16,9 @@ acknowledged means durable (invariant 1 in DESIGN.md):
 4. ``committed(positions)`` is called once the checkpoint holding ``positions`` is durable;
    only then does the source acknowledge upstream (``XACK``, PUBACK, journal truncation).
 5. ``close()`` releases connections; it acknowledges nothing.
+6. Optionally, ``decision_sink()`` returns a :class:`~pipelines.decisions.DecisionSink`
+   (or ``None``): the source's own reply channel, to which every partition hands each
+   batch's decisions as soon as it is scored (a Redis stream of decisions).
 
 A re-delivered record is the same event (its ``event_id`` is the producer's, or derived
 from its part and offset), so the run's duplicate filter drops what was already stored.

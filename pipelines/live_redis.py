@@ -13,6 +13,11 @@ with its reason). The source follows the live-source contract (:mod:`pipelines.l
 - ``poll`` reads up to ``batch_size`` entries per call (``BLOCK block_ms`` when none wait).
 - ``committed(positions)`` acknowledges (``XACK``) the entries the committed checkpoint
   covers, never before: after a crash, what was read but not covered is read again.
+- With ``decisions_stream`` set, every applied event's decision (its scores with model
+  versions, its alerts) is added to that stream by the partition as soon as its batch is
+  scored (:class:`RedisDecisions`): the reply channel of a stream-fed decision service.
+  Delivery is at least once: a batch applied again after a recovery adds its decisions
+  again, under the same ``event_id``.
 
 Offsets: the entry id ``ms-seq`` maps to the int64 ``ms * 2**20 + seq`` (ms up to year
 2248, a million entries per millisecond), in id order, so a part (the stream) has strictly
@@ -35,6 +40,7 @@ Example config::
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -44,13 +50,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field
 
+from pipelines.decisions import answers
 from pipelines.errors import PipelineError
 from pipelines.kinds import SourceKind
 from pipelines.sources import RawBatch
 from pipelines.spec import LimitsSpec, SourceSpec
 
-__all__ = ["REDIS_STREAMS", "RedisSourceError", "RedisStreamOptions", "RedisStreamSource", "add_events",
-           "stream_offsets"]
+__all__ = ["REDIS_STREAMS", "RedisDecisions", "RedisSourceError", "RedisStreamOptions",
+           "RedisStreamSource", "add_events", "stream_offsets"]
+
+_log = logging.getLogger(__name__)
 
 #: Bits of an offset that hold the entry id's sequence number; the rest hold its ms.
 SEQ_BITS = 20
@@ -80,6 +89,9 @@ class RedisStreamOptions(BaseModel):
             before ``open`` takes it over (its consumer is taken for dead).
         field: the entry field holding the event's JSON.
         start_id: where a new group starts: ``0`` (the whole stream) or ``$`` (new entries).
+        decisions_stream: where each applied event's decision is added (``XADD`` with the
+            fields ``event_id`` and ``decision``, its JSON); none when unset.
+        decisions_maxlen: the decision stream is trimmed to about this many entries.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -93,6 +105,8 @@ class RedisStreamOptions(BaseModel):
     claim_idle: int = Field(default=60_000, ge=0)
     field: str = Field(default="event", min_length=1)
     start_id: str = Field(default="0", pattern=r"^(0|\$|[0-9]+(-[0-9]+)?)$")
+    decisions_stream: str | None = Field(default=None, min_length=1)
+    decisions_maxlen: int = Field(default=1_000_000, gt=0)
 
 
 def stream_offsets(entry_ids: Sequence[bytes | str], after: int = -1) -> np.ndarray:
@@ -150,6 +164,13 @@ class RedisStreamSource:
 
     def list_parts(self) -> list[str]:
         return [self.options.stream]
+
+    def decision_sink(self) -> RedisDecisions | None:
+        """Where the partitions add the decisions (``decisions_stream``), if anywhere."""
+        opts = self.options
+        if opts.decisions_stream is None:
+            return None
+        return RedisDecisions(opts.url, opts.decisions_stream, opts.decisions_maxlen)
 
     def __getstate__(self) -> dict[str, Any]:
         return {"name": self.name, "options": self.options}
@@ -271,6 +292,49 @@ class RedisStreamSource:
             return []
         return [RawBatch(self.name, self.options.stream, offsets[present],
                          pa.record_batch([pa.array(lines, pa.binary())], names=["line"]))]
+
+
+class RedisDecisions:
+    """A :class:`~pipelines.decisions.DecisionSink` adding one entry per decided event to a
+    stream: ``XADD <stream> MAXLEN ~ <maxlen> * event_id <id> decision <json>``, a batch in
+    one pipelined round trip. It connects on first use, in the partition's process.
+
+    Args:
+        url: the server.
+        stream: the decisions' stream.
+        maxlen: about how many entries the stream keeps (older ones are trimmed).
+    """
+
+    def __init__(self, url: str, stream: str, maxlen: int = 1_000_000) -> None:
+        self.url, self.stream, self.maxlen = url, stream, maxlen
+        self._client: Any = None
+        self.lost = 0  # decisions the server did not take (they are in the store's scores)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"url": self.url, "stream": self.stream, "maxlen": self.maxlen}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(**state)  # type: ignore[misc]
+
+    def send(self, decisions: pa.Table) -> None:
+        import redis
+
+        found = answers(decisions)
+        if not found:
+            return
+        if self._client is None:
+            self._client = redis.Redis.from_url(self.url)
+        pipe = self._client.pipeline(transaction=False)
+        for answer in found:  # one entry per event: the stream's unit, as XADD takes it
+            pipe.xadd(self.stream, {"event_id": answer["event_id"],
+                                    "decision": json.dumps(answer, separators=(",", ":"))},
+                      maxlen=self.maxlen, approximate=True)
+        try:
+            pipe.execute()
+        except redis.RedisError as exc:  # the decisions are in the store: the run goes on
+            self.lost += len(found)
+            _log.warning("could not add %d decisions to %r at %s (%d so far): %s",
+                         len(found), self.stream, self.url, self.lost, exc)
 
 
 def _event_line(fields: dict[bytes, bytes], field: bytes) -> bytes:

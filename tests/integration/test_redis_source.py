@@ -21,6 +21,7 @@ from pipelines.fraud.simulator import SimulationSpec, simulate_transactions
 from pipelines.kinds import build_source
 from pipelines.live import LiveSource
 from pipelines.live_redis import (
+    RedisDecisions,
     RedisSourceError,
     RedisStreamOptions,
     RedisStreamSource,
@@ -287,14 +288,19 @@ class TwoKills(KillingPartitions):
 @pytest.mark.slow
 def test_partition_actors_killed_mid_stream_store_every_transaction_once(
         ray_local: object, redis_server: Server, tmp_path: Path) -> None:
+    """... and every transaction's decision reaches the stream of decisions, at least once
+    (a batch applied again after a kill adds its decisions again)."""
     lines = seed_transactions(20_000, seed=5)
     add_events(redis_server.url, "transactions-ray", lines)
-    spec = live_redis_spec(redis_server, "transactions-ray")
+    spec = live_redis_spec(redis_server, "transactions-ray", decisions_stream="decisions-ray")
     store, executors = tmp_path / "store", []
+    sink = build_source(spec).decision_sink()
+    assert isinstance(sink, RedisDecisions)
 
     def killing(run: str) -> TwoKills:
         executors.append(TwoKills(spec.runtime.partitions, store, run,
-                                  spec.runtime.max_in_flight, None, spec, kill_every=15))
+                                  spec.runtime.max_in_flight, None, spec, kill_every=15,
+                                  live=True, decisions_to=sink))
         return executors[-1]
 
     session = BoundedLiveRun(spec, store, killing).drive(resume=False, idle_s=1.0)
@@ -302,7 +308,14 @@ def test_partition_actors_killed_mid_stream_store_every_transaction_once(
     stored = stored_events(store, "transaction.created")
     assert stored.height == 20_000 and stored["event_id"].n_unique() == 20_000
     assert session.counts.stored == 20_000 + session.counts.derived and session.counts.dead_lettered == 0
-    assert client_of(redis_server).xpending("transactions-ray", "eventray")["pending"] == 0
+    client = client_of(redis_server)
+    assert client.xpending("transactions-ray", "eventray")["pending"] == 0
+    entries = client.xrange("decisions-ray")
+    decided = {fields[b"event_id"].decode() for _, fields in entries}
+    assert set(stored["event_id"].to_list()) <= decided
+    answer = json.loads(entries[0][1][b"decision"])
+    assert set(answer) == {"event_id", "scores", "alerts"}
+    assert all(s["model"].startswith("fraud") for s in answer["scores"]), answer
 
 
 def test_a_lost_server_ends_the_read_with_one_clear_error(tmp_path: Path) -> None:
