@@ -93,8 +93,12 @@ def add_arguments(bench: argparse.ArgumentParser) -> None:
                             "per million events, and a projection of events/s against cores")
     bench.add_argument("--live", action="store_true",
                        help="instead, the live decision path: `eventray serve` of --live-config, "
-                            "POST /score offered open loop at --live-rates, figures client-side")
+                            "POST /score offered open loop at --live-rates; then of "
+                            "--live-redis-config against a redis-server of its own: the peak, "
+                            "XADD to decision at 20%% of it, and the store's commit lag; every "
+                            "figure client-side")
     bench.add_argument("--live-config", type=Path, default=Path("configs/live.yaml"))
+    bench.add_argument("--live-redis-config", type=Path, default=Path("configs/live-redis.yaml"))
     bench.add_argument("--live-rates", type=_loads_per_s, default=(100.0, 300.0, 1000.0),
                        help="offered /score requests per second (default 100,300,1000)")
     bench.add_argument("--live-seconds", type=_seconds, default=20.0,
@@ -113,9 +117,12 @@ def command(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, A
 
     if args.live:
         from cluster.bench.live import bench_live
+        from cluster.bench.live_redis import bench_live_redis
 
         args.work.mkdir(parents=True, exist_ok=True)
-        return bench_live(args.live_config, args.work, args.live_rates, args.live_seconds, log)
+        http = bench_live(args.live_config, args.work, args.live_rates, args.live_seconds, log)
+        return {**http, "redis": bench_live_redis(args.live_redis_config, args.work,
+                                                  args.live_seconds, log)}
     if not args.config.is_file():
         raise BenchError(f"no such config: {args.config}")
     load_pipeline(args.config)  # a bad config names its field here (ConfigError), not in a child
