@@ -97,6 +97,10 @@ def add_arguments(bench: argparse.ArgumentParser) -> None:
                             "--live-redis-config against a redis-server of its own: the peak, "
                             "XADD to decision at 20%% of it, and the store's commit lag; every "
                             "figure client-side")
+    bench.add_argument("--ingress", action="store_true",
+                       help="instead, the HTTP ingress alone: Ray Serve (when installed: pip "
+                            "install 'ray[serve]') against aiohttp in a Ray actor, each "
+                            "forwarding to two keyed actors, at --live-rates for --live-seconds")
     bench.add_argument("--live-config", type=Path, default=Path("configs/live.yaml"))
     bench.add_argument("--live-redis-config", type=Path, default=Path("configs/live-redis.yaml"))
     bench.add_argument("--live-rates", type=_loads_per_s, default=(100.0, 300.0, 1000.0),
@@ -115,6 +119,10 @@ def command(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, A
     from cluster.bench.report import compact, table
     from pipelines.pipeline import load_pipeline
 
+    if args.ingress:
+        from cluster.bench.ingress import bench_ingress
+
+        return bench_ingress(args.live_rates, args.live_seconds, log)
     if args.live:
         from cluster.bench.live import bench_live
         from cluster.bench.live_redis import bench_live_redis
