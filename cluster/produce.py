@@ -5,9 +5,14 @@ took, and its latency is measured from when it was due, so a server that falls b
 shows its queueing in the percentiles instead of slowing the load down (no coordinated
 omission). Every figure is taken here, client-side.
 
+HTTP and Redis get the simulator's card transactions; MQTT gets simulated sensor readings
+(``sensor.reading``, the device and its value in ``data``, as ``configs/iot-mqtt.yaml``
+reads them), published at QoS 1 on ``<topic>/<device>``.
+
 Example:
     eventray produce --to http://127.0.0.1:8080/score --rate 300 --duration 20
     eventray produce --to redis://127.0.0.1:6379/transactions --rate 2000 --duration 10
+    eventray produce --to mqtt://127.0.0.1:1883/sensors --rate 500 --duration 10
 """
 
 from __future__ import annotations
@@ -72,6 +77,35 @@ def simulated_events(count: int, seed: int = 0) -> list[dict[str, Any]]:
         days *= 2
 
 
+def simulated_readings(count: int, seed: int = 0, devices: int = 20) -> list[dict[str, Any]]:
+    """``count`` sensor readings in the seed's JSON schema, round-robin over ``devices``
+    devices one second apart: each device a daily cycle with noise, and about one reading
+    in 500 a spike (what the anomaly detectors are there to find).
+
+    Example:
+        >>> simulated_readings(3)[2]["data"]["device"]
+        'device-02'
+    """
+    import datetime as dt
+    import uuid
+
+    rng = np.random.default_rng(seed)
+    index = np.arange(count)
+    device = index % devices
+    level = 50 + 10 * device / max(1, devices - 1)
+    value = level + 5 * np.sin(2 * np.pi * index / 86_400) + rng.normal(0, 1, count)
+    value = np.where(rng.random(count) < 1 / 500, value + rng.choice([-1, 1], count) * 40, value)
+    start = dt.datetime(2026, 12, 1, tzinfo=dt.UTC)
+    namespace = uuid.UUID("0b9e1c3a-6d2f-4f7e-8a41-5c3d2e1f0a97")
+    return [{"eventId": str(uuid.uuid5(namespace, f"reading-{seed}-{i}")),
+             "eventType": "sensor.reading",
+             "timestamp": (start + dt.timedelta(seconds=i)).isoformat().replace("+00:00", "Z"),
+             "source": "simulated-plant", "correlationId": f"device-{d:02d}",
+             "data": {"device": f"device-{d:02d}", "value": round(float(v), 4)},
+             "metadata": {"version": "1", "region": "eu-west"}}
+            for i, d, v in zip(index.tolist(), device.tolist(), value.tolist(), strict=True)]
+
+
 async def _send(session: Any, url: str, body: bytes, headers: dict[str, str], due: float,
                 latencies: list[float], statuses: dict[int, int]) -> None:
     try:
@@ -121,8 +155,9 @@ def summarise(latencies: list[float], statuses: dict[int, int], sent: int, elaps
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--to", required=True,
-                        help="endpoint: http://HOST:PORT/score, http://HOST:PORT/events, or "
-                             "redis://HOST:PORT/STREAM (XADD STREAM * event <json>)")
+                        help="endpoint: http://HOST:PORT/score, http://HOST:PORT/events, "
+                             "redis://HOST:PORT/STREAM (XADD STREAM * event <json>), or "
+                             "mqtt://HOST:PORT/TOPIC (sensor readings, QoS 1, on TOPIC/<device>)")
     parser.add_argument("--rate", type=float, required=True,
                         help="requests per second (redis: events per second)")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds of load")
@@ -138,8 +173,11 @@ def command(args: argparse.Namespace, log: Callable[[str], None] = lambda _: Non
         raise ConfigError("produce: --rate and --duration must be > 0, --batch >= 1")
     if target.scheme in ("redis", "rediss"):
         return _to_redis(args, target, log)
+    if target.scheme == "mqtt":
+        return _to_mqtt(args, target, log)
     if target.scheme not in ("http", "https"):
-        raise ConfigError(f"produce --to {args.to}: give an http(s):// or redis:// endpoint")
+        raise ConfigError(f"produce --to {args.to}: give an http(s)://, redis:// or mqtt:// "
+                          "endpoint")
     token = os.environ.get(args.token_env)
     if not token:
         raise ConfigError(f"produce: ${args.token_env} (the bearer token) is not set")
@@ -175,3 +213,44 @@ def _to_redis(args: argparse.Namespace, target: Any, log: Callable[[str], None])
     return {"stream": stream, "sent": len(ids), "offered_per_s": args.rate,
             "elapsed_s": round(elapsed, 3), "achieved_per_s": round(len(ids) / elapsed, 1),
             "first_id": ids[0].decode(), "last_id": ids[-1].decode()}
+
+
+def _to_mqtt(args: argparse.Namespace, target: Any, log: Callable[[str], None]) -> dict[str, Any]:
+    """Publish simulated sensor readings at QoS 1 on ``<topic>/<device>``, open loop at
+    ``--rate`` messages/s; returns once the broker has acknowledged (PUBACK) every one."""
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    topic = target.path.strip("/")
+    if not topic or "#" in topic or "+" in topic:
+        raise ConfigError(f"produce --to {args.to}: name the topic, mqtt://HOST:PORT/TOPIC")
+    count = max(1, int(args.rate * args.duration))
+    readings = simulated_readings(count, args.seed)
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"eventray-produce-{os.getpid()}")
+    client.max_inflight_messages_set(0)  # the broker's window, not the client's, paces QoS 1
+    client.max_queued_messages_set(0)
+    try:
+        client.connect(target.hostname or "127.0.0.1", target.port or 1883)
+    except OSError as exc:  # a broker down or refusing: say where, no traceback
+        raise ConfigError(f"produce --to {args.to}: {exc}") from None
+    client.loop_start()
+    log(f"publishing {count} readings at {args.rate:g}/s on {topic}/<device> at {target.netloc}")
+    started = time.perf_counter()
+    try:
+        sent = []
+        for i, reading in enumerate(readings):
+            wait = started + i / args.rate - time.perf_counter()
+            if wait > 0:
+                time.sleep(wait)
+            sent.append(client.publish(f"{topic}/{reading['data']['device']}",
+                                       json.dumps(reading), qos=1))
+        for info in sent:
+            info.wait_for_publish(timeout=60)
+        acknowledged = sum(info.is_published() for info in sent)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    elapsed = time.perf_counter() - started
+    return {"topic": topic, "sent": count, "acknowledged": acknowledged,
+            "offered_per_s": args.rate, "elapsed_s": round(elapsed, 3),
+            "achieved_per_s": round(acknowledged / elapsed, 1)}
