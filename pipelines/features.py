@@ -411,12 +411,22 @@ def _ranges(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
     return np.arange(int(lengths.sum()), dtype=np.int64) + np.repeat(lo - starts, lengths)
 
 
+#: Up to this many searches of a batch are done one by one (:func:`_bisect`).
+_FEW_QUERIES = 4
+
+
 def _bisect(times: np.ndarray, lo: np.ndarray, hi: np.ndarray, target: np.ndarray) -> np.ndarray:
     """Per query, the first index in ``[lo, hi)`` with ``times > target`` (``hi`` if none).
 
     ``times`` must be sorted within each query's range (one key's slab). The loop runs once
-    per halving, about log2 of the longest range, never once per query.
+    per halving, about log2 of the longest range, never once per query; a handful of queries
+    (a live batch's) are searched one by one with ``np.searchsorted`` instead, which finds the
+    same index in one call where the halvings take some fifty small numpy operations.
     """
+    if len(lo) <= _FEW_QUERIES:
+        return np.array([start + np.searchsorted(times[start:end], at, side="right")
+                         for start, end, at in zip(lo.tolist(), hi.tolist(), target.tolist(), strict=True)],
+                        dtype=np.int64)
     lo, size = lo.astype(np.int64), (hi - lo).astype(np.int64)
     last = len(times) - 1
     while len(size) and size.max() > 0:
@@ -426,6 +436,11 @@ def _bisect(times: np.ndarray, lo: np.ndarray, hi: np.ndarray, target: np.ndarra
         lo = np.where(right, mid + 1, lo)
         size = np.where(right, size - half - 1, half)
     return lo
+
+
+def _rolled(values: np.ndarray) -> np.ndarray:
+    """``np.roll(values, 1)`` of a 1-D array, in one concatenation (a fifth of its cost)."""
+    return np.concatenate([values[-1:], values[:-1]])
 
 
 def _running_sums(
@@ -751,6 +766,10 @@ class KeyedWindowOperator:
     def __init__(self, spec: KeyedWindowSpec) -> None:
         self.spec = spec
         self._plan = _Plan.of(spec)
+        # per batch these would compare frozen dataclasses dozens of times
+        self._window_aggregates = tuple(tuple(a for a in spec.aggregates if a.window == w)
+                                        for w in self._plan.windows)
+        self._longest_first = sorted(self._plan.windows, key=lambda w: w.reach, reverse=True)
         self.late_rows = 0
         self._max_time: int | None = None
         self._arena = _Arena(self._plan.arena_columns)
@@ -894,7 +913,7 @@ class KeyedWindowOperator:
         first = np.zeros(len(slots), dtype=bool)
         first[rows.start] = True
         has_prev = ~first | (stored[of_key] > 0)
-        before = np.where(first, last[of_key], np.roll(rows.times, 1))
+        before = np.where(first, last[of_key], _rolled(rows.times))
         known = ~first | (last[of_key] != _NO_TIME)  # a residual-only key is known, with no rows
         if self._plan.restart is None:
             fresh = np.zeros(len(slots), dtype=bool)
@@ -914,7 +933,7 @@ class KeyedWindowOperator:
         last_sums = np.empty((int(events.last.sum()), plan.n_running))
         cache: dict[dt.timedelta, np.ndarray] = {}
         prev_cache: dict[dt.timedelta, np.ndarray] = {}
-        for window in sorted(plan.windows, key=lambda w: w.reach, reverse=True):
+        for window in self._longest_first:
             _bounds(arena.times, events.slab, events.slot, window, cache)  # longest first: narrower searches
         for w, window in enumerate(plan.windows):
             lo, hi = _bounds(arena.times, events.slab, events.slot, window, cache)
@@ -925,16 +944,15 @@ class KeyedWindowOperator:
                 running = _running_sums(arena.values, list(plan.running[w]), (lo, hi), prev, events.head,
                                         starts[:, part].T)
                 last_sums[:, part] = running[:, events.last].T
-            for agg in self.spec.aggregates:
-                if agg.window == window:
-                    columns[agg.name] = _finish(agg, hi - lo, self._raw(agg, w, lo, hi, running))
+            for agg in self._window_aggregates[w]:
+                columns[agg.name] = _finish(agg, hi - lo, self._raw(agg, w, lo, hi, running))
         return columns, last_sums
 
     def _previous(
         self, events: _Events, window: Window, lo: np.ndarray, hi: np.ndarray, cache: dict
     ) -> tuple[np.ndarray, np.ndarray]:
         """Each event's previous window: the prior event's, the stored last row's, or empty."""
-        plo, phi = np.roll(lo, 1), np.roll(hi, 1)
+        plo, phi = _rolled(lo), _rolled(hi)
         plo[events.head] = phi[events.head] = events.slot[events.head]
         stored = np.flatnonzero(events.prev >= 0)
         if stored.size:
