@@ -381,6 +381,19 @@ class ModelSlot:
             self.loaded_facts = None
 
 
+def _conformed(columns: list[pa.Array | pa.ChunkedArray], schema: pa.Schema) -> pa.Table:
+    """``pa.Table.cast`` of the columns to ``schema`` (nulls refused where it has none),
+    casting only the columns not of its type already: a cast costs some microseconds even
+    to the same type, and the scores have forty columns."""
+    cast = []
+    for column, field in zip(columns, schema, strict=True):
+        if not field.nullable and column.null_count:
+            raise ValueError(f"Casting field {field.name!r} with null values to non-nullable")
+        cast.append(column if column.type == field.type else column.cast(field.type))
+    return pa.Table.from_arrays([pa.chunked_array([c]) if isinstance(c, pa.Array) else c for c in cast],
+                                schema=schema)
+
+
 def _naive(times: pa.ChunkedArray) -> pa.ChunkedArray:
     """UTC times without their zone (``dt.replace_time_zone(None)``): a UTC column keeps its
     values, so only the type changes; another zone's wall clock is taken by Polars."""
@@ -448,8 +461,7 @@ class FraudStep(Step):
         columns |= {"step": pa.repeat(self.name, n), "model": pa.repeat(self.slot.label, n),
                     "score": pa.array(raw, pa.float64(), mask=np.isnan(raw))}
         columns |= {name: inputs.column(name) for name in inputs.column_names}
-        names = FRAUD_SCORES_SCHEMA.names
-        return pa.Table.from_arrays([columns[name] for name in names], names=names).cast(FRAUD_SCORES_SCHEMA)
+        return _conformed([columns[name] for name in FRAUD_SCORES_SCHEMA.names], FRAUD_SCORES_SCHEMA)
 
     def features(self, mine: pl.DataFrame) -> pl.DataFrame:
         """The ids, the transaction time (naive UTC), the 15 inputs and the history features
