@@ -394,6 +394,11 @@ def _conformed(columns: list[pa.Array | pa.ChunkedArray], schema: pa.Schema) -> 
                                 schema=schema)
 
 
+def _float64(column: pa.ChunkedArray) -> pa.ChunkedArray:
+    """A count as Float64 (rounded to nearest, as Polars casts it); a Float64 as it is."""
+    return column if column.type == pa.float64() else column.cast(pa.float64(), safe=False)
+
+
 def _naive(times: pa.ChunkedArray) -> pa.ChunkedArray:
     """UTC times without their zone (``dt.replace_time_zone(None)``): a UTC column keeps its
     values, so only the type changes; another zone's wall clock is taken by Polars."""
@@ -426,7 +431,8 @@ class FraudStep(Step):
         mine = rows_of_types(events, self.spec.event_types)
         if mine.num_rows == 0:
             return StepOutput()
-        missing = [c for c in TERMINAL_TRANSIT if c not in mine.column_names]
+        present = set(mine.column_names)
+        missing = [c for c in TERMINAL_TRANSIT if c not in present]
         if missing:
             raise ValueError(f"step {self.name}: the batch lacks the terminal stage's columns "
                              f"{missing}; configure an enrich stage of kind handbook_terminal")
@@ -485,8 +491,7 @@ class FraudStep(Step):
         columns["TX_DURING_WEEKEND"] = pc.greater_equal(
             pc.day_of_week(when, count_from_zero=False, week_start=1), 6).cast(pa.int64())
         columns["TX_DURING_NIGHT"] = pc.less_equal(pc.hour(when), 6).cast(pa.int64())
-        columns |= {name: customer.column(name).cast(pa.float64(), safe=False)
-                    for name in customer.column_names}
+        columns |= {name: _float64(customer.column(name)) for name in customer.column_names}
         columns |= {name: mine.column(f"_{name}") for name in TERMINAL_FEATURES}
         columns |= {name: history.column(name) for name in history.column_names}
         return pa.table(columns)
