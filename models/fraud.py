@@ -36,6 +36,7 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
 from scipy.special import expit
 from sklearn.ensemble import HistGradientBoostingClassifier, RandomForestClassifier, VotingClassifier
 from sklearn.linear_model import LogisticRegression
@@ -152,7 +153,7 @@ class FraudModel:
         self.estimator.fit(self.feature_matrix(df), df.get_column(label).to_numpy())
         return self
 
-    def score(self, df: pl.DataFrame) -> np.ndarray:
+    def score(self, df: pl.DataFrame | pa.Table) -> np.ndarray:
         """Fraud probabilities in [0, 1], one per row of ``df``, computed for the whole batch.
 
         Raises:
@@ -167,12 +168,27 @@ class FraudModel:
         proba = self.estimator.predict_proba(matrix)
         return np.asarray(proba[:, list(self.estimator.classes_).index(1)], dtype=np.float64)
 
-    def feature_matrix(self, df: pl.DataFrame) -> np.ndarray:
-        """The feature columns of ``df`` as a float64 matrix, in :attr:`features` order."""
-        missing = [name for name in self.features if name not in df.columns]
+    def feature_matrix(self, df: pl.DataFrame | pa.Table) -> np.ndarray:
+        """The feature columns of ``df`` as a float64 matrix, in :attr:`features` order
+        (column-major, as Polars hands a frame over; nulls are NaN).
+
+        An Arrow table's numeric columns are copied in with numpy, which casts them as
+        Polars does, without a Polars query (a live batch is often one row).
+        """
+        names = df.column_names if isinstance(df, pa.Table) else df.columns
+        missing = [name for name in self.features if name not in names]
         if missing:
             raise FeatureError(f"missing feature columns: {', '.join(missing)}")
-        return df.select(pl.col(name).cast(pl.Float64) for name in self.features).to_numpy()
+        if not isinstance(df, pa.Table):
+            return df.select(pl.col(name).cast(pl.Float64) for name in self.features).to_numpy()
+        matrix = np.empty((df.num_rows, len(self.features)), order="F")
+        for j, name in enumerate(self.features):
+            column = df.column(name)
+            if not (pa.types.is_integer(column.type) or pa.types.is_floating(column.type)
+                    or pa.types.is_boolean(column.type)):
+                return self.feature_matrix(pl.from_arrow(df))  # type: ignore[arg-type]
+            matrix[:, j] = column.to_numpy()
+        return matrix
 
 
 def _linear_probability(scaled: np.ndarray, model: LogisticRegression) -> np.ndarray:

@@ -226,9 +226,21 @@ class AnomalyStep(Step):
 
 def events_of_types(events: pa.Table, patterns: list[str]) -> pl.DataFrame:
     """The batch's events whose type matches one of the shell-style ``patterns``, in order."""
-    frame = pl.from_arrow(events)
+    frame = pl.from_arrow(rows_of_types(events, patterns))
     assert isinstance(frame, pl.DataFrame)
-    return frame.filter(pl.col("event_type").str.contains(type_regex(patterns)))
+    return frame
+
+
+def rows_of_types(events: pa.Table, patterns: list[str]) -> pa.Table:
+    """:func:`events_of_types` as an Arrow table, the batch itself when every event matches
+    (the usual case: no copy, no Polars frame). The pattern's regular expression (escaped
+    literals, ``.*`` and ``.``) means the same to Arrow's RE2 as to Polars' regex crate."""
+    import pyarrow.compute as pc
+
+    matches = pc.fill_null(pc.match_substring_regex(events.column("event_type"), type_regex(patterns)), False)
+    if pc.all(matches).as_py() is not False:  # all match (or no rows)
+        return events
+    return events.filter(matches)
 
 
 def alert_rows(flagged: pl.DataFrame, step: str, alert_type: str, threshold: float) -> pl.DataFrame:

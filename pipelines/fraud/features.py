@@ -36,6 +36,8 @@ import datetime as dt
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipelines.features import (
     DAY,
@@ -66,6 +68,7 @@ __all__ = [
     "HistoryFeatures",
     "calendar_features",
     "customer_history_features",
+    "days_since_known",
     "handbook_features_batch",
     "history_features_batch",
     "history_inputs",
@@ -294,6 +297,61 @@ def history_inputs(transactions: FrameLike) -> pl.DataFrame:
     )
 
 
+def _history_input_table(batch: pa.Table) -> pa.Table:
+    """:func:`history_inputs` as an Arrow table, computed with Arrow and numpy for integer
+    ids, a microsecond time and a Float64 amount without nulls (the live path: bit for bit
+    the Polars expressions, which run for any other input)."""
+    if not _plain_history_inputs(batch):
+        return history_inputs(batch).to_arrow()
+    customer, terminal = batch.column("CUSTOMER_ID"), batch.column("TERMINAL_ID")
+    time, amount = batch.column("TX_DATETIME"), batch.column("TX_AMOUNT")
+    pair = pc.binary_join_element_wise(customer.cast(pa.string()), terminal.cast(pa.string()), ":")
+    money = amount.to_numpy()
+    return pa.table({
+        "CUSTOMER_ID": customer, "TX_DATETIME": time, "TX_AMOUNT": amount,
+        "_TX_AMOUNT_SQUARE": money * money,
+        "_TX_EPOCH_US": np.asarray(time.to_numpy()).view(np.int64).astype(np.float64),
+        "_CUSTOMER_TERMINAL": stable_hash64(pair).view(np.int64)})
+
+
+def _plain_history_inputs(batch: pa.Table) -> bool:
+    """Integer ids, a microsecond timestamp and a Float64 amount, none null."""
+    names = ("CUSTOMER_ID", "TERMINAL_ID", "TX_DATETIME", "TX_AMOUNT")
+    if any(name not in batch.column_names for name in names):
+        return False
+    customer, terminal, time, amount = (batch.column(name) for name in names)
+    return (pa.types.is_integer(customer.type) and pa.types.is_integer(terminal.type)
+            and pa.types.is_timestamp(time.type) and time.type.unit == "us"
+            and pa.types.is_float64(amount.type)
+            and not any(c.null_count for c in (customer, terminal, time, amount)))
+
+
+def _floats(table: pa.Table, name: str) -> np.ndarray:
+    """A column as float64 (nulls as NaN: they only reach branches that are not taken)."""
+    return np.asarray(table.column(name).to_numpy(), dtype=np.float64)
+
+
+def _customer_history_arrays(inputs: pa.Table, customer: pa.Table, pair: pa.Table) -> pa.Table:
+    """:func:`customer_history_features` in numpy, operation for operation (the same IEEE
+    results: the online path's, equal to the offline Polars one bit for bit)."""
+    count, mean = _floats(customer, "_CUSTOMER_COUNT"), _floats(customer, "_CUSTOMER_MEAN")
+    amount, now = _floats(inputs, "TX_AMOUNT"), _floats(inputs, "_TX_EPOCH_US")
+    pairs, seen = _floats(pair, "_PAIR_COUNT"), count > 0
+    with np.errstate(all="ignore"):  # the branch not taken may divide by zero, as in Polars
+        spread = _floats(customer, "_CUSTOMER_MEAN_SQUARE") - mean * mean
+        deviation = np.sqrt(np.where(spread < 0.0, 0.0, spread))
+        columns = [
+            count,
+            np.where(seen, amount / (mean + 1.0), 1.0),
+            np.where(seen, (amount - mean) / (deviation + 1.0), 0.0),
+            np.where(seen, (now - _floats(customer, "_CUSTOMER_LAST_US")) * _HOURS_PER_US,
+                     _HOURS_WITHOUT_HISTORY),
+            pairs,
+            np.where(pairs > 0, (now - _floats(pair, "_PAIR_LAST_US")) * _DAYS_PER_US, _DAYS_WITHOUT_HISTORY),
+        ]
+    return pa.table(dict(zip(CUSTOMER_HISTORY_FEATURES, columns, strict=True)))
+
+
 def customer_history_features(
     inputs: pl.DataFrame, customer: pl.DataFrame, pair: pl.DataFrame
 ) -> pl.DataFrame:
@@ -375,6 +433,14 @@ def terminal_history_features(epoch_us: pl.Series, terminal: pl.DataFrame) -> pl
         days_since("_TERMINAL_LAST_FRAUD_US").alias(TERMINAL_HISTORY_FEATURES[-1]))
 
 
+def days_since_known(now_us: np.ndarray, at: np.ndarray) -> np.ndarray:
+    """:func:`terminal_history_features`' days since a known fraud, in numpy (the live
+    path): days from ``at`` (epoch us; infinite or NaN when none is known) to ``now_us``,
+    0 when none is known."""
+    with np.errstate(all="ignore"):  # the branch not taken may be infinite
+        return np.where(np.isfinite(at), (now_us - at) * _DAYS_PER_US, 0.0)
+
+
 class HistoryFeatures:
     """The customer-side history features, streamed: a customer-keyed and a
     (customer, terminal)-keyed operator, both run where the customer's events are.
@@ -396,8 +462,17 @@ class HistoryFeatures:
 
     def update(self, batch: FrameLike) -> pl.DataFrame:
         """Add a batch of transactions; return :data:`CUSTOMER_HISTORY_FEATURES` per row."""
-        inputs = history_inputs(batch)
-        return customer_history_features(inputs, self.customer.update(inputs), self.pair.update(inputs))
+        table = batch if isinstance(batch, pa.Table) else as_frame(batch).to_arrow()
+        frame = pl.from_arrow(self.update_arrow(table))
+        assert isinstance(frame, pl.DataFrame)
+        return frame
+
+    def update_arrow(self, batch: pa.Table) -> pa.Table:
+        """:meth:`update` on an Arrow table, the features as one (the live path, without a
+        Polars query: each costs a tenth of a millisecond or more whatever the rows)."""
+        inputs = _history_input_table(batch)
+        return _customer_history_arrays(inputs, self.customer.update_arrow(inputs),
+                                        self.pair.update_arrow(inputs))
 
     def snapshot(self) -> bytes:
         """Both operators' states as bytes."""

@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipelines.envelope import EVENT_TYPE_PATTERN
@@ -61,8 +62,7 @@ from pipelines.fraud.features import (
     HISTORY_FEATURES,
     TERMINAL_HISTORY_FEATURES,
     HistoryFeatures,
-    calendar_features,
-    terminal_history_features,
+    days_since_known,
 )
 from pipelines.processing import (
     ALERTS_SCHEMA,
@@ -74,7 +74,7 @@ from pipelines.processing import (
     alert_events,
     alert_rows,
     alert_version_of,
-    events_of_types,
+    rows_of_types,
 )
 from pipelines.spec import NAME_PATTERN, EnrichSpec, StepSpec
 
@@ -202,24 +202,44 @@ def _terminal_spec() -> KeyedWindowSpec:
     return KeyedWindowSpec("TERMINAL_ID", "time", tuple(aggregates))
 
 
-def _share(frauds: pl.Expr, count: pl.Expr) -> pl.Expr:
-    return pl.when(count > 0).then(frauds / count).otherwise(0.0)
+def _is(kind: pa.ChunkedArray, event_type: str) -> np.ndarray:
+    """Whether each event is of ``event_type`` (nulls are not), as a numpy mask."""
+    return pc.fill_null(pc.equal(kind, event_type), False).to_numpy(zero_copy_only=False)
 
 
-def _terminal_columns(sums: pl.DataFrame) -> pl.DataFrame:
-    """:data:`POSITION` and :data:`TERMINAL_TRANSIT` from the terminal operator's sums."""
-    handbook = [pl.col(POSITION)]
+def _epoch_us(times: pa.ChunkedArray) -> np.ndarray:
+    """Microseconds since the epoch of a timestamp column without nulls (the envelope's)."""
+    return np.asarray(times.to_numpy()).astype("datetime64[us]").view(np.int64)
+
+
+def _floats(table: pa.Table, name: str) -> np.ndarray:
+    """A column as float64 (nulls as NaN)."""
+    return np.asarray(table.column(name).to_numpy(), dtype=np.float64)
+
+
+def _shares(frauds: np.ndarray, count: np.ndarray) -> np.ndarray:
+    """A fraud share: ``frauds / count``, 0 where the count is 0."""
+    return np.divide(frauds, count, out=np.zeros_like(frauds), where=count > 0)
+
+
+def _terminal_table(position: pa.Array, now_us: np.ndarray, sums: dict[str, np.ndarray]) -> pa.Table:
+    """:data:`POSITION` and :data:`TERMINAL_TRANSIT` of the transactions from the terminal
+    operator's sums, in numpy: a Polars query costs a tenth of a millisecond or more per
+    batch, whatever the rows (the offline oracle,
+    :func:`pipelines.fraud.features.history_features_batch`, is Polars:
+    the tests hold the two equal bit for bit)."""
+    columns: dict[str, np.ndarray] = {}
     for n in _DAYS:
-        count, frauds = pl.col(f"tx_{n}"), pl.col(f"fraud_{n}")
-        handbook += [count.alias(f"TERMINAL_ID_NB_TX_{n}DAY_WINDOW"),
-                     _share(frauds, count).alias(f"TERMINAL_ID_RISK_{n}DAY_WINDOW")]
-    shares = [_share(pl.col(f"fraud_before_{d}"), pl.col(f"tx_before_{d}")).alias(name)
-              for d, name in zip(_BEFORE_DAYS, _RISK_BEFORE, strict=True)]
-    history = terminal_history_features(
-        sums["time"].dt.epoch("us").cast(pl.Float64),
-        sums.select(*shares, "_TERMINAL_FIRST_FRAUD_US", "_TERMINAL_LAST_FRAUD_US"))
-    out = pl.concat([sums.select(handbook), history], how="horizontal")
-    return out.rename({name: f"_{name}" for name in TERMINAL_FEATURES})
+        columns[f"TERMINAL_ID_NB_TX_{n}DAY_WINDOW"] = sums[f"tx_{n}"]
+        columns[f"TERMINAL_ID_RISK_{n}DAY_WINDOW"] = _shares(sums[f"fraud_{n}"], sums[f"tx_{n}"])
+    for d, name in zip(_BEFORE_DAYS, _RISK_BEFORE, strict=True):
+        columns[name] = _shares(sums[f"fraud_before_{d}"], sums[f"tx_before_{d}"])
+    columns[TERMINAL_HISTORY_FEATURES[-2]] = days_since_known(now_us, sums["_TERMINAL_FIRST_FRAUD_US"])
+    columns[TERMINAL_HISTORY_FEATURES[-1]] = days_since_known(now_us, sums["_TERMINAL_LAST_FRAUD_US"])
+    schema = pa.schema([pa.field(POSITION, position.type),
+                        *(pa.field(f"_{name}", pa.float64()) for name in TERMINAL_FEATURES)])
+    return pa.Table.from_arrays([position, *(pa.array(columns[name], pa.float64())
+                                                      for name in TERMINAL_FEATURES)], schema=schema)
 
 
 class TerminalRiskStage(Step):
@@ -247,24 +267,31 @@ class TerminalRiskStage(Step):
         self.operator = KeyedWindowOperator(_terminal_spec())
 
     def process(self, events: pa.Table) -> StepOutput:
-        frame = pl.from_arrow(events)
-        assert isinstance(frame, pl.DataFrame)
-        kind = pl.col("event_type")
-        frame = frame.filter(kind.is_in([self.transaction_type, self.label_type]))
-        if frame.height == 0:
+        kind = events.column("event_type")
+        is_tx = _is(kind, self.transaction_type)
+        is_label = _is(kind, self.label_type)
+        if not (is_tx | is_label).any():
             return StepOutput()
-        data = pl.col("data")
-        is_fraud = (kind == self.label_type) & (data.struct.field("TX_FRAUD").fill_null(0) != 0)
+        if not (is_tx | is_label).all():
+            keep = is_tx | is_label
+            events, is_tx, is_label = events.filter(pa.array(keep)), is_tx[keep], is_label[keep]
+        data = events.column("data")
+        is_fraud = is_label & (pc.fill_null(pc.struct_field(data, "TX_FRAUD"), 0).to_numpy() != 0)
         # A label event is stamped 7 days after its transaction: the transaction's time, exactly.
-        fraud_us = (pl.col("timestamp").dt.epoch("us") - _LABEL_DELAY_US).cast(pl.Float64)
-        rows = frame.select(
-            POSITION, is_tx=(kind == self.transaction_type),
-            TERMINAL_ID=data.struct.field(self.spec.key), time=pl.col("timestamp"), is_fraud=is_fraud,
-            fraud_first_us=pl.when(is_fraud).then(fraud_us).otherwise(float("inf")),
-            fraud_last_us=pl.when(is_fraud).then(fraud_us).otherwise(float("-inf")))
-        sums = self.operator.update(rows)
-        out = pl.concat([rows.select(POSITION, "is_tx", "time"), sums], how="horizontal").filter("is_tx")
-        return StepOutput(derived=_terminal_columns(out).to_arrow())
+        epoch_us = _epoch_us(events.column("timestamp"))
+        fraud_us = (epoch_us - _LABEL_DELAY_US).astype(np.float64)
+        rows = pa.table({
+            POSITION: events.column(POSITION), "is_tx": is_tx,
+            "TERMINAL_ID": pc.struct_field(data, self.spec.key), "time": events.column("timestamp"),
+            "is_fraud": is_fraud,
+            "fraud_first_us": np.where(is_fraud, fraud_us, np.inf),
+            "fraud_last_us": np.where(is_fraud, fraud_us, -np.inf)})
+        sums = self.operator.update_arrow(rows)
+        transactions = np.flatnonzero(is_tx)
+        position = rows.column(POSITION).take(pa.array(transactions)).combine_chunks()
+        return StepOutput(derived=_terminal_table(
+            position, epoch_us[transactions].astype(np.float64),
+            {name: _floats(sums, name)[transactions] for name in sums.column_names}))
 
     def snapshot(self) -> Any:
         return base64.b64encode(self.operator.snapshot()).decode()
@@ -354,6 +381,34 @@ class ModelSlot:
             self.loaded_facts = None
 
 
+def _conformed(columns: list[pa.Array | pa.ChunkedArray], schema: pa.Schema) -> pa.Table:
+    """``pa.Table.cast`` of the columns to ``schema`` (nulls refused where it has none),
+    casting only the columns not of its type already: a cast costs some microseconds even
+    to the same type, and the scores have forty columns."""
+    cast = []
+    for column, field in zip(columns, schema, strict=True):
+        if not field.nullable and column.null_count:
+            raise ValueError(f"Casting field {field.name!r} with null values to non-nullable")
+        cast.append(column if column.type == field.type else column.cast(field.type))
+    return pa.Table.from_arrays([pa.chunked_array([c]) if isinstance(c, pa.Array) else c for c in cast],
+                                schema=schema)
+
+
+def _float64(column: pa.ChunkedArray) -> pa.ChunkedArray:
+    """A count as Float64 (rounded to nearest, as Polars casts it); a Float64 as it is."""
+    return column if column.type == pa.float64() else column.cast(pa.float64(), safe=False)
+
+
+def _naive(times: pa.ChunkedArray) -> pa.ChunkedArray:
+    """UTC times without their zone (``dt.replace_time_zone(None)``): a UTC column keeps its
+    values, so only the type changes; another zone's wall clock is taken by Polars."""
+    if times.type.tz in (None, "UTC"):
+        return times.cast(pa.timestamp(times.type.unit))
+    series = pl.from_arrow(times)
+    assert isinstance(series, pl.Series)
+    return pa.chunked_array([series.dt.replace_time_zone(None).to_arrow()])
+
+
 class FraudStep(Step):
     """Customer windows + terminal transit columns -> the 15 inputs, a score and alerts.
 
@@ -373,47 +428,73 @@ class FraudStep(Step):
         self.slot = ModelSlot(spec)
 
     def process(self, events: pa.Table) -> StepOutput:
-        mine = events_of_types(events, self.spec.event_types)
-        if mine.height == 0:
+        mine = rows_of_types(events, self.spec.event_types)
+        if mine.num_rows == 0:
             return StepOutput()
-        missing = [c for c in TERMINAL_TRANSIT if c not in mine.columns]
+        present = set(mine.column_names)
+        missing = [c for c in TERMINAL_TRANSIT if c not in present]
         if missing:
             raise ValueError(f"step {self.name}: the batch lacks the terminal stage's columns "
                              f"{missing}; configure an enrich stage of kind handbook_terminal")
-        inputs = self.features(mine)
+        inputs = self.inputs(mine)
         model = self.slot.current()
-        score = pl.Series("score", model.score(inputs) if model is not None
-                          else np.full(inputs.height, np.nan)).fill_nan(None)
-        scored = pl.concat([mine.select("event_id", "event_type", "timestamp", "key").with_columns(
-            step=pl.lit(self.name), model=pl.lit(self.slot.label), score=score), inputs],
-            how="horizontal")
-        tables = {"scores": scored.to_arrow().select(FRAUD_SCORES_SCHEMA.names).cast(FRAUD_SCORES_SCHEMA)}
+        raw = model.score(inputs) if model is not None else np.full(mine.num_rows, np.nan)
+        scored = self._scored(mine, inputs, raw)
+        tables = {"scores": scored}
         if model is None:
             return StepOutput(tables=tables)
-        announced = self.slot.announce(self.name, self.spec.threshold, mine["timestamp"][0])
+        announced = self.slot.announce(self.name, self.spec.threshold, mine.column("timestamp")[0].as_py())
         if announced is not None:
             tables["models"] = announced
-        flagged = scored["score"] >= self.spec.threshold
-        alerts = alert_rows(scored.filter(flagged), self.name, self.spec.alert_type, self.spec.threshold)
+        flagged = raw >= self.spec.threshold  # NaN (no score) is never flagged
+        if not flagged.any():  # the usual batch: no alert rows, no alert events
+            tables["alerts"] = ALERTS_SCHEMA.empty_table()
+            return StepOutput(tables=tables)
+        chosen = pa.array(flagged)
+        frame, parents = pl.from_arrow(scored.filter(chosen)), pl.from_arrow(mine.filter(chosen))
+        assert isinstance(frame, pl.DataFrame) and isinstance(parents, pl.DataFrame)
+        alerts = alert_rows(frame, self.name, self.spec.alert_type, self.spec.threshold)
         tables["alerts"] = alerts.to_arrow().cast(ALERTS_SCHEMA)
-        derived = alert_events(alerts, mine.filter(flagged), self.envelope, self.name,
-                               self.alert_version) \
+        derived = alert_events(alerts, parents, self.envelope, self.name, self.alert_version) \
             if self.spec.emit_alerts else None
         return StepOutput(tables=tables, derived=derived)
+
+    def _scored(self, mine: pa.Table, inputs: pa.Table, raw: np.ndarray) -> pa.Table:
+        """The ``scores`` rows: the events' ids, the step, the model, the score (null where
+        there is none) and the inputs."""
+        n = mine.num_rows
+        columns = {name: mine.column(name) for name in ("event_id", "event_type", "timestamp", "key")}
+        columns |= {"step": pa.repeat(self.name, n), "model": pa.repeat(self.slot.label, n),
+                    "score": pa.array(raw, pa.float64(), mask=np.isnan(raw))}
+        columns |= {name: inputs.column(name) for name in inputs.column_names}
+        return _conformed([columns[name] for name in FRAUD_SCORES_SCHEMA.names], FRAUD_SCORES_SCHEMA)
 
     def features(self, mine: pl.DataFrame) -> pl.DataFrame:
         """The ids, the transaction time (naive UTC), the 15 inputs and the history features
         of each transaction (the terminal's from the stage's transit columns)."""
-        data = pl.col("data")
-        base = mine.select(
-            *(data.struct.field(name) for name in IDS),
-            TX_DATETIME=data.struct.field("TX_DATETIME").dt.replace_time_zone(None),
-            TX_AMOUNT=data.struct.field("TX_AMOUNT"))
-        customer = self.customer.update(base)
-        history = self.history.update(base)
-        terminal = mine.select(pl.col(c).alias(c[1:]) for c in TERMINAL_TRANSIT)
-        return pl.concat([base, calendar_features(base), customer.with_columns(
-            pl.col(pl.Int64).cast(pl.Float64)), terminal, history], how="horizontal")
+        frame = pl.from_arrow(self.inputs(mine.to_arrow()))
+        assert isinstance(frame, pl.DataFrame)
+        return frame
+
+    def inputs(self, mine: pa.Table) -> pa.Table:
+        """:meth:`features` of an Arrow batch, as an Arrow table: read with Arrow and numpy,
+        without a Polars query (each costs a tenth of a millisecond or more, whatever the
+        rows, and a live batch is often one event)."""
+        data = mine.column("data")
+        base = pa.table({**{name: pc.struct_field(data, name) for name in IDS},
+                         "TX_DATETIME": _naive(pc.struct_field(data, "TX_DATETIME")),
+                         "TX_AMOUNT": pc.struct_field(data, "TX_AMOUNT")})
+        customer = self.customer.update_arrow(base)
+        history = self.history.update_arrow(base)
+        when = base.column("TX_DATETIME")
+        columns = {name: base.column(name) for name in base.column_names}
+        columns["TX_DURING_WEEKEND"] = pc.greater_equal(
+            pc.day_of_week(when, count_from_zero=False, week_start=1), 6).cast(pa.int64())
+        columns["TX_DURING_NIGHT"] = pc.less_equal(pc.hour(when), 6).cast(pa.int64())
+        columns |= {name: _float64(customer.column(name)) for name in customer.column_names}
+        columns |= {name: mine.column(f"_{name}") for name in TERMINAL_FEATURES}
+        columns |= {name: history.column(name) for name in history.column_names}
+        return pa.table(columns)
 
     def snapshot(self) -> Any:
         """The windows, the history features and the model version in use (exactly-once on
