@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 from pathlib import Path
 
 import pyarrow as pa
@@ -47,8 +48,12 @@ def test_worker_applies_in_sequence_exactly_once() -> None:
     assert worker.apply(1, batch).applied
     assert sink.table("events").num_rows == 4
     fresh = PartitionWorker(3, sink)
-    fresh.restore(worker.snapshot())
+    snapshot = worker.snapshot()
+    fresh.restore(snapshot)
     assert fresh.next_seq == 2
+    # the state's bytes are exactly what json.dumps gives the whole state (it is assembled
+    # around the steps' serialised states rather than serialising them twice)
+    assert snapshot == json.dumps({"partition": 3, "next_seq": 2, "steps": {}}).encode()
 
 
 def _events(seconds: list[float]) -> pa.Table:
