@@ -181,6 +181,20 @@ class LocalPartitions:
         pass
 
 
+def wait_for_any(executors: list[Any], timeout: float) -> bool:
+    """Wait up to ``timeout`` seconds until a batch in flight on any of ``executors`` has
+    finished (in Ray, without holding the GIL or spinning); ``False`` at once when none of
+    them has a batch in flight on Ray (the caller waits its own way)."""
+    refs = [ref for executor in executors if isinstance(executor, RayPartitions)
+            for ref in executor.in_flight_refs()]
+    if not refs:
+        return False
+    import ray
+
+    ray.wait(refs, num_returns=1, timeout=timeout)
+    return True
+
+
 def _actor_class() -> Any:
     import ray
 
@@ -399,14 +413,18 @@ class RayPartitions:
         """
         if block:
             self._wait_any()
-        for partition, queue in enumerate(self.pending):
-            while queue:
-                ready, _ = self._ray.wait([queue[0][1]], timeout=0)
-                if not ready:
-                    break
-                self._collect_oldest(partition)
+        refs = self.in_flight_refs()
+        if refs:  # one question for every batch in flight, not one per partition and batch
+            ready = set(self._ray.wait(refs, num_returns=len(refs), timeout=0)[0])
+            for partition, queue in enumerate(self.pending):
+                while queue and queue[0][1] in ready:
+                    self._collect_oldest(partition)
         done, self._done = self._done, []
         return done
+
+    def in_flight_refs(self) -> list[Any]:
+        """The object refs of every batch in flight (what :func:`wait_for_any` waits on)."""
+        return [ref for queue in self.pending for _, ref in queue]
 
     def _wait_any(self) -> None:
         heads = [queue[0][1] for queue in self.pending if queue]

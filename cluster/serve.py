@@ -46,6 +46,7 @@ from cluster.driver import (
     StageFactory,
     config_digest,
 )
+from cluster.partitions import wait_for_any
 from pipelines.decisions import answers
 from pipelines.errors import ConfigError
 from pipelines.event_ids import derived_event_ids
@@ -172,7 +173,15 @@ class LiveRun(PipelineRun):
         """Ingest what the source has (waiting up to ``timeout``), collect receipts; returns
         the rows read."""
         rows = 0
-        for raw in self.source.poll(self.spec.source.batch_size, timeout):  # type: ignore[attr-defined]
+        size = self.spec.source.batch_size
+        raws = self.source.poll(size, 0.0)  # type: ignore[attr-defined]
+        if not raws and timeout > 0:
+            # with batches in flight, wait on them rather than on the source: a stage's
+            # answer goes on to the partitions the moment it comes, and the wait spins not
+            executors = [self.dispatcher.executor, *(e for _, e in self.chain.stages)]
+            waited = wait_for_any(executors, timeout)
+            raws = self.source.poll(size, 0.0 if waited else timeout)  # type: ignore[attr-defined]
+        for raw in raws:
             events = self.ingest.read(raw, self.counts)
             if self.replies is not None and raw.part == SCORE_PART:
                 self.replies.expect(raw, events, self.ingest.last_dead, self.ingest.last_late)
