@@ -26,6 +26,7 @@ import fnmatch
 import re
 from dataclasses import dataclass
 
+import numpy as np
 import polars as pl
 import pyarrow as pa
 import sqlglot
@@ -140,6 +141,11 @@ class Router:
         self.routes = list(self.spec.routes)
         self.schema = envelope_schema(spec.registry())
         self._masks = [self._compile(i, route) for i, route in enumerate(self.routes)]
+        self._dropped = [i for i, r in enumerate(self.routes) if r.drop] + (
+            [-1] if self.spec.unrouted == "drop" else [])
+        self._emitting = [(i, r) for i, r in enumerate(self.routes) if r.emit is not None]
+        self._choice = self._route_choice()
+        self._high = self._lane_mark()
         if self.spec.max_hops is None and (cycle := _cycle(self.routes)):
             raise ConfigError(f"routing.routes: emitted events loop through routes "
                               f"{' -> '.join(cycle)}; set routing.max_hops to bound them")
@@ -158,51 +164,59 @@ class Router:
         return mask & condition.fill_null(False)
 
     def route(self, events: pa.Table) -> Routed:
-        """Route one envelope batch."""
+        """Route one envelope batch: each row's route and lane are one query (one collect),
+        the lanes are taken from the batch in Arrow."""
         frame = pl.from_arrow(events)
         assert isinstance(frame, pl.DataFrame)
-        choice = pl.lit(-1)
-        for index in reversed(range(len(self.routes))):
-            choice = pl.when(self._masks[index]).then(pl.lit(index)).otherwise(choice)
-        frame = frame.with_row_index("__row").with_columns(__route=choice)
-        dropped = [i for i, r in enumerate(self.routes) if r.drop]
-        if self.spec.unrouted == "drop":
-            dropped.append(-1)
-        kept = frame.filter(~pl.col("__route").is_in(dropped))
-        derived = self._derive(kept)
-        high = [i for i, r in enumerate(self.routes) if r.priority == "high"]
-        lane = self._lanes(kept, high)
-        columns = events.column_names
+        marks = frame.lazy().with_row_index("__row").select(
+            __route=self._choice, __high=self._high).collect()
+        route = marks.get_column("__route").to_numpy()
+        kept = ~np.isin(route, self._dropped)
+        high = marks.get_column("__high").to_numpy() & kept
+        derived = self._derive(frame, route, kept) if self._emitting else self.schema.empty_table()
         return Routed(
-            high=_table(lane.filter(pl.col("__high")).select(columns), events.schema),
-            normal=_table(lane.filter(~pl.col("__high")).select(columns), events.schema),
-            filtered=frame.height - kept.height,
+            high=_rows(events, high),
+            normal=_rows(events, kept & ~high),
+            filtered=int(frame.height - kept.sum()),
             derived=derived,
         )
 
-    @staticmethod
-    def _lanes(frame: pl.DataFrame, high_routes: list[int]) -> pl.DataFrame:
-        """Mark high rows; promote a key's earlier rows with its last high row."""
-        is_high = pl.col("__route").is_in(high_routes)
-        last_high = pl.col("__row").filter(is_high).max().over("key")
-        return frame.with_columns(__high=(pl.col("__row") <= last_high).fill_null(False))
+    def _route_choice(self) -> pl.Expr:
+        """Each row's route: the first whose mask holds, else -1."""
+        choice = pl.lit(-1)
+        for index in reversed(range(len(self.routes))):
+            choice = pl.when(self._masks[index]).then(pl.lit(index)).otherwise(choice)
+        return choice
 
-    def _derive(self, frame: pl.DataFrame) -> pa.Table:
-        emitting = [(i, r) for i, r in enumerate(self.routes) if r.emit is not None]
+    def _lane_mark(self) -> pl.Expr:
+        """Whether a row goes to the high lane: its route's priority is high, or a later row
+        of its key's does (rows a route drops promote none)."""
+        high = [i for i, r in enumerate(self.routes) if r.priority == "high"]
+        is_high = self._choice.is_in(high) & ~self._choice.is_in(self._dropped)
+        last_high = pl.col("__row").filter(is_high).max().over("key")
+        return (pl.col("__row") <= last_high).fill_null(False)
+
+    def _derive(self, frame: pl.DataFrame, route: np.ndarray, kept: np.ndarray) -> pa.Table:
         parts = []
-        for index, route in emitting:
-            rows = frame.filter(pl.col("__route") == index)
-            if rows.height == 0:
+        for index, emitting in self._emitting:
+            at = np.flatnonzero(kept & (route == index))
+            if len(at) == 0:
                 continue
-            assert route.emit is not None
-            ids = uuid5_strings((rows["event_id"] + f"/{route.name}").to_arrow())
+            assert emitting.emit is not None
+            rows = frame[at].with_columns(__row=pl.Series(at, dtype=pl.UInt32))
+            ids = uuid5_strings((rows["event_id"] + f"/{emitting.name}").to_arrow())
             parts.append(rows.with_columns(
-                event_id=pl.Series(ids), event_type=pl.lit(route.emit.event_type),
-                source=pl.lit(f"route:{route.name}")))
+                event_id=pl.Series(ids), event_type=pl.lit(emitting.emit.event_type),
+                source=pl.lit(f"route:{emitting.name}")))
         if not parts:
             return self.schema.empty_table()
         columns = self.schema.names
         return _table(pl.concat(parts).sort("__row").select(columns), self.schema)
+
+
+def _rows(events: pa.Table, mask: np.ndarray) -> pa.Table:
+    """The rows of ``events`` under ``mask``, in order (the batch itself when all are)."""
+    return events if mask.all() else events.filter(pa.array(mask))
 
 
 def _table(frame: pl.DataFrame, schema: pa.Schema) -> pa.Table:
