@@ -376,7 +376,7 @@ class Normaliser:
         valid = pending & ~failed.any(axis=1)
         if duplicates is not None and valid.any():
             times = np.full(frame.height, arrived, np.int64) if arrived is not None \
-                else frame.get_column("__ts_us").fill_null(0).to_numpy()
+                else pc.fill_null(frame.get_column("__ts_us").to_arrow(), 0).to_numpy()
             failed[:, -1] = duplicates.mark(frame.get_column("__eid").to_arrow(), times, keep=valid)
             valid &= ~failed[:, -1]
         events = self._fused_events(frame, valid, ingested_at)
