@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 import sqlglot
 from sqlglot import exp
 
@@ -145,7 +146,7 @@ class Router:
             [-1] if self.spec.unrouted == "drop" else [])
         self._emitting = [(i, r) for i, r in enumerate(self.routes) if r.emit is not None]
         self._choice = self._route_choice()
-        self._high = self._lane_mark()
+        self._high = [i for i, r in enumerate(self.routes) if r.priority == "high"]
         if self.spec.max_hops is None and (cycle := _cycle(self.routes)):
             raise ConfigError(f"routing.routes: emitted events loop through routes "
                               f"{' -> '.join(cycle)}; set routing.max_hops to bound them")
@@ -164,15 +165,13 @@ class Router:
         return mask & condition.fill_null(False)
 
     def route(self, events: pa.Table) -> Routed:
-        """Route one envelope batch: each row's route and lane are one query (one collect),
-        the lanes are taken from the batch in Arrow."""
+        """Route one envelope batch: each row's route is one query (one collect); the lanes
+        are found in numpy and taken from the batch in Arrow."""
         frame = pl.from_arrow(events)
         assert isinstance(frame, pl.DataFrame)
-        marks = frame.lazy().with_row_index("__row").select(
-            __route=self._choice, __high=self._high).collect()
-        route = marks.get_column("__route").to_numpy()
+        route = frame.lazy().select(__route=self._choice).collect().get_column("__route").to_numpy()
         kept = ~np.isin(route, self._dropped)
-        high = marks.get_column("__high").to_numpy() & kept
+        high = _promoted(events.column("key"), np.isin(route, self._high) & kept) & kept
         derived = self._derive(frame, route, kept) if self._emitting else self.schema.empty_table()
         return Routed(
             high=_rows(events, high),
@@ -187,14 +186,6 @@ class Router:
         for index in reversed(range(len(self.routes))):
             choice = pl.when(self._masks[index]).then(pl.lit(index)).otherwise(choice)
         return choice
-
-    def _lane_mark(self) -> pl.Expr:
-        """Whether a row goes to the high lane: its route's priority is high, or a later row
-        of its key's does (rows a route drops promote none)."""
-        high = [i for i, r in enumerate(self.routes) if r.priority == "high"]
-        is_high = self._choice.is_in(high) & ~self._choice.is_in(self._dropped)
-        last_high = pl.col("__row").filter(is_high).max().over("key")
-        return (pl.col("__row") <= last_high).fill_null(False)
 
     def _derive(self, frame: pl.DataFrame, route: np.ndarray, kept: np.ndarray) -> pa.Table:
         parts = []
@@ -212,6 +203,18 @@ class Router:
             return self.schema.empty_table()
         columns = self.schema.names
         return _table(pl.concat(parts).sort("__row").select(columns), self.schema)
+
+
+def _promoted(keys: pa.ChunkedArray, high: np.ndarray) -> np.ndarray:
+    """Rows in the high lane: the ``high`` ones and every earlier row of their keys (up to
+    each key's last high row), so that a lane never reorders a key."""
+    if not high.any():
+        return high
+    group = pc.dictionary_encode(keys.combine_chunks(), null_encoding="encode").indices
+    group = group.to_numpy(zero_copy_only=False).astype(np.int64)
+    last = np.full(group.max() + 1, -1, np.int64)
+    np.maximum.at(last, group[high], np.flatnonzero(high))
+    return np.arange(len(high)) <= last[group]
 
 
 def _rows(events: pa.Table, mask: np.ndarray) -> pa.Table:
