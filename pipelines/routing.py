@@ -169,7 +169,9 @@ class Router:
         are found in numpy and taken from the batch in Arrow."""
         frame = pl.from_arrow(events)
         assert isinstance(frame, pl.DataFrame)
-        route = frame.lazy().select(__route=self._choice).collect().get_column("__route").to_numpy()
+        # with_columns, not select: a constant choice (no routes) is one per row, not one
+        route = frame.lazy().with_columns(__route=self._choice).select("__route").collect()
+        route = route.get_column("__route").to_numpy()
         kept = ~np.isin(route, self._dropped)
         high = _promoted(events.column("key"), np.isin(route, self._high) & kept) & kept
         derived = self._derive(frame, route, kept) if self._emitting else self.schema.empty_table()

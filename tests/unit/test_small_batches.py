@@ -253,3 +253,10 @@ def test_split_by_partition_keeps_each_keys_order(monkeypatch: pytest.MonkeyPatc
     split = split_by_partition(events, 3)
     assert [(p, piece.to_pylist()) for p, piece in split] == expected
     assert all(piece.schema == events.schema for _, piece in split)
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_router_without_routes_keeps_every_row_in_the_normal_lane(rows: int) -> None:
+    events = envelope_batch(rows, rows)
+    routed = Router(EVENTS_SPEC).route(events)
+    assert routed.normal.to_pylist() == events.to_pylist() and routed.high.num_rows == 0
