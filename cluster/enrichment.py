@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+import numpy as np
 import polars as pl
 import pyarrow as pa
 
@@ -70,7 +71,7 @@ class EnrichmentChain:
             return [events]
         frame = pl.from_arrow(events)
         assert isinstance(frame, pl.DataFrame)
-        item = _Slice(frame.with_row_index(ROW_POSITION).with_columns(pl.col(ROW_POSITION).cast(pl.Int64)))
+        item = _Slice(frame.insert_column(0, pl.Series(ROW_POSITION, np.arange(frame.height))))
         self.slices.append(item)
         self._send(item, 0)
         finished = self.advance()
@@ -81,14 +82,15 @@ class EnrichmentChain:
     def _send(self, item: _Slice, index: int) -> None:
         """Hand a slice's rows of stage ``index``'s event types to its partitions."""
         stage, executor = self.stages[index]
-        rows = item.frame.filter(pl.col("event_type").is_in(stage.event_types))
+        # one query (one collect): a slice of one event pays each Polars call in full
+        rows = item.frame.lazy().filter(pl.col("event_type").is_in(stage.event_types))
         key = pl.col("data").struct.field(stage.key)
         if self.reads[index] is not None:  # only what the stage reads crosses to its actors
             fields = dict.fromkeys([stage.key, *self.reads[index], *self.carried])
             # and the id, which names an event the stage raises on in its dead letter
             rows = rows.select(ROW_POSITION, "event_id", "event_type", "timestamp",
                                data=pl.struct(pl.col("data").struct.field(*fields)))
-        rows = rows.with_columns(key=key.cast(pl.String))
+        rows = rows.with_columns(key=key.cast(pl.String)).collect()
         item.stage, item.waiting = index, []
         seqs = self.seqs[stage.name]
         for partition, piece in split_by_partition(rows.to_arrow(), stage.partitions):
@@ -113,7 +115,7 @@ class EnrichmentChain:
             behind = min(behind, item.stage)
         finished = []
         while self.slices and self.slices[0].stage == last:
-            finished.append(self.slices.popleft().frame.drop(ROW_POSITION).to_arrow())
+            finished.append(self.slices.popleft().frame.to_arrow().drop_columns([ROW_POSITION]))
         return finished
 
     def _answered(self, item: _Slice) -> bool:

@@ -29,12 +29,18 @@ import io
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 
 _NEVER = np.iinfo(np.int64).min
 
 
 class ArrivalGuard:
     """Per key dimension, the latest event time seen of each key.
+
+    A dimension's keys are kept as an Arrow string array, their times as a numpy array:
+    a batch is looked up with one hash lookup (``pyarrow.compute.index_in``) and its own
+    order decided in numpy, so a batch of one event costs microseconds, not the fixed cost
+    of a dozen Polars joins and group-bys.
 
     Args:
         dimensions: name -> expression giving each event's key in that dimension (null:
@@ -45,44 +51,67 @@ class ArrivalGuard:
 
     def __init__(self, dimensions: dict[str, pl.Expr], horizon: int | None = None) -> None:
         self.dimensions, self.horizon = dimensions, horizon
-        self.latest = {name: pl.DataFrame(schema={"k": pl.String, "t": pl.Int64})
-                       for name in dimensions}
+        self._keys = {name: pa.array([], pa.large_string()) for name in dimensions}
+        self._times = {name: np.zeros(0, np.int64) for name in dimensions}
         self.newest = _NEVER
+
+    @property
+    def latest(self) -> dict[str, pl.DataFrame]:
+        """Each dimension's keys (``k``) and their latest times (``t``)."""
+        return {name: pl.DataFrame({"k": pl.Series(self._keys[name], dtype=pl.String),
+                                    "t": pl.Series(self._times[name], dtype=pl.Int64)})
+                for name in self.dimensions}
 
     def late(self, events: pa.Table, time: pl.Expr, considered: np.ndarray | None = None) -> np.ndarray:
         """Which events are older than their key's latest, in any dimension (the others
         become their keys' latest). ``considered``: only these rows are checked and learnt."""
-        frame = pl.from_arrow(events)
-        assert isinstance(frame, pl.DataFrame)
-        rows = frame.select(__t=time.cast(pl.Int64), **{f"__k_{n}": e.cast(pl.String)
-                                                       for n, e in self.dimensions.items()})
-        mask = np.ones(rows.height, bool) if considered is None else considered
-        rows = rows.with_row_index("__i").filter(pl.Series(mask))
-        late = np.zeros(frame.height, bool)
-        for name in self.dimensions:
-            late[self._late_in(name, rows)] = True
+        late = np.zeros(events.num_rows, bool)
+        rows = np.flatnonzero(np.ones(events.num_rows, bool) if considered is None else considered)
+        if len(rows):
+            frame = pl.from_arrow(events.take(pa.array(rows)) if len(rows) < events.num_rows
+                                  else events)
+            assert isinstance(frame, pl.DataFrame)
+            keys = frame.select(__t=time.cast(pl.Int64), **{
+                f"__k_{n}": e.cast(pl.String) for n, e in self.dimensions.items()})
+            times = keys.get_column("__t").to_numpy()
+            for name in self.dimensions:
+                column = keys.get_column(f"__k_{name}").to_arrow().cast(pa.large_string())
+                late[rows[self._late_in(name, column, times)]] = True
         self._forget()
         return late
 
-    def _late_in(self, name: str, rows: pl.DataFrame) -> np.ndarray:
-        """Row indices late in one dimension; learns the others' times."""
-        keyed = rows.select("__i", "__t", k=pl.col(f"__k_{name}")).filter(pl.col("k").is_not_null())
-        if keyed.height == 0:
-            return np.zeros(0, np.int64)
-        before = keyed.join(self.latest[name], on="k", how="left").sort("__i").with_columns(
-            prior=pl.max_horizontal(pl.col("t"), pl.col("__t").shift(1).cum_max().over("k")))
-        late = before.filter(pl.col("__t") < pl.col("prior"))
-        newest = keyed.group_by("k").agg(t=pl.col("__t").max())
-        self.latest[name] = pl.concat([self.latest[name], newest]).group_by("k").agg(pl.col("t").max())
-        self.newest = max(self.newest, int(keyed["__t"].max()))  # type: ignore[arg-type]
-        return late["__i"].to_numpy()
+    def _late_in(self, name: str, keys: pa.Array, times: np.ndarray) -> np.ndarray:
+        """Positions (in ``keys``) late in one dimension; learns the others' times."""
+        keyed = np.flatnonzero(pc.is_valid(keys).to_numpy(zero_copy_only=False))
+        if len(keyed) == 0:
+            return keyed
+        times = times[keyed]
+        encoded = pc.dictionary_encode(keys.take(pa.array(keyed)))
+        group = encoded.indices.to_numpy().astype(np.int64)
+        distinct = encoded.dictionary
+        known = pc.index_in(distinct, value_set=self._keys[name])
+        stored = np.full(len(distinct), _NEVER, np.int64)
+        found = pc.is_valid(known).to_numpy(zero_copy_only=False)
+        stored[found] = self._times[name][pc.drop_null(known).to_numpy()]
+        prior = np.maximum(stored[group], _earlier_max(group, times))
+        # a key's latest becomes the newest of its times (stored or in this batch)
+        newest = stored.copy()
+        np.maximum.at(newest, group, times)
+        self._times[name][pc.drop_null(known).to_numpy()] = newest[found]
+        self._keys[name] = pa.concat_arrays([self._keys[name], distinct.filter(pa.array(~found))])
+        self._times[name] = np.concatenate([self._times[name], newest[~found]])
+        self.newest = max(self.newest, int(times.max()))
+        return keyed[times < prior]
 
     def _forget(self) -> None:
         if self.horizon is None or self.newest == _NEVER:
             return
         cutoff = self.newest - self.horizon
-        for name, latest in self.latest.items():
-            self.latest[name] = latest.filter(pl.col("t") >= cutoff)
+        for name in self.dimensions:
+            kept = self._times[name] >= cutoff
+            if not kept.all():
+                self._keys[name] = self._keys[name].filter(pa.array(kept))
+                self._times[name] = self._times[name][kept]
 
     def snapshot(self) -> bytes:
         """The state as Arrow IPC bytes (one table: dimension, key, latest time)."""
@@ -96,4 +125,25 @@ class ArrivalGuard:
         table = pl.read_ipc(io.BytesIO(state))
         self.newest = int(table["newest"][0]) if table.height else _NEVER
         for name in self.dimensions:
-            self.latest[name] = table.filter(pl.col("d") == name).select("k", "t")
+            rows = table.filter(pl.col("d") == name)
+            self._keys[name] = rows.get_column("k").to_arrow().cast(pa.large_string())
+            self._times[name] = rows.get_column("t").to_numpy().astype(np.int64)
+
+
+def _earlier_max(group: np.ndarray, times: np.ndarray) -> np.ndarray:
+    """For each row, the latest time of the rows before it in its group (``_NEVER`` for a
+    group's first): one running maximum over the rows sorted by group, on dense ranks of
+    the times offset by group so that no group's maximum runs into the next."""
+    distinct_times, rank = np.unique(times, return_inverse=True)
+    width = len(distinct_times)
+    order = np.argsort(group, kind="stable")
+    value = group[order] * width + rank[order]
+    running = np.maximum.accumulate(value)
+    before = np.full(len(order), -1, np.int64)
+    before[1:] = running[:-1] - group[order][1:] * width
+    first = np.ones(len(order), bool)
+    first[1:] = group[order][1:] != group[order][:-1]
+    earlier = np.where(first, _NEVER, distinct_times[np.maximum(before, 0)])
+    out = np.empty(len(order), np.int64)
+    out[order] = earlier
+    return out

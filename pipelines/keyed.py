@@ -78,6 +78,10 @@ def merge_counters(total: dict[str, int], *more: dict[str, int]) -> dict[str, in
     return total
 
 
+#: From how many rows :func:`split_by_partition` gathers through Polars (faster on many).
+_POLARS_GATHER_ROWS = 1024
+
+
 def split_by_partition(events: pa.Table, partitions: int) -> list[tuple[int, pa.Table]]:
     """``(partition, rows)`` for every partition that has rows, source order kept per key.
 
@@ -89,9 +93,14 @@ def split_by_partition(events: pa.Table, partitions: int) -> list[tuple[int, pa.
     if events.num_rows == 0:
         return []
     owner = partition_of(events.column("key"), partitions)
-    order = np.argsort(owner, kind="stable")
     counts = np.bincount(owner, minlength=partitions)
-    ordered = take_rows(events, order)
+    if (np.diff(owner) >= 0).all():  # already in partition order (a batch of one key): no gather
+        ordered = events
+    else:
+        order = np.argsort(owner, kind="stable")
+        # Arrow's take costs microseconds on a few rows, Polars' gather a fixed ~1 ms
+        ordered = events.take(pa.array(order)) if events.num_rows < _POLARS_GATHER_ROWS \
+            else take_rows(events, order)
     bounds = np.concatenate([[0], np.cumsum(counts)])
     return [
         (p, ordered.slice(int(bounds[p]), int(counts[p])))

@@ -47,6 +47,7 @@ from pipelines.envelope import (
     INVALID_EVENT_TYPE,
     JSON_FIELD,
     MAX_EVENT_TYPE_LENGTH,
+    TIMESTAMP,
     VERSION_PATTERN,
     PayloadRegistry,
     envelope_schema,
@@ -66,6 +67,7 @@ from pipelines.timestamps import MAX_TIME, outside_representable_range, parse_ti
 
 Clock = Callable[[], dt.datetime]
 _MALFORMED = (MALFORMED_REASON, MALFORMED_MESSAGE, MALFORMED_RAW)
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 #: JSON literals that a JSON path extraction turns into text: never a valid type or id.
 _JSON_LITERALS = ["true", "false", "null"]
 
@@ -124,6 +126,21 @@ def producer_version(text: pl.Expr, number: pl.Expr) -> tuple[pl.Expr, pl.Expr, 
     return text, pl.when(well_formed).then(major), well_formed
 
 
+def _line_frame(lines: pa.Array) -> pl.DataFrame:
+    """The lines as text (null where not UTF-8) and which were not UTF-8."""
+    bad_encoding = invalid_utf8_rows(lines)
+    if bad_encoding.any():
+        lines = pa.array(np.where(bad_encoding, None, lines.to_numpy(zero_copy_only=False)),
+                         pa.binary())
+    return pl.DataFrame([pl.Series("__line", lines.cast(pa.string())),
+                         pl.Series("__bad_encoding", bad_encoding)])
+
+
+def _derived_ids(raw: RawBatch) -> pl.Series:
+    """The ids a batch's events get where the source gives none (from their offsets)."""
+    return pl.Series("__derived", derived_event_ids(raw.source, raw.part, raw.offsets))
+
+
 def _reason(checks: list[tuple[pl.Expr, str, pl.Expr]]) -> tuple[pl.Expr, pl.Expr]:
     """(reason, message) expressions: the first failing check of each row wins."""
     if not checks:
@@ -152,6 +169,41 @@ class _PayloadPlan:
     key_checks: list[tuple[pl.Expr, str, pl.Expr]]
 
 
+@dataclass(frozen=True)
+class _FusedPlan:
+    """The passes of a batch in one plan (:meth:`Normaliser._normalise_fused`), the last
+    of which gives each check's condition (``__check_i``)."""
+
+    passes: list[dict[str, pl.Expr]]
+    #: every check but the one against the clock's now, whose place is ``later_at``
+    checks: list[tuple[pl.Expr, str, pl.Expr]]
+    later_at: int
+
+
+#: The envelope's columns in the fused plan's frame.
+_OUT_COLUMNS = [("event_id", "__event_id"), ("event_type", "__event_type"),
+                ("timestamp", "__timestamp"), ("source", "__source"),
+                ("correlation_id", "__correlation_id"), ("key", "__key"),
+                ("data", "__out_data")]
+_DUPLICATE_CHECK = (pl.lit(False), "duplicate_event_id",
+                    pl.format("event id {} was already stored", pl.col("__event_id")))
+
+
+def _named(expressions: list[pl.Expr]) -> dict[str, pl.Expr]:
+    return {e.meta.output_name(): e for e in expressions}
+
+
+def _micros(moment: dt.datetime) -> int:
+    """Microseconds since the epoch (a naive time is taken as UTC, as Polars takes it)."""
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=dt.UTC)
+    return (moment - _EPOCH) // dt.timedelta(microseconds=1)
+
+
+def _source_columns(raw: RawBatch) -> list[str]:
+    return [c for c in raw.records.schema.names if c not in _MALFORMED]
+
+
 class Normaliser:
     """Turns :class:`~pipelines.sources.RawBatch` es into envelope batches and dead letters.
 
@@ -168,6 +220,7 @@ class Normaliser:
         self.typed = [n for n, schema in self.registry.schemas.items() if schema.model is not None]
         self._plans: dict[tuple, _PayloadPlan] = {}
         self._version_plans: dict[bool, tuple[dict[str, pl.Expr], list]] = {}
+        self._fused_plans: dict[tuple, _FusedPlan] = {}
 
     def __getstate__(self) -> dict:
         # Payload models built from YAML are dynamic classes: rebuild them from the spec.
@@ -198,12 +251,14 @@ class Normaliser:
 
     def _decode_lines(self, lines: pa.Array) -> pl.DataFrame:
         """JSON Lines to columns (JSON text), with decoding failures in ``__reason``."""
-        bad_encoding = invalid_utf8_rows(lines)
-        if bad_encoding.any():
-            lines = pa.array(np.where(bad_encoding, None, lines.to_numpy(zero_copy_only=False)),
-                             pa.binary())
-        text = pl.Series("__line", lines.cast(pa.string()))
-        frame = pl.DataFrame([text, pl.Series("__bad_encoding", bad_encoding)])
+        frame = _line_frame(lines)
+        for columns in self._decode_passes():
+            frame = frame.with_columns(**columns)
+        return frame
+
+    def _decode_passes(self) -> list[dict[str, pl.Expr]]:
+        """The decoding failure of each line (``__reason``, ``__message``), then the JSON
+        text of each field the mapping reads from the lines that decoded."""
         line, limit = pl.col("__line"), self.spec.limits.max_payload_bytes
         reason, message = _reason([
             (pl.col("__bad_encoding"), "bad_encoding", pl.lit("line is not valid UTF-8")),
@@ -214,12 +269,10 @@ class Normaliser:
             (~line.str.strip_chars_start().str.starts_with("{"), "not_an_object",
              pl.lit("line is JSON but not an object")),
         ])
-        frame = frame.with_columns(__reason=reason, __message=message)
         ok = pl.col("__reason").is_null()
-        return frame.with_columns(
-            pl.when(ok).then(line.str.json_path_match(path)).alias(name)
-            for name, path in self._json_columns().items()
-        )
+        return [{"__reason": reason, "__message": message},
+                {name: pl.when(ok).then(line.str.json_path_match(path))
+                 for name, path in self._json_columns().items()}]
 
     # -- envelope fields ------------------------------------------------------------------
 
@@ -263,66 +316,182 @@ class Normaliser:
                 where a client's retry comes seconds later whatever the event's time.
         """
         ingested_at = self.clock()
+        arrived = int(ingested_at.timestamp() * 1e6) if dedup_by_arrival else None
+        if isinstance(self.spec.mapping.payload, JsonRef):
+            out = self._normalise_fused(raw, duplicates, arrived, ingested_at)
+            if out is not None:
+                return out
+        return self._normalise_stepwise(raw, duplicates, arrived, ingested_at)
+
+    def _normalise_stepwise(self, raw: RawBatch, duplicates: DuplicateFilter | None,
+                            arrived: int | None, ingested_at: dt.datetime) -> Normalised:
+        """The batch pass by pass: any mapping, upcasts included."""
         records = raw.records
-        source_columns = [c for c in records.schema.names if c not in _MALFORMED]
+        source_columns = _source_columns(raw)
         if self.json_lines:
             frame = self._decode_lines(records.column("line"))
         else:
             frame = pl.from_arrow(records)
             assert isinstance(frame, pl.DataFrame)
-            malformed = MALFORMED_REASON in frame.columns  # rows the source could not parse
-            frame = frame.with_columns(
-                __reason=pl.col(MALFORMED_REASON) if malformed else pl.lit(None, pl.String),
-                __message=pl.col(MALFORMED_MESSAGE) if malformed else pl.lit(None, pl.String),
-            )
+            frame = frame.with_columns(**self._malformed_columns(frame))
         frame = frame.with_columns(__offset=pl.Series(raw.offsets, dtype=pl.Int64),
                                    __part=pl.lit(raw.part))
         frame = self._envelope_columns(frame, raw, source_columns)
         frame = self._check_event_time(frame, ingested_at)
         frame = self._typed_payload(frame, source_columns)
         if duplicates is not None:
-            arrived = int(ingested_at.timestamp() * 1e6) if dedup_by_arrival else None
             frame = self._mark_duplicates(frame, duplicates, arrived)
         events = self._events(frame.filter(pl.col("__reason").is_null()), ingested_at)
         dead = self._deadletters(frame.filter(pl.col("__reason").is_not_null()), raw,
                                  source_columns, ingested_at)
         return Normalised(events, dead, records.num_rows)
 
+    @staticmethod
+    def _malformed_columns(frame: pl.DataFrame) -> dict[str, pl.Expr]:
+        """The reason and message of the rows a tabular source could not parse."""
+        malformed = MALFORMED_REASON in frame.columns
+        return {"__reason": pl.col(MALFORMED_REASON) if malformed else pl.lit(None, pl.String),
+                "__message": pl.col(MALFORMED_MESSAGE) if malformed else pl.lit(None, pl.String)}
+
+    # -- the batch in one plan ------------------------------------------------------------
+
+    def _normalise_fused(self, raw: RawBatch, duplicates: DuplicateFilter | None,
+                         arrived: int | None, ingested_at: dt.datetime) -> Normalised | None:
+        """The batch as one lazy plan (one collect) where the payload is one JSON field: the
+        stepwise path's passes and checks, its conditions read out as flat booleans and the
+        first failing check of each row found in numpy. A pass has a fixed cost that a batch
+        of one event pays in full, and a live source sends such batches. ``None`` when an
+        event needs an upcast (which splits the batch by version): the stepwise path then."""
+        frame = self._fused_input(raw)
+        plan = self._fused_plan(frame, raw)
+        lazy = frame.lazy()
+        for columns in plan.passes:
+            lazy = lazy.with_columns(**columns)
+        frame = lazy.collect()
+        failed = self._fused_failed(frame, plan, ingested_at)
+        pending = frame.get_column("__reason").to_arrow().is_null().to_numpy(zero_copy_only=False)
+        envelope_ok = pending & ~failed[:, :plan.later_at + 1].any(axis=1)
+        if (envelope_ok & frame.get_column("__old").to_numpy()).any():
+            return None
+        valid = pending & ~failed.any(axis=1)
+        if duplicates is not None and valid.any():
+            times = np.full(frame.height, arrived, np.int64) if arrived is not None \
+                else pc.fill_null(frame.get_column("__ts_us").to_arrow(), 0).to_numpy()
+            failed[:, -1] = duplicates.mark(frame.get_column("__eid").to_arrow(), times, keep=valid)
+            valid &= ~failed[:, -1]
+        events = self._fused_events(frame, valid, ingested_at)
+        if valid.all():
+            return Normalised(events, DEADLETTER_SCHEMA.empty_table(), frame.height)
+        checks = [*plan.checks[:plan.later_at], self._time_checks(ingested_at)[1],
+                  *plan.checks[plan.later_at:], _DUPLICATE_CHECK]
+        reason, message = self._failures(frame, failed, pending, checks)
+        dead = frame.with_columns(__reason=reason, __message=message).filter(pl.Series(~valid))
+        return Normalised(events, self._deadletters(dead, raw, _source_columns(raw), ingested_at),
+                          frame.height)
+
+    def _fused_failed(self, frame: pl.DataFrame, plan: _FusedPlan,
+                      now: dt.datetime) -> np.ndarray:
+        """Which check each row fails (a column per check, in order; the last one, the
+        duplicates', is left to fill). The check against the clock's now is made here, in
+        Arrow, so that the plan needs no expression built per batch."""
+        failed = np.zeros((frame.height, len(plan.checks) + 2), bool)
+        columns = [i for i in range(failed.shape[1] - 1) if i != plan.later_at]
+        for i, column in enumerate(columns):
+            failed[:, column] = frame.get_column(f"__check_{i}").to_numpy()
+        latest = min(now + self.spec.source.max_future, MAX_TIME)
+        later = pc.greater(frame.get_column("__ts_us").to_arrow(), _micros(latest))
+        failed[:, plan.later_at] = pc.fill_null(later, False).to_numpy(zero_copy_only=False)
+        return failed
+
+    def _fused_input(self, raw: RawBatch) -> pl.DataFrame:
+        """The batch's records (a JSON line's text), offsets and derived ids: no pass yet."""
+        if self.json_lines:
+            frame = _line_frame(raw.records.column("line"))
+        else:
+            frame = pl.from_arrow(raw.records)
+            assert isinstance(frame, pl.DataFrame)
+        return frame.hstack([pl.Series("__offset", raw.offsets, dtype=pl.Int64), _derived_ids(raw)])
+
+    def _fused_plan(self, frame: pl.DataFrame, raw: RawBatch) -> _FusedPlan:
+        """The passes and checks of :meth:`_normalise_fused`, built once per column types
+        and source name."""
+        signature = (tuple(frame.schema.items()), raw.source, tuple(_source_columns(raw)))
+        plan = self._fused_plans.get(signature)
+        if plan is None:
+            if len(self._fused_plans) >= _PLAN_CACHE_SIZE:
+                self._fused_plans.clear()
+            plan = self._fused_plans[signature] = self._build_fused_plan(frame.clear(), raw)
+        return plan
+
+    def _build_fused_plan(self, empty: pl.DataFrame, raw: RawBatch) -> _FusedPlan:
+        """The stepwise path's passes, in its order, run on ``empty`` (no rows) only to know
+        each pass's columns and their types."""
+        passes = self._decode_passes() if self.json_lines else [self._malformed_columns(empty)]
+        for columns in passes:
+            empty = empty.with_columns(**columns)
+        envelope = self._envelope_passes(empty, raw.source, _source_columns(raw))
+        meta = "__meta_version" in empty.columns
+        if not meta:
+            envelope.append({"__meta_version": pl.lit(None, pl.String),
+                             "__meta_version_number": pl.lit(None, pl.String)})
+        for columns in envelope:
+            empty = empty.with_columns(**columns)
+        version, envelope_checks = self._version_plan(meta)
+        payload = self._payload_plan(empty.with_columns(**version))
+        static = [*envelope_checks, self._time_checks(MAX_TIME)[0],
+                  *payload.checks, *payload.key_checks]
+        tail = {"__old": (pl.col("__major") < pl.col("__current_version")).fill_null(False),
+                "__ts_us": pl.col("__timestamp").dt.epoch("us"),
+                "__eid": pl.col("__event_id").fill_null(""),
+                "__out_data": self._data_expr()}
+        tail |= {f"__check_{i}": cond.fill_null(False) for i, (cond, _, _) in enumerate(static)}
+        return _FusedPlan(
+            passes=[*passes, *envelope, version, _named(payload.sources), _named(payload.casts),
+                    {"__key": payload.key}, tail],
+            checks=static, later_at=len(envelope_checks) + 1)
+
     def _envelope_columns(self, frame: pl.DataFrame, raw: RawBatch,
                           source_columns: list[str]) -> pl.DataFrame:
+        frame = frame.hstack([_derived_ids(raw)])
+        for columns in self._envelope_passes(frame, raw.source, source_columns):
+            frame = frame.with_columns(**columns)
+        return self._version_column(frame)
+
+    def _envelope_passes(self, frame: pl.DataFrame, source: str,
+                         source_columns: list[str]) -> list[dict[str, pl.Expr]]:
+        """The envelope's columns, pass by pass (a pass reads the columns of those before).
+        ``frame`` is only looked at for its columns and their types."""
         m = self.spec.mapping
         ts_dtype = frame.schema.get(m.timestamp, pl.String)
         ts_raw = pl.col(m.timestamp) if m.timestamp in frame.columns else pl.lit(None, pl.String)
-        derived = pl.Series(derived_event_ids(raw.source, raw.part, raw.offsets))
+        derived = pl.col("__derived")
         given = self._ref(m.event_id, frame)
-        frame = frame.with_columns(
-            __event_id=derived if given is None else pl.coalesce(given, pl.lit(derived))
-        )
-        frame = frame.with_columns(
-            __event_type=self._ref(m.event_type, frame),
-            __ts_raw=ts_raw.cast(pl.String) if ts_dtype == pl.Null else ts_raw,
-            __timestamp=parse_timestamp(ts_raw, ts_dtype, m.timestamp_unit),
-            __source=pl.coalesce(self._ref(m.source, frame), pl.lit(raw.source))
-            if m.source else pl.lit(raw.source),
-        )
+        passes = [{"__event_id": derived if given is None else pl.coalesce(given, derived)}, {
+            "__event_type": self._ref(m.event_type, frame),
+            "__ts_raw": ts_raw.cast(pl.String) if ts_dtype == pl.Null else ts_raw,
+            "__timestamp": parse_timestamp(ts_raw, ts_dtype, m.timestamp_unit),
+            "__source": pl.coalesce(self._ref(m.source, frame), pl.lit(source))
+            if m.source else pl.lit(source),
+        }]
         given = self._ref(m.correlation_id, frame)
         correlation = pl.lit(None, pl.String) if given is None else given
-        frame = frame.with_columns(
-            __correlation_id=pl.coalesce(correlation, pl.col("__event_id"))
-        )
+        passes.append({"__correlation_id": pl.coalesce(correlation, pl.col("__event_id"))})
         if isinstance(m.payload, JsonRef):
-            frame = frame.with_columns(__payload=self._payload_json(frame, source_columns))
-        return self._version_column(frame)
+            passes.append({"__payload": self._payload_json(frame, source_columns)})
+        return passes
 
     def _version_column(self, frame: pl.DataFrame) -> pl.DataFrame:
         meta = "__meta_version" in frame.columns
         if not meta:
             frame = frame.with_columns(__meta_version=pl.lit(None, pl.String),
                                        __meta_version_number=pl.lit(None, pl.String))
+        columns, checks = self._version_plan(meta)
+        return self._apply_checks(frame.with_columns(**columns), checks)
+
+    def _version_plan(self, meta: bool) -> tuple[dict[str, pl.Expr], list]:
         if meta not in self._version_plans:  # built once: they depend on the spec alone
             self._version_plans[meta] = self._build_version_plan(meta)
-        columns, checks = self._version_plans[meta]
-        return self._apply_checks(frame.with_columns(**columns), checks)
+        return self._version_plans[meta]
 
     def _build_version_plan(self, meta: bool) -> tuple[dict[str, pl.Expr], list]:
         """The version columns and the envelope's checks, with or without metadata."""
@@ -363,6 +532,9 @@ class Normaliser:
         return columns, checks
 
     def _check_event_time(self, frame: pl.DataFrame, now: dt.datetime) -> pl.DataFrame:
+        return self._apply_checks(frame, self._time_checks(now))
+
+    def _time_checks(self, now: dt.datetime) -> list[tuple[pl.Expr, str, pl.Expr]]:
         """Event times past the clock's now plus ``source.max_future``, or past what can be
         represented, are ``timestamp_out_of_range``: one such event would otherwise move
         event time (windows, label release, pacing) years ahead. The distant past is left to
@@ -371,13 +543,13 @@ class Normaliser:
         latest = min(now + max_future, MAX_TIME)
         ts = pl.col("__timestamp")
         shown = pl.col("__ts_raw").cast(pl.String)
-        return self._apply_checks(frame, [
+        return [
             (outside_representable_range(ts), "timestamp_out_of_range",
              pl.format("timestamp {} is outside the representable range 1677..2262", shown)),
             (ts > pl.lit(latest), "timestamp_out_of_range",
              pl.format(f"timestamp {{}} is later than now ({now.isoformat()}) plus "
                        f"source.max_future ({max_future})", shown)),
-        ])
+        ]
 
     def _json_valued(self, ref: str | Constant | None) -> pl.Expr:
         """Whether a field was read out of a JSON line (where objects arrive as their text)."""
@@ -393,9 +565,18 @@ class Normaliser:
         names = [f"__check_{i}" for i in range(len(checks))]
         failed = frame.with_columns(cond.fill_null(False).alias(name) for name, (cond, _, _)
                                     in zip(names, checks, strict=True)).select(names).to_numpy()
-        hit = failed.any(axis=1) & frame.get_column("__reason").is_null().to_numpy()
-        if not hit.any():
+        pending = frame.get_column("__reason").is_null().to_numpy()
+        if not (failed.any(axis=1) & pending).any():
             return frame
+        reason, message = self._failures(frame, failed, pending, checks)
+        return frame.with_columns(__reason=reason, __message=message)
+
+    @staticmethod
+    def _failures(frame: pl.DataFrame, failed: np.ndarray, pending: np.ndarray,
+                  checks: list) -> tuple[pl.Series, pl.Series]:
+        """(reason, message) of every row: its first failing check's (``failed``: a column
+        per check) where it had none yet (``pending``), else the one it had."""
+        hit = failed.any(axis=1) & pending
         rows = np.flatnonzero(hit)
         first = failed[rows].argmax(axis=1)
         codes = pl.Series([code for _, code, _ in checks], dtype=pl.String)
@@ -406,7 +587,7 @@ class Normaliser:
             at = rows[first == check]
             text = frame[at].with_columns(__text=checks[check][2].cast(pl.String))
             message.scatter(at, text.get_column("__text"))
-        return frame.with_columns(__reason=reason, __message=message)
+        return reason, message
 
     def _per_type(self, value: Callable) -> pl.Expr:
         """An expression giving, per row, ``value(schema of the row's event type)``."""
@@ -558,10 +739,6 @@ class Normaliser:
     # -- outputs --------------------------------------------------------------------------
 
     def _events(self, frame: pl.DataFrame, ingested_at: dt.datetime) -> pa.Table:
-        data = [pl.col(f"__field_{f.name}").alias(f.name)
-                for f in self.registry.data_type() if f.name != JSON_FIELD]
-        data.append(pl.when(~pl.col("__event_type").is_in(self.typed)).then(pl.col("__payload"))
-                    .alias(JSON_FIELD))
         out = frame.select(
             event_id=pl.col("__event_id"),
             event_type=pl.col("__event_type"),
@@ -569,15 +746,40 @@ class Normaliser:
             source=pl.col("__source"),
             correlation_id=pl.col("__correlation_id"),
             key=pl.col("__key"),
-            data=pl.struct(data),
-            metadata=pl.struct(
-                version=pl.col("__version"),
-                region=pl.col("__region"),
-                ingested_at=pl.lit(ingested_at).dt.cast_time_unit("us"),
-                tags=pl.col("__tags"),
-            ),
+            data=self._data_expr(),
+            metadata=self._metadata_expr(ingested_at),
         )
         return out.to_arrow().cast(self.schema)
+
+    def _fused_events(self, frame: pl.DataFrame, valid: np.ndarray,
+                      ingested_at: dt.datetime) -> pa.Table:
+        """:meth:`_events` of the fused plan's frame (whose ``__out_data`` is the envelope's
+        ``data``), made in Arrow: the ``valid`` rows."""
+        columns = {name: frame.get_column(column).to_arrow() for name, column in _OUT_COLUMNS}
+        metadata = {name: frame.get_column(f"__{name}").to_arrow()
+                    for name in ("version", "region", "tags")}
+        metadata["ingested_at"] = pa.array(np.full(frame.height, _micros(ingested_at)), TIMESTAMP)
+        columns["metadata"] = pa.StructArray.from_arrays(
+            [metadata[name] for name in ("version", "region", "ingested_at", "tags")],
+            names=["version", "region", "ingested_at", "tags"])
+        table = pa.table(columns)
+        return (table if valid.all() else table.filter(pa.array(valid))).cast(self.schema)
+
+    def _data_expr(self) -> pl.Expr:
+        data = [pl.col(f"__field_{f.name}").alias(f.name)
+                for f in self.registry.data_type() if f.name != JSON_FIELD]
+        data.append(pl.when(~pl.col("__event_type").is_in(self.typed)).then(pl.col("__payload"))
+                    .alias(JSON_FIELD))
+        return pl.struct(data)
+
+    @staticmethod
+    def _metadata_expr(ingested_at: dt.datetime) -> pl.Expr:
+        return pl.struct(
+            version=pl.col("__version"),
+            region=pl.col("__region"),
+            ingested_at=pl.lit(ingested_at).dt.cast_time_unit("us"),
+            tags=pl.col("__tags"),
+        )
 
     def _deadletters(self, frame: pl.DataFrame, raw: RawBatch, source_columns: list[str],
                      ingested_at: dt.datetime) -> pa.Table:

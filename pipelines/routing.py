@@ -26,8 +26,10 @@ import fnmatch
 import re
 from dataclasses import dataclass
 
+import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 import sqlglot
 from sqlglot import exp
 
@@ -140,6 +142,11 @@ class Router:
         self.routes = list(self.spec.routes)
         self.schema = envelope_schema(spec.registry())
         self._masks = [self._compile(i, route) for i, route in enumerate(self.routes)]
+        self._dropped = [i for i, r in enumerate(self.routes) if r.drop] + (
+            [-1] if self.spec.unrouted == "drop" else [])
+        self._emitting = [(i, r) for i, r in enumerate(self.routes) if r.emit is not None]
+        self._choice = self._route_choice()
+        self._high = [i for i, r in enumerate(self.routes) if r.priority == "high"]
         if self.spec.max_hops is None and (cycle := _cycle(self.routes)):
             raise ConfigError(f"routing.routes: emitted events loop through routes "
                               f"{' -> '.join(cycle)}; set routing.max_hops to bound them")
@@ -158,51 +165,63 @@ class Router:
         return mask & condition.fill_null(False)
 
     def route(self, events: pa.Table) -> Routed:
-        """Route one envelope batch."""
+        """Route one envelope batch: each row's route is one query (one collect); the lanes
+        are found in numpy and taken from the batch in Arrow."""
         frame = pl.from_arrow(events)
         assert isinstance(frame, pl.DataFrame)
-        choice = pl.lit(-1)
-        for index in reversed(range(len(self.routes))):
-            choice = pl.when(self._masks[index]).then(pl.lit(index)).otherwise(choice)
-        frame = frame.with_row_index("__row").with_columns(__route=choice)
-        dropped = [i for i, r in enumerate(self.routes) if r.drop]
-        if self.spec.unrouted == "drop":
-            dropped.append(-1)
-        kept = frame.filter(~pl.col("__route").is_in(dropped))
-        derived = self._derive(kept)
-        high = [i for i, r in enumerate(self.routes) if r.priority == "high"]
-        lane = self._lanes(kept, high)
-        columns = events.column_names
+        # with_columns, not select: a constant choice (no routes) is one per row, not one
+        route = frame.lazy().with_columns(__route=self._choice).select("__route").collect()
+        route = route.get_column("__route").to_numpy()
+        kept = ~np.isin(route, self._dropped)
+        high = _promoted(events.column("key"), np.isin(route, self._high) & kept) & kept
+        derived = self._derive(frame, route, kept) if self._emitting else self.schema.empty_table()
         return Routed(
-            high=_table(lane.filter(pl.col("__high")).select(columns), events.schema),
-            normal=_table(lane.filter(~pl.col("__high")).select(columns), events.schema),
-            filtered=frame.height - kept.height,
+            high=_rows(events, high),
+            normal=_rows(events, kept & ~high),
+            filtered=int(frame.height - kept.sum()),
             derived=derived,
         )
 
-    @staticmethod
-    def _lanes(frame: pl.DataFrame, high_routes: list[int]) -> pl.DataFrame:
-        """Mark high rows; promote a key's earlier rows with its last high row."""
-        is_high = pl.col("__route").is_in(high_routes)
-        last_high = pl.col("__row").filter(is_high).max().over("key")
-        return frame.with_columns(__high=(pl.col("__row") <= last_high).fill_null(False))
+    def _route_choice(self) -> pl.Expr:
+        """Each row's route: the first whose mask holds, else -1."""
+        choice = pl.lit(-1)
+        for index in reversed(range(len(self.routes))):
+            choice = pl.when(self._masks[index]).then(pl.lit(index)).otherwise(choice)
+        return choice
 
-    def _derive(self, frame: pl.DataFrame) -> pa.Table:
-        emitting = [(i, r) for i, r in enumerate(self.routes) if r.emit is not None]
+    def _derive(self, frame: pl.DataFrame, route: np.ndarray, kept: np.ndarray) -> pa.Table:
         parts = []
-        for index, route in emitting:
-            rows = frame.filter(pl.col("__route") == index)
-            if rows.height == 0:
+        for index, emitting in self._emitting:
+            at = np.flatnonzero(kept & (route == index))
+            if len(at) == 0:
                 continue
-            assert route.emit is not None
-            ids = uuid5_strings((rows["event_id"] + f"/{route.name}").to_arrow())
+            assert emitting.emit is not None
+            rows = frame[at].with_columns(__row=pl.Series(at, dtype=pl.UInt32))
+            ids = uuid5_strings((rows["event_id"] + f"/{emitting.name}").to_arrow())
             parts.append(rows.with_columns(
-                event_id=pl.Series(ids), event_type=pl.lit(route.emit.event_type),
-                source=pl.lit(f"route:{route.name}")))
+                event_id=pl.Series(ids), event_type=pl.lit(emitting.emit.event_type),
+                source=pl.lit(f"route:{emitting.name}")))
         if not parts:
             return self.schema.empty_table()
         columns = self.schema.names
         return _table(pl.concat(parts).sort("__row").select(columns), self.schema)
+
+
+def _promoted(keys: pa.ChunkedArray, high: np.ndarray) -> np.ndarray:
+    """Rows in the high lane: the ``high`` ones and every earlier row of their keys (up to
+    each key's last high row), so that a lane never reorders a key."""
+    if not high.any():
+        return high
+    group = pc.dictionary_encode(keys.combine_chunks(), null_encoding="encode").indices
+    group = group.to_numpy(zero_copy_only=False).astype(np.int64)
+    last = np.full(group.max() + 1, -1, np.int64)
+    np.maximum.at(last, group[high], np.flatnonzero(high))
+    return np.arange(len(high)) <= last[group]
+
+
+def _rows(events: pa.Table, mask: np.ndarray) -> pa.Table:
+    """The rows of ``events`` under ``mask``, in order (the batch itself when all are)."""
+    return events if mask.all() else events.filter(pa.array(mask))
 
 
 def _table(frame: pl.DataFrame, schema: pa.Schema) -> pa.Table:

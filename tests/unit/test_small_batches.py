@@ -1,0 +1,262 @@
+"""The driver's per-batch paths give the same results on a batch of one event as on many.
+
+A live source reads batches of one to a few events, where each Polars call's fixed cost
+dominates: the normaliser runs a JSON payload in one lazy plan, the arrival guard decides in
+numpy, the router takes lanes in Arrow, the partition split skips or shrinks its gather.
+Each is checked here against the general path (or a plain model of it) on random batches
+mixing valid, malformed, duplicate, late and out-of-range events.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from typing import Any
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import pipelines.keyed
+from pipelines.arrival import ArrivalGuard
+from pipelines.dedup import DuplicateFilter
+from pipelines.hashing import partition_of
+from pipelines.keyed import split_by_partition
+from pipelines.normalise import Normaliser
+from pipelines.pipeline import load_pipeline
+from pipelines.routing import Router
+from pipelines.sources import RawBatch
+from pipelines.testing import FakeClock
+from tests.support import CONFIGS, EVENTS_SPEC, START
+
+LIVE_SPEC = load_pipeline(CONFIGS / "live.yaml")
+#: How a test line departs from a valid transaction (``None``: it does not).
+DEFECTS = [None, None, None, "not-json", "not-utf8", "array", "no-type", "bad-type", "bad-time",
+           "future-time", "ancient-time", "bad-amount", "no-customer", "newer-version",
+           "fractional-version", "long-correlation", "label", "untyped", "no-id", "repeat"]
+
+
+def transaction(index: int, customer: int, minute: int, amount: float) -> dict[str, Any]:
+    """A live transaction event (configs/live.yaml) at ``minute`` past 2024-06-01 10:00."""
+    when = dt.datetime(2024, 6, 1, 10, tzinfo=dt.UTC) + dt.timedelta(minutes=minute)
+    return {
+        "eventId": f"tx-{index}", "eventType": "transaction.created",
+        "timestamp": when.isoformat().replace("+00:00", "Z"), "source": "card-network",
+        "correlationId": str(customer),
+        "data": {"TRANSACTION_ID": index, "TX_DATETIME": when.strftime("%Y-%m-%dT%H:%M:%S"),
+                 "CUSTOMER_ID": customer, "TERMINAL_ID": customer % 3, "TX_AMOUNT": amount,
+                 "TX_TIME_SECONDS": minute * 60, "TX_TIME_DAYS": 0, "TX_FRAUD": 0,
+                 "TX_FRAUD_SCENARIO": 0},
+        "metadata": {"version": "1", "region": "eu-west"},
+    }
+
+
+def defective(event: dict[str, Any], defect: str | None, earlier: list[bytes]) -> bytes:
+    """The event's line with ``defect`` (see :data:`DEFECTS`)."""
+    plain = {"not-json": b"{not json", "not-utf8": b"\xff\xfe{}", "array": b"[1, 2]"}
+    if defect in plain:
+        return plain[defect]
+    if defect == "repeat" and earlier:
+        return earlier[0]
+    changes = {
+        "no-type": lambda e: e.pop("eventType"),
+        "bad-type": lambda e: e.update(eventType="Not A Type"),
+        "bad-time": lambda e: e.update(timestamp="yesterday"),
+        "future-time": lambda e: e.update(timestamp="2031-01-01T00:00:00Z"),
+        "ancient-time": lambda e: e.update(timestamp="2024-01-01T00:00:00Z"),
+        "bad-amount": lambda e: e["data"].update(TX_AMOUNT="lots"),
+        "no-customer": lambda e: e["data"].pop("CUSTOMER_ID"),
+        "newer-version": lambda e: e["metadata"].update(version="9"),
+        "fractional-version": lambda e: e["metadata"].update(version=1.5),
+        "long-correlation": lambda e: e.update(correlationId="c" * 300),
+        "label": lambda e: e.update(eventType="fraud.reported"),
+        "untyped": lambda e: e.update(eventType="other.thing"),
+        "no-id": lambda e: e.pop("eventId"),
+    }
+    if defect in changes:
+        changes[defect](event)
+    return json.dumps(event).encode()
+
+
+@st.composite
+def live_lines(draw: st.DrawFn) -> list[bytes]:
+    """Up to 25 lines: transactions of a few customers, some of them defective."""
+    rows = draw(st.lists(st.tuples(st.integers(1, 4), st.integers(0, 50), st.sampled_from(DEFECTS),
+                                   st.sampled_from([10.0, 250.0])), min_size=1, max_size=25))
+    lines: list[bytes] = []
+    for index, (customer, minute, defect, amount) in enumerate(rows):
+        lines.append(defective(transaction(index, customer, minute, amount), defect, lines))
+    return lines
+
+
+def raw_batch(lines: list[bytes], first: int) -> RawBatch:
+    return RawBatch("card-network", "p-1", np.arange(first, first + len(lines)),
+                    pa.record_batch({"line": pa.array(lines, pa.binary())}))
+
+
+def normalised(lines: list[bytes], size: int, stepwise: bool, spec=LIVE_SPEC,
+               by_arrival: bool = True) -> list[tuple[pa.Table, pa.Table]]:
+    """Each ``size``-line batch's (events, dead letters), by the fused or stepwise path."""
+    clock = FakeClock(START)
+    normaliser, duplicates = Normaliser(spec, clock.now), DuplicateFilter()
+    out = []
+    for first in range(0, len(lines), size):
+        raw = raw_batch(lines[first:first + size], first)
+        clock.sleep(0.25)
+        if stepwise:
+            now = clock.now()
+            arrived = int(now.timestamp() * 1e6) if by_arrival else None
+            batch = normaliser._normalise_stepwise(raw, duplicates, arrived, now)
+        else:
+            batch = normaliser.normalise(raw, duplicates, dedup_by_arrival=by_arrival)
+            assert normaliser._fused_plans, "a JSON payload takes the one-plan path"
+        out.append((batch.events, batch.deadletters))
+    return out
+
+
+def assert_same_batches(got: list[tuple[pa.Table, pa.Table]],
+                        expected: list[tuple[pa.Table, pa.Table]]) -> None:
+    assert len(got) == len(expected)
+    for (events, dead), (want_events, want_dead) in zip(got, expected, strict=True):
+        assert events.schema == want_events.schema and dead.schema == want_dead.schema
+        assert events.to_pylist() == want_events.to_pylist()
+        assert dead.to_pylist() == want_dead.to_pylist()
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(live_lines(), st.sampled_from([1, 3, 25]), st.booleans())
+def test_one_plan_normalises_as_the_stepwise_path(lines: list[bytes], size: int,
+                                                  by_arrival: bool) -> None:
+    assert_same_batches(normalised(lines, size, stepwise=False, by_arrival=by_arrival),
+                        normalised(lines, size, stepwise=True, by_arrival=by_arrival))
+
+
+@pytest.mark.parametrize("size", [1, 4, 100])
+def test_one_plan_gives_every_reason_and_message_of_the_stepwise_path(size: int) -> None:
+    lines: list[bytes] = []
+    for index, defect in enumerate(DEFECTS * 3):
+        lines.append(defective(transaction(index, index % 4, index % 7, 250.0), defect, lines))
+    fused = normalised(lines, size, stepwise=False)
+    assert_same_batches(fused, normalised(lines, size, stepwise=True))
+    reasons = {r for _, dead in fused for r in dead.column("reason").to_pylist()}
+    assert reasons >= {"bad_json", "bad_encoding", "not_an_object", "missing_event_type",
+                       "bad_event_type", "bad_timestamp", "timestamp_out_of_range", "bad_field",
+                       "missing_field", "bad_version", "duplicate_event_id"}
+
+
+def test_one_plan_normalises_untyped_payloads_as_the_stepwise_path() -> None:
+    def seed(**changes: Any) -> bytes:
+        event = {"eventId": "e", "eventType": "user.login", "timestamp": "2024-05-01T10:00:00Z",
+                 "correlationId": "c7", "data": {"n": 1}, "metadata": {"version": "1.0"}}
+        return json.dumps(event | changes).encode()
+
+    lines = [seed(), seed(eventId="f", data={"n": "x" * 5000}), seed(eventType="Bad"), seed(),
+             seed(eventId="g", timestamp="2300-01-01T00:00:00Z"), b"{}", seed(eventId=[1])]
+    for size in (1, 7):
+        assert_same_batches(normalised(lines, size, stepwise=False, spec=EVENTS_SPEC),
+                            normalised(lines, size, stepwise=True, spec=EVENTS_SPEC))
+
+
+# -- the arrival guard ---------------------------------------------------------------------
+
+
+class GuardModel:
+    """The arrival guard's rule, one event at a time (the plain statement of it)."""
+
+    def __init__(self, dimensions: list[str], horizon: int | None) -> None:
+        self.latest: dict[str, dict[str, int]] = {d: {} for d in dimensions}
+        self.horizon, self.newest = horizon, None
+
+    def late(self, rows: list[dict[str, Any]], considered: list[bool]) -> list[bool]:
+        late = [False] * len(rows)
+        for name, latest in self.latest.items():
+            for i, row in enumerate(rows):
+                key = row[name]
+                if not considered[i] or key is None:
+                    continue
+                late[i] |= key in latest and row["ts"] < latest[key]
+                latest[key] = max(latest.get(key, row["ts"]), row["ts"])
+                self.newest = row["ts"] if self.newest is None else max(self.newest, row["ts"])
+        if self.horizon is not None and self.newest is not None:
+            for name, latest in self.latest.items():
+                self.latest[name] = {k: t for k, t in latest.items()
+                                     if t >= self.newest - self.horizon}
+        return late
+
+
+GUARD_ROWS = st.lists(st.fixed_dictionaries({
+    "key": st.sampled_from(["a", "b", "c", None]),
+    "terminal": st.sampled_from(["x", "y", None]),
+    "ts": st.integers(0, 30)}), min_size=0, max_size=12)
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.tuples(GUARD_ROWS, st.lists(st.booleans(), min_size=12, max_size=12)),
+                min_size=1, max_size=6), st.sampled_from([None, 5]))
+def test_arrival_guard_decides_as_one_event_at_a_time(batches: list, horizon: int | None) -> None:
+    guard = ArrivalGuard({"key": pl.col("key"), "terminal": pl.col("terminal")}, horizon)
+    model = GuardModel(["key", "terminal"], horizon)
+    for rows, mask in batches:
+        considered = mask[:len(rows)]
+        table = pa.table({"key": pa.array([r["key"] for r in rows], pa.string()),
+                          "terminal": pa.array([r["terminal"] for r in rows], pa.string()),
+                          "ts": pa.array([r["ts"] for r in rows], pa.int64())})
+        got = guard.late(table, pl.col("ts"), np.array(considered, bool))
+        assert got.tolist() == model.late(rows, considered)
+    for name, latest in guard.latest.items():
+        assert dict(latest.iter_rows()) == model.latest[name]
+    restored = ArrivalGuard({"key": pl.col("key"), "terminal": pl.col("terminal")}, horizon)
+    restored.restore(guard.snapshot())
+    assert {n: dict(f.iter_rows()) for n, f in restored.latest.items()} == model.latest
+
+
+# -- routing and the partition split -------------------------------------------------------
+
+
+def envelope_batch(seed: int, rows: int) -> pa.Table:
+    rng = np.random.default_rng(seed)
+    lines = [json.dumps(transaction(i, int(rng.integers(1, 6)), i, float(rng.choice([10, 250]))
+                                    )).encode() for i in range(rows)]
+    events = Normaliser(LIVE_SPEC, FakeClock(START).now).normalise(raw_batch(lines, 0)).events
+    types = rng.choice(["transaction.created", "fraud.reported", "other.thing"], rows)
+    return events.set_column(1, "event_type", pa.array(types.tolist(), pa.string()))
+
+
+@pytest.mark.parametrize(("seed", "rows"), [(0, 1), (1, 2), (2, 9), (3, 40)])
+def test_router_lanes_promote_a_keys_earlier_events_with_its_high_one(seed: int, rows: int) -> None:
+    events = envelope_batch(seed, rows)
+    routed = Router(LIVE_SPEC).route(events)
+    frame = pl.from_arrow(events).with_row_index("row")
+    high = (pl.col("event_type").str.starts_with("transaction.")
+            & (pl.col("data").struct.field("TX_AMOUNT") > 220))
+    last_high = pl.col("row").filter(high).max().over("key")
+    expected = frame.with_columns(high=(pl.col("row") <= last_high).fill_null(False))
+    assert routed.high.to_pylist() == events.filter(expected["high"].to_arrow()).to_pylist()
+    assert routed.normal.to_pylist() == events.filter(
+        pa.array(~expected["high"].to_numpy())).to_pylist()
+    assert routed.filtered == 0 and routed.derived.num_rows == 0
+    assert routed.high.schema == routed.normal.schema == events.schema
+
+
+@pytest.mark.parametrize("gather_rows", [1024, 2])
+@pytest.mark.parametrize(("seed", "rows"), [(0, 1), (1, 3), (2, 30)])
+def test_split_by_partition_keeps_each_keys_order(monkeypatch: pytest.MonkeyPatch, seed: int,
+                                                  rows: int, gather_rows: int) -> None:
+    monkeypatch.setattr(pipelines.keyed, "_POLARS_GATHER_ROWS", gather_rows)
+    events = envelope_batch(seed, rows)
+    owner = partition_of(events.column("key"), 3)
+    expected = [(p, events.filter(pa.array(owner == p)).to_pylist()) for p in range(3)
+                if (owner == p).any()]
+    split = split_by_partition(events, 3)
+    assert [(p, piece.to_pylist()) for p, piece in split] == expected
+    assert all(piece.schema == events.schema for _, piece in split)
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_router_without_routes_keeps_every_row_in_the_normal_lane(rows: int) -> None:
+    events = envelope_batch(rows, rows)
+    routed = Router(EVENTS_SPEC).route(events)
+    assert routed.normal.to_pylist() == events.to_pylist() and routed.high.num_rows == 0
