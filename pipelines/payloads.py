@@ -52,8 +52,7 @@ def cast_field(expr: pl.Expr, source: pl.DataType, target: pa.DataType) -> pl.Ex
     if pa.types.is_string(target) or pa.types.is_large_string(target):
         return expr.cast(pl.String, strict=False)
     if pa.types.is_timestamp(target):
-        timestamp = parse_timestamp(expr, source)
-        return pl.when(~outside_representable_range(timestamp)).then(timestamp).otherwise(None)
+        return representable(parse_timestamp(expr, source))
     if pa.types.is_date32(target):
         if text:
             return expr.str.strip_chars().str.to_date("%Y-%m-%d", strict=False)
@@ -63,6 +62,18 @@ def cast_field(expr: pl.Expr, source: pl.DataType, target: pa.DataType) -> pl.Ex
             return expr.str.json_decode(polars_dtype(target))
         return expr.cast(polars_dtype(target), strict=False)
     raise SchemaError(f"payload fields of type {target} are not supported")
+
+
+def representable(timestamp: pl.Expr) -> pl.Expr:
+    """A parsed timestamp where 1677..2262 can hold it, else null (a column, ideally: the
+    expression is used twice).
+
+    Example:
+        >>> df = pl.DataFrame({"t": ["2024-01-01", "9999-01-01"]})
+        >>> df.select(representable(parse_timestamp(pl.col("t"), pl.String))).to_series().is_null().to_list()
+        [False, True]
+    """
+    return pl.when(~outside_representable_range(timestamp)).then(timestamp).otherwise(None)
 
 
 def _cast_integer(value: pl.Expr, source: pl.DataType, dtype: pl.DataType) -> pl.Expr:
