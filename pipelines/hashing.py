@@ -7,6 +7,9 @@ specified algorithm, frozen since xxHash 0.8; the tests pin golden values and ch
 plugin against the reference ``xxhash`` binding, so partitions and duplicate filters agree
 across processes, restarts and upgrades. Python's ``hash()`` (salted per process) and
 polars' own ``hash`` (documented as unstable across versions) are never used for this.
+The plugin's call costs about 0.4 ms whatever the rows, so a batch of fewer than
+:data:`VECTOR_MIN_ROWS` strings (a live decision's few keys) is hashed by the reference
+``xxhash`` binding string by string, the same function.
 """
 
 from __future__ import annotations
@@ -16,6 +19,11 @@ import polars as pl
 import polars_hash as plh
 import pyarrow as pa
 import pyarrow.compute as pc
+import xxhash
+
+#: Below this many strings, ``xxhash`` per string beats the plugin's one call (measured:
+#: 0.12 against 0.45 ms at 1,024 strings; 0.001 against 0.3 ms for one).
+VECTOR_MIN_ROWS = 2_048
 
 
 def stable_hash64(strings: pa.Array | pa.ChunkedArray) -> np.ndarray:
@@ -28,6 +36,10 @@ def stable_hash64(strings: pa.Array | pa.ChunkedArray) -> np.ndarray:
     """
     if isinstance(strings, pa.ChunkedArray) and strings.num_chunks == 0:
         strings = pa.array([], pa.string())
+    if len(strings) < VECTOR_MIN_ROWS:
+        return np.fromiter((xxhash.xxh3_64_intdigest((s or "").encode())
+                            for s in strings.cast(pa.string()).to_pylist()),
+                           dtype=np.uint64, count=len(strings))
     column = pc.fill_null(strings.cast(pa.large_string()), "")
     frame = pl.from_arrow(pa.table({"s": column}))
     assert isinstance(frame, pl.DataFrame)

@@ -20,6 +20,7 @@ from pipelines.event_ids import (
     derived_event_ids,
     uuid5_strings,
 )
+from pipelines.hashing import VECTOR_MIN_ROWS as HASH_VECTOR_MIN_ROWS
 from pipelines.hashing import partition_of, stable_hash64
 
 
@@ -51,6 +52,19 @@ def test_stable_hash_is_the_reference_xxh3(values: list[str | None]) -> None:
         assert stable_hash64(arr.slice(1)).tolist() == stable_hash64(fresh).tolist()
         chunked = pa.chunked_array([arr.slice(0, 1), arr.slice(1)])
         assert stable_hash64(chunked).tolist() == stable_hash64(arr).tolist()
+
+
+@pytest.mark.parametrize("rows", [1, HASH_VECTOR_MIN_ROWS - 1, HASH_VECTOR_MIN_ROWS,
+                                  2 * HASH_VECTOR_MIN_ROWS + 3])
+def test_stable_hash_is_the_reference_on_both_sides_of_the_vector_threshold(rows: int) -> None:
+    values = [None if i % 97 == 0 else f"k{i}-é{'x' * (i % 13)}" for i in range(rows)]
+    want = [xxhash.xxh3_64_intdigest((v or "").encode()) for v in values]
+    assert stable_hash64(pa.array(values, pa.string())).tolist() == want
+    assert stable_hash64(pa.array(values, pa.large_string())).tolist() == want
+    half = rows // 2
+    chunked = pa.chunked_array([pa.array(values[:half], pa.string()), pa.array(values[half:], pa.string())])
+    assert stable_hash64(chunked).tolist() == want
+    assert stable_hash64(pa.array(values, pa.string()).slice(1)).tolist() == want[1:]
 
 
 def test_stable_hash_golden_values() -> None:
