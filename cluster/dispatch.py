@@ -35,16 +35,22 @@ class Dispatcher:
         counts: the run's counters (``filtered``, ``derived``, ``sent``... are kept here).
         routed_schema: the schema every routed piece has (the envelope, then the transit
             columns of the enrichment stages), so that any two pieces concatenate.
+        coalesce_rows: without adaptive batching, a partition's queued pieces of a lane go
+            as one batch of up to this many rows (default: one piece per batch). A live run
+            sets it: under load the pieces queue while the partition works, and a batch's
+            cost is mostly fixed.
     """
 
     def __init__(self, spec: PipelineSpec, executor: KeyedExecutor, seqs: list[int],
-                 counts: RunCounts, routed_schema: pa.Schema) -> None:
+                 counts: RunCounts, routed_schema: pa.Schema,
+                 coalesce_rows: int | None = None) -> None:
         self.spec, self.executor, self.seqs, self.counts = spec, executor, seqs, counts
         self.router = Router(spec)
         self.partitions = spec.runtime.partitions
         self.queues = LaneQueues(self.partitions)
         adaptive = spec.runtime.adaptive_batching
         self.sizer = BatchSizer(adaptive, self.partitions) if adaptive else None
+        self.coalesce_rows = coalesce_rows
         self.routed_schema = routed_schema
         self.copied = repartitioned_patterns(spec)
         self.patterns = pattern_specs(spec)
@@ -86,7 +92,7 @@ class Dispatcher:
         """Hand queued batches to partitions with room in flight, high lane first."""
         for partition in range(self.partitions):
             while self.executor.capacity(partition) > 0:
-                limit = self.sizer.max_rows(partition) if self.sizer else None
+                limit = self.sizer.max_rows(partition) if self.sizer else self.coalesce_rows
                 rows = self.queues.take(partition, limit)
                 if rows is None:
                     break
@@ -99,6 +105,10 @@ class Dispatcher:
         and dispatch into the room they freed."""
         self.acknowledge(self.executor.poll(block))
         self.dispatch()
+
+    def queued(self) -> bool:
+        """Whether any piece waits for a partition's room."""
+        return not self.queues.empty()
 
     def over_queued(self) -> bool:
         bound = self.spec.runtime.max_queued_batches

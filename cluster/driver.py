@@ -138,6 +138,7 @@ class PipelineRun:
         self.actions: Any = None
         self.routed_schema = routed_schema(spec)
         self.watermarks = wants_watermarks(spec)
+        self.live = live
 
     def _start(self, resume: bool) -> tuple[bool, dict[str, int]]:
         """Restore (or reset) the run, then start its executors and wait for them."""
@@ -154,7 +155,11 @@ class PipelineRun:
                            for stage in self.spec.enrich]
         for started in [executor, *stage_executors, *([self.actions] if self.actions else [])]:
             started.ready()  # actors up (imports, models, restored state) before the clock
-        self.dispatcher = Dispatcher(self.spec, executor, seqs, self.counts, self.routed_schema)
+        # live: a partition's queued pieces go as one batch (their number depends on timing
+        # alone; a replay's batches are those of its input, so that its files are the same)
+        coalesce = self.spec.source.batch_size if self.live else None
+        self.dispatcher = Dispatcher(self.spec, executor, seqs, self.counts, self.routed_schema,
+                                     coalesce)
         self.chain = EnrichmentChain(self.spec, stage_executors, stage_seqs, self.counts)
         return restored is not None, dict(restored.source_offsets) if restored else {}
 

@@ -169,16 +169,25 @@ class LiveRun(PipelineRun):
         self.replies: ScoreReplies | None = None
         self.progress_to: Callable[[dict[str, int]], None] | None = None
 
-    def poll_once(self, timeout: float) -> int:
+    def poll_once(self, timeout: float) -> int | None:
         """Ingest what the source has (waiting up to ``timeout``), collect receipts; returns
-        the rows read."""
+        the rows read, or ``None`` when the source was not read (no room: see
+        :meth:`has_room`)."""
         rows = 0
         size = self.spec.source.batch_size
+        executors = [self.dispatcher.executor, *(e for _, e in self.chain.stages)]
+        if not self.has_room():
+            # what arrives meanwhile waits in the source, to be read as one batch when there
+            # is room: batches grow with the load instead of queueing (a batch's cost is
+            # mostly fixed: at 300 events/s, read at once, each was 7 events and they queued)
+            if not wait_for_any(executors, timeout):
+                self.dispatcher.pump(block=True)
+            self.pump()
+            return None
         raws = self.source.poll(size, 0.0)  # type: ignore[attr-defined]
         if not raws and timeout > 0:
             # with batches in flight, wait on them rather than on the source: a stage's
             # answer goes on to the partitions the moment it comes, and the wait spins not
-            executors = [self.dispatcher.executor, *(e for _, e in self.chain.stages)]
             waited = wait_for_any(executors, timeout)
             raws = self.source.poll(size, 0.0 if waited else timeout)  # type: ignore[attr-defined]
         for raw in raws:
@@ -189,6 +198,11 @@ class LiveRun(PipelineRun):
             rows += raw.num_rows
         self.pump()
         return rows
+
+    def has_room(self) -> bool:
+        """Whether the stages and the partitions take another batch now: fewer than
+        ``runtime.max_in_flight`` slices in the stages, and no piece queued for a partition."""
+        return len(self.chain) < self.spec.runtime.max_in_flight and not self.dispatcher.queued()
 
     def commit(self) -> None:
         """An aligned checkpoint of everything read so far, then the source's ack."""
@@ -263,7 +277,7 @@ class LiveRun(PipelineRun):
                 at = self.source.read_offsets()
                 if all(at.get(part, 0) >= end for part, end in ends.items()):
                     break
-            elif rows == 0:
+            elif rows == 0:  # read, and nothing came (None: not read, busy)
                 break
 
 

@@ -1,0 +1,144 @@
+"""How a live run takes its input under load: it reads the source only when the stages and
+the partitions have room, so what arrives meanwhile is read later as one larger batch, and a
+partition's queued pieces go to it as one batch. A batch's cost is mostly fixed, so batches
+grow with the load instead of queueing (in process, with in-process partitions)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pytest
+
+from cluster.accounting import RunCounts
+from cluster.dispatch import Dispatcher
+from cluster.driver import routed_schema
+from cluster.partitions import LocalPartitions
+from cluster.produce import simulated_events
+from cluster.serve import LiveRun
+from pipelines.journal import SCORE_PART, JournalWriter
+from pipelines.keyed import BatchReceipt
+from pipelines.kinds import build_source
+from pipelines.pipeline import load_pipeline
+from pipelines.spec import PipelineSpec
+from tests.support import ROOT
+from tests.unit.test_routing_lanes import events, spec
+
+
+class NarrowPartitions(LocalPartitions):
+    """In-process partitions that take a batch only while ``room`` says so; each batch
+    submitted is recorded (sequence number, event ids)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.room = 0
+        self.batches: list[tuple[int, list[str]]] = []
+
+    def capacity(self, partition: int) -> int:
+        return self.room
+
+    def submit(self, partition: int, seq: int, rows: pa.Table) -> None:
+        self.batches.append((seq, rows.column("event_id").to_pylist()))
+        super().submit(partition, seq, rows)
+
+
+class HeldStage(LocalPartitions):
+    """An enrichment stage's in-process partitions whose batches stay in flight until
+    :meth:`release` (as a busy actor's would)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.held: list[tuple[int, int, pa.Table]] = []
+
+    def submit(self, partition: int, seq: int, rows: pa.Table) -> None:
+        self.held.append((partition, seq, rows))
+
+    def release(self) -> None:
+        for partition, seq, rows in self.held:
+            super().submit(partition, seq, rows)
+        self.held.clear()
+
+    def in_flight(self) -> int:
+        return len(self.held)
+
+    def poll(self, block: bool = False) -> list[BatchReceipt]:
+        return super().poll(block)
+
+
+def queued(pieces: int) -> list[pa.Table]:
+    """``pieces`` routed batches of two events each (keys a and b), ids ``p<i>-<j>``."""
+    out = []
+    for i in range(pieces):
+        batch = events([("tx.created", "a", float(i)), ("tx.created", "b", -float(i))])
+        out.append(batch.set_column(0, "event_id", pa.array([f"p{i}-0", f"p{i}-1"])))
+    return out
+
+
+@pytest.mark.parametrize(("coalesce", "expected"), [
+    (None, [(0, ["p0-0", "p0-1"]), (1, ["p1-0", "p1-1"]), (2, ["p2-0", "p2-1"])]),
+    (1_000, [(0, ["p0-0", "p0-1", "p1-0", "p1-1", "p2-0", "p2-1"])]),
+    (4, [(0, ["p0-0", "p0-1", "p1-0", "p1-1"]), (1, ["p2-0", "p2-1"])]),
+])
+def test_a_partitions_queued_pieces_go_as_one_batch_when_coalescing(
+        tmp_path: Path, coalesce: int | None, expected: list[tuple[int, list[str]]]) -> None:
+    pipeline = spec({"routes": [{"name": "all"}]})
+    pipeline = pipeline.model_copy(update={"runtime": pipeline.runtime.model_copy(
+        update={"partitions": 1})})
+    executor = NarrowPartitions(1, tmp_path, "run", pipeline)
+    dispatcher = Dispatcher(pipeline, executor, [0], RunCounts(), routed_schema(pipeline), coalesce)
+    for batch in queued(3):
+        dispatcher.route(batch)
+    dispatcher.dispatch()
+    assert executor.batches == [] and dispatcher.queued()  # no room: all three wait
+    executor.room = 1
+    dispatcher.dispatch()
+    assert executor.batches == expected  # in order (each key's order kept), one seq each
+    assert not dispatcher.queued() and dispatcher.counts.sent == 6
+
+
+def live_spec() -> PipelineSpec:
+    return load_pipeline(ROOT / "configs" / "live.yaml")
+
+
+def lines(first: int, count: int) -> list[bytes]:
+    return [json.dumps(e).encode() for e in simulated_events(first + count, seed=3)[first:]]
+
+
+def test_a_live_run_reads_its_source_only_when_the_stages_have_room(tmp_path: Path) -> None:
+    pipeline = live_spec()
+    assert pipeline.enrich and pipeline.runtime.max_in_flight == 1
+    store, journal = tmp_path / "store", tmp_path / "store" / "_journal"
+    stages: list[HeldStage] = []
+
+    def stage(run: str, enrich: Any) -> HeldStage:
+        stages.append(HeldStage(enrich.partitions, store, run, pipeline, enrich, live=True))
+        return stages[-1]
+
+    source = build_source(pipeline, [str(journal)])
+    run = LiveRun(pipeline, lambda r: LocalPartitions(1, store, r, pipeline, live=True),
+                  store, source, stages=stage)
+    run._start(resume=False)
+    source.open(None)
+    writer = JournalWriter(journal, SCORE_PART)
+    try:
+        writer.append(lines(0, 5))
+        assert run.poll_once(0.0) == 5 and len(run.chain) == 1  # in the stage, held
+        writer.append(lines(5, 7))
+        writer.append(lines(12, 4))
+        assert run.poll_once(0.0) is None and run.poll_once(0.0) is None  # no room: unread
+        assert run.counts.read == 5 and not run.has_room()
+        stages[0].release()
+        run.pump()
+        assert run.has_room() and run.counts.sent == 5  # on to the partitions
+        assert run.poll_once(0.0) == 11 and run.counts.batches == 2  # both appends, one batch
+        stages[0].release()
+        run.pump()
+        assert run.poll_once(0.0) == 0  # read, and nothing came
+        run.pump()
+        assert run.counts.sent == run.counts.stored == 16
+    finally:
+        writer.close()
+        source.close()
+        run.close()
