@@ -97,11 +97,14 @@ def raw_batch(lines: list[bytes], first: int) -> RawBatch:
                     pa.record_batch({"line": pa.array(lines, pa.binary())}))
 
 
-def normalised(lines: list[bytes], size: int, stepwise: bool, spec=LIVE_SPEC,
-               by_arrival: bool = True) -> list[tuple[pa.Table, pa.Table]]:
-    """Each ``size``-line batch's (events, dead letters), by the fused or stepwise path."""
+def normalised(lines: list[bytes], size: int, stepwise: bool = False, spec=LIVE_SPEC,
+               by_arrival: bool = True, python: bool = False) -> list[tuple[pa.Table, pa.Table]]:
+    """Each ``size``-line batch's (events, dead letters), by the stepwise path, the one
+    plan, or (``python``) the Python path for small batches of plainly valid events, which
+    falls back on the plan."""
     clock = FakeClock(START)
     normaliser, duplicates = Normaliser(spec, clock.now), DuplicateFilter()
+    normaliser.small.enabled = python
     out = []
     for first in range(0, len(lines), size):
         raw = raw_batch(lines[first:first + size], first)
@@ -112,7 +115,7 @@ def normalised(lines: list[bytes], size: int, stepwise: bool, spec=LIVE_SPEC,
             batch = normaliser._normalise_stepwise(raw, duplicates, arrived, now)
         else:
             batch = normaliser.normalise(raw, duplicates, dedup_by_arrival=by_arrival)
-            assert normaliser._fused_plans, "a JSON payload takes the one-plan path"
+            assert python or normaliser._fused_plans, "a JSON payload takes the one-plan path"
         out.append((batch.events, batch.deadletters))
     return out
 
@@ -158,6 +161,118 @@ def test_one_plan_normalises_untyped_payloads_as_the_stepwise_path() -> None:
     for size in (1, 7):
         assert_same_batches(normalised(lines, size, stepwise=False, spec=EVENTS_SPEC),
                             normalised(lines, size, stepwise=True, spec=EVENTS_SPEC))
+
+
+#: Departures from a valid transaction that the Python path must either normalise exactly
+#: as the plan does or decline (the plan then decides): valid variants, borderline and
+#: hostile ones.
+VARIANTS: dict[str, Any] = {
+    "fraction-time": lambda e: e.update(timestamp="2024-06-01T10:05:00.123Z"),
+    "long-fraction": lambda e: e.update(timestamp="2024-06-01T10:05:00.1234567Z"),
+    "space-time": lambda e: e.update(timestamp="2024-06-01 10:05:00"),
+    "naive-time": lambda e: e.update(timestamp="2024-06-01T10:05:00"),
+    "offset-time": lambda e: e.update(timestamp="2024-06-01T12:05:00+02:00"),
+    "padded-time": lambda e: e.update(timestamp=" 2024-06-01T10:05:00Z "),
+    "epoch-time": lambda e: e.update(timestamp=1717236300),
+    "no-date": lambda e: e.update(timestamp="2024-02-30T10:05:00Z"),
+    "old-time": lambda e: e.update(timestamp="1600-01-01T00:00:00Z"),
+    "fraction-field": lambda e: e["data"].update(TX_DATETIME="2024-06-01T10:05:00.5"),
+    "int-amount": lambda e: e["data"].update(TX_AMOUNT=250),
+    "long-float": lambda e: e["data"].update(TX_AMOUNT=0.12345678901234568),
+    "exp-float": lambda e: e["data"].update(TX_AMOUNT=2.5e-8),
+    "huge-int-amount": lambda e: e["data"].update(TX_AMOUNT=2 ** 60 + 1),
+    "text-int": lambda e: e["data"].update(CUSTOMER_ID="7"),
+    "float-int": lambda e: e["data"].update(TERMINAL_ID=3.0),
+    "bool-int": lambda e: e["data"].update(TX_FRAUD=True),
+    "big-int": lambda e: e["data"].update(TRANSACTION_ID=2 ** 70),
+    "null-field": lambda e: e["data"].update(TX_FRAUD=None),
+    "nested-extra": lambda e: e["data"].update(EXTRA={"a": [1, 2.5]}),
+    "zero-customer": lambda e: e["data"].update(CUSTOMER_ID=0),
+    "negative-customer": lambda e: e["data"].update(CUSTOMER_ID=-12),
+    "int-version": lambda e: e["metadata"].update(version=1),
+    "dotted-version": lambda e: e["metadata"].update(version="1.2.3"),
+    "zero-version": lambda e: e["metadata"].update(version=0),
+    "no-metadata": lambda e: e.pop("metadata"),
+    "null-metadata": lambda e: e.update(metadata=None),
+    "text-metadata": lambda e: e.update(metadata="v1"),
+    "no-region": lambda e: e["metadata"].pop("region"),
+    "number-region": lambda e: e["metadata"].update(region=7),
+    "tagged": lambda e: e["metadata"].update(team="risk ü", shard=3),
+    "float-tag": lambda e: e["metadata"].update(weight=1.5),
+    "nested-tag": lambda e: e["metadata"].update(more={"a": 1}),
+    "no-correlation": lambda e: e.pop("correlationId"),
+    "empty-correlation": lambda e: e.update(correlationId=""),
+    "no-source": lambda e: e.pop("source"),
+    "null-source": lambda e: e.update(source=None),
+    "empty-source": lambda e: e.update(source=""),
+    "number-id": lambda e: e.update(eventId=12345),
+    "null-id": lambda e: e.update(eventId=None),
+    "long-id": lambda e: e.update(eventId="i" * 129),
+    "literal-id": lambda e: e.update(eventId="null"),
+    "bracket-id": lambda e: e.update(eventId="[x]"),
+    "unicode-id": lambda e: e.update(eventId=e["eventId"] + "-é"),
+    "newline-id": lambda e: e.update(eventId=e["eventId"] + "\n"),
+    "no-data": lambda e: e.pop("data"),
+    "list-data": lambda e: e.update(data=[1]),
+}
+
+
+def variant(index: int, customer: int, name: str | None, ascii_only: bool,
+            earlier: list[bytes]) -> bytes:
+    event = transaction(index, customer, index % 50, 250.0)
+    if name in VARIANTS:
+        VARIANTS[name](event)
+        return json.dumps(event, ensure_ascii=ascii_only).encode()
+    if name == "dup-key":  # the same key twice: which wins differs between JSON parsers
+        return json.dumps(event).encode().replace(b'"source"', b'"source": "x", "source"')
+    if name == "nan":
+        return json.dumps(event | {"score": float("nan")}).encode()
+    return defective(event, name, earlier)
+
+
+@st.composite
+def variant_lines(draw: st.DrawFn) -> list[bytes]:
+    names = st.sampled_from([None, None, *VARIANTS, "dup-key", "nan", *DEFECTS])
+    rows = draw(st.lists(st.tuples(st.integers(1, 4), names, st.booleans()), min_size=1,
+                         max_size=30))
+    lines: list[bytes] = []
+    for index, (customer, name, ascii_only) in enumerate(rows):
+        lines.append(variant(index, customer, name, ascii_only, lines))
+    return lines
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(variant_lines(), st.sampled_from([1, 4, 30]), st.booleans())
+def test_the_python_path_normalises_as_the_plan_or_declines(lines: list[bytes], size: int,
+                                                             by_arrival: bool) -> None:
+    assert_same_batches(normalised(lines, size, python=True, by_arrival=by_arrival),
+                        normalised(lines, size, by_arrival=by_arrival))
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_each_variant_is_normalised_as_the_plan_or_declined(name: str) -> None:
+    lines = [variant(i, i % 3, name if i % 2 else None, i % 4 == 1, []) for i in range(6)]
+    for size in (1, 6):
+        assert_same_batches(normalised(lines, size, python=True), normalised(lines, size))
+
+
+def test_plainly_valid_events_take_the_python_path() -> None:
+    """Valid transactions of every plain form are normalised without a plan (the test
+    fails if the Python path declines them all)."""
+    plain = [None, "fraction-time", "space-time", "naive-time", "int-amount", "int-version",
+             "no-metadata", "no-region", "tagged", "no-correlation", "no-source", "unicode-id",
+             "no-id"]
+    lines = [variant(i, i % 3, name, False, []) for i, name in enumerate(plain)]
+    clock = FakeClock(START)
+    normaliser, duplicates = Normaliser(LIVE_SPEC, clock.now), DuplicateFilter()
+    for first in range(0, len(lines), 3):
+        batch = normaliser.normalise(raw_batch(lines[first:first + 3], first), duplicates,
+                                     dedup_by_arrival=True)
+        assert batch.events.num_rows == len(lines[first:first + 3])
+    again = normaliser.normalise(raw_batch(lines[:2], 0), duplicates, dedup_by_arrival=True)
+    assert again.events.num_rows == 0 and again.deadletters.num_rows == 2  # retried: duplicates
+    assert not normaliser._fused_plans, "no batch needed the plan"
+    assert_same_batches(normalised(lines, 3, python=True), normalised(lines, 3))
 
 
 # -- the arrival guard ---------------------------------------------------------------------
