@@ -174,16 +174,23 @@ class Checkpointer:
              counts: RunCounts, offsets: dict[str, int]) -> None:
         """Checkpoint everything (the stages must have been finished first) and commit."""
         self.epoch += 1
-        seqs = dispatcher.checkpoint(self.epoch)
+        epoch = self.epoch
+        # the stages, the partitions and the driver's own state are written at once: the
+        # stall is the slowest of them, not their sum (nothing moves meanwhile)
+        stages = chain.ask_checkpoint(epoch)
+
+        def write_ingest() -> None:
+            for name, state in ingest.snapshot().items():
+                self.checkpoints.write_state(epoch, name, state)
+
+        seqs = dispatcher.checkpoint(epoch, meanwhile=write_ingest)
         if seqs != dict(enumerate(dispatcher.seqs)):
-            raise AccountingError({"checkpoint_epoch": self.epoch, **{
+            raise AccountingError({"checkpoint_epoch": epoch, **{
                 f"partition_{p}_at": s for p, s in seqs.items()}})
-        stage_seqs = chain.checkpoint(self.epoch)
+        stage_seqs = stages()
         for name, stage in stage_seqs.items():
             if stage != dict(enumerate(chain.seqs[name])):
-                raise AccountingError({"checkpoint_epoch": self.epoch, f"stage_{name}": 1})
-        for name, state in ingest.snapshot().items():
-            self.checkpoints.write_state(self.epoch, name, state)
+                raise AccountingError({"checkpoint_epoch": epoch, f"stage_{name}": 1})
         self.checkpoints.commit(Checkpoint(
             self.epoch, dict(offsets), seqs, counts.batches, counts.numbers(),
             dict(counts.reasons), stage_seqs))

@@ -15,6 +15,7 @@ import pyarrow as pa
 
 from cluster.accounting import Latencies, RunCounts
 from cluster.operators import KeyedExecutor
+from cluster.partitions import ask_checkpoint
 from pipelines.keyed import BatchReceipt, merge_counters, split_by_partition
 from pipelines.kinds import repartitioned_patterns
 from pipelines.lanes import BatchSizer, LaneQueues
@@ -148,12 +149,16 @@ class Dispatcher:
             self.executor.submit(partition, self.seqs[partition], mark)
             self.seqs[partition] += 1
 
-    def checkpoint(self, epoch: int) -> dict[int, int]:
+    def checkpoint(self, epoch: int, meanwhile: Callable[[], None] = lambda: None) -> dict[int, int]:
         """Every partition's state for ``epoch``, once nothing is queued or in flight and no
-        acknowledged batch brings derived events to dispatch."""
+        acknowledged batch brings derived events to dispatch; ``meanwhile`` runs (once) while
+        the partitions write theirs."""
         while True:
             self.flush()
-            seqs = self.executor.checkpoint(epoch)
+            collect = ask_checkpoint(self.executor, epoch)
+            meanwhile()
+            meanwhile = lambda: None  # noqa: E731 (a retake does not run it again)
+            seqs = collect()
             self.acknowledge(self.executor.poll())
             if self.queues.empty():
                 return seqs

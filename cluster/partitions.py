@@ -28,6 +28,7 @@ import dataclasses
 import math
 import time
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -179,6 +180,17 @@ class LocalPartitions:
 
     def close(self) -> None:
         pass
+
+
+def ask_checkpoint(executor: Any, epoch: int) -> Callable[[], dict[int, int]]:
+    """Start ``executor``'s checkpoint for ``epoch``; returns the call that waits for it (an
+    executor without ``ask_checkpoint``, in process, checkpoints at once, and the call
+    returns its answer)."""
+    ask = getattr(executor, "ask_checkpoint", None)
+    if ask is not None:
+        return ask(epoch)
+    seqs = executor.checkpoint(epoch)
+    return lambda: seqs
 
 
 def wait_for_any(executors: list[Any], timeout: float) -> bool:
@@ -450,7 +462,13 @@ class RayPartitions:
 
     def checkpoint(self, epoch: int) -> dict[int, int]:
         """Every partition's state at this point, written for ``epoch``; flushes first (the
-        receipts come with the next :meth:`poll`).
+        receipts come with the next :meth:`poll`). See :meth:`ask_checkpoint`."""
+        return self.ask_checkpoint(epoch)()
+
+    def ask_checkpoint(self, epoch: int) -> Callable[[], dict[int, int]]:
+        """Ask every partition for its state at this point, written for ``epoch``, and
+        return the call that waits for their answers (the actors work meanwhile: the driver
+        may checkpoint other executors); flushes first.
 
         The driver commits each checkpoint before it asks for the next epoch, so when a new
         epoch is asked, batches before the previous epoch's are covered by a committed
@@ -465,19 +483,23 @@ class RayPartitions:
         self._flush()
         # asked of every partition at once: each commits its files and state meanwhile
         asked = [actor.checkpoint.remote(epoch) for actor in self.actors]
-        seqs: dict[int, int] = {}
-        for partition in range(len(self.actors)):
-            while partition not in seqs:
-                try:
-                    seqs[partition] = self._ray.get(asked[partition], timeout=self.batch_timeout_s)
-                    self._futile[partition] = 0
-                except self._failures as exc:
-                    self._failed(partition, f"checkpoint {epoch}", exc)
-                    while self.pending[partition]:
-                        self._collect_oldest(partition)
-                    asked[partition] = self.actors[partition].checkpoint.remote(epoch)
-        self._checkpointed = [seqs[p] for p in range(len(self.actors))]
-        return seqs
+
+        def collect() -> dict[int, int]:
+            seqs: dict[int, int] = {}
+            for partition in range(len(self.actors)):
+                while partition not in seqs:
+                    try:
+                        seqs[partition] = self._ray.get(asked[partition],
+                                                        timeout=self.batch_timeout_s)
+                        self._futile[partition] = 0
+                    except self._failures as exc:
+                        self._failed(partition, f"checkpoint {epoch}", exc)
+                        while self.pending[partition]:
+                            self._collect_oldest(partition)
+                        asked[partition] = self.actors[partition].checkpoint.remote(epoch)
+            self._checkpointed = [seqs[p] for p in range(len(self.actors))]
+            return seqs
+        return collect
 
     def committed(self) -> None:
         """The checkpoint just taken is committed: the batches it covers are never resent."""

@@ -142,3 +142,52 @@ def test_a_live_run_reads_its_source_only_when_the_stages_have_room(tmp_path: Pa
         writer.close()
         source.close()
         run.close()
+
+
+class Recorded(LocalPartitions):
+    """In-process partitions that answer a checkpoint in two steps, as actors do, and log
+    each step in ``log``."""
+
+    def __init__(self, name: str, log: list[str], *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.name, self.log = name, log
+
+    def ask_checkpoint(self, epoch: int) -> Any:
+        self.log.append(f"{self.name} asked")
+        seqs = self.checkpoint(epoch)
+
+        def collect() -> dict[int, int]:
+            self.log.append(f"{self.name} answered")
+            return seqs
+        return collect
+
+
+def test_a_checkpoint_asks_the_stages_and_the_partitions_at_once(tmp_path: Path) -> None:
+    """The stall of a checkpoint is its slowest writer's, not the sum of all: the stages'
+    and the partitions' actors are asked before either is waited for, and the driver writes
+    its own state while they work."""
+    pipeline = live_spec()
+    store, journal = tmp_path / "store", tmp_path / "store" / "_journal"
+    log: list[str] = []
+    source = build_source(pipeline, [str(journal)])
+    run = LiveRun(pipeline, lambda r: Recorded("partitions", log, 1, store, r, pipeline, live=True),
+                  store, source, stages=lambda r, s: Recorded("stage", log, s.partitions, store,
+                                                              r, pipeline, s, live=True))
+    run._start(resume=False)
+    source.open(None)
+    writer = JournalWriter(journal, SCORE_PART)
+    snapshot = run.ingest.snapshot
+    run.ingest.snapshot = lambda: (log.append("driver state"), snapshot())[1]  # type: ignore[method-assign]
+    try:
+        writer.append(lines(0, 20))
+        assert run.poll_once(0.0) == 20
+        run.commit()
+        assert log == ["stage asked", "partitions asked", "driver state", "partitions answered",
+                       "stage answered"]
+        latest = run.checkpointer.checkpoints.latest()
+        assert latest is not None and latest.partition_seqs == {0: 1}
+        assert latest.stage_seqs == {"terminal": {0: 1}} and latest.source_offsets["score"] == 20
+    finally:
+        writer.close()
+        source.close()
+        run.close()
