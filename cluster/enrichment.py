@@ -13,14 +13,17 @@ slice there, counted in the run's ``dead_lettered``.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from cluster.accounting import RunCounts
 from cluster.operators import KeyedExecutor
+from cluster.partitions import ask_checkpoint
 from pipelines.keyed import BatchReceipt, split_by_partition
 from pipelines.kinds import stage_class
 from pipelines.processing import ROW_POSITION
@@ -31,7 +34,7 @@ from pipelines.spec import EnrichSpec, PipelineSpec
 class _Slice:
     """A released slice in the stages: the stage it waits on and its pieces there."""
 
-    frame: pl.DataFrame  # the slice, with its row positions
+    table: pa.Table  # the slice, with its row positions
     stage: int = 0
     waiting: list[tuple[int, int]] = field(default_factory=list)  # (partition, seq) sent
 
@@ -60,6 +63,8 @@ class EnrichmentChain:
         self.max_in_flight = spec.runtime.max_in_flight
         self.answers: list[dict[tuple[int, int], BatchReceipt]] = [{} for _ in self.stages]
         self.slices: deque[_Slice] = deque()
+        #: each stage's input schema, by the slice's schema (that of the Polars plan)
+        self._schemas: dict[tuple[int, pa.Schema], pa.Schema] = {}
 
     def __len__(self) -> int:
         return len(self.slices)
@@ -69,9 +74,8 @@ class EnrichmentChain:
         oldest first (waiting while ``max_in_flight`` slices are in the stages)."""
         if not self.stages:
             return [events]
-        frame = pl.from_arrow(events)
-        assert isinstance(frame, pl.DataFrame)
-        item = _Slice(frame.insert_column(0, pl.Series(ROW_POSITION, np.arange(frame.height))))
+        positions = pa.array(np.arange(events.num_rows), pa.int64())
+        item = _Slice(events.add_column(0, ROW_POSITION, positions))
         self.slices.append(item)
         self._send(item, 0)
         finished = self.advance()
@@ -82,21 +86,61 @@ class EnrichmentChain:
     def _send(self, item: _Slice, index: int) -> None:
         """Hand a slice's rows of stage ``index``'s event types to its partitions."""
         stage, executor = self.stages[index]
-        # one query (one collect): a slice of one event pays each Polars call in full
-        rows = item.frame.lazy().filter(pl.col("event_type").is_in(stage.event_types))
-        key = pl.col("data").struct.field(stage.key)
-        if self.reads[index] is not None:  # only what the stage reads crosses to its actors
-            fields = dict.fromkeys([stage.key, *self.reads[index], *self.carried])
-            # and the id, which names an event the stage raises on in its dead letter
-            rows = rows.select(ROW_POSITION, "event_id", "event_type", "timestamp",
-                               data=pl.struct(pl.col("data").struct.field(*fields)))
-        rows = rows.with_columns(key=key.cast(pl.String)).collect()
+        rows = self._stage_rows(item.table, index)
         item.stage, item.waiting = index, []
         seqs = self.seqs[stage.name]
-        for partition, piece in split_by_partition(rows.to_arrow(), stage.partitions):
+        for partition, piece in split_by_partition(rows, stage.partitions):
             executor.submit(partition, seqs[partition], piece)
             item.waiting.append((partition, seqs[partition]))
             seqs[partition] += 1
+
+    def _stage_rows(self, table: pa.Table, index: int) -> pa.Table:
+        """The rows of stage ``index``'s event types, with only what it reads (and the id,
+        which names an event the stage raises on in its dead letter) and the stage's key as
+        text. Made in Arrow (a slice of a few events paid some 5 ms for a Polars plan), in
+        the types the Polars plan of :meth:`_planned_rows` gives, which decides where the
+        key is neither an integer nor text (its text form is Polars')."""
+        stage = self.stages[index][0]
+        data_type = table.schema.field("data").type
+        key_type = data_type.field(stage.key).type if data_type.get_field_index(stage.key) >= 0 else None
+        if key_type is None or not (pa.types.is_integer(key_type) or pa.types.is_string(key_type)
+                                    or pa.types.is_large_string(key_type)):
+            return self._planned_rows(table, index)
+        schema = self._schemas.get((index, table.schema))
+        if schema is None:
+            if len(self._schemas) >= 64:  # slices whose schema keeps changing
+                self._schemas.clear()
+            schema = self._planned_rows(table.slice(0, 0), index).schema
+            self._schemas[(index, table.schema)] = schema
+        kept = pc.is_in(table.column("event_type"), value_set=pa.array(stage.event_types, pa.string()))
+        if not pc.all(kept).as_py():
+            table = table.filter(kept)
+        data = table.column("data").combine_chunks()
+        key = data.field(stage.key).cast(pa.string())
+        if self.reads[index] is not None:
+            fields = list(dict.fromkeys([stage.key, *self.reads[index], *self.carried]))
+            table = pa.table({
+                ROW_POSITION: table.column(ROW_POSITION), "event_id": table.column("event_id"),
+                "event_type": table.column("event_type"), "timestamp": table.column("timestamp"),
+                "data": pa.StructArray.from_arrays([data.field(f) for f in fields], names=fields)})
+        if "key" in table.column_names:
+            table = table.set_column(table.schema.get_field_index("key"), "key", key)
+        else:
+            table = table.append_column("key", key)
+        return table.cast(schema)
+
+    def _planned_rows(self, table: pa.Table, index: int) -> pa.Table:
+        """:meth:`_stage_rows` by one Polars plan."""
+        stage = self.stages[index][0]
+        frame = pl.from_arrow(table)
+        assert isinstance(frame, pl.DataFrame)
+        rows = frame.lazy().filter(pl.col("event_type").is_in(stage.event_types))
+        key = pl.col("data").struct.field(stage.key)
+        if self.reads[index] is not None:  # only what the stage reads crosses to its actors
+            fields = dict.fromkeys([stage.key, *self.reads[index], *self.carried])
+            rows = rows.select(ROW_POSITION, "event_id", "event_type", "timestamp",
+                               data=pl.struct(pl.col("data").struct.field(*fields)))
+        return rows.with_columns(key=key.cast(pl.String)).collect().to_arrow()
 
     def advance(self) -> list[pa.Table]:
         """Join the answers that came back; returns the slices that left the last stage."""
@@ -115,7 +159,7 @@ class EnrichmentChain:
             behind = min(behind, item.stage)
         finished = []
         while self.slices and self.slices[0].stage == last:
-            finished.append(self.slices.popleft().frame.to_arrow().drop_columns([ROW_POSITION]))
+            finished.append(self.slices.popleft().table.drop_columns([ROW_POSITION]))
         return finished
 
     def _answered(self, item: _Slice) -> bool:
@@ -127,15 +171,20 @@ class EnrichmentChain:
         receipts = [answers.pop(piece) for piece in item.waiting]
         poisoned = [r.poisoned for r in receipts if r.poisoned is not None and len(r.poisoned)]
         if poisoned:
-            item.frame = item.frame.filter(~pl.col(ROW_POSITION).is_in(
-                pl.Series(pa.concat_arrays(poisoned)).cast(pl.Int64).implode()))
+            dropped = pa.concat_arrays(poisoned).cast(pa.int64())
+            item.table = item.table.filter(pc.invert(pc.is_in(item.table.column(ROW_POSITION),
+                                                              value_set=dropped)))
         for receipt in receipts:
             self.counts.count_reasons(receipt.reasons)
         parts = [r.derived for r in receipts if r.derived is not None and r.derived.num_rows]
-        if parts:
-            added = pl.from_arrow(pa.concat_tables(parts))
-            assert isinstance(added, pl.DataFrame)
-            item.frame = item.frame.join(added, on=ROW_POSITION, how="left", maintain_order="left")
+        if parts:  # a left join on the row position, in the slice's order
+            added = pa.concat_tables(parts, promote_options="permissive")
+            at = pc.index_in(item.table.column(ROW_POSITION),
+                             value_set=added.column(ROW_POSITION).combine_chunks().cast(pa.int64()))
+            for name in added.column_names:
+                if name != ROW_POSITION:  # a name taken already: suffixed, as Polars joins do
+                    taken = f"{name}_right" if name in item.table.column_names else name
+                    item.table = item.table.append_column(taken, added.column(name).take(at))
 
     def wait(self) -> list[pa.Table]:
         """Block until the oldest slice's current stage has answered more, then advance."""
@@ -153,7 +202,13 @@ class EnrichmentChain:
 
     def checkpoint(self, epoch: int) -> dict[str, dict[int, int]]:
         """Every stage's partitions' state for ``epoch`` (call :meth:`finish` first)."""
-        return {stage.name: executor.checkpoint(epoch) for stage, executor in self.stages}
+        return self.ask_checkpoint(epoch)()
+
+    def ask_checkpoint(self, epoch: int) -> Callable[[], dict[str, dict[int, int]]]:
+        """Start every stage's checkpoint for ``epoch`` (call :meth:`finish` first); returns
+        the call that waits for them (their actors write while the driver does other work)."""
+        asked = [(stage.name, ask_checkpoint(executor, epoch)) for stage, executor in self.stages]
+        return lambda: {name: collect() for name, collect in asked}
 
     def committed(self) -> None:
         for _, executor in self.stages:

@@ -375,3 +375,34 @@ def test_router_without_routes_keeps_every_row_in_the_normal_lane(rows: int) -> 
     events = envelope_batch(rows, rows)
     routed = Router(EVENTS_SPEC).route(events)
     assert routed.normal.to_pylist() == events.to_pylist() and routed.high.num_rows == 0
+
+
+# -- the enrichment stages' input -------------------------------------------------------
+
+
+@pytest.mark.parametrize("reads_all", [False, True])
+@pytest.mark.parametrize("rows", [1, 3, 40])
+def test_a_stages_rows_made_in_arrow_are_the_polars_plans(tmp_path, rows: int,
+                                                          reads_all: bool) -> None:
+    """What crosses to a stage's actors (its event types' rows, the fields it reads, its
+    key as text) is the same, types included, as the Polars plan gives."""
+    from cluster.enrichment import EnrichmentChain
+    from cluster.partitions import LocalPartitions
+    from pipelines.processing import ROW_POSITION
+
+    kinds = [None, "label", "untyped", None, "no-id"]
+    lines = [defective(transaction(i, i % 5, i, 10.0 + i), kinds[i % len(kinds)], [])
+             for i in range(rows)]
+    events = Normaliser(LIVE_SPEC, FakeClock(START).now).normalise(raw_batch(lines, 0)).events
+    stage = LIVE_SPEC.enrich[0]
+    chain = EnrichmentChain(LIVE_SPEC, [LocalPartitions(1, tmp_path, "r", LIVE_SPEC, stage)],
+                            {stage.name: [0]})
+    if reads_all:
+        chain.reads[0] = None
+    table = events.add_column(0, ROW_POSITION, pa.array(np.arange(events.num_rows), pa.int64()))
+    for piece in (table, table.slice(0, 0)):
+        arrow, planned = chain._stage_rows(piece, 0), chain._planned_rows(piece, 0)
+        assert arrow.schema == planned.schema
+        assert arrow.to_pylist() == planned.to_pylist()
+    assert chain._stage_rows(table, 0).num_rows == sum(kinds[i % len(kinds)] != "untyped"
+                                                       for i in range(rows))
