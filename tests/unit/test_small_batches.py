@@ -26,6 +26,7 @@ from pipelines.dedup import DuplicateFilter
 from pipelines.hashing import partition_of
 from pipelines.keyed import split_by_partition
 from pipelines.normalise import Normaliser
+from pipelines.normalise_small import SMALL_BATCH_ROWS
 from pipelines.pipeline import load_pipeline
 from pipelines.routing import Router
 from pipelines.sources import RawBatch
@@ -273,6 +274,10 @@ def test_plainly_valid_events_take_the_python_path() -> None:
     assert again.events.num_rows == 0 and again.deadletters.num_rows == 2  # retried: duplicates
     assert not normaliser._fused_plans, "no batch needed the plan"
     assert_same_batches(normalised(lines, 3, python=True), normalised(lines, 3))
+    # beyond SMALL_BATCH_ROWS, batch operations: the per-row path's cost stays bounded
+    many = [variant(100 + i, i % 7, None, False, []) for i in range(SMALL_BATCH_ROWS + 1)]
+    batch = normaliser.normalise(raw_batch(many, 100), duplicates, dedup_by_arrival=True)
+    assert batch.events.num_rows == len(many) and normaliser._fused_plans
 
 
 # -- the arrival guard ---------------------------------------------------------------------
