@@ -327,9 +327,9 @@ class Normaliser:
         arrived = int(ingested_at.timestamp() * 1e6) if dedup_by_arrival else None
         if isinstance(self.spec.mapping.payload, JsonRef):
             # a few plainly valid events: no plan (declined, the plan decides)
-            out = self.small.normalise(raw, duplicates, arrived, ingested_at)
-            if out is not None:
-                return out
+            small = self.small.normalise(raw, duplicates, arrived, ingested_at)
+            if small is not None:
+                return Normalised(*small, raw.num_rows)
             out = self._normalise_fused(raw, duplicates, arrived, ingested_at)
             if out is not None:
                 return out

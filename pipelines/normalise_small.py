@@ -188,10 +188,8 @@ class SmallBatchNormaliser:
                         and m.event_type is not None and bool(self.types))
 
     def normalise(self, raw: RawBatch, duplicates: DuplicateFilter | None, arrived: int | None,
-                  ingested_at: dt.datetime) -> Any:
-        """The batch as :class:`~pipelines.normalise.Normalised`, or ``None`` (declined)."""
-        from pipelines.normalise import Normalised
-
+                  ingested_at: dt.datetime) -> tuple[pa.Table, pa.Table] | None:
+        """The batch's (events, dead letters: its duplicates), or ``None`` (declined)."""
         if not self.enabled or raw.num_rows > SMALL_BATCH_ROWS or raw.num_rows == 0:
             return None
         lines = raw.records.column("line").to_pylist()
@@ -223,8 +221,7 @@ class SmallBatchNormaliser:
                 else np.array([row[2] for row in rows], np.int64)
             valid = ~duplicates.mark(pa.array(given, pa.string()), times, keep=valid)
         events = self._table(raw.source, given, rows, ingested_at, valid)
-        dead = self._duplicates(raw, lines, given, rows, ingested_at, ~valid)
-        return Normalised(events, dead, n)
+        return events, self._duplicates(raw, lines, given, rows, ingested_at, ~valid)
 
     def _event(self, line: bytes, latest_us: int) -> list[Any]:
         """[event id or None, type, micros, source or None, correlation id or None, key or
