@@ -192,9 +192,9 @@ class Checkpointer:
             if stage != dict(enumerate(chain.seqs[name])):
                 raise AccountingError({"checkpoint_epoch": epoch, f"stage_{name}": 1})
         self.checkpoints.commit(Checkpoint(
-            self.epoch, dict(offsets), seqs, counts.batches, counts.numbers(),
+            epoch, dict(offsets), seqs, counts.batches, counts.numbers(),
             dict(counts.reasons), stage_seqs))
-        self.committer.commit(self.epoch, self.clock())  # after the manifest: it is the commit
+        self.committer.commit(epoch, self.clock())  # after the manifest: it is the commit
         dispatcher.executor.committed()
         chain.committed()
         counts.checkpoints += 1

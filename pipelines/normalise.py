@@ -67,11 +67,15 @@ from pipelines.sources import (
     invalid_utf8_rows,
 )
 from pipelines.spec import ENVELOPE_KEY_FIELDS, Constant, JsonRef, PipelineSpec
-from pipelines.timestamps import MAX_TIME, outside_representable_range, parse_timestamp
+from pipelines.timestamps import (
+    MAX_TIME,
+    epoch_micros,
+    outside_representable_range,
+    parse_timestamp,
+)
 
 Clock = Callable[[], dt.datetime]
 _MALFORMED = (MALFORMED_REASON, MALFORMED_MESSAGE, MALFORMED_RAW)
-_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 #: JSON literals that a JSON path extraction turns into text: never a valid type or id.
 _JSON_LITERALS = ["true", "false", "null"]
 
@@ -198,13 +202,6 @@ _DUPLICATE_CHECK = (pl.lit(False), "duplicate_event_id",
 
 def _named(expressions: list[pl.Expr]) -> dict[str, pl.Expr]:
     return {e.meta.output_name(): e for e in expressions}
-
-
-def _micros(moment: dt.datetime) -> int:
-    """Microseconds since the epoch (a naive time is taken as UTC, as Polars takes it)."""
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=dt.UTC)
-    return (moment - _EPOCH) // dt.timedelta(microseconds=1)
 
 
 def _source_columns(raw: RawBatch) -> list[str]:
@@ -411,7 +408,7 @@ class Normaliser:
         for i, column in enumerate(columns):
             failed[:, column] = frame.get_column(f"__check_{i}").to_numpy()
         latest = min(now + self.spec.source.max_future, MAX_TIME)
-        later = pc.greater(frame.get_column("__ts_us").to_arrow(), _micros(latest))
+        later = pc.greater(frame.get_column("__ts_us").to_arrow(), epoch_micros(latest))
         failed[:, plan.later_at] = pc.fill_null(later, False).to_numpy(zero_copy_only=False)
         return failed
 
@@ -780,7 +777,7 @@ class Normaliser:
         columns = {name: frame.get_column(column).to_arrow() for name, column in _OUT_COLUMNS}
         metadata = {name: frame.get_column(f"__{name}").to_arrow()
                     for name in ("version", "region", "tags")}
-        metadata["ingested_at"] = pa.array(np.full(frame.height, _micros(ingested_at)), TIMESTAMP)
+        metadata["ingested_at"] = pa.array(np.full(frame.height, epoch_micros(ingested_at)), TIMESTAMP)
         columns["metadata"] = pa.StructArray.from_arrays(
             [metadata[name] for name in ("version", "region", "ingested_at", "tags")],
             names=["version", "region", "ingested_at", "tags"])

@@ -19,6 +19,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import re
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -36,13 +37,12 @@ from pipelines.envelope import (
 from pipelines.event_ids import derived_event_ids
 from pipelines.sources import RawBatch
 from pipelines.spec import ENVELOPE_KEY_FIELDS, Constant, JsonRef
-from pipelines.timestamps import MAX_TIME, MIN_TIME
+from pipelines.timestamps import MAX_TIME, MIN_TIME, epoch_micros
 
 #: Batches of at most this many rows take this path (beyond it the plan's fixed cost is
 #: spread over enough rows, and per-row Python would cost more).
 SMALL_BATCH_ROWS = 64
 
-_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 _ISO = re.compile(r"(\d{4})-(\d{2})-(\d{2})[T ](\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,6}))?(Z?)")
 #: A float literal any parser reads to the same double: at most 15 significant digits and
 #: a power of ten within 10**22 (exact by one correctly rounded operation).
@@ -52,12 +52,29 @@ _VERSION = re.compile(VERSION_PATTERN)
 _LEADING_DIGITS = re.compile(r"[0-9]+")
 _JSON_LITERALS = frozenset({"true", "false", "null"})
 _INT_RANGES = {pa.int8(): 7, pa.int16(): 15, pa.int32(): 31, pa.int64(): 63}
-_MIN_US = (MIN_TIME - _EPOCH) // dt.timedelta(microseconds=1)
-_MAX_US = (MAX_TIME - _EPOCH) // dt.timedelta(microseconds=1)
+_MIN_US, _MAX_US = epoch_micros(MIN_TIME), epoch_micros(MAX_TIME)
 
 
 class _Declined(Exception):
     """An event this path does not decide: the batch goes to the Polars plan."""
+
+
+@dataclass(slots=True)
+class _Row:
+    """One event's envelope fields as read from its line. ``event_id`` is ``None`` until
+    the batch's derived ids are known (the producer gave none), and so are the correlation
+    id and key that default to it."""
+
+    event_id: str | None
+    event_type: str
+    micros: int
+    source: str | None
+    correlation_id: str | None
+    key: str | None
+    values: dict[str, Any]
+    version: str
+    region: str | None
+    tags: str | None
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -87,7 +104,7 @@ def _plain(text: str) -> bool:
     return text.isprintable() and '"' not in text and "\\" not in text
 
 
-def _micros(text: Any) -> int:
+def _iso_micros(text: Any) -> int:
     """Microseconds since the epoch of an ISO timestamp (naive or ``Z``: UTC)."""
     if not isinstance(text, str):
         raise _Declined
@@ -100,7 +117,7 @@ def _micros(text: Any) -> int:
                              int(second), int((fraction or "0").ljust(6, "0")), tzinfo=dt.UTC)
     except ValueError:
         raise _Declined from None
-    micros = (moment - _EPOCH) // dt.timedelta(microseconds=1)
+    micros = epoch_micros(moment)
     if not _MIN_US <= micros <= _MAX_US:
         raise _Declined
     return micros
@@ -153,7 +170,7 @@ def _field(value: Any, arrow: pa.DataType) -> Any:
         if not isinstance(value, str) or not _plain(value):
             raise _Declined
         return value
-    return _micros(value)  # a timestamp field
+    return _iso_micros(value)  # a timestamp field
 
 
 class SmallBatchNormaliser:
@@ -166,10 +183,9 @@ class SmallBatchNormaliser:
 
     def __init__(self, normaliser: Any) -> None:
         spec = normaliser.spec
-        self.spec, self.schema, self.max_future = spec, normaliser.schema, spec.source.max_future
+        self.schema, self.max_future = normaliser.schema, spec.source.max_future
         m = spec.mapping
-        refs = [m.event_id, m.event_type, m.source, m.correlation_id]
-        self.refs = refs
+        self.refs = refs = [m.event_id, m.event_type, m.source, m.correlation_id]
         self.timestamp = m.timestamp
         self.payload = m.payload.json_ if isinstance(m.payload, JsonRef) else None
         self.metadata = m.metadata.json_ if m.metadata is not None else None
@@ -182,7 +198,6 @@ class SmallBatchNormaliser:
                       for name, schema in registry.schemas.items() if schema.model is not None}
         self.types = {n: p for n, p in self.types.items() if p.supported
                       and _EVENT_TYPE.fullmatch(n) and len(n) <= MAX_EVENT_TYPE_LENGTH}
-        self.field_names = [f.name for f in fields]
         self.enabled = (normaliser.json_lines and self.payload is not None
                         and not any(isinstance(r, Constant) for r in refs)
                         and m.event_type is not None and bool(self.types))
@@ -194,38 +209,40 @@ class SmallBatchNormaliser:
             return None
         lines = raw.records.column("line").to_pylist()
         latest = min(ingested_at + self.max_future, MAX_TIME)
-        latest_us = (latest - _EPOCH) // dt.timedelta(microseconds=1)
-        rows = []
+        latest_us = epoch_micros(latest)
+        rows: list[_Row] = []
         try:
             for line in lines:
                 rows.append(self._event(line, latest_us))
         except _Declined:
             return None
-        given = [row[0] for row in rows]
-        if any(g is None for g in given):
+        if any(row.event_id is None for row in rows):
             derived = derived_event_ids(raw.source, raw.part, raw.offsets).to_pylist()
-            given = [d if g is None else g for g, d in zip(given, derived, strict=True)]
-        for row, event_id in zip(rows, given, strict=True):
-            if row[4] is None:
-                row[4] = event_id  # the correlation id defaults to the event id
-            elif len(row[4]) > self.max_key and row[4] != event_id:
+            for row, event_id in zip(rows, derived, strict=True):
+                if row.event_id is None:
+                    row.event_id = event_id
+        for row in rows:
+            if row.correlation_id is None:
+                row.correlation_id = row.event_id  # the correlation id defaults to the event id
+            elif len(row.correlation_id) > self.max_key and row.correlation_id != row.event_id:
                 return None
-            if row[5] is None:  # keyed by the event id itself
-                row[5] = event_id
-                if len(event_id) > self.max_key:
+            if row.key is None:  # keyed by the event id itself
+                row.key = row.event_id
+                if len(row.key) > self.max_key:
                     return None
-        n = len(rows)
-        valid = np.ones(n, bool)
+        valid = np.ones(len(rows), bool)
         if duplicates is not None:
-            times = np.full(n, arrived, np.int64) if arrived is not None \
-                else np.array([row[2] for row in rows], np.int64)
-            valid = ~duplicates.mark(pa.array(given, pa.string()), times, keep=valid)
-        events = self._table(raw.source, given, rows, ingested_at, valid)
-        return events, self._duplicates(raw, lines, given, rows, ingested_at, ~valid)
+            times = np.full(len(rows), arrived, np.int64) if arrived is not None \
+                else np.array([row.micros for row in rows], np.int64)
+            ids = pa.array([row.event_id for row in rows], pa.string())
+            valid = ~duplicates.mark(ids, times, keep=valid)
+        ingested_us = epoch_micros(ingested_at)
+        events = self._table(raw.source, [r for r, ok in zip(rows, valid, strict=True) if ok],
+                             ingested_us)
+        return events, _duplicates(raw, lines, rows, ingested_us, ~valid)
 
-    def _event(self, line: bytes, latest_us: int) -> list[Any]:
-        """[event id or None, type, micros, source or None, correlation id or None, key or
-        None (the event id's), data values, version, region, tags] of one line."""
+    def _event(self, line: bytes, latest_us: int) -> _Row:
+        """One line's event, or declined."""
         if len(line) > self.max_line or b"\\u" in line:
             raise _Declined  # escapes: surrogates, and text two writers escape differently
         try:
@@ -244,7 +261,7 @@ class SmallBatchNormaliser:
         plan = self.types.get(event_type) if isinstance(event_type, str) else None
         if plan is None:
             raise _Declined
-        micros = _micros(obj.get(self.timestamp))
+        micros = _iso_micros(obj.get(self.timestamp))
         if micros > latest_us:
             raise _Declined
         source = _text(obj.get(source_ref)) if source_ref is not None else None
@@ -263,8 +280,8 @@ class SmallBatchNormaliser:
             else:
                 values[name] = _field(value, arrow)
         key = self._key(plan, values, event_id, event_type, source, correlation)
-        return [event_id, event_type, micros, source, correlation, key, values, version,
-                region, tags]
+        return _Row(event_id, event_type, micros, source, correlation, key, values, version,
+                    region, tags)
 
     def _metadata(self, obj: dict[str, Any], plan: _TypePlan) -> tuple[str, str | None, str | None]:
         meta = obj.get(self.metadata) if self.metadata is not None else None
@@ -313,49 +330,47 @@ class SmallBatchNormaliser:
             raise _Declined
         return key
 
-    def _table(self, source: str, ids: list[str], rows: list[list[Any]], ingested_at: dt.datetime,
-               valid: np.ndarray) -> pa.Table:
-        keep = [i for i in range(len(rows)) if valid[i]]
-        pick = [rows[i] for i in keep]
-        data = [pa.array([row[6].get(f.name) for row in pick], f.type)
+    def _table(self, source: str, rows: list[_Row], ingested_us: int) -> pa.Table:
+        """The envelope of ``rows`` (``source``: the source's name, where an event gives none)."""
+        data = [pa.array([row.values.get(f.name) for row in rows], f.type)
                 for f in self.data_type if f.name != JSON_FIELD]
-        data.append(pa.nulls(len(pick), self.data_type.field(JSON_FIELD).type))
-        stamp = (ingested_at if ingested_at.tzinfo else ingested_at.replace(tzinfo=dt.UTC))
+        data.append(pa.nulls(len(rows), self.data_type.field(JSON_FIELD).type))
         metadata = pa.StructArray.from_arrays(
-            [pa.array([row[7] for row in pick], pa.string()),
-             pa.array([row[8] for row in pick], pa.string()),
-             pa.array(np.full(len(pick), (stamp - _EPOCH) // dt.timedelta(microseconds=1)),
-                      TIMESTAMP),
-             pa.array([row[9] for row in pick], pa.string())],
+            [pa.array([row.version for row in rows], pa.string()),
+             pa.array([row.region for row in rows], pa.string()),
+             pa.array(np.full(len(rows), ingested_us), TIMESTAMP),
+             pa.array([row.tags for row in rows], pa.string())],
             names=["version", "region", "ingested_at", "tags"])
         table = pa.table({
-            "event_id": pa.array([ids[i] for i in keep], pa.string()),
-            "event_type": pa.array([row[1] for row in pick], pa.string()),
-            "timestamp": pa.array([row[2] for row in pick], TIMESTAMP),
-            "source": pa.array([source if row[3] is None else row[3] for row in pick], pa.string()),
-            "correlation_id": pa.array([row[4] for row in pick], pa.string()),
-            "key": pa.array([row[5] for row in pick], pa.string()),
+            "event_id": pa.array([row.event_id for row in rows], pa.string()),
+            "event_type": pa.array([row.event_type for row in rows], pa.string()),
+            "timestamp": pa.array([row.micros for row in rows], TIMESTAMP),
+            "source": pa.array([source if row.source is None else row.source for row in rows],
+                               pa.string()),
+            "correlation_id": pa.array([row.correlation_id for row in rows], pa.string()),
+            "key": pa.array([row.key for row in rows], pa.string()),
             "data": pa.StructArray.from_arrays(data, fields=list(self.data_type)),
             "metadata": metadata,
         })
         return table.cast(self.schema)
 
-    def _duplicates(self, raw: RawBatch, lines: list[bytes], ids: list[str],
-                    rows: list[list[Any]], ingested_at: dt.datetime, dup: np.ndarray) -> pa.Table:
-        at = np.flatnonzero(dup)
-        if not len(at):
-            return DEADLETTER_SCHEMA.empty_table()
-        stamp = (ingested_at if ingested_at.tzinfo else ingested_at.replace(tzinfo=dt.UTC))
-        micros = (stamp - _EPOCH) // dt.timedelta(microseconds=1)
-        return pa.table({
-            "event_id": [ids[i] for i in at],
-            "event_type": [rows[i][1] for i in at],
-            "claimed_event_type": [rows[i][1] for i in at],
-            "source": [raw.source] * len(at),
-            "part": [raw.part] * len(at),
-            "offset": pa.array(np.asarray(raw.offsets)[at], pa.int64()),
-            "raw": pa.array([lines[i] for i in at], pa.binary()),
-            "reason": ["duplicate_event_id"] * len(at),
-            "message": [f"event id {ids[i]} was already stored" for i in at],
-            "ingested_at": pa.array(np.full(len(at), micros), TIMESTAMP),
-        }, schema=DEADLETTER_SCHEMA)
+
+def _duplicates(raw: RawBatch, lines: list[bytes], rows: list[_Row], ingested_us: int,
+                repeated: np.ndarray) -> pa.Table:
+    """The dead letters of the ``repeated`` rows (ids already stored)."""
+    at = np.flatnonzero(repeated)
+    if not len(at):
+        return DEADLETTER_SCHEMA.empty_table()
+    dead = [rows[i] for i in at]
+    return pa.table({
+        "event_id": [row.event_id for row in dead],
+        "event_type": [row.event_type for row in dead],
+        "claimed_event_type": [row.event_type for row in dead],
+        "source": [raw.source] * len(at),
+        "part": [raw.part] * len(at),
+        "offset": pa.array(np.asarray(raw.offsets)[at], pa.int64()),
+        "raw": pa.array([lines[i] for i in at], pa.binary()),
+        "reason": ["duplicate_event_id"] * len(at),
+        "message": [f"event id {row.event_id} was already stored" for row in dead],
+        "ingested_at": pa.array(np.full(len(at), ingested_us), TIMESTAMP),
+    }, schema=DEADLETTER_SCHEMA)

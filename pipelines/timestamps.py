@@ -43,6 +43,18 @@ MIN_TIME = _EPOCH + dt.timedelta(microseconds=_MIN_US)
 MAX_TIME = _EPOCH + dt.timedelta(microseconds=_MAX_US)
 
 
+def epoch_micros(moment: dt.datetime) -> int:
+    """Microseconds since the epoch (a naive time is taken as UTC, as Polars takes it).
+
+    Example:
+        >>> epoch_micros(dt.datetime(1970, 1, 1, 0, 0, 1)), epoch_micros(MAX_TIME) == _MAX_US
+        (1000000, True)
+    """
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=dt.UTC)
+    return (moment - _EPOCH) // dt.timedelta(microseconds=1)
+
+
 def _epoch_to_us(number: pl.Expr, unit: TimeUnit) -> pl.Expr:
     if unit == "auto":
         size = number.abs()
