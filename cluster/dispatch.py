@@ -15,7 +15,6 @@ import pyarrow as pa
 
 from cluster.accounting import Latencies, RunCounts
 from cluster.operators import KeyedExecutor
-from cluster.partitions import ask_checkpoint
 from pipelines.keyed import BatchReceipt, merge_counters, split_by_partition
 from pipelines.kinds import repartitioned_patterns
 from pipelines.lanes import BatchSizer, LaneQueues
@@ -155,7 +154,7 @@ class Dispatcher:
         the partitions write theirs."""
         while True:
             self.flush()
-            collect = ask_checkpoint(self.executor, epoch)
+            collect = self.executor.ask_checkpoint(epoch)
             meanwhile()
             meanwhile = lambda: None  # noqa: E731 (a retake does not run it again)
             seqs = collect()

@@ -23,7 +23,6 @@ import pyarrow.compute as pc
 
 from cluster.accounting import RunCounts
 from cluster.operators import KeyedExecutor
-from cluster.partitions import ask_checkpoint
 from pipelines.keyed import BatchReceipt, split_by_partition
 from pipelines.kinds import stage_class
 from pipelines.processing import ROW_POSITION
@@ -200,14 +199,10 @@ class EnrichmentChain:
             finished += self.wait()
         return finished
 
-    def checkpoint(self, epoch: int) -> dict[str, dict[int, int]]:
-        """Every stage's partitions' state for ``epoch`` (call :meth:`finish` first)."""
-        return self.ask_checkpoint(epoch)()
-
     def ask_checkpoint(self, epoch: int) -> Callable[[], dict[str, dict[int, int]]]:
         """Start every stage's checkpoint for ``epoch`` (call :meth:`finish` first); returns
         the call that waits for them (their actors write while the driver does other work)."""
-        asked = [(stage.name, ask_checkpoint(executor, epoch)) for stage, executor in self.stages]
+        asked = [(stage.name, executor.ask_checkpoint(epoch)) for stage, executor in self.stages]
         return lambda: {name: collect() for name, collect in asked}
 
     def committed(self) -> None:

@@ -11,6 +11,9 @@ The driver hands an executor batches and collects their receipts, nothing else:
 - ``checkpoint(epoch)``: finish everything in flight, have every partition write its state
   for ``epoch``, return each partition's next sequence number (the driver may ask for one
   epoch again when acknowledged batches brought derived events to apply first);
+- ``ask_checkpoint(epoch)``: the same in two steps: start it, and return the call that
+  waits for the answers (actors write meanwhile, while the driver checkpoints the rest; an
+  executor in process checkpoints at once and the call returns its answer);
 - ``committed()``: the checkpoint is committed, the batches it covers are never resent;
 - ``close()``.
 
@@ -21,6 +24,7 @@ progress), and the ``restarts`` counter.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 import pyarrow as pa
@@ -37,6 +41,7 @@ class KeyedExecutor(Protocol):
     def submit(self, partition: int, seq: int, rows: pa.Table) -> None: ...
     def poll(self, block: bool = False) -> list[BatchReceipt]: ...
     def checkpoint(self, epoch: int) -> dict[int, int]: ...
+    def ask_checkpoint(self, epoch: int) -> Callable[[], dict[int, int]]: ...
     def committed(self) -> None: ...
     def capacity(self, partition: int) -> int: ...
     def in_flight(self) -> int: ...
@@ -54,6 +59,11 @@ class ImmediateExecutor:
 
     def checkpoint(self, epoch: int) -> dict[int, int]:
         return {}
+
+    def ask_checkpoint(self, epoch: int) -> Callable[[], dict[int, int]]:
+        """Checkpoints at once (in process, nothing runs meanwhile); the call answers."""
+        seqs = self.checkpoint(epoch)
+        return lambda: seqs
 
     def committed(self) -> None:
         pass

@@ -34,6 +34,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from cluster.operators import ImmediateExecutor
 from pipelines.actions.outbox import outbox_rules
 from pipelines.checkpoint import CheckpointStore
 from pipelines.decisions import DecisionSink
@@ -144,10 +145,8 @@ class _RunWorker(PartitionWorker):
         return self.next_seq
 
 
-class LocalPartitions:
+class LocalPartitions(ImmediateExecutor):
     """All partitions in this process; a batch is applied when submitted."""
-
-    restarts = 0
 
     def __init__(self, partitions: int, store_root: str | Path, run: str,
                  spec: PipelineSpec | None = None, stage: EnrichSpec | None = None,
@@ -156,9 +155,6 @@ class LocalPartitions:
                         for p in range(partitions)]
         self._done: list[BatchReceipt] = []
 
-    def ready(self) -> None:
-        pass
-
     def submit(self, partition: int, seq: int, rows: pa.Table) -> None:
         self._done.append(self.workers[partition].apply(seq, rows))
 
@@ -166,31 +162,8 @@ class LocalPartitions:
         done, self._done = self._done, []
         return done
 
-    def in_flight(self) -> int:
-        return 0
-
-    def capacity(self, partition: int) -> int:
-        return 1 << 30
-
     def checkpoint(self, epoch: int) -> dict[int, int]:
         return {w.partition: w.checkpoint(epoch) for w in self.workers}
-
-    def committed(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def ask_checkpoint(executor: Any, epoch: int) -> Callable[[], dict[int, int]]:
-    """Start ``executor``'s checkpoint for ``epoch``; returns the call that waits for it (an
-    executor without ``ask_checkpoint``, in process, checkpoints at once, and the call
-    returns its answer)."""
-    ask = getattr(executor, "ask_checkpoint", None)
-    if ask is not None:
-        return ask(epoch)
-    seqs = executor.checkpoint(epoch)
-    return lambda: seqs
 
 
 def wait_for_any(executors: list[Any], timeout: float) -> bool:

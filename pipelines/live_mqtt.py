@@ -113,6 +113,7 @@ class MqttSource:
         self._signal = threading.Condition()
         self._connection = 0  # counts connections: a mid is only valid on its own
         self._connected = threading.Event()
+        self._subscribed = threading.Event()
         self._disconnected = threading.Event()
         self._refused: str | None = None
         self._next_offset = 0
@@ -152,6 +153,7 @@ class MqttSource:
                              clean_session=None if v5 else False, manual_ack=True)
         client.on_connect = self._on_connect
         client.on_message = self._on_message
+        client.on_subscribe = self._on_subscribe
         client.on_disconnect = lambda *_: self._disconnected.set()
         return client
 
@@ -166,14 +168,21 @@ class MqttSource:
             properties.ReceiveMaximum = opts.receive_maximum
             kwargs = {"clean_start": False, "properties": properties}
         self._connected.clear()
+        self._subscribed.clear()
         try:
             self._client.connect(host, port, keepalive=opts.keepalive_s, **kwargs)
         except OSError as exc:
             raise MqttSourceError(f"cannot reach {opts.url}: {exc}") from None
         self._client.loop_start()
+        deadline = time.monotonic() + opts.connect_timeout_s
         if not self._connected.wait(opts.connect_timeout_s) or self._refused:
             self.close()
             raise MqttSourceError(f"{opts.url}: {self._refused or 'no answer to CONNECT'}")
+        # the subscription is in place before open returns: a message published after it
+        # is the session's (published before the broker has the SUBSCRIBE, it is not)
+        if not self._subscribed.wait(max(0.0, deadline - time.monotonic())) or self._refused:
+            self.close()
+            raise MqttSourceError(f"{opts.url}: {self._refused or 'no answer to SUBSCRIBE'}")
 
     def _on_connect(self, client: Any, userdata: Any, flags: Any, reason: Any,
                     properties: Any) -> None:
@@ -186,6 +195,15 @@ class MqttSource:
             # Subscribing again is harmless and covers a session the broker had expired.
             client.subscribe([(topic, _QOS) for topic in self.options.topics])
         self._connected.set()
+
+    def _on_subscribe(self, client: Any, userdata: Any, mid: int, reasons: list[Any],
+                      properties: Any) -> None:
+        """Runs in the client's network thread: the broker's SUBACK, one code per topic."""
+        codes = zip(self.options.topics, reasons, strict=False)
+        refused = [f"{topic} ({reason})" for topic, reason in codes if reason.is_failure]
+        if refused:
+            self._refused = f"subscription refused: {', '.join(refused)}"
+        self._subscribed.set()
 
     def _on_message(self, client: Any, userdata: Any, message: Any) -> None:
         """Runs in the client's network thread: queue the message for ``poll``."""
@@ -237,8 +255,10 @@ class MqttSource:
             self._disconnected.clear()
             client.disconnect()
             # the network thread writes what is queued, DISCONNECT last, then calls
-            # on_disconnect: stopping it sooner could drop a PUBACK still in its hands
-            self._disconnected.wait(max(0.0, flushed - time.monotonic()))
+            # on_disconnect: stopping it sooner could drop a PUBACK still in its hands (the
+            # broker would send that message again). A wait of its own: on a loaded machine
+            # the flush above may have used its whole budget with PUBACKs still queued.
+            self._disconnected.wait(_FLUSH_S)
             client.loop_stop()
 
 

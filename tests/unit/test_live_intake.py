@@ -19,7 +19,6 @@ from cluster.partitions import LocalPartitions
 from cluster.produce import simulated_events
 from cluster.serve import LiveRun
 from pipelines.journal import SCORE_PART, JournalWriter
-from pipelines.keyed import BatchReceipt
 from pipelines.kinds import build_source
 from pipelines.pipeline import load_pipeline
 from pipelines.spec import PipelineSpec
@@ -62,9 +61,6 @@ class HeldStage(LocalPartitions):
 
     def in_flight(self) -> int:
         return len(self.held)
-
-    def poll(self, block: bool = False) -> list[BatchReceipt]:
-        return super().poll(block)
 
 
 def queued(pieces: int) -> list[pa.Table]:
