@@ -34,6 +34,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from cluster.arrow_wire import send_tables_as_ipc
 from cluster.operators import ImmediateExecutor
 from pipelines.actions.outbox import outbox_rules
 from pipelines.checkpoint import CheckpointStore
@@ -192,6 +193,7 @@ def _actor_class() -> Any:
                      live: bool = False, decisions_to: DecisionSink | None = None) -> None:
             from ray.util.metrics import Counter, Histogram
 
+            send_tables_as_ipc()
             self.worker = _RunWorker(partition, store_root, run, spec, stage, objects, live)
             self.decisions_to = decisions_to
             self.tags = {"partition": str(partition)}
@@ -248,6 +250,7 @@ class RayPartitions:
         import ray
         from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
+        send_tables_as_ipc()
         self._ray = ray
         self._failures = (RayActorError, RayTaskError, GetTimeoutError)
         self._timeout, self._task_error = GetTimeoutError, RayTaskError

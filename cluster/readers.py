@@ -32,6 +32,7 @@ from typing import Any
 import pyarrow as pa
 
 from cluster.accounting import RunCounts
+from cluster.arrow_wire import send_tables_as_ipc
 from cluster.dispatch import Dispatcher
 from cluster.driver import routed_schema
 from cluster.enrichment import EnrichmentChain
@@ -335,6 +336,7 @@ def reader_actor_class() -> Any:
         """One reader: a thin shell around :class:`Reader`."""
 
         def __init__(self, *args: Any) -> None:
+            send_tables_as_ipc()
             self.reader = Reader(*args)
 
         def first_batch(self) -> tuple[int, int, int]:

@@ -33,6 +33,7 @@ import numpy as np
 import pyarrow as pa
 
 from cluster.accounting import RunCounts
+from cluster.arrow_wire import send_tables_as_ipc
 from cluster.dispatch import Dispatcher
 from cluster.driver import routed_schema
 from cluster.operators import ImmediateExecutor
@@ -232,6 +233,7 @@ def partition_actor_class() -> Any:
         """Owns one customer partition of a run with readers."""
 
         def __init__(self, *args: Any) -> None:
+            send_tables_as_ipc()
             self.logic = RoundPartition(*args)
 
         def offer(self, round_no: int, source: int, rows: pa.Table | None, end_us: int,
@@ -259,6 +261,7 @@ def stage_actor_class() -> Any:
         a reader's call waits for its round while the other readers' calls come in."""
 
         def __init__(self, *args: Any) -> None:
+            send_tables_as_ipc()
             self.logic = RoundStage(*args)
             self.applied: dict[int, asyncio.Event] = {}
 
