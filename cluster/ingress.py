@@ -87,6 +87,7 @@ class _Append:
 
     lines: list[bytes]
     done: asyncio.Future[list[dict[str, Any]]]  # its malformed events, once durable
+    written: bool = False  # in the file already (``score``): the commit only fsyncs
 
 
 @dataclass
@@ -98,6 +99,11 @@ class _PartJournal:
     assigned: int
     queue: list[_Append] = field(default_factory=list)
     committing: bool = False
+
+    def queue_unwritten(self) -> bool:
+        """Whether an append waits to be written by the commit (lines written now would
+        come before it in the file, after it in offsets)."""
+        return any(not item.written for item in self.queue)
 
 
 class Ingress:
@@ -281,8 +287,9 @@ class Ingress:
     def _durable(self, journal: _PartJournal, group: list[_Append]) -> list[list[dict[str, Any]]]:
         """Append a group and fsync; for bulk events, validate them in the same pass (one
         normaliser call per group, not per request: its cost is mostly fixed per call)."""
-        lines = [line for item in group for line in item.lines]
-        journal.writer.append(lines)
+        lines = [line for item in group for line in item.lines if not item.written]
+        journal.writer.write(lines)
+        journal.writer.sync()
         if journal.part != EVENTS_PART:
             return [[] for _ in group]
         return _by_request(self.malformed(lines), group)
@@ -300,12 +307,25 @@ class Ingress:
     def enqueue(self, part: str, lines: list[bytes]) -> tuple[int, asyncio.Future[list[dict[str, Any]]]]:
         """Queue ``lines`` for the part's next group commit; returns their first offset and
         a future done once they are durable. Offsets are handed out here, in queue order,
-        which is the order the commit writes them in."""
+        which is the order the commit writes them in.
+
+        ``score`` lines are written to the journal here, and the run reads them at once:
+        their fsync (the group commit) runs while the run decides, and a ``/score`` answer
+        waits for both. An answered event is durable, as an accepted one is; one the run
+        read but the disk lost in a crash was never answered (and a checkpoint fsyncs what
+        it covers first: :meth:`~pipelines.journal.JournalSource.positions`)."""
         journal = self.parts[part]
         first = journal.assigned
-        journal.assigned += len(lines)
         done: asyncio.Future[list[dict[str, Any]]] = asyncio.get_running_loop().create_future()
-        journal.queue.append(_Append(lines, done))
+        written = part == SCORE_PART and not journal.queue_unwritten()
+        if written:
+            try:
+                journal.writer.write(lines)
+            except OSError:
+                self.accepting = False  # the file may hold part of them: offsets unknown
+                raise
+        journal.assigned += len(lines)
+        journal.queue.append(_Append(lines, done, written))
         if not journal.committing:
             journal.committing = True
             asyncio.get_running_loop().create_task(self._commit(journal))

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -111,8 +112,10 @@ def _cut_torn_tail(path: Path) -> None:
 class JournalWriter:
     """Appends records to one part of the journal, durably (one fsync per append).
 
-    Not thread-safe: one writer per part, called by one committer at a time (the ingress
-    gathers concurrent requests into one append: a group commit).
+    :meth:`append` writes and fsyncs. :meth:`write` and :meth:`sync` are its two halves, for
+    a caller that lets the run read records while their fsync runs (the ingress's ``score``
+    part: a decision need not wait for the disk, its answer does). One thread writes;
+    :meth:`sync` may run in another meanwhile (a lock keeps it off a segment being closed).
     """
 
     def __init__(self, folder: str | Path, part: str, segment_bytes: int = 64 << 20) -> None:
@@ -130,10 +133,19 @@ class JournalWriter:
             self._path = self.folder / segment_name(0)
         self._handle = open(self._path, "ab")  # noqa: SIM115 (held open between appends)
         self._sync_folder()
+        self._lock = threading.Lock()
 
     def append(self, lines: Sequence[bytes]) -> int:
         """Append ``lines`` (each one JSON text without a newline) and fsync; returns the
         offset of the first."""
+        first = self.write(lines)
+        if lines:
+            self.sync()
+        return first
+
+    def write(self, lines: Sequence[bytes]) -> int:
+        """Append ``lines`` to the file, readable at once but not yet durable (see
+        :meth:`sync`); returns the offset of the first."""
         first = self.next_offset
         if not lines:
             return first
@@ -141,15 +153,21 @@ class JournalWriter:
             self._roll()
         self._handle.write(b"\n".join(lines) + b"\n")
         self._handle.flush()
-        os.fsync(self._handle.fileno())
         self.next_offset += len(lines)
         return first
 
+    def sync(self) -> None:
+        """Make everything written so far durable (earlier segments were, when rolled)."""
+        with self._lock:
+            os.fsync(self._handle.fileno())
+
     def _roll(self) -> None:
-        self._handle.close()
-        self._path = self.folder / segment_name(self.next_offset)
-        self._handle = open(self._path, "ab")  # noqa: SIM115
-        self._sync_folder()
+        with self._lock:  # a sync in flight finishes on the old segment first
+            os.fsync(self._handle.fileno())
+            self._handle.close()
+            self._path = self.folder / segment_name(self.next_offset)
+            self._handle = open(self._path, "ab")  # noqa: SIM115
+            self._sync_folder()
 
     def _sync_folder(self) -> None:
         descriptor = os.open(self.folder, os.O_RDONLY)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ import aiohttp
 
 from cluster.ingress import Ingress
 from cluster.produce import simulated_events
-from pipelines.journal import HttpSourceOptions, JournalSource
+from pipelines.journal import SCORE_PART, HttpSourceOptions, JournalSource
 from pipelines.pipeline import load_pipeline
 from tests.support import ROOT
 
@@ -84,6 +85,46 @@ def test_score_answers_with_what_the_driver_resolves(tmp_path: Path) -> None:
             status, answer, _ = await post(port, "/score", json.dumps([event]).encode())
             assert status == 504 and answer["event_ids"] == [event["eventId"]]
         finally:
+            await server.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_score_event_is_read_before_its_fsync_and_answered_after_it(tmp_path: Path) -> None:
+    """The decision does not wait for the disk, the answer does: the run reads a ``/score``
+    event as soon as it is written, and the answer waits for its group commit's fsync."""
+    event = simulated_events(1)[0]
+    synced = threading.Event()
+
+    async def scenario() -> None:
+        server = ingress(tmp_path, score_timeout_s=5)
+        writer = server.parts[SCORE_PART].writer
+        plain_sync = writer.sync
+
+        def slow_sync() -> None:
+            synced.wait(10)  # the disk is slow: held until the test lets it go
+            plain_sync()
+
+        writer.sync = slow_sync  # type: ignore[method-assign]
+        port = await server.start()
+        try:
+            asked = asyncio.create_task(post(port, "/score", json.dumps(event).encode()))
+            while event["eventId"] not in server.waiters:
+                await asyncio.sleep(0.001)
+            journal = JournalSource("card-network", tmp_path / "_journal", parts=(SCORE_PART,))
+            journal.open(None)
+            read = journal.poll(10, 0.0)  # the run has it, while its fsync is still running
+            assert [json.loads(line)["eventId"] for b in read
+                    for line in b.records.column("line").to_pylist()] == [event["eventId"]]
+            journal.close()
+            server.resolve([{"event_id": event["eventId"], "scores": [], "alerts": []}])
+            await asyncio.sleep(0.2)
+            assert not asked.done()  # decided, not yet durable: no answer
+            synced.set()
+            status, answer, _ = await asked
+            assert status == 200 and answer["event_id"] == event["eventId"]
+        finally:
+            synced.set()
             await server.close()
 
     asyncio.run(scenario())
