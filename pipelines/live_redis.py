@@ -11,6 +11,11 @@ with its reason). The source follows the live-source contract (:mod:`pipelines.l
   ones (``>``). The taken-over entries join this consumer's pending list first, so one
   history read returns them all in id order.
 - ``poll`` reads up to ``batch_size`` entries per call (``BLOCK block_ms`` when none wait).
+  Every ``claim_every`` ms a running reader also sweeps the group for entries pending for
+  ``claim_idle`` ms with another consumer (``XAUTOCLAIM``, a batch per poll until the
+  sweep is done): a consumer that dies while this one runs loses nothing either. Its own
+  pending entries (read, waiting for the checkpoint that acknowledges them) are never
+  taken again: a sweep that finds one idle past ``claim_idle`` leaves it as it is.
 - ``committed(positions)`` acknowledges (``XACK``) the entries the committed checkpoint
   covers, never before: after a crash, what was read but not covered is read again.
 - With ``decisions_stream`` set, every applied event's decision (its scores with model
@@ -86,7 +91,10 @@ class RedisStreamOptions(BaseModel):
         block_ms: how long one read waits for new entries at most.
         batch_size: entries per read at most (the source section's common ``batch_size``).
         claim_idle: milliseconds another consumer's entry must have waited unacknowledged
-            before ``open`` takes it over (its consumer is taken for dead).
+            before ``open``, or a sweep while running, takes it over (its consumer is taken
+            for dead).
+        claim_every: milliseconds between a running reader's sweeps for such entries
+            (0: only at ``open``).
         field: the entry field holding the event's JSON.
         start_id: where a new group starts: ``0`` (the whole stream) or ``$`` (new entries).
         decisions_stream: where each applied event's decision is added (``XADD`` with the
@@ -103,6 +111,7 @@ class RedisStreamOptions(BaseModel):
     block_ms: int = Field(default=100, ge=0, le=60_000)
     batch_size: int = Field(default=1_000, gt=0, le=_MAX_READ)
     claim_idle: int = Field(default=60_000, ge=0)
+    claim_every: int = Field(default=30_000, ge=0)
     field: str = Field(default="event", min_length=1)
     start_id: str = Field(default="0", pattern=r"^(0|\$|[0-9]+(-[0-9]+)?)$")
     decisions_stream: str | None = Field(default=None, min_length=1)
@@ -161,6 +170,8 @@ class RedisStreamSource:
         self._last_offset = -1
         #: (offsets, entry ids) of each read, in read order, until acknowledged
         self._unacked: list[tuple[np.ndarray, list[bytes]]] = []
+        self._sweep_at = 0.0  # when the next sweep for a dead consumer's entries starts
+        self._sweep_from: bytes | None = None  # the sweep's cursor, while one is under way
 
     def list_parts(self) -> list[str]:
         return [self.options.stream]
@@ -198,6 +209,7 @@ class RedisStreamSource:
         self._claim_idle_entries()
         self._history, self._history_from, self._last_offset = True, b"0", -1
         self._unacked = []
+        self._sweep_at, self._sweep_from = time.monotonic() + opts.claim_every / 1000, None
 
     def _claim_idle_entries(self) -> int:
         """Take over every entry pending for ``claim_idle`` ms or more; returns how many.
@@ -242,10 +254,38 @@ class RedisStreamSource:
                 self._history_from = entries[-1][0]
                 return self._batches(entries)
             self._history = False
+        if opts.claim_every and (self._sweep_from is not None or time.monotonic() >= self._sweep_at):
+            claimed = self._sweep(count)
+            if claimed:
+                return claimed
         block = int(min(timeout * 1000, opts.block_ms))
         reply = self._client.xreadgroup(opts.group, opts.consumer, {opts.stream: ">"},
                                         count=count, block=block if block > 0 else None)
         return self._batches(reply[0][1] if reply else [])
+
+    def _sweep(self, count: int) -> list[RawBatch]:
+        """One step of a sweep for entries another consumer left pending past
+        ``claim_idle``: up to ``count`` of them, taken over, as a batch."""
+        opts = self.options
+        cursor, entries = self._sweep_from or b"0-0", []
+        mine: set[bytes] | None = None
+        while not entries:
+            reply = self._client.xautoclaim(opts.stream, opts.group, opts.consumer,
+                                            min_idle_time=opts.claim_idle, start_id=cursor,
+                                            count=count)
+            cursor, claimed = reply[0], reply[1]
+            if claimed:
+                if mine is None:
+                    mine = {i for _, ids in self._unacked for i in ids}
+                # one of ours that waited long for its checkpoint: already in a batch
+                entries = [entry for entry in claimed if entry[0] not in mine]
+            if cursor in (b"0-0", "0-0"):
+                break
+        done = cursor in (b"0-0", "0-0")
+        self._sweep_from = None if done else cursor
+        if done:
+            self._sweep_at = time.monotonic() + opts.claim_every / 1000
+        return self._batches(entries)
 
     def positions(self) -> dict[str, Any]:
         """``{stream: offset after the last entry read}``."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import time
 from pathlib import Path
 
 import numpy as np
@@ -188,6 +189,37 @@ def test_a_dead_consumers_pending_entries_are_claimed(redis_server: Server) -> N
     taker.committed(taker.positions())
     assert client.xpending("tx-claim", "eventray")["pending"] == 0
     taker.close()
+
+
+def test_a_running_reader_takes_over_a_consumer_that_dies_meanwhile(redis_server: Server) -> None:
+    """A consumer that dies while another runs: the running one's sweep takes its pending
+    entries over (not only a reader that opens later), and never its own pending ones."""
+    client = client_of(redis_server)
+    add_events(redis_server.url, "tx-sweep", [seed_event(f"e{i}") for i in range(30)])
+    runner = RedisStreamSource("tx", RedisStreamOptions(
+        url=redis_server.url, stream="tx-sweep", consumer="runner", batch_size=10,
+        claim_idle=300, claim_every=100))
+    runner.open(None)
+    mine = runner.poll(100, 0.1)  # 10 entries, pending with the runner until its checkpoint
+    dying = RedisStreamSource("tx", RedisStreamOptions(
+        url=redis_server.url, stream="tx-sweep", consumer="dying", batch_size=15))
+    dying.open(None)
+    lost = dying.poll(100, 0.1)[0]  # 15 entries
+    dying.close()  # dies holding them
+    time.sleep(0.5)  # both consumers' entries are now idle past claim_idle
+    batches = []
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and sum(b.num_rows for b in batches) < 20:
+        batches += runner.poll(100, 0.05)
+    got = [json.loads(line)["eventId"] for b in batches for line in b.records.column("line").to_pylist()]
+    dead_ones = [json.loads(line)["eventId"] for line in lost.records.column("line").to_pylist()]
+    assert sorted(got) == sorted(dead_ones + [f"e{i}" for i in range(25, 30)])  # no e0-e9 again
+    assert runner.poll(100, 0.05) == []
+    offsets = np.concatenate([b.offsets for b in [*mine, *batches]])
+    assert (np.diff(offsets) > 0).all()  # still one strictly increasing part
+    runner.committed(runner.positions())
+    assert client.xpending("tx-sweep", "eventray")["pending"] == 0
+    runner.close()
 
 
 def test_add_events_paces_the_load() -> None:
