@@ -35,8 +35,11 @@ demo: $(STAMP)
 	    --start 2018-05-01 --end 2018-05-08 --registry data/registry --name fraud
 	$(BIN)/eventray run configs/fraud.yaml --store demo-store
 
+# The unit tests (no Ray, no servers) on two workers; then the integration tests, one at a
+# time: each module's real local Ray takes both cores.
 test: $(STAMP) servers
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 tests/unit
+	$(BIN)/python -m pytest tests/integration
 
 lint: $(STAMP)
 	$(BIN)/ruff check cluster pipelines models tests
