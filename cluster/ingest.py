@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from cluster.accounting import RunCounts
-from pipelines.arrival import ArrivalGuard
+from pipelines.arrival import ArrivalGuard, KeyOf
 from pipelines.deadletters import dead_letters_of
 from pipelines.dedup import DuplicateFilter
 from pipelines.envelope import DEADLETTER_SCHEMA, envelope_schema
@@ -170,7 +170,7 @@ class Ingest:
         if self.arrival is None or events.num_rows == 0 or self.keyed_types is None:
             return events, none
         keyed = pc.match_substring_regex(events.column("event_type"), self.keyed_types)
-        late = self.arrival.late(events, pl.col("timestamp"),
+        late = self.arrival.late(events, "timestamp",
                                  keyed.to_numpy(zero_copy_only=False))
         if not late.any():
             return events, none
@@ -245,13 +245,11 @@ def _iso(micros: int | None) -> str:
 def _arrival_guard(spec: PipelineSpec) -> ArrivalGuard:
     """The keys whose time order a live run keeps: the partition key, and each enrichment
     stage's key (a payload field) for the stage's event types."""
-    dimensions = {"key": pl.col("key")}
+    dimensions = {"key": KeyOf("key")}
     fields = {f.name for f in spec.registry().data_type()}
     for stage in spec.enrich:
         if stage.key in fields:
-            dimensions[stage.name] = pl.when(
-                pl.col("event_type").str.contains(type_regex(stage.event_types))).then(
-                pl.col("data").struct.field(stage.key))
+            dimensions[stage.name] = KeyOf("data", stage.key, type_regex(stage.event_types))
     # No horizon: forgetting a key a window operator still holds (its reach is the
     # operator's business, up to weeks) would let an older event of it through. One time per
     # key and dimension is little beside what the operators keep per key.

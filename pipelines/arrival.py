@@ -14,17 +14,18 @@ time per key and dimension).
 
 Example:
     >>> import pyarrow as pa
-    >>> guard = ArrivalGuard({"key": pl.col("key")})
+    >>> guard = ArrivalGuard({"key": KeyOf("key")})
     >>> t = pa.table({"key": ["a", "a", "b", "a"], "ts": pa.array([5, 9, 1, 7], pa.int64())})
-    >>> guard.late(t, pl.col("ts")).tolist()
+    >>> guard.late(t, "ts").tolist()
     [False, False, False, True]
-    >>> guard.late(pa.table({"key": ["a"], "ts": pa.array([8], pa.int64())}), pl.col("ts")).tolist()
+    >>> guard.late(pa.table({"key": ["a"], "ts": pa.array([8], pa.int64())}), "ts").tolist()
     [True]
 """
 
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass
 
 import numpy as np
 import polars as pl
@@ -32,6 +33,31 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 _NEVER = np.iinfo(np.int64).min
+
+
+@dataclass(frozen=True)
+class KeyOf:
+    """Where an event's key in one dimension is: a column, or a field of a struct column
+    (``field``), for the event types matching ``event_types`` (a regex; others have none).
+
+    Read in Arrow, as text: a batch of a few events pays microseconds, not a Polars plan.
+    """
+
+    column: str
+    field: str | None = None
+    event_types: str | None = None
+
+    def of(self, events: pa.Table) -> pa.Array:
+        """Each event's key as large text (null: no key in this dimension)."""
+        values = events.column(self.column).combine_chunks()
+        if self.field is not None:
+            values = pc.struct_field(values, self.field)
+        keys = pc.cast(values, pa.large_string())
+        if self.event_types is not None:
+            kind = events.column("event_type").combine_chunks()
+            keys = pc.if_else(pc.match_substring_regex(kind, self.event_types), keys,
+                              pa.nulls(len(keys), pa.large_string()))
+        return keys
 
 
 class ArrivalGuard:
@@ -43,13 +69,13 @@ class ArrivalGuard:
     of a dozen Polars joins and group-bys.
 
     Args:
-        dimensions: name -> expression giving each event's key in that dimension (null:
-            the event has no key there, never late in it).
+        dimensions: name -> where each event's key in that dimension is (null: the event
+            has no key there, never late in it).
         horizon: how long (in the time column's units) a key is remembered after its
             latest event, behind the newest event time seen.
     """
 
-    def __init__(self, dimensions: dict[str, pl.Expr], horizon: int | None = None) -> None:
+    def __init__(self, dimensions: dict[str, KeyOf], horizon: int | None = None) -> None:
         self.dimensions, self.horizon = dimensions, horizon
         self._keys = {name: pa.array([], pa.large_string()) for name in dimensions}
         self._times = {name: np.zeros(0, np.int64) for name in dimensions}
@@ -62,21 +88,18 @@ class ArrivalGuard:
                                     "t": pl.Series(self._times[name], dtype=pl.Int64)})
                 for name in self.dimensions}
 
-    def late(self, events: pa.Table, time: pl.Expr, considered: np.ndarray | None = None) -> np.ndarray:
+    def late(self, events: pa.Table, time: str, considered: np.ndarray | None = None) -> np.ndarray:
         """Which events are older than their key's latest, in any dimension (the others
-        become their keys' latest). ``considered``: only these rows are checked and learnt."""
+        become their keys' latest). ``time``: the column of event times (integers or
+        timestamps). ``considered``: only these rows are checked and learnt."""
         late = np.zeros(events.num_rows, bool)
         rows = np.flatnonzero(np.ones(events.num_rows, bool) if considered is None else considered)
         if len(rows):
-            frame = pl.from_arrow(events.take(pa.array(rows)) if len(rows) < events.num_rows
-                                  else events)
-            assert isinstance(frame, pl.DataFrame)
-            keys = frame.select(__t=time.cast(pl.Int64), **{
-                f"__k_{n}": e.cast(pl.String) for n, e in self.dimensions.items()})
-            times = keys.get_column("__t").to_numpy()
-            for name in self.dimensions:
-                column = keys.get_column(f"__k_{name}").to_arrow().cast(pa.large_string())
-                late[rows[self._late_in(name, column, times)]] = True
+            if len(rows) < events.num_rows:
+                events = events.take(pa.array(rows))
+            times = pc.cast(events.column(time), pa.int64()).to_numpy()
+            for name, key in self.dimensions.items():
+                late[rows[self._late_in(name, key.of(events), times)]] = True
         self._forget()
         return late
 

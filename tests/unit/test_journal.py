@@ -8,13 +8,12 @@ import json
 from pathlib import Path
 
 import numpy as np
-import polars as pl
 import pyarrow as pa
 import pytest
 
 from cluster.ingest import Ingest
 from cluster.produce import simulated_events
-from pipelines.arrival import ArrivalGuard
+from pipelines.arrival import ArrivalGuard, KeyOf
 from pipelines.group_commit import GroupCommitSink
 from pipelines.journal import JournalSource, JournalWriter
 from pipelines.keyed import PartitionWorker, decisions_of
@@ -101,19 +100,19 @@ def test_journal_resumes_mid_segment_and_waits_for_whole_lines(tmp_path: Path) -
 
 
 def test_arrival_guard_keeps_every_dimension_in_time_order() -> None:
-    guard = ArrivalGuard({"key": pl.col("key"), "terminal": pl.col("terminal")}, horizon=100)
+    guard = ArrivalGuard({"key": KeyOf("key"), "terminal": KeyOf("terminal")}, horizon=100)
     t = pa.table({"key": ["a", "b", "a"], "terminal": ["x", "x", None],
                   "ts": pa.array([10, 5, 12], pa.int64())})
     # b is in order for its customer but goes back in time for terminal x
-    assert guard.late(t, pl.col("ts")).tolist() == [False, True, False]
+    assert guard.late(t, "ts").tolist() == [False, True, False]
     state = guard.snapshot()
-    restored = ArrivalGuard({"key": pl.col("key"), "terminal": pl.col("terminal")}, horizon=100)
+    restored = ArrivalGuard({"key": KeyOf("key"), "terminal": KeyOf("terminal")}, horizon=100)
     restored.restore(state)
     later = pa.table({"key": ["a", "c"], "terminal": ["y", "x"], "ts": pa.array([11, 10, ], pa.int64())})
-    assert restored.late(later, pl.col("ts")).tolist() == [True, False]
+    assert restored.late(later, "ts").tolist() == [True, False]
     # a key silent for longer than the horizon is forgotten: memory stays bounded
     restored.late(pa.table({"key": ["z"], "terminal": ["w"], "ts": pa.array([500], pa.int64())}),
-                  pl.col("ts"))
+                  "ts")
     assert restored.latest["key"]["k"].to_list() == ["z"]
 
 
@@ -215,3 +214,15 @@ def test_bodies_that_hold_no_events_are_refused(body: bytes) -> None:
         assert split_body(body) == []
     except BodyError:
         pass
+
+
+def test_a_key_of_a_payload_field_is_read_for_its_event_types_only() -> None:
+    """The terminal dimension of the fraud flow: ``data.TERMINAL_ID`` as text, for the
+    stage's event types; other types, and a missing payload, have no key there."""
+    data = pa.array([{"TERMINAL_ID": 7}, {"TERMINAL_ID": 7}, None, {"TERMINAL_ID": None}],
+                    pa.struct([("TERMINAL_ID", pa.int64())]))
+    events = pa.table({"event_type": ["tx.created", "label", "tx.created", "tx.created"],
+                       "data": data})
+    keys = KeyOf("data", "TERMINAL_ID", "^(?:tx\\.created)$").of(events)
+    assert keys.type == pa.large_string() and keys.to_pylist() == ["7", None, None, None]
+    assert KeyOf("event_type").of(events).to_pylist() == events.column("event_type").to_pylist()

@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import pipelines.keyed
-from pipelines.arrival import ArrivalGuard
+from pipelines.arrival import ArrivalGuard, KeyOf
 from pipelines.dedup import DuplicateFilter
 from pipelines.hashing import partition_of
 from pipelines.keyed import split_by_partition
@@ -317,18 +317,18 @@ GUARD_ROWS = st.lists(st.fixed_dictionaries({
 @given(st.lists(st.tuples(GUARD_ROWS, st.lists(st.booleans(), min_size=12, max_size=12)),
                 min_size=1, max_size=6), st.sampled_from([None, 5]))
 def test_arrival_guard_decides_as_one_event_at_a_time(batches: list, horizon: int | None) -> None:
-    guard = ArrivalGuard({"key": pl.col("key"), "terminal": pl.col("terminal")}, horizon)
+    guard = ArrivalGuard({"key": KeyOf("key"), "terminal": KeyOf("terminal")}, horizon)
     model = GuardModel(["key", "terminal"], horizon)
     for rows, mask in batches:
         considered = mask[:len(rows)]
         table = pa.table({"key": pa.array([r["key"] for r in rows], pa.string()),
                           "terminal": pa.array([r["terminal"] for r in rows], pa.string()),
                           "ts": pa.array([r["ts"] for r in rows], pa.int64())})
-        got = guard.late(table, pl.col("ts"), np.array(considered, bool))
+        got = guard.late(table, "ts", np.array(considered, bool))
         assert got.tolist() == model.late(rows, considered)
     for name, latest in guard.latest.items():
         assert dict(latest.iter_rows()) == model.latest[name]
-    restored = ArrivalGuard({"key": pl.col("key"), "terminal": pl.col("terminal")}, horizon)
+    restored = ArrivalGuard({"key": KeyOf("key"), "terminal": KeyOf("terminal")}, horizon)
     restored.restore(guard.snapshot())
     assert {n: dict(f.iter_rows()) for n, f in restored.latest.items()} == model.latest
 
