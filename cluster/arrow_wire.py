@@ -12,27 +12,16 @@ call).
 The serializer is Ray's per-process hook (``ray.util.register_serializer``): every process
 that sends tables calls :func:`send_tables_as_ipc` once (the driver's executors, each
 actor as it starts). The receiving side needs nothing: the payload names
-:func:`table_from_ipc`, which it imports.
+:func:`pipelines.tables.from_ipc`, which it imports.
 """
 
 from __future__ import annotations
 
 import pyarrow as pa
 
+from pipelines.tables import from_ipc, to_ipc
+
 _registered = False
-
-
-def table_to_ipc(table: pa.Table) -> pa.Buffer:
-    """The table as one Arrow IPC stream (its schema, metadata included, then its rows)."""
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, table.schema) as writer:
-        writer.write_table(table)
-    return sink.getvalue()
-
-
-def table_from_ipc(data: pa.Buffer | bytes) -> pa.Table:
-    """The table of :func:`table_to_ipc` (zero-copy over ``data``)."""
-    return pa.ipc.open_stream(data).read_all()
 
 
 def send_tables_as_ipc() -> None:
@@ -42,5 +31,5 @@ def send_tables_as_ipc() -> None:
         return
     import ray.util
 
-    ray.util.register_serializer(pa.Table, serializer=table_to_ipc, deserializer=table_from_ipc)
+    ray.util.register_serializer(pa.Table, serializer=to_ipc, deserializer=from_ipc)
     _registered = True

@@ -29,6 +29,7 @@ import pyarrow.compute as pc
 
 from pipelines.errors import PipelineError
 from pipelines.hashing import stable_hash64
+from pipelines.tables import from_ipc, to_ipc
 
 HOUR_US = 3_600_000_000
 DAY_US = 24 * HOUR_US
@@ -192,11 +193,7 @@ class DuplicateFilter:
             {"bucket": pa.array([], pa.int64()), "id": pa.array([], pa.large_string())})
         header = {"format": _FORMAT, "horizon_us": self.horizon_us, "bucket_us": self.bucket_us,
                   "floor": self._floor, "delta": changed_only, "live": sorted(self._buckets)}
-        table = table.replace_schema_metadata({"dedup": json.dumps(header)})
-        sink = pa.BufferOutputStream()
-        with pa.ipc.new_stream(sink, table.schema) as writer:
-            writer.write_table(table)
-        return sink.getvalue().to_pybytes()
+        return to_ipc(table.replace_schema_metadata({"dedup": json.dumps(header)})).to_pybytes()
 
     def restore(self, *states: bytes) -> None:
         """Replace the state by a full snapshot, then apply any ``changed_only`` ones in order
@@ -208,7 +205,7 @@ class DuplicateFilter:
 
     def _apply(self, state: bytes) -> None:
         try:
-            table = pa.ipc.open_stream(state).read_all()
+            table = from_ipc(state)
             header = json.loads(table.schema.metadata[b"dedup"])
         except (pa.ArrowInvalid, KeyError, TypeError, ValueError) as exc:
             raise DedupRestoreError(f"duplicate filter snapshot unreadable: {exc}") from exc

@@ -62,7 +62,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipelines.tables import take_rows
+from pipelines.tables import from_ipc, take_rows, to_ipc
 
 __all__ = [
     "EventTimeOrderer",
@@ -329,14 +329,11 @@ class EventTimeOrderer:
                  "has_schema": self._buffer is not None}
         table = table.replace_schema_metadata(
             {**(table.schema.metadata or {}), _STATE_KEY: json.dumps(state).encode()})
-        sink = pa.BufferOutputStream()
-        with pa.ipc.new_stream(sink, table.schema) as writer:
-            writer.write_table(table)
-        return sink.getvalue().to_pybytes()
+        return to_ipc(table).to_pybytes()
 
     def restore(self, snapshot: bytes) -> None:
         """Replace the orderer's state with a snapshot's (processing-time state restarts)."""
-        table = pa.ipc.open_stream(snapshot).read_all()
+        table = from_ipc(snapshot)
         metadata = dict(table.schema.metadata or {})
         state = json.loads(metadata.pop(_STATE_KEY))
         self._arrivals = table.column(_ARRIVAL).to_numpy().astype(np.int64)

@@ -77,6 +77,7 @@ import polars as pl
 import pyarrow as pa
 
 from pipelines.errors import ConfigError, PipelineError
+from pipelines.tables import from_ipc, to_ipc
 
 __all__ = [
     "Aggregate",
@@ -1139,15 +1140,12 @@ def unpack_states(data: bytes) -> list[bytes]:
 
 
 def _ipc(table: pa.Table) -> bytes:
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, table.schema) as writer:
-        writer.write_table(table)
-    return sink.getvalue().to_pybytes()
+    return to_ipc(table).to_pybytes()
 
 
 def _read_ipc(data: bytes) -> pa.Table:
     try:
-        return pa.ipc.open_stream(data).read_all()
+        return from_ipc(data)
     except (pa.ArrowInvalid, OSError) as exc:
         raise StateRestoreError(f"unreadable feature-state snapshot: {exc}") from exc
 

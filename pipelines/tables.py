@@ -1,4 +1,4 @@
-"""Row gathers on Arrow tables, done by Polars.
+"""Row gathers on Arrow tables, done by Polars; a table as one Arrow IPC stream and back.
 
 Reordering a batch (splitting it by partition, merging label events into it, grouping it
 by store directory) is a gather of every column. Polars gathers string and nested columns
@@ -11,6 +11,25 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 import pyarrow as pa
+
+
+def to_ipc(table: pa.Table) -> pa.Buffer:
+    """``table`` as one Arrow IPC stream: its schema (metadata included), then its rows; a
+    slice is written as its slice. Snapshots keep it as bytes (``.to_pybytes()``).
+
+    Example:
+        >>> from_ipc(to_ipc(pa.table({"k": ["a"]}))).to_pydict()
+        {'k': ['a']}
+    """
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue()
+
+
+def from_ipc(data: pa.Buffer | bytes) -> pa.Table:
+    """The table of :func:`to_ipc` (zero-copy over ``data``)."""
+    return pa.ipc.open_stream(data).read_all()
 
 
 def take_rows(table: pa.Table, indices: np.ndarray) -> pa.Table:

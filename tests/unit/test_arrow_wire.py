@@ -1,4 +1,5 @@
-"""Tables cross Ray processes as Arrow IPC streams (:mod:`cluster.arrow_wire`): what
+"""Tables cross Ray processes as Arrow IPC streams (:mod:`cluster.arrow_wire`, with
+:func:`pipelines.tables.to_ipc`): what
 arrives equals what was sent, types, metadata and slices included."""
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from cluster.arrow_wire import table_from_ipc, table_to_ipc
+from pipelines.tables import from_ipc, to_ipc
 
 
 def envelope_like(rows: int) -> pa.Table:
@@ -32,14 +33,14 @@ def envelope_like(rows: int) -> pa.Table:
 @pytest.mark.parametrize("rows", [0, 1, 7, 5_000])
 def test_a_table_comes_back_equal(rows: int) -> None:
     table = envelope_like(rows)
-    back = table_from_ipc(table_to_ipc(table))
+    back = from_ipc(to_ipc(table))
     assert back.equals(table, check_metadata=True) and back.schema == table.schema
 
 
 def test_a_slice_sends_only_its_rows() -> None:
     whole = envelope_like(20_000)
     piece = whole.slice(10_000, 3)
-    wire = table_to_ipc(piece)
-    assert table_from_ipc(wire).equals(piece)
-    assert wire.size < table_to_ipc(whole.slice(0, 100)).size  # not the whole buffers
-    assert table_from_ipc(pickle.loads(pickle.dumps(wire))).equals(piece)  # as Ray ships it
+    wire = to_ipc(piece)
+    assert from_ipc(wire).equals(piece)
+    assert wire.size < to_ipc(whole.slice(0, 100)).size  # not the whole buffers
+    assert from_ipc(pickle.loads(pickle.dumps(wire))).equals(piece)  # as Ray ships it
