@@ -15,7 +15,8 @@ with its reason). The source follows the live-source contract (:mod:`pipelines.l
   ``claim_idle`` ms with another consumer (``XAUTOCLAIM``, a batch per poll until the
   sweep is done): a consumer that dies while this one runs loses nothing either. Its own
   pending entries (read, waiting for the checkpoint that acknowledges them) are never
-  taken again: a sweep that finds one idle past ``claim_idle`` leaves it as it is.
+  handed on again: ``XAUTOCLAIM`` claims one idle past ``claim_idle`` for this consumer
+  anew (its idle time reset, its delivery count up by one), and the sweep drops it.
 - ``committed(positions)`` acknowledges (``XACK``) the entries the committed checkpoint
   covers, never before: after a crash, what was read but not covered is read again.
 - With ``decisions_stream`` set, every applied event's decision (its scores with model
