@@ -339,9 +339,13 @@ class Ingress:
 
     async def _commit(self, journal: _PartJournal) -> None:
         """Write and fsync whatever is queued, in one go, until nothing is: requests that
-        arrive during an fsync share the next one."""
+        arrive during an fsync share the next one (``/score`` ones wait
+        ``score_sync_wait_ms`` for company first)."""
+        wait = self.options.score_sync_wait_ms / 1000 if journal.part == SCORE_PART else 0.0
         try:
             while journal.queue:
+                if wait:  # /score: more requests share the fsync (the decision takes longer)
+                    await asyncio.sleep(wait)
                 group, journal.queue = journal.queue, []
                 try:
                     found = await asyncio.to_thread(self._durable, journal, group)

@@ -128,3 +128,39 @@ def test_a_score_event_is_read_before_its_fsync_and_answered_after_it(tmp_path: 
             await server.close()
 
     asyncio.run(scenario())
+
+
+def test_score_requests_within_the_sync_wait_share_one_fsync(tmp_path: Path) -> None:
+    """``/score`` requests that arrive within ``score_sync_wait_ms`` of each other are made
+    durable by one fsync, and none is answered before it; ``/events`` does not wait."""
+    events = simulated_events(8)
+
+    async def scenario(wait_ms: float) -> list[int]:
+        server = ingress(tmp_path / f"w{wait_ms:g}", score_timeout_s=5, score_sync_wait_ms=wait_ms)
+        writer = server.parts[SCORE_PART].writer
+        plain_sync = writer.sync
+        counted: list[int] = []
+
+        def counting_sync() -> None:
+            counted.append(writer.next_offset)  # how many lines the fsync covers
+            plain_sync()
+
+        writer.sync = counting_sync  # type: ignore[method-assign]
+        port = await server.start()
+        try:
+            asked = [asyncio.create_task(post(port, "/score", json.dumps(e).encode()))
+                     for e in events]
+            while len(server.waiters) < len(events):
+                await asyncio.sleep(0.001)
+            server.resolve([{"event_id": e["eventId"], "scores": [], "alerts": []}
+                            for e in events])
+            answers = await asyncio.gather(*asked)
+            assert [status for status, _, _ in answers] == [200] * len(events)
+            assert counted and counted[-1] == len(events)  # every answered line was fsynced
+            return counted
+        finally:
+            await server.close()
+
+    syncs = asyncio.run(scenario(1000.0))  # all eight arrive within the wait: one fsync
+    assert syncs == [len(events)]
+    assert len(asyncio.run(scenario(0.0))) >= 1
