@@ -58,8 +58,13 @@ from pipelines.normalise import Clock, utc_now
 from pipelines.sources import RawBatch
 from pipelines.spec import PipelineSpec
 
-#: How long one poll of an idle source waits before the loop collects receipts again.
+#: How long one poll of the source waits while batches are in flight, before the loop
+#: collects their receipts again.
 POLL_WAIT_S = 0.001
+#: How long it waits with nothing in flight: a live source wakes the moment something
+#: comes (the journal by inotify, Redis by XREADGROUP's BLOCK, MQTT by its queue), so this
+#: only bounds how late the loop turns to its other work (progress, checkpoints, SIGTERM).
+IDLE_POLL_S = 0.02
 #: How often the ingress hears how far the run has read (its in-flight bound).
 PROGRESS_EVERY_S = 0.05
 
@@ -169,10 +174,10 @@ class LiveRun(PipelineRun):
         self.replies: ScoreReplies | None = None
         self.progress_to: Callable[[dict[str, int]], None] | None = None
 
-    def poll_once(self, timeout: float) -> int | None:
-        """Ingest what the source has (waiting up to ``timeout``), collect receipts; returns
-        the rows read, or ``None`` when the source was not read (no room: see
-        :meth:`has_room`)."""
+    def poll_once(self, timeout: float, idle: float | None = None) -> int | None:
+        """Ingest what the source has (waiting up to ``timeout``, or ``idle`` when nothing is
+        in flight), collect receipts; returns the rows read, or ``None`` when the source was
+        not read (no room: see :meth:`has_room`)."""
         rows = 0
         size = self.spec.source.batch_size
         executors = [self.dispatcher.executor, *(e for _, e in self.chain.stages)]
@@ -189,7 +194,8 @@ class LiveRun(PipelineRun):
             # with batches in flight, wait on them rather than on the source: a stage's
             # answer goes on to the partitions the moment it comes, and the wait spins not
             waited = wait_for_any(executors, timeout)
-            raws = self.source.poll(size, 0.0 if waited else timeout)  # type: ignore[attr-defined]
+            wait = 0.0 if waited else (timeout if idle is None else idle)
+            raws = self.source.poll(size, wait)  # type: ignore[attr-defined]
         for raw in raws:
             events = self.ingest.read(raw, self.counts)
             if self.replies is not None and raw.part == SCORE_PART:
@@ -235,7 +241,7 @@ class LiveRun(PipelineRun):
         try:
             read_since = 0
             while not stop.is_set():
-                rows = self.poll_once(POLL_WAIT_S)
+                rows = self.poll_once(POLL_WAIT_S, IDLE_POLL_S)
                 now = time.monotonic()
                 if rows:
                     read_since, last_read = read_since + rows, now

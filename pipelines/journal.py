@@ -51,7 +51,8 @@ PARTS = (EVENTS_PART, SCORE_PART)
 _SEGMENT = re.compile(r"^seg-(\d{15})\.ndjson$")
 #: The most a reader takes from a segment per poll (a line is at most a request body).
 READ_BYTES = 8 << 20
-#: How often an idle reader looks for new records while it waits in :meth:`JournalSource.poll`.
+#: How often an idle reader looks for new records while it waits in :meth:`JournalSource.poll`,
+#: where the kernel cannot wake it when they come (no inotify).
 IDLE_WAIT_S = 0.0005
 
 
@@ -282,15 +283,19 @@ class JournalSource:
     def __init__(self, name: str, folder: str | Path, parts: Sequence[str] = PARTS) -> None:
         self.name, self.folder, self.parts = name, Path(folder), tuple(parts)
         self._readers: dict[str, _PartReader] = {}
+        self._changes: _Changes | None = None
 
     def open(self, resume: dict[str, Any] | None) -> None:
         resume = resume or {}
         for part in self.parts:
             (self.folder / part).mkdir(parents=True, exist_ok=True)
             self._readers[part] = _PartReader(self.folder, part, int(resume.get(part, 0)))
+        self._changes = _Changes.watch([self.folder / part for part in self.parts])
 
     def poll(self, max_rows: int, timeout: float) -> list[RawBatch]:
-        """What the writers have appended since, waiting up to ``timeout`` for something."""
+        """What the writers have appended since, waiting up to ``timeout`` for something:
+        asleep until the kernel reports a write to the journal (inotify), or, where it
+        cannot, looking again every ``IDLE_WAIT_S``."""
         deadline = time.monotonic() + timeout
         while True:
             batches = []
@@ -301,9 +306,13 @@ class JournalSource:
                     offsets = np.arange(start, start + len(lines), dtype=np.int64)
                     records = pa.record_batch([pa.array(lines, pa.binary())], names=["line"])
                     batches.append(RawBatch(self.name, part, offsets, records))
-            if batches or time.monotonic() >= deadline:
+            left = deadline - time.monotonic()
+            if batches or left <= 0:
                 return batches
-            time.sleep(IDLE_WAIT_S)
+            if self._changes is not None:
+                self._changes.wait(left)  # a write after the read above wakes it at once
+            else:
+                time.sleep(IDLE_WAIT_S)
 
     def read_offsets(self) -> dict[str, int]:
         """Each part's next offset to read (what :meth:`positions` says, without its fsync)."""
@@ -322,3 +331,43 @@ class JournalSource:
     def close(self) -> None:
         for reader in self._readers.values():
             reader.close()
+        if self._changes is not None:
+            self._changes.close()
+            self._changes = None
+
+
+class _Changes:
+    """The kernel's word that a journal folder changed (Linux inotify): a write to a
+    segment, a new segment. The watch is set before the first read, so a write that lands
+    between a read and the wait after it is already queued and the wait returns at once."""
+
+    def __init__(self, notify: Any) -> None:
+        self._notify = notify
+
+    @classmethod
+    def watch(cls, folders: Sequence[Path]) -> _Changes | None:
+        """Watches on ``folders``, or ``None`` where inotify is not available (another OS,
+        or the user's watch limit reached): the reader then looks every ``IDLE_WAIT_S``."""
+        try:
+            from inotify_simple import INotify, flags
+        except ImportError:
+            return None
+        mask = flags.MODIFY | flags.CREATE | flags.MOVED_TO | flags.CLOSE_WRITE
+        try:
+            notify = INotify()
+        except OSError:
+            return None
+        try:
+            for folder in folders:
+                notify.add_watch(str(folder), mask)
+        except OSError:
+            notify.close()
+            return None
+        return cls(notify)
+
+    def wait(self, timeout: float) -> None:
+        """Until something changed (or ``timeout`` seconds); what it was does not matter."""
+        self._notify.read(timeout=max(1, int(timeout * 1000)))
+
+    def close(self) -> None:
+        self._notify.close()

@@ -79,6 +79,41 @@ def test_a_reader_waits_at_an_empty_segment_and_follows_the_writer_into_the_next
     source.close()
 
 
+@pytest.mark.parametrize("inotify", [True, False], ids=["inotify", "looking-again"])
+def test_a_waiting_reader_wakes_when_the_writer_appends_or_rolls(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, inotify: bool) -> None:
+    """A poll that waits (an idle run) returns what a writer appends meanwhile, into the
+    segment being read or a new one, long before its timeout: woken by the kernel, or,
+    without inotify, by looking again."""
+    import threading
+    import time
+
+    from pipelines import journal
+
+    if not inotify:
+        monkeypatch.setattr(journal._Changes, "watch", classmethod(lambda cls, folders: None))
+    writer = JournalWriter(tmp_path, "score", segment_bytes=40)
+    source = JournalSource("http", tmp_path, parts=("score",))
+    source.open(None)
+    assert (source._changes is not None) == inotify
+    got: list[int] = []
+    for start in range(0, 12, 3):  # each append fills a segment: the next one rolls
+        late = threading.Timer(0.2, writer.append, [lines(3, start)])
+        late.start()
+        began = time.monotonic()
+        batches = source.poll(1000, 30.0)
+        while not batches:  # a wake-up for the segment's creation, before its lines
+            batches = source.poll(1000, 30.0)
+        assert time.monotonic() - began < 15  # woken by the write, not the timeout
+        got += [o for b in batches for o in b.offsets.tolist()]
+        late.join()
+        got += [o for _, offsets in read_all(source) for o in offsets]
+    assert got == list(range(12))
+    writer.close()
+    source.close()
+    assert source._changes is None
+
+
 def test_journal_resumes_mid_segment_and_waits_for_whole_lines(tmp_path: Path) -> None:
     writer = JournalWriter(tmp_path, "score")
     writer.append(lines(10))
