@@ -127,7 +127,7 @@ def run_on_ray(spec: PipelineSpec, store_root: Path, *, objects: Mapping[str, An
     ``address`` (a Ray job joins its own cluster)."""
     from cluster.dispatchers import RayDispatchers
     from cluster.driver import run_pipeline
-    from cluster.partitions import RayPartitions
+    from cluster.partitions import RayPartitions, ray_stages
     from cluster.ray_runtime import ray_session
 
     runtime, found = spec.runtime, dict(objects or {})
@@ -150,7 +150,6 @@ def run_on_ray(spec: PipelineSpec, store_root: Path, *, objects: Mapping[str, An
             lambda run: RayPartitions(runtime.partitions, store_root, run, runtime.max_in_flight,
                                       per_actor, spec, objects=found),
             store_root, inputs, progress, resume=resume, run_id=run_id,
-            stage_factory=lambda run, stage: RayPartitions(
-                stage.partitions, store_root, run, runtime.max_in_flight, per_actor, spec, stage),
+            stage_factory=ray_stages(spec, store_root, runtime.max_in_flight, per_actor),
             actions_factory=lambda run: RayDispatchers(spec.actions, store_root, run))
     return {**summary, "ray": ray_facts["mode"]}

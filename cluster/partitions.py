@@ -167,6 +167,19 @@ class LocalPartitions(ImmediateExecutor):
         return {w.partition: w.checkpoint(epoch) for w in self.workers}
 
 
+def ray_stages(spec: PipelineSpec, store_root: str | Path, max_in_flight: int,
+               cpus_per_actor: float | None = None) -> Callable[[str, EnrichSpec], Any]:
+    """The factory of a Ray run's enrichment stages: each stage's partition actors, or its
+    partitions in this (the driver's) process for ``placement: driver``."""
+
+    def build(run: str, stage: EnrichSpec) -> RayPartitions | LocalPartitions:
+        if stage.placement == "driver":
+            return LocalPartitions(stage.partitions, store_root, run, spec, stage)
+        return RayPartitions(stage.partitions, store_root, run, max_in_flight, cpus_per_actor,
+                             spec, stage)
+    return build
+
+
 def wait_for_any(executors: list[Any], timeout: float) -> bool:
     """Wait up to ``timeout`` seconds until a batch in flight on any of ``executors`` has
     finished (in Ray, without holding the GIL or spinning); ``False`` at once when none of

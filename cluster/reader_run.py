@@ -78,6 +78,11 @@ class ReaderRun:
         if spec.actions is not None and any(rule.delivered for rule in spec.actions.rules):
             raise ConfigError("runtime.readers: actions delivered by dispatchers run on the "
                               "driver path only (runtime.readers: 0)")
+        for index, stage in enumerate(spec.enrich):
+            if stage.placement == "driver":
+                raise ConfigError(f"enrich.{index}.placement (stage {stage.name!r}): a stage in "
+                                  "the driver takes its events from the driver path; with "
+                                  "runtime.readers, use placement: actors")
         if spec.source.ordering != "event-time":
             raise ConfigError("runtime.readers: readers merge their events by event time; "
                               "source.ordering must be event-time")

@@ -338,7 +338,7 @@ def _serve_on_ray(spec: PipelineSpec, store_root: Path, source: LiveSource,
 
     from cluster.ingress import IngressReplies, ingress_actor_class
     from cluster.job import code_folders
-    from cluster.partitions import NAMESPACE, RayPartitions
+    from cluster.partitions import NAMESPACE, RayPartitions, ray_stages
     from cluster.ray_runtime import ray_session
 
     runtime = spec.runtime
@@ -357,8 +357,7 @@ def _serve_on_ray(spec: PipelineSpec, store_root: Path, source: LiveSource,
             runtime.partitions, store_root, run_id, runtime.max_in_flight, None, spec,
             live=True, decisions_to=IngressReplies(ingress_name(run_id)) if http else sink),
             store_root, source,
-            stages=lambda run_id, stage: RayPartitions(
-                stage.partitions, store_root, run_id, runtime.max_in_flight, None, spec, stage),
+            stages=ray_stages(spec, store_root, runtime.max_in_flight),
             actions=lambda run_id: RayDispatchers(spec.actions, store_root, run_id))
         ingress, bound = None, None
         if options is not None:

@@ -334,6 +334,13 @@ class EnrichSpec(_Open):
 
     ``kind`` names a stage kind (entry-point group ``eventray.stages``, or an import path);
     fields besides these belong to the kind.
+
+    ``placement``: ``actors`` (the default) runs each partition in a Ray actor of its own;
+    ``driver`` runs the stage's partitions in the run's driver process, as the ``local``
+    runner does: no actor hop to the stage and back, for a live run whose stage is light
+    and whose latency counts on a small machine. Its state is checkpointed and restored
+    with the run's; it does not spread over the nodes, so reader actors
+    (``runtime.readers``) refuse it.
     """
 
     name: str = Field(pattern=r"^[a-z][a-z0-9_]*$")
@@ -341,6 +348,7 @@ class EnrichSpec(_Open):
     key: str = Field(description="payload field the stage is partitioned by")
     partitions: int = Field(default=2, ge=1, le=1024)
     event_types: list[str] = Field(min_length=1)
+    placement: Literal["actors", "driver"] = "actors"
 
 
 class MatchPayload(BaseModel):

@@ -11,10 +11,11 @@ import polars as pl
 import pytest
 
 from cluster.driver import run_pipeline
-from cluster.partitions import RayPartitions
+from cluster.partitions import LocalPartitions, RayPartitions, ray_stages
 from pipelines.fraud.features import handbook_features_batch
 from pipelines.fraud.simulator import SimulationSpec, simulate_transactions, write_monthly
 from pipelines.spec import PipelineSpec
+from pipelines.testing import FakeClock
 from tests.support import FEATURES, fraud_spec, mismatches, train_into
 
 
@@ -76,3 +77,33 @@ def test_scores_alerts_and_a_hot_model_swap(ray_local: object, tmp_path: Path) -
     suspected = stored.filter(pl.col("event_type") == "fraud.suspected")
     assert sorted(suspected["event_id"]) == sorted(alerts["alert_id"])
     assert summary["stored"] == stored.height == 2 * table.num_rows + alerts.height
+
+
+@pytest.mark.ray
+def test_a_stage_in_the_driver_writes_the_store_its_actors_write(ray_local: object,
+                                                                  tmp_path: Path) -> None:
+    """``placement: driver`` moves the terminal stage into the driver process: the same
+    events, features and labels, row for row, as its partition actors give."""
+    table = simulate_transactions(SimulationSpec(n_customers=80, n_terminals=150, n_days=20, seed=4))
+    write_monthly(table, tmp_path / "tx")
+    base = fraud_spec()
+    stores = {}
+    for placement in ("actors", "driver"):
+        spec = fraud_spec(
+            enrich=[{**stage.model_dump(exclude_none=True), "placement": placement}
+                    for stage in base.enrich],
+            steps=[{"kind": "fraud", "model": {"registry": str(tmp_path / "registry"),
+                                                "name": "fraud"}}])  # no model: features only
+        store = stores[placement] = tmp_path / placement
+        stages = ray_stages(spec, store, 2, 0.25)
+        assert isinstance(stages("probe", spec.enrich[0]), LocalPartitions) == (placement == "driver")
+        summary = run_pipeline(
+            spec, lambda prefix, spec=spec, store=store: RayPartitions(
+                spec.runtime.partitions, store, prefix, 2, 0.25, spec),
+            store, [str(tmp_path / "tx")], progress=False, clock=FakeClock(), stage_factory=stages)
+        assert summary["stored"] == 2 * table.num_rows
+    # (which keys share a batch depends on when the stage's answers come, so rows of different
+    # keys may sit in another order within a file: compare the rows, sorted by event id)
+    for name in ("events", "scores"):
+        actors, driver = (scan(stores[p], name).sort("event_id") for p in ("actors", "driver"))
+        assert actors.height > 0 and actors.equals(driver), name

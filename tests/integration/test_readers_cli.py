@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 from pipelines.fraud.simulator import SimulationSpec, simulate_transactions, write_monthly
 from tests.support import eventray, summary_of, unscored_fraud_config
@@ -31,3 +32,13 @@ def test_run_with_readers_from_the_command_line(tmp_path: Path) -> None:
                        "--in-process", "--store", str(tmp_path / "other"))
     assert refused.returncode != 0 and "runtime.readers" in refused.stderr
 
+
+    # a stage in the driver takes its events from the driver path: readers refuse it by name
+    raw = yaml.safe_load(config.read_text())
+    raw["enrich"][0]["placement"] = "driver"
+    in_driver = tmp_path / "in-driver.yaml"
+    in_driver.write_text(yaml.safe_dump(raw))
+    refused = eventray("run", str(in_driver), "--input", str(tmp_path / "tx"), "--readers", "2",
+                       "--store", str(tmp_path / "third"))
+    assert refused.returncode != 0 and "enrich.0.placement" in refused.stderr
+    assert "Traceback" not in refused.stderr
