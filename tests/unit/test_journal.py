@@ -261,3 +261,17 @@ def test_a_key_of_a_payload_field_is_read_for_its_event_types_only() -> None:
     keys = KeyOf("data", "TERMINAL_ID", "^(?:tx\\.created)$").of(events)
     assert keys.type == pa.large_string() and keys.to_pylist() == ["7", None, None, None]
     assert KeyOf("event_type").of(events).to_pylist() == events.column("event_type").to_pylist()
+
+
+def test_a_group_of_pieces_whose_types_differ_is_committed_as_one_table() -> None:
+    """Pieces of one group normally share a schema (and are joined as they are); one whose
+    column is all null, typed null, is promoted to the others' type, not refused."""
+    sink = ListSink()
+    grouped = GroupCommitSink(sink, max_rows=100, interval_s=60)
+    grouped.write("scores", pa.table({"score": pa.array([0.5]), "model": ["m:1"]}), writer="p0", seq=0)
+    grouped.write("scores", pa.table({"score": pa.array([None]), "model": ["m:1"]}), writer="p0", seq=1)
+    grouped.write("scores", pa.table({"score": pa.array([0.25]), "model": ["m:2"]}), writer="p0", seq=2)
+    assert grouped.flush() == 1
+    committed = sink.batches["scores"][("p0", 0)]
+    assert committed.schema.field("score").type == pa.float64()
+    assert committed.column("score").to_pylist() == [0.5, None, 0.25]
