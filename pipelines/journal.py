@@ -353,15 +353,14 @@ class _Changes:
         except ImportError:
             return None
         mask = flags.MODIFY | flags.CREATE | flags.MOVED_TO | flags.CLOSE_WRITE
+        notify = None
         try:
             notify = INotify()
-        except OSError:
-            return None
-        try:
             for folder in folders:
                 notify.add_watch(str(folder), mask)
         except OSError:
-            notify.close()
+            if notify is not None:
+                notify.close()
             return None
         return cls(notify)
 

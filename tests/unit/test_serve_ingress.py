@@ -132,7 +132,7 @@ def test_a_score_event_is_read_before_its_fsync_and_answered_after_it(tmp_path: 
 
 def test_score_requests_within_the_sync_wait_share_one_fsync(tmp_path: Path) -> None:
     """``/score`` requests that arrive within ``score_sync_wait_ms`` of each other are made
-    durable by one fsync, and none is answered before it; ``/events`` does not wait."""
+    durable by one fsync, and none is answered before it; with no wait, each may have its own."""
     events = simulated_events(8)
 
     async def scenario(wait_ms: float) -> list[int]:
