@@ -28,6 +28,7 @@ from models.fraud import (
     FraudModel,
     ModelPreset,
     TopKAlerts,
+    TreeEnsemble,
     UnknownModelError,
     find_preset,
     make_model,
@@ -337,6 +338,50 @@ def test_logistic_scores_do_not_depend_on_the_batch() -> None:
     assert np.array_equal(whole, parts)
     reference = model.estimator.predict_proba(model.feature_matrix(frame))[:, 1]
     assert np.allclose(whole, reference, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("params", [{"max_iter": 30}, {"max_iter": 15, "max_leaf_nodes": 63, "max_depth": 12},
+                                    {"max_iter": 10, "learning_rate": 0.3, "l2_regularization": 1.0}])
+def test_small_batches_of_boosted_trees_score_the_same_bits_as_scikit_learn(params: dict) -> None:
+    """The small-batch evaluator (:class:`TreeEnsemble`) takes every branch scikit-learn
+    takes, missing values and values on a threshold included, and sums the trees in its
+    order: a row's score is the same bits in a batch of one, of a few, or of thousands."""
+    rng = np.random.default_rng(11)
+    n = 4000
+    rows = {name: rng.normal(size=n) for name in HANDBOOK_FEATURES}
+    rows["TX_AMOUNT"] = np.where(rng.random(n) < 0.1, np.nan, rows["TX_AMOUNT"])  # missing seen in training
+    signal = 2.0 * rows["TERMINAL_ID_RISK_7DAY_WINDOW"] + np.nan_to_num(rows["TX_AMOUNT"], nan=1.5) - 2.5
+    frame = pl.DataFrame(rows | {"TX_FRAUD": (rng.random(n) < 1 / (1 + np.exp(-signal))).astype(int)})
+    model = make_model("hist_gradient_boosting", seed=0, **params).fit(frame)
+    trees = TreeEnsemble.of(model.estimator)
+    assert trees is not None and trees.depth > 1
+    probe = model.feature_matrix(frame)[:600].copy()
+    probe[rng.random(probe.shape) < 0.05] = np.nan  # missing in any feature, seen in training or not
+    scaler = model.estimator[0]
+    splits = np.flatnonzero(~trees.leaf)
+    for row, node in enumerate(rng.choice(splits, 200)):  # exactly on a split's threshold
+        feature = trees.feature[node]
+        probe[row, feature] = trees.threshold[node] * scaler.scale_[feature] + scaler.mean_[feature]
+    reference = model.estimator.predict_proba(probe)[:, 1]
+    assert np.array_equal(trees.probability(probe), reference)
+    alone = np.concatenate([model.score(pl.DataFrame(probe[i:i + 1], schema=list(HANDBOOK_FEATURES)))
+                            for i in range(40)])
+    few = np.concatenate([model.score(pl.DataFrame(probe[i:i + 7], schema=list(HANDBOOK_FEATURES)))
+                          for i in range(0, 600, 7)])
+    assert np.array_equal(alone, reference[:40]) and np.array_equal(few, reference)
+    assert np.array_equal(model.score(pl.DataFrame(probe, schema=list(HANDBOOK_FEATURES))), reference)
+
+
+def test_other_models_are_scored_by_scikit_learn_in_small_batches_too(frame: pl.DataFrame) -> None:
+    for name in ("random_forest", "decision_tree", "forest_and_boosting"):
+        model = make_model(name, seed=0, **FAST_PARAMS[name]).fit(frame)
+        assert TreeEnsemble.of(model.estimator) is None
+        head = frame.head(5)
+        reference = model.estimator.predict_proba(model.feature_matrix(head))[:, 1]
+        assert np.array_equal(model.score(head), reference)
+    multi = make_model("hist_gradient_boosting", seed=0, max_iter=5).fit(
+        frame.with_columns(TX_FRAUD=pl.int_range(pl.len()) % 3))
+    assert TreeEnsemble.of(multi.estimator) is None  # three classes
 
 
 def test_a_preset_s_features_are_its_model_s_inputs() -> None:
