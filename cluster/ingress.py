@@ -296,13 +296,14 @@ class Ingress:
 
     def event_ids(self, lines: list[bytes], first: int) -> list[str]:
         """Each event's id: the producer's, or the one the run derives from its offset."""
-        derived = derived_event_ids(self.source_name, SCORE_PART,
-                                    np.arange(first, first + len(lines))).to_pylist()
-        ids = []
-        for line, fallback in zip(lines, derived, strict=True):
-            given = json.loads(line).get(self.id_field) if self.id_field else None
-            ids.append(given if isinstance(given, str) and given else fallback)
-        return ids
+        given = [json.loads(line).get(self.id_field) if self.id_field else None for line in lines]
+        ids = [i if isinstance(i, str) and i else None for i in given]
+        missing = [n for n, i in enumerate(ids) if i is None]
+        if missing:  # derived only where the producer gave none (a hash each: not for free)
+            derived = derived_event_ids(self.source_name, SCORE_PART, first + np.array(missing))
+            for n, event_id in zip(missing, derived.to_pylist(), strict=True):
+                ids[n] = event_id
+        return ids  # type: ignore[return-value]
 
     def enqueue(self, part: str, lines: list[bytes]) -> tuple[int, asyncio.Future[list[dict[str, Any]]]]:
         """Queue ``lines`` for the part's next group commit; returns their first offset and

@@ -164,3 +164,15 @@ def test_score_requests_within_the_sync_wait_share_one_fsync(tmp_path: Path) -> 
     syncs = asyncio.run(scenario(1000.0))  # all eight arrive within the wait: one fsync
     assert syncs == [len(events)]
     assert len(asyncio.run(scenario(0.0))) >= 1
+
+
+def test_score_waits_on_the_producer_s_id_or_the_one_the_run_derives(tmp_path: Path) -> None:
+    """The id /score waits on is the event's own, or, where it has none, the one the run
+    derives from its journal offset (as the normaliser does): the same id either way."""
+    from pipelines.event_ids import derived_event_ids
+
+    server = ingress(tmp_path)
+    lines = [b'{"eventId": "given-1"}', b'{"data": {}}', b'{"eventId": ""}', b'{"eventId": "given-2"}']
+    expected = derived_event_ids(server.source_name, SCORE_PART, [7, 8, 9, 10]).to_pylist()
+    assert server.event_ids(lines, first=7) == ["given-1", expected[1], expected[2], "given-2"]
+    assert server.event_ids(lines[:1], first=3) == ["given-1"]
