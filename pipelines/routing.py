@@ -146,6 +146,9 @@ class Router:
             [-1] if self.spec.unrouted == "drop" else [])
         self._emitting = [(i, r) for i, r in enumerate(self.routes) if r.emit is not None]
         self._choice = self._route_choice()
+        #: the columns the routes read: only these are handed to Polars (an envelope's
+        #: payload and metadata structs cost most of a small batch's conversion)
+        self._reads = sorted(set(self._choice.meta.root_names()) | {"event_type"})
         self._high = [i for i, r in enumerate(self.routes) if r.priority == "high"]
         if self.spec.max_hops is None and (cycle := _cycle(self.routes)):
             raise ConfigError(f"routing.routes: emitted events loop through routes "
@@ -165,13 +168,14 @@ class Router:
         return mask & condition.fill_null(False)
 
     def route(self, events: pa.Table) -> Routed:
-        """Route one envelope batch: each row's route is one query (one collect); the lanes
-        are found in numpy and taken from the batch in Arrow."""
-        frame = pl.from_arrow(events)
+        """Route one envelope batch: each row's route is one Polars evaluation over the
+        columns the routes read; the lanes are found in numpy and taken from the batch in
+        Arrow."""
+        frame = pl.from_arrow(events if self._emitting else events.select(self._reads))
         assert isinstance(frame, pl.DataFrame)
-        # with_columns, not select: a constant choice (no routes) is one per row, not one
-        route = frame.lazy().with_columns(__route=self._choice).select("__route").collect()
-        route = route.get_column("__route").to_numpy()
+        # with_columns, not select: a constant choice (no routes) is one per row, not one;
+        # eager: a lazy query's plan costs more than a live batch's evaluation
+        route = frame.with_columns(__route=self._choice).get_column("__route").to_numpy()
         kept = ~np.isin(route, self._dropped)
         high = _promoted(events.column("key"), np.isin(route, self._high) & kept) & kept
         derived = self._derive(frame, route, kept) if self._emitting else self.schema.empty_table()

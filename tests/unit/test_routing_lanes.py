@@ -59,6 +59,17 @@ def test_first_matching_route_wins_with_wildcards_and_filters() -> None:
     assert routed.filtered == 1
 
 
+def test_filters_on_any_envelope_column_route_as_on_the_payload() -> None:
+    """The router hands Polars only the columns its routes read: filters on the source, the
+    key or the metadata route as well as those on the payload."""
+    router = Router(spec({"routes": [
+        {"name": "by-key", "filter": "key = 'b'"},
+        {"name": "by-region", "filter": "metadata.version = '1' AND source = 's'", "priority": "high"},
+    ]}))
+    routed = router.route(events([("tx.created", "a", 1.0), ("tx.created", "b", 2.0)]))
+    assert (ids(routed.high), ids(routed.normal)) == (["e0"], ["e1"])
+
+
 def test_unrouted_events_are_stored_or_dropped() -> None:
     only = {"routes": [{"name": "tx", "event_types": ["tx.*"]}]}
     batch = events([("tx.created", "a", 1.0), ("user.login", "b", None)])
