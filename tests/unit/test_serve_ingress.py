@@ -176,3 +176,22 @@ def test_score_waits_on_the_producer_s_id_or_the_one_the_run_derives(tmp_path: P
     expected = derived_event_ids(server.source_name, SCORE_PART, [7, 8, 9, 10]).to_pylist()
     assert server.event_ids(lines, first=7) == ["given-1", expected[1], expected[2], "given-2"]
     assert server.event_ids(lines[:1], first=3) == ["given-1"]
+
+
+def test_the_ingress_warms_its_connections_before_anyone_is_answered(tmp_path: Path) -> None:
+    """start() has taken a burst of concurrent connections to its own /healthz, before it
+    reports ready; nothing of it reaches the journal."""
+    from cluster.ingress import WARM_CONNECTIONS
+
+    async def scenario() -> None:
+        server = ingress(tmp_path)
+        server.ready = False
+        port = await server.start()
+        try:
+            assert server.warmed == WARM_CONNECTIONS and server.pending() == 0
+            async with aiohttp.ClientSession() as session, \
+                    session.get(f"http://127.0.0.1:{port}/healthz") as answer:
+                assert answer.status == 503  # not ready: the warm-up did not change that
+        finally:
+            await server.close()
+    asyncio.run(scenario())
