@@ -195,3 +195,21 @@ def test_the_ingress_warms_its_connections_before_anyone_is_answered(tmp_path: P
         finally:
             await server.close()
     asyncio.run(scenario())
+
+
+def test_the_load_generator_does_not_collect_while_it_sends() -> None:
+    import gc
+
+    from cluster.produce import without_collection_pauses
+
+    assert gc.isenabled()
+    with without_collection_pauses():
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with without_collection_pauses():
+            pass
+        assert not gc.isenabled()  # left as it was found
+    finally:
+        gc.enable()
