@@ -448,7 +448,11 @@ def ingress_actor_class() -> Any:
             self.ingress = Ingress(spec, journal, options, token)
 
         async def start(self) -> int:
-            return await self.ingress.start()
+            from cluster.ray_runtime import settle_heap
+
+            port = await self.ingress.start()
+            settle_heap()
+            return port
 
         async def set_ready(self) -> None:
             self.ingress.ready = True

@@ -215,9 +215,15 @@ def _actor_class() -> Any:
             self.latency = Histogram("eventray_ingest_to_store_seconds",
                                      "ingestion to store latency of a batch",
                                      boundaries=LATENCY_BUCKETS_S, tag_keys=("partition",))
+            self.settled = False
 
         def apply(self, seq: int, rows: pa.Table) -> BatchReceipt:
             receipt = self.worker.apply(seq, rows)
+            if not self.settled:  # after the first batch: what it loads (a model) is set up
+                from cluster.ray_runtime import settle_heap
+
+                settle_heap()
+                self.settled = True
             if receipt.applied:  # exported to the Ray dashboard / Prometheus
                 if receipt.rows:  # a counter refuses 0: a batch of poison events only
                     self.stored.inc(receipt.rows, tags=self.tags)

@@ -9,6 +9,7 @@ machine, so an embedded run says ``"local"`` and uses a private temporary direct
 
 from __future__ import annotations
 
+import gc
 import ipaddress
 import os
 import shutil
@@ -19,6 +20,18 @@ from typing import Any
 from urllib.parse import urlsplit
 
 LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def settle_heap() -> None:
+    """Collect, then move every object alive now out of the garbage collector's reach
+    (``gc.freeze``): a long-lived process (the serve loop, a partition, the ingress) calls it
+    once it is set up. A full collection scans every tracked object; with the pipeline's
+    libraries and model loaded that was ~185,000 objects and 85 ms, a stall that fell on
+    whichever decision was in flight, several times a minute. Objects frozen are still
+    freed when their last reference goes; only cycles among them would stay.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 def is_loopback(address: str) -> bool:

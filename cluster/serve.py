@@ -47,6 +47,7 @@ from cluster.driver import (
     config_digest,
 )
 from cluster.partitions import wait_for_any
+from cluster.ray_runtime import settle_heap
 from pipelines.decisions import answers
 from pipelines.errors import ConfigError
 from pipelines.event_ids import derived_event_ids
@@ -233,6 +234,7 @@ class LiveRun(PipelineRun):
         live = LiveProgress(progress)
         self.dispatcher.on_receipt = self._receipt_hook(live)
         self.source.open(offsets or None)  # type: ignore[attr-defined]
+        settle_heap()
         ready()
         started = time.perf_counter()
         idle_after = self.spec.store.commit_interval.total_seconds()
