@@ -96,10 +96,12 @@ class ScoreReplies:
     def expect(self, raw: RawBatch, events: pa.Table, dead: pa.Table, late: pa.Table) -> None:
         """A ``score`` batch has been ingested: ``events`` go on, ``dead`` were dead-lettered,
         ``late`` were stored in the late lane (older than their key's latest: no decision)."""
-        derived = pl.Series(derived_event_ids(raw.source, raw.part, raw.offsets))
         lines = pl.Series(raw.records.column("line")).cast(pl.String)
-        given = lines.str.json_path_match(self.id_path) if self.id_path else derived
-        asked = set(given.fill_null(derived).to_list())
+        given = lines.str.json_path_match(self.id_path) if self.id_path else None
+        if given is None or given.null_count():  # derived only for lines without an id
+            derived = pl.Series(derived_event_ids(raw.source, raw.part, raw.offsets))
+            given = derived if given is None else given.fill_null(derived)
+        asked = set(given.to_list())
         going = set(events.column("event_id").to_pylist())
         replies = [{"event_id": row["event_id"], "dead_letter": {
                     "reason": row["reason"], "message": row["message"]}}

@@ -187,3 +187,54 @@ def test_a_checkpoint_asks_the_stages_and_the_partitions_at_once(tmp_path: Path)
         writer.close()
         source.close()
         run.close()
+
+
+def test_every_score_event_is_answered_once_whatever_became_of_it(tmp_path: Path) -> None:
+    """The driver's side of /score (ScoreReplies, here with decisions from receipts):
+    decided, dead-lettered, duplicate or late, every event read from the score part gets one
+    answer under the id the ingress waits on (its own, or the one derived from its offset)."""
+    from cluster.serve import LiveProgress, ScoreReplies
+    from pipelines.event_ids import derived_event_ids
+
+    pipeline = live_spec()
+    store, journal = tmp_path / "store", tmp_path / "store" / "_journal"
+    source = build_source(pipeline, [str(journal)])
+    run = LiveRun(pipeline, lambda r: LocalPartitions(1, store, r, pipeline, live=True),
+                  store, source, stages=lambda r, s: LocalPartitions(s.partitions, store, r, pipeline, s,
+                                                                     live=True))
+    sent: list[dict[str, Any]] = []
+    run.replies = ScoreReplies(pipeline, sent.extend)
+    run._start(resume=False)
+    run.dispatcher.on_receipt = run._receipt_hook(LiveProgress(False))
+    source.open(None)
+    writer = JournalWriter(journal, SCORE_PART)
+    valid = simulated_events(4, seed=8)
+    no_id = {k: v for k, v in valid[2].items() if k != "eventId"}
+    older = {**valid[3], "eventId": "older-than-its-key", "timestamp": "2018-03-01T00:00:00Z"}
+    bad = {**valid[0], "eventId": "bad-time", "timestamp": "not a time"}
+    bad_no_id = {k: v for k, v in bad.items() if k != "eventId"}
+    try:
+        for batch in ((valid[0], valid[1], no_id, valid[3]), (bad, bad_no_id, valid[0], older)):
+            writer.append([json.dumps(e).encode() for e in batch])
+            assert run.poll_once(0.0) == 4
+            while run.chain or run.dispatcher.queued():
+                run.pump()
+        derived = derived_event_ids(source.name, SCORE_PART, [2, 5]).to_pylist()
+        by_id: dict[str, list[dict[str, Any]]] = {}
+        for answer in sent:
+            by_id.setdefault(answer["event_id"], []).append(answer)
+        assert sorted(by_id) == sorted([valid[0]["eventId"], valid[1]["eventId"], derived[0],
+                                        valid[3]["eventId"], "bad-time", derived[1], "older-than-its-key"])
+        again = by_id[valid[0]["eventId"]].pop()  # a retry in a later batch: a duplicate
+        assert again == {"event_id": valid[0]["eventId"], "duplicate": True}
+        assert all(len(answers) == 1 for answers in by_id.values()), by_id
+        for decided in (valid[0]["eventId"], valid[1]["eventId"], derived[0], valid[3]["eventId"]):
+            assert by_id[decided][0]["scores"], by_id[decided]  # the fraud step's score
+        assert by_id["bad-time"][0]["dead_letter"]["reason"] == "bad_timestamp"
+        assert by_id[derived[1]][0]["dead_letter"]["reason"] == "bad_timestamp"
+        assert by_id["older-than-its-key"][0]["late"] is True
+        assert not run.replies.waiting
+    finally:
+        writer.close()
+        source.close()
+        run.close()
