@@ -147,25 +147,18 @@ async def open_loop(url: str, bodies: list[bytes], rate: float, token: str) -> d
     statuses: dict[int, int] = {}
     connector = aiohttp.TCPConnector(limit=0)
     with without_collection_pauses():
-        return await _send_all(aiohttp.ClientSession(connector=connector), url, bodies, rate,
-                               headers, latencies, statuses)
-
-
-async def _send_all(client: Any, url: str, bodies: list[bytes], rate: float,
-                    headers: dict[str, str], latencies: list[float],
-                    statuses: dict[int, int]) -> dict[str, Any]:
-    async with client as session:
-        tasks = []
-        start = time.perf_counter() + 0.05
-        for i, body in enumerate(bodies):
-            due = start + i / rate
-            delay = due - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(_send(session, url, body, headers, due,
-                                                   latencies, statuses)))
-        await asyncio.gather(*tasks)
-        elapsed = time.perf_counter() - start
+        async with aiohttp.ClientSession(connector=connector) as session:
+            tasks = []
+            start = time.perf_counter() + 0.05
+            for i, body in enumerate(bodies):
+                due = start + i / rate
+                delay = due - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                tasks.append(asyncio.create_task(_send(session, url, body, headers, due,
+                                                       latencies, statuses)))
+            await asyncio.gather(*tasks)
+            elapsed = time.perf_counter() - start
     return summarise(latencies, statuses, len(bodies), elapsed, rate)
 
 

@@ -197,6 +197,25 @@ def test_the_ingress_warms_its_connections_before_anyone_is_answered(tmp_path: P
     asyncio.run(scenario())
 
 
+def test_the_load_generator_sends_open_loop_and_counts_the_answers(tmp_path: Path) -> None:
+    import gc
+
+    from cluster.produce import open_loop
+
+    async def scenario() -> dict[str, Any]:
+        server = ingress(tmp_path)
+        port = await server.start()
+        try:
+            bodies = [json.dumps(e).encode() for e in simulated_events(20, seed=4)]
+            return await open_loop(f"http://127.0.0.1:{port}/events", bodies, 200.0, TOKEN)
+        finally:
+            await server.close()
+    figures = asyncio.run(scenario())
+    assert figures["ok"] == figures["requests"] == 20 and figures["statuses"] == {"202": 20}
+    assert 0 < figures["latency_ms"]["p50"] <= figures["latency_ms"]["p99"]
+    assert gc.isenabled()  # collection is back on once the run is over
+
+
 def test_the_load_generator_does_not_collect_while_it_sends() -> None:
     import gc
 
