@@ -36,6 +36,7 @@ import numpy as np
 import pyarrow as pa
 from aiohttp import web
 
+from cluster.ray_runtime import settle_heap
 from pipelines.decisions import answers
 from pipelines.event_ids import derived_event_ids
 from pipelines.journal import EVENTS_PART, SCORE_PART, HttpSourceOptions, JournalWriter
@@ -320,13 +321,12 @@ class Ingress:
     def event_ids(self, lines: list[bytes], first: int) -> list[str]:
         """Each event's id: the producer's, or the one the run derives from its offset."""
         given = [json.loads(line).get(self.id_field) if self.id_field else None for line in lines]
-        ids = [i if isinstance(i, str) and i else None for i in given]
-        missing = [n for n, i in enumerate(ids) if i is None]
-        if missing:  # derived only where the producer gave none (a hash each: not for free)
-            derived = derived_event_ids(self.source_name, SCORE_PART, first + np.array(missing))
-            for n, event_id in zip(missing, derived.to_pylist(), strict=True):
-                ids[n] = event_id
-        return ids  # type: ignore[return-value]
+        missing = [n for n, i in enumerate(given) if not (isinstance(i, str) and i)]
+        # derived only where the producer gave none (a hash each: not for free)
+        derived = dict(zip(missing, derived_event_ids(
+            self.source_name, SCORE_PART, first + np.array(missing, dtype=np.int64)).to_pylist(),
+            strict=True)) if missing else {}
+        return [derived[n] if n in derived else given[n] for n in range(len(lines))]
 
     def enqueue(self, part: str, lines: list[bytes]) -> tuple[int, asyncio.Future[list[dict[str, Any]]]]:
         """Queue ``lines`` for the part's next group commit; returns their first offset and
@@ -448,8 +448,6 @@ def ingress_actor_class() -> Any:
             self.ingress = Ingress(spec, journal, options, token)
 
         async def start(self) -> int:
-            from cluster.ray_runtime import settle_heap
-
             port = await self.ingress.start()
             settle_heap()
             return port

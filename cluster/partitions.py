@@ -36,6 +36,7 @@ import pyarrow as pa
 
 from cluster.arrow_wire import send_tables_as_ipc
 from cluster.operators import ImmediateExecutor
+from cluster.ray_runtime import settle_heap
 from pipelines.actions.outbox import outbox_rules
 from pipelines.checkpoint import CheckpointStore
 from pipelines.decisions import DecisionSink
@@ -220,8 +221,6 @@ def _actor_class() -> Any:
         def apply(self, seq: int, rows: pa.Table) -> BatchReceipt:
             receipt = self.worker.apply(seq, rows)
             if not self.settled:  # after the first batch: what it loads (a model) is set up
-                from cluster.ray_runtime import settle_heap
-
                 settle_heap()
                 self.settled = True
             if receipt.applied:  # exported to the Ray dashboard / Prometheus
