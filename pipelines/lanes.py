@@ -6,10 +6,11 @@ rows waiting in the normal lane are always newer than its rows in the high lane,
 offering a high piece first promotes the queued normal rows of the same keys (moved,
 in order, to the end of the high lane, before the new piece).
 
-Under load queues grow; :meth:`LaneQueues.take` then coalesces consecutive pieces of a lane
-into one batch of up to ``max_rows``, and :class:`BatchSizer` sets ``max_rows`` from the
-partition's measured processing rate so that one batch takes about the target latency:
-batches grow with load and shrink when it passes.
+Under load queues grow; :meth:`LaneQueues.take` then coalesces the queued pieces into one
+batch of up to ``max_rows`` (the high lane's first, the normal lane's after them), and
+:class:`BatchSizer` sets ``max_rows`` from the partition's measured processing rate so
+that one batch takes about the target latency: batches grow with load and shrink when it
+passes.
 """
 
 from __future__ import annotations
@@ -61,15 +62,22 @@ class LaneQueues:
         self.normal[partition] = kept
 
     def take(self, partition: int, max_rows: int | None = None) -> pa.Table | None:
-        """The next batch for a partition (coalesced up to ``max_rows``), or None."""
-        lane = self.high[partition] or self.normal[partition]
-        if not lane:
+        """The next batch for a partition, or None: one piece, or with ``max_rows`` the
+        queued pieces up to that many rows, the high lane's first, then (once the high lane
+        is empty) the normal lane's. A batch is applied in row order, so one batch of both
+        lanes is applied as the two batches would be; a slice with a high event is not sent
+        as two batches (each costs a partition a fixed few milliseconds)."""
+        pieces: list[pa.Table] = []
+        rows = 0
+        for lane in (self.high[partition], self.normal[partition]):
+            while lane and (not pieces or (max_rows is not None
+                                           and rows + lane[0].num_rows <= max_rows)):
+                rows += lane[0].num_rows
+                pieces.append(lane.popleft())
+            if lane:  # what is left of the high lane goes before any normal piece
+                break
+        if not pieces:
             return None
-        pieces = [lane.popleft()]
-        rows = pieces[0].num_rows
-        while max_rows is not None and lane and rows + lane[0].num_rows <= max_rows:
-            rows += lane[0].num_rows
-            pieces.append(lane.popleft())
         return pieces[0] if len(pieces) == 1 else pa.concat_tables(pieces).combine_chunks()
 
     def pieces(self, partition: int) -> int:

@@ -149,6 +149,26 @@ def test_high_lane_goes_first_and_coalesces_under_load() -> None:
     assert queues.empty()
 
 
+def test_under_load_one_batch_holds_both_lanes_high_first() -> None:
+    # a live slice with one high event is one batch, not two (each costs a partition a
+    # fixed few milliseconds), applied in the order the two batches would have been
+    queues = LaneQueues(1)
+    queues.offer(0, pa.table({"key": ["a", "b"]}), high=False)
+    queues.offer(0, pa.table({"key": ["c"]}), high=True)
+    queues.offer(0, pa.table({"key": ["d"]}), high=False)
+    assert queues.take(0, max_rows=10)["key"].to_pylist() == ["c", "a", "b", "d"]
+    assert queues.empty()
+    # a high lane the limit cuts short: no normal piece may overtake what is left of it
+    for keys, high in ((["n"], False), (["h1", "h2"], True), (["h3"], True)):
+        queues.offer(0, pa.table({"key": keys}), high=high)
+    assert queues.take(0, max_rows=2)["key"].to_pylist() == ["h1", "h2"]
+    assert queues.take(0, max_rows=2)["key"].to_pylist() == ["h3", "n"]
+    # without a limit (a replay's batches are its input's): one piece at a time
+    queues.offer(0, pa.table({"key": ["x"]}), high=False)
+    queues.offer(0, pa.table({"key": ["y"]}), high=True)
+    assert [queues.take(0)["key"].to_pylist() for _ in range(2)] == [["y"], ["x"]]
+
+
 def test_batch_sizer_targets_latency_within_bounds() -> None:
     sizer = BatchSizer(AdaptiveBatching(target_latency_ms=50, min_rows=100, max_rows=50_000), 2)
     assert sizer.max_rows(0) == 100  # nothing measured yet: small batches, low latency
