@@ -48,6 +48,8 @@ from pipelines.spec import PipelineSpec
 RETRY_AFTER_S = 1
 #: Concurrent requests the ingress makes to itself before it reports ready (:meth:`Ingress.warm`).
 WARM_CONNECTIONS = 32
+#: How long a partition waits for the ingress to answer when it connects (:meth:`IngressReplies.connect`).
+CONNECT_TIMEOUT_S = 10.0
 
 
 class BodyError(ValueError):
@@ -424,17 +426,31 @@ class IngressReplies:
     def __setstate__(self, state: dict[str, str]) -> None:
         self.__init__(**state)  # type: ignore[misc]
 
-    def send(self, decisions: pa.Table) -> None:
+    def connect(self) -> None:
+        """Look the ingress up and open the channel to it (one call answered): lazily, the
+        first ``/score`` answers waited some 30 ms for both."""
+        import ray
+        from ray.exceptions import RayError
+
+        if self._lookup() is not None:
+            try:
+                ray.get(self._actor.__ray_ready__.remote(), timeout=CONNECT_TIMEOUT_S)
+            except RayError:  # not answering yet: the calls to come wait for it
+                pass
+
+    def _lookup(self) -> Any:
         import ray
 
-        if decisions.num_rows == 0:
-            return
         if self._actor is None:
             try:
                 self._actor = ray.get_actor(self.actor_name, namespace=self.namespace)
             except ValueError:
-                return
-        self._actor.decided.remote(decisions)
+                return None
+        return self._actor
+
+    def send(self, decisions: pa.Table) -> None:
+        if decisions.num_rows and self._lookup() is not None:
+            self._actor.decided.remote(decisions)
 
 
 def ingress_actor_class() -> Any:

@@ -210,6 +210,8 @@ def _actor_class() -> Any:
             send_tables_as_ipc()
             self.worker = _RunWorker(partition, store_root, run, spec, stage, objects, live)
             self.decisions_to = decisions_to
+            if decisions_to is not None:
+                decisions_to.connect()
             self.tags = {"partition": str(partition)}
             self.stored = Counter("eventray_events_stored", "events applied and stored",
                                   tag_keys=("partition",))

@@ -16,7 +16,12 @@ import pyarrow.compute as pc
 
 class DecisionSink(Protocol):
     """Where a partition hands each batch's decisions as soon as it is scored (picklable:
-    it travels to the partition's actor, and connects there on first use)."""
+    it travels to the partition's actor, and connects there)."""
+
+    def connect(self) -> None:
+        """Connect now: called once in the partition's process as it starts, so that its
+        first decisions do not wait for a lookup or a new connection. A sink it fails for
+        connects on first use instead (it never stops the partition)."""
 
     def send(self, decisions: pa.Table) -> None:
         """Hand on a batch's decisions (rows of ``DECISIONS_SCHEMA``)."""

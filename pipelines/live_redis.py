@@ -338,7 +338,7 @@ class RedisStreamSource:
 class RedisDecisions:
     """A :class:`~pipelines.decisions.DecisionSink` adding one entry per decided event to a
     stream: ``XADD <stream> MAXLEN ~ <maxlen> * event_id <id> decision <json>``, a batch in
-    one pipelined round trip. It connects on first use, in the partition's process.
+    one pipelined round trip. It connects in the partition's process (:meth:`connect`).
 
     Args:
         url: the server.
@@ -357,15 +357,30 @@ class RedisDecisions:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(**state)  # type: ignore[misc]
 
+    def connect(self) -> None:
+        """Open the connection now (a ``PING``); a server not there yet is tried again by
+        the first :meth:`send`."""
+        import redis
+
+        try:
+            self._connected().ping()
+        except redis.RedisError as exc:
+            _log.warning("decisions' stream %r at %s not reachable yet: %s", self.stream, self.url, exc)
+
+    def _connected(self) -> Any:
+        import redis
+
+        if self._client is None:
+            self._client = redis.Redis.from_url(self.url)
+        return self._client
+
     def send(self, decisions: pa.Table) -> None:
         import redis
 
         found = answers(decisions)
         if not found:
             return
-        if self._client is None:
-            self._client = redis.Redis.from_url(self.url)
-        pipe = self._client.pipeline(transaction=False)
+        pipe = self._connected().pipeline(transaction=False)
         for answer in found:  # one entry per event: the stream's unit, as XADD takes it
             pipe.xadd(self.stream, {"event_id": answer["event_id"],
                                     "decision": json.dumps(answer, separators=(",", ":"))},

@@ -3,9 +3,11 @@ same store as the in-process runner (online equals in-process, deterministic und
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import polars as pl
+import pyarrow as pa
 import pytest
 
 from cluster.driver import run_pipeline
@@ -85,3 +87,36 @@ def test_routed_run_with_priority_derived_events_and_adaptive_batches(
     assert (pairs["writer"] == pairs["writer_parent"]).all()
     early = pairs.filter(pl.col("batch") < pl.col("batch_parent"))
     assert early.is_empty(), early.select("key", "seq", "batch", "batch_parent")
+
+
+def test_a_partition_connects_to_the_ingress_as_it_starts(ray_local: object) -> None:
+    """The ingress is looked up, and a call answered, before the first decision; a missing
+    ingress is no failure (its decisions go nowhere)."""
+    import ray
+
+    from cluster.ingress import IngressReplies
+
+    @ray.remote(num_cpus=0)
+    class Decided:
+        def __init__(self) -> None:
+            self.ids: list[str] = []
+
+        def decided(self, decisions: pa.Table) -> None:
+            self.ids += decisions.column("event_id").to_pylist()
+
+        def seen(self) -> list[str]:
+            return self.ids
+
+    ingress = Decided.options(name="run-ingress", namespace="eventray-test").remote()
+    replies = IngressReplies("run-ingress", namespace="eventray-test")
+    replies = pickle.loads(pickle.dumps(replies))  # as it reaches a partition's process
+    replies.connect()
+    assert replies._actor is not None
+    replies.send(pa.table({"event_id": ["e1", "e2"]}))
+    replies.send(pa.table({"event_id": pa.array([], pa.string())}))  # nothing to send
+    assert ray.get(ingress.seen.remote()) == ["e1", "e2"]
+    missing = IngressReplies("no-such-ingress", namespace="eventray-test")
+    missing.connect()
+    missing.send(pa.table({"event_id": ["e3"]}))
+    assert missing._actor is None
+    ray.kill(ingress)

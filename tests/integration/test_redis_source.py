@@ -34,7 +34,7 @@ from pipelines.pipeline import load_pipeline
 from pipelines.sources import SourceError
 from pipelines.spec import PipelineSpec, SourceSpec
 from tests.live_driver import BoundedLiveRun
-from tests.live_servers import Server, start_redis
+from tests.live_servers import Server, free_port, start_redis
 from tests.seed_events import seed_event
 from tests.support import KillingPartitions
 
@@ -348,6 +348,31 @@ def test_partition_actors_killed_mid_stream_store_every_transaction_once(
     answer = json.loads(entries[0][1][b"decision"])
     assert set(answer) == {"event_id", "scores", "alerts"}
     assert [s["step"] for s in answer["scores"]] == ["fraud"] and "model" in answer["scores"][0]
+
+
+def test_the_decisions_sink_connects_before_the_first_decision(tmp_path: Path,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    """A partition connects its sink as it starts; a server not there yet is no failure,
+    and the first decisions reach it once it is."""
+    port = free_port()
+    sink = RedisDecisions(f"redis://127.0.0.1:{port}", "decisions-later")
+    sink.connect()  # nothing listens yet: a warning, not an error
+    assert "not reachable yet" in caplog.text
+    server = start_redis(tmp_path / "redis", port=port)
+    try:
+        client = client_of(server)
+        before = len(client.client_list())
+        sink = pickle.loads(pickle.dumps(sink))  # as it reaches a partition's process
+        sink.connect()
+        assert len(client.client_list()) == before + 1  # the connection is open already
+        decisions = pa.table({"event_id": ["e1"], "step": ["fraud"], "model": ["m@1"],
+                              "score": [0.9], "alert": ["fraud.suspected"], "threshold": [0.5]})
+        sink.send(decisions)
+        entries = client.xrange("decisions-later")
+        assert [fields[b"event_id"] for _, fields in entries] == [b"e1"]
+        assert len(client.client_list()) == before + 1  # the same connection
+    finally:
+        server.stop()
 
 
 def test_a_lost_server_ends_the_read_with_one_clear_error(tmp_path: Path) -> None:
