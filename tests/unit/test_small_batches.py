@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import pipelines.keyed
-from pipelines.arrival import ArrivalGuard, KeyOf
+from pipelines.arrival import ArrivalGuard, KeyOf, _LatestTimes
 from pipelines.dedup import DuplicateFilter
 from pipelines.hashing import partition_of
 from pipelines.keyed import split_by_partition
@@ -331,6 +331,33 @@ def test_arrival_guard_decides_as_one_event_at_a_time(batches: list, horizon: in
     restored = ArrivalGuard({"key": KeyOf("key"), "terminal": KeyOf("terminal")}, horizon)
     restored.restore(guard.snapshot())
     assert {n: dict(f.iter_rows()) for n, f in restored.latest.items()} == model.latest
+
+
+@pytest.mark.parametrize("horizon", [None, 300])
+@pytest.mark.parametrize("weak_hash", [False, True])
+def test_arrival_guard_holds_thousands_of_keys_exactly(
+        weak_hash: bool, horizon: int | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past the index's rebuilds (thousands of keys, forgotten ones too) and with a first
+    hash shared by many keys (forced here with a weak one: in practice two keys whose 64-bit
+    hashes collide), every key keeps its own latest time."""
+    if weak_hash:
+        real = _LatestTimes.hashes
+        monkeypatch.setattr(_LatestTimes, "hashes", staticmethod(
+            lambda keys: (real(keys)[0] % np.uint64(7), real(keys)[1])))
+    rng = np.random.default_rng(3)
+    guard, model = ArrivalGuard({"key": KeyOf("key")}, horizon), GuardModel(["key"], horizon)
+    for batch in range(12):
+        keys = [f"k{v}" for v in rng.integers(0, 5000, 600)]
+        times = (rng.integers(0, 400, 600) + 60 * batch).tolist()
+        table = pa.table({"key": pa.array(keys, pa.string()), "ts": pa.array(times, pa.int64())})
+        rows = [{"key": k, "ts": t} for k, t in zip(keys, times, strict=True)]
+        assert guard.late(table, "ts").tolist() == model.late(rows, [True] * len(rows))
+    assert dict(guard.latest["key"].iter_rows()) == model.latest["key"]
+    restored = ArrivalGuard({"key": KeyOf("key")}, horizon)
+    restored.restore(guard.snapshot())
+    late = pa.table({"key": pa.array(["k1", "k2"], pa.string()), "ts": pa.array([0, 10**6], pa.int64())})
+    assert restored.late(late, "ts").tolist() == model.late(
+        [{"key": "k1", "ts": 0}, {"key": "k2", "ts": 10**6}], [True, True])
 
 
 # -- routing and the partition split -------------------------------------------------------
