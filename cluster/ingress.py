@@ -449,8 +449,9 @@ class IngressReplies:
         return self._actor
 
     def send(self, decisions: pa.Table) -> None:
-        if decisions.num_rows and self._lookup() is not None:
-            self._actor.decided.remote(decisions)
+        actor = self._lookup() if decisions.num_rows else None
+        if actor is not None:
+            actor.decided.remote(decisions)
 
 
 def ingress_actor_class() -> Any:

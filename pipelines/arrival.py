@@ -168,8 +168,7 @@ class _LatestTimes:
         keys = self.keys().take(pa.array(kept))
         first, second, times = self.first[kept], self.second[kept], self.times[kept]
         self.__init__()  # type: ignore[misc]
-        self.add(keys, first, second, times)
-        self.floor = int(times.min()) if len(times) else np.iinfo(np.int64).max
+        self.add(keys, first, second, times)  # sets the floor again
 
 
 class ArrivalGuard:
