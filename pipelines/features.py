@@ -3,7 +3,9 @@
 One concept, two implementations that must agree exactly ("online equals offline"):
 
 - :class:`KeyedWindowOperator` (online): takes one Arrow/Polars batch at a time, keeps per-key
-  state between batches, returns the features of the batch's rows. Vectorised with numpy.
+  state between batches, returns the features of the batch's rows. Vectorised with numpy over
+  the batch; its windows' bounds and running sums come from compiled kernels
+  (:mod:`pipelines.window_kernels`).
 - :func:`window_features_batch` (offline): pure Polars over the whole history.
 
 Both are driven by a frozen :class:`KeyedWindowSpec`: a key column, an event-time column and
@@ -78,6 +80,7 @@ import pyarrow as pa
 
 from pipelines.errors import ConfigError, PipelineError
 from pipelines.tables import from_ipc, to_ipc
+from pipelines.window_kernels import drained_sums, searches, warm, window_sums
 
 __all__ = [
     "Aggregate",
@@ -412,105 +415,9 @@ def _ranges(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
     return np.arange(int(lengths.sum()), dtype=np.int64) + np.repeat(lo - starts, lengths)
 
 
-#: Up to this many searches of a batch are done one by one (:func:`_bisect`): one
-#: ``np.searchsorted`` costs a few microseconds, the halvings about 0.2 ms for any few.
-_FEW_QUERIES = 16
-
-
-def _bisect(times: np.ndarray, lo: np.ndarray, hi: np.ndarray, target: np.ndarray) -> np.ndarray:
-    """Per query, the first index in ``[lo, hi)`` with ``times > target`` (``hi`` if none).
-
-    ``times`` must be sorted within each query's range (one key's slab). The loop runs once
-    per halving, about log2 of the longest range, never once per query; a handful of queries
-    (a live batch's) are searched one by one with ``np.searchsorted`` instead, which finds the
-    same index in one call where the halvings take some fifty small numpy operations.
-    """
-    if len(lo) <= _FEW_QUERIES:
-        return np.array([start + np.searchsorted(times[start:end], at, side="right")
-                         for start, end, at in zip(lo.tolist(), hi.tolist(), target.tolist(), strict=True)],
-                        dtype=np.int64)
-    lo, size = lo.astype(np.int64), (hi - lo).astype(np.int64)
-    last = len(times) - 1
-    while len(size) and size.max() > 0:
-        half = size >> 1
-        mid = lo + half
-        right = (size > 0) & (times[np.minimum(mid, last)] <= target)
-        lo = np.where(right, mid + 1, lo)
-        size = np.where(right, size - half - 1, half)
-    return lo
-
-
 def _rolled(values: np.ndarray) -> np.ndarray:
     """``np.roll(values, 1)`` of a 1-D array, in one concatenation (a fifth of its cost)."""
     return np.concatenate([values[-1:], values[:-1]])
-
-
-def _running_sums(
-    values: np.ndarray,
-    columns: list[int],
-    cur: tuple[np.ndarray, np.ndarray],
-    prev: tuple[np.ndarray, np.ndarray],
-    head: np.ndarray,
-    head_values: np.ndarray,
-) -> np.ndarray:
-    """Running sums after each event, ``(n_columns, n_events)``.
-
-    ``values`` are the arena's columns, of which ``columns`` are summed. Event ``e`` moves its
-    key's window from slots ``prev[e]`` to ``cur[e]`` (ranges): it subtracts the rows that
-    left, then adds the rows that entered, in slot (arrival) order. A head event first
-    (re)starts the sum at its ``head_values`` column; other events continue from the
-    previous event.
-    """
-    (lo, hi), (plo, phi) = cur, prev
-    n_head = head.astype(np.int64)
-    n_rem = np.maximum(np.minimum(lo, phi) - plo, 0)
-    add_from = np.maximum(phi, lo)
-    sizes = n_head + n_rem + (hi - add_from)
-    ends = np.cumsum(sizes)
-    event = np.repeat(np.arange(len(sizes)), sizes)
-    k = np.arange(ends[-1] if len(ends) else 0) - (ends - sizes)[event] - n_head[event]
-    is_head, is_rem = k < 0, (k >= 0) & (k < n_rem[event])
-    slot = np.where(is_rem, plo[event] + k, add_from[event] + k - n_rem[event])
-    entries = values[np.array(columns)[:, None], np.where(is_head, 0, slot)[None, :]]
-    entries[:, is_rem] *= -1.0
-    entries[:, is_head] = head_values
-    if not len(ends):
-        return np.empty((len(columns), 0))
-    return _segment_cumsum(entries, np.flatnonzero(is_head))[:, ends - 1]
-
-
-def _segment_cumsum(values: np.ndarray, starts: np.ndarray) -> np.ndarray:
-    """Left-to-right cumulative sums of each row of ``values``, restarting at ``starts``.
-
-    Bit for bit a running float sum: segments become rows of a zero-padded matrix summed by
-    ``np.cumsum`` one chunk of ``width`` columns at a time; a segment longer than ``width``
-    carries its sum into its next chunk's first addition.
-    """
-    n = values.shape[1]
-    lengths = np.diff(np.append(starts, n))
-    segment = np.repeat(np.arange(len(starts)), lengths)
-    if int(lengths.max()) * len(starts) <= 4 * n + 4096:  # one chunk: no carries
-        matrix = np.zeros((len(values), len(starts), int(lengths.max())))
-        column = np.arange(n) - starts[segment]
-        matrix[:, segment, column] = values
-        return np.cumsum(matrix, axis=2)[:, segment, column]
-    width = max(16, 4 * -(-n // len(starts)))
-    chunk, column = np.divmod(np.arange(n) - starts[segment], width)
-    order = np.argsort(chunk, kind="stable")
-    bounds = np.searchsorted(chunk[order], np.arange(int(chunk.max()) + 2))
-    out, carry = np.empty_like(values), np.zeros((len(values), len(starts)))
-    for k in range(len(bounds) - 1):
-        index = order[bounds[k]:bounds[k + 1]]
-        starts_here = np.diff(segment[index], prepend=-1) != 0
-        first, row = np.flatnonzero(starts_here), np.cumsum(starts_here) - 1
-        matrix = np.zeros((len(values), len(first), width))
-        matrix[:, row, column[index]] = values[:, index]
-        if k:
-            matrix[:, :, 0] += carry[:, segment[index[first]]]
-        summed = np.cumsum(matrix, axis=2)
-        out[:, index] = summed[:, row, column[index]]
-        carry[:, segment[index[first]]] = summed[:, :, -1]
-    return out
 
 
 def _extremum(values: np.ndarray, lo: np.ndarray, hi: np.ndarray, ufunc: np.ufunc) -> np.ndarray:
@@ -728,19 +635,6 @@ class _Events(NamedTuple):
     key: np.ndarray  # the key's index in the key table
 
 
-def _bounds(
-    times: np.ndarray, slab: np.ndarray, slot: np.ndarray, window: Window, cache: dict | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """The windows of the events at ``slot`` (their keys' rows start at ``slab``) as slot
-    ranges. ``cache`` holds, per distance, the first slot after ``time - distance``; longer
-    distances are searched first and bound the searches for shorter ones."""
-    cache = {} if cache is None else cache
-    for step in sorted({window.reach, window.delay} - {ZERO} - set(cache), reverse=True):
-        floor = cache[min(longer)] if (longer := [s for s in cache if s > step]) else slab
-        cache[step] = _bisect(times, floor, slot + 1, times[slot] - _ns(step))
-    return cache[window.reach], slot + 1 if window.delay == ZERO else cache[window.delay]
-
-
 class KeyedWindowOperator:
     """Streaming per-key window aggregates: one batch in, the batch's features out.
 
@@ -771,7 +665,15 @@ class KeyedWindowOperator:
         # per batch these would compare frozen dataclasses dozens of times
         self._window_aggregates = tuple(tuple(a for a in spec.aggregates if a.window == w)
                                         for w in self._plan.windows)
-        self._longest_first = sorted(self._plan.windows, key=lambda w: w.reach, reverse=True)
+        plan = self._plan
+        warm()
+        # what the compiled kernels take: per window its reach and delay (ns), and the
+        # running-sum columns of all windows in order, each with its window
+        self._kernel_plan = (
+            np.array([_ns(w.reach) for w in plan.windows], dtype=np.int64),
+            np.array([_ns(w.delay) for w in plan.windows], dtype=np.int64),
+            np.array([c for r in plan.running for c in r], dtype=np.int64),
+            np.array([w for w, r in enumerate(plan.running) for _ in r], dtype=np.int64))
         self.late_rows = 0
         self._max_time: int | None = None
         self._arena = _Arena(self._plan.arena_columns)
@@ -930,37 +832,15 @@ class KeyedWindowOperator:
 
     def _aggregate(self, events: _Events) -> tuple[dict[str, pa.Array], np.ndarray]:
         plan, arena, columns = self._plan, self._arena, {}
-        starts = self._table.sums[events.key[events.head]]
-        starts[events.fresh[events.head]] = 0.0
-        last_sums = np.empty((int(events.last.sum()), plan.n_running))
-        cache: dict[dt.timedelta, np.ndarray] = {}
-        prev_cache: dict[dt.timedelta, np.ndarray] = {}
-        for window in self._longest_first:
-            _bounds(arena.times, events.slab, events.slot, window, cache)  # longest first: narrower searches
-        for w, window in enumerate(plan.windows):
-            lo, hi = _bounds(arena.times, events.slab, events.slot, window, cache)
-            running = np.empty((0, len(lo)))
-            if plan.running[w]:
-                prev = self._previous(events, window, lo, hi, prev_cache)
-                part = plan.running_slice(w)
-                running = _running_sums(arena.values, list(plan.running[w]), (lo, hi), prev, events.head,
-                                        starts[:, part].T)
-                last_sums[:, part] = running[:, events.last].T
+        starts = self._table.sums[events.key]
+        starts[events.fresh] = 0.0
+        lo, hi, running = window_sums(arena.times, arena.values, events.slot, events.slab, events.head,
+                                      events.prev, *self._kernel_plan, starts)
+        for w in range(len(plan.windows)):
+            part = running[plan.running_slice(w)]
             for agg in self._window_aggregates[w]:
-                columns[agg.name] = _finish(agg, hi - lo, self._raw(agg, w, lo, hi, running))
-        return columns, last_sums
-
-    def _previous(
-        self, events: _Events, window: Window, lo: np.ndarray, hi: np.ndarray, cache: dict
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Each event's previous window: the prior event's, the stored last row's, or empty."""
-        plo, phi = _rolled(lo), _rolled(hi)
-        plo[events.head] = phi[events.head] = events.slot[events.head]
-        stored = np.flatnonzero(events.prev >= 0)
-        if stored.size:
-            at = events.prev[stored]
-            plo[stored], phi[stored] = _bounds(self._arena.times, events.slab[stored], at, window, cache)
-        return plo, phi
+                columns[agg.name] = _finish(agg, hi[w] - lo[w], self._raw(agg, w, lo[w], hi[w], part))
+        return columns, running[:, events.last].T
 
     def _raw(self, agg: Aggregate, w: int, lo: np.ndarray, hi: np.ndarray, running: np.ndarray) -> np.ndarray:
         """The aggregate per event before empty windows are filled: the running sum for sum
@@ -984,8 +864,8 @@ class KeyedWindowOperator:
         table, horizon = self._table, self._plan.horizon
         table.last[index] = rows.times[rows.start + rows.count - 1]
         table.sums[index] = last_sums
-        table.first[index] = _bisect(self._arena.times, table.first[index], table.end[index],
-                                     table.last[index] - horizon)
+        table.first[index] = searches(self._arena.times, table.first[index], table.end[index],
+                                      table.last[index] - horizon)
         newest = int(rows.times.max())
         if self._max_time is not None:
             self.late_rows += int(np.count_nonzero(rows.times < self._max_time - self._plan.lateness))
@@ -1021,16 +901,9 @@ class KeyedWindowOperator:
     def _drain(self, gone: np.ndarray) -> np.ndarray:
         """The running sums of keys ``gone`` after subtracting every row still in their windows:
         the subtractions their next event would do first, in the same order."""
-        plan, table, arena = self._plan, self._table, self._arena
-        end, sums = table.end[gone], table.sums[gone]
-        head = np.ones(len(gone), dtype=bool)
-        for w, window in enumerate(plan.windows):
-            if plan.running[w]:
-                prev = _bounds(arena.times, table.first[gone], end - 1, window)
-                part = plan.running_slice(w)
-                sums[:, part] = _running_sums(arena.values, list(plan.running[w]), (end, end), prev, head,
-                                              sums[:, part].T).T
-        return sums
+        table, arena = self._table, self._arena
+        return drained_sums(arena.times, arena.values, table.first[gone], table.end[gone],
+                            *self._kernel_plan, table.sums[gone])
 
     def _output(self, columns: dict[str, pa.Array], order: np.ndarray) -> pa.Table:
         if not columns:

@@ -127,8 +127,8 @@ def every_kind() -> KeyedWindowSpec:
 def test_an_arrow_batch_and_a_polars_one_of_any_size_give_the_same_features(
     transactions: pa.Table, size: int
 ) -> None:
-    """Arrow batches are read with numpy, Polars ones with Series casts; batches of up to
-    sixteen events search their windows one by one, larger ones with the vectorised halvings."""
+    """Arrow batches are read with numpy, Polars ones with Series casts; whatever the batch's
+    size, the features and the state are those of the whole history in one batch."""
     spec = every_kind()
     by_arrow, by_polars, whole = (KeyedWindowOperator(spec) for _ in range(3))
     frame = pl.from_arrow(transactions)
