@@ -70,8 +70,10 @@ Example:
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import struct
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Literal, NamedTuple
 
 import numpy as np
@@ -80,7 +82,6 @@ import pyarrow as pa
 
 from pipelines.errors import ConfigError, PipelineError
 from pipelines.tables import from_ipc, to_ipc
-from pipelines.window_kernels import drained_sums, searches, warm, window_sums
 
 __all__ = [
     "Aggregate",
@@ -635,6 +636,16 @@ class _Events(NamedTuple):
     key: np.ndarray  # the key's index in the key table
 
 
+@functools.cache
+def _kernels() -> ModuleType:
+    """The compiled kernels, loaded with their compiler on first use: Numba takes some 0.6 s
+    to import and set up, which only a process that runs an operator pays."""
+    from pipelines import window_kernels
+
+    window_kernels.warm()
+    return window_kernels
+
+
 class KeyedWindowOperator:
     """Streaming per-key window aggregates: one batch in, the batch's features out.
 
@@ -666,7 +677,7 @@ class KeyedWindowOperator:
         self._window_aggregates = tuple(tuple(a for a in spec.aggregates if a.window == w)
                                         for w in self._plan.windows)
         plan = self._plan
-        warm()
+        _kernels()  # loaded now, not on the first batch (a live partition's first decision)
         # what the compiled kernels take: per window its reach and delay (ns), and the
         # running-sum columns of all windows in order, each with its window
         self._kernel_plan = (
@@ -834,8 +845,8 @@ class KeyedWindowOperator:
         plan, arena, columns = self._plan, self._arena, {}
         starts = self._table.sums[events.key]
         starts[events.fresh] = 0.0
-        lo, hi, running = window_sums(arena.times, arena.values, events.slot, events.slab, events.head,
-                                      events.prev, *self._kernel_plan, starts)
+        lo, hi, running = _kernels().window_sums(arena.times, arena.values, events.slot, events.slab,
+                                                events.head, events.prev, *self._kernel_plan, starts)
         for w in range(len(plan.windows)):
             part = running[plan.running_slice(w)]
             for agg in self._window_aggregates[w]:
@@ -864,7 +875,7 @@ class KeyedWindowOperator:
         table, horizon = self._table, self._plan.horizon
         table.last[index] = rows.times[rows.start + rows.count - 1]
         table.sums[index] = last_sums
-        table.first[index] = searches(self._arena.times, table.first[index], table.end[index],
+        table.first[index] = _kernels().searches(self._arena.times, table.first[index], table.end[index],
                                       table.last[index] - horizon)
         newest = int(rows.times.max())
         if self._max_time is not None:
@@ -902,7 +913,7 @@ class KeyedWindowOperator:
         """The running sums of keys ``gone`` after subtracting every row still in their windows:
         the subtractions their next event would do first, in the same order."""
         table, arena = self._table, self._arena
-        return drained_sums(arena.times, arena.values, table.first[gone], table.end[gone],
+        return _kernels().drained_sums(arena.times, arena.values, table.first[gone], table.end[gone],
                             *self._kernel_plan, table.sums[gone])
 
     def _output(self, columns: dict[str, pa.Array], order: np.ndarray) -> pa.Table:

@@ -16,8 +16,6 @@ a partition's time. A loop per event here is compiled code, not Python.
 
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 from numba import njit
 
@@ -151,11 +149,9 @@ def drained_sums(
     return out
 
 
-@functools.cache
 def warm() -> None:
-    """Compile the kernels, or load them from Numba's cache (some 0.3 s a process), for the
-    argument types the operator passes: once per process, when its first operator is made,
-    so that a live partition's first batch does not pay for it."""
+    """Compile the kernels, or load them from Numba's cache (some 0.4 s, the first of them
+    setting up the compiler), for the argument types the operator passes."""
     none, times = np.zeros(0, dtype=np.int64), np.zeros(1, dtype=np.int64)
     values, flags = np.zeros((1, 1)), np.zeros(0, dtype=np.bool_)
     searches(times, none, none, none)
