@@ -180,6 +180,7 @@ class Checkpointer:
         stages = chain.ask_checkpoint(epoch)
 
         def write_ingest() -> None:
+            ingest.flush()
             for name, state in ingest.snapshot().items():
                 self.checkpoints.write_state(epoch, name, state)
 

@@ -26,6 +26,7 @@ from pipelines.deadletters import dead_letters_of
 from pipelines.dedup import DuplicateFilter
 from pipelines.envelope import DEADLETTER_SCHEMA, envelope_schema
 from pipelines.event_time import EventTimeOrderer, WatermarkPolicy
+from pipelines.group_commit import GroupCommitSink
 from pipelines.kinds import keyed_event_types
 from pipelines.labels import LabelFeed
 from pipelines.normalise import Clock, Normaliser
@@ -61,6 +62,12 @@ class Ingest:
         self.spec, self.store, self.run, self.clock = spec, store, run, clock
         #: the dead letters' writer: the driver's, or a reader actor's own
         self.writer = (writer or WriterId.ingest(run)).name
+        #: where the dead letters and late events go: a live run group-commits them as its
+        #: partitions do (every store.commit_interval, in a thread, and before each
+        #: checkpoint), so a batch with one never waits on a Parquet write and its fsync
+        #: (a live label feed is late by nature); a bounded run writes them as they come
+        self.sink: EventStore | GroupCommitSink = GroupCommitSink(
+            store, spec.store.commit_rows, spec.store.commit_interval.total_seconds()) if live else store
         self.normaliser = Normaliser(spec, clock)
         self.duplicates = DuplicateFilter(horizon_us=source.dedup_horizon // _US)
         schema = envelope_schema(spec.registry())
@@ -94,7 +101,9 @@ class Ingest:
         events, behind = self._late_lane(events, counts)
         dead = pa.concat_tables([*dead, repeated, late, behind])
         self.last_dead = dead  # what a synchronous caller of these events is told
-        self.store.write("deadletter", dead, writer=self.writer, seq=counts.batches)
+        self.sink.write("deadletter", dead, writer=self.writer, seq=counts.batches)
+        if isinstance(self.sink, GroupCommitSink) and self.sink.due():
+            self.sink.flush_in_background()
         counts.batches += 1
         counts.count_dead_letters(dead.column("reason").to_numpy(zero_copy_only=False))
         return self._with_labels(events, counts)
@@ -179,7 +188,7 @@ class Ingest:
             return rest, self._dead(rows, LATE, "event time is older than its key's latest "
                                                 "event (a live source decides in arrival order)")
         self.last_late = flag_late(rows)
-        self.store.write("events", self.last_late, writer=self.writer, seq=counts.batches)
+        self.sink.write("events", self.last_late, writer=self.writer, seq=counts.batches)
         counts.stored += rows.num_rows
         counts.sent += rows.num_rows  # stored here, as a partition would (sent = stored + poisoned)
         return rest, none
@@ -214,6 +223,16 @@ class Ingest:
             parts.append(labels)
         parts = [p for p in parts if p.num_rows]
         return pa.concat_tables(parts) if parts else None
+
+    def flush(self) -> None:
+        """Commit the dead letters and late events held (a checkpoint's first step: a group
+        never straddles one, so a restored run's truncation and replay rewrite it whole).
+
+        Raises:
+            Exception: what a commit in the background raised (the store failed).
+        """
+        if isinstance(self.sink, GroupCommitSink):
+            self.sink.flush()
 
     def snapshot(self) -> dict[str, bytes]:
         """The driver's state to checkpoint, by name."""

@@ -164,10 +164,36 @@ def test_live_ingest_sends_events_older_than_their_key_to_the_late_lane(tmp_path
     going = ingest.read(raw, counts)
     assert going.num_rows == 40 and "late" not in going.column("event_id").to_pylist()
     assert ingest.last_late.column("event_id").to_pylist() == ["late"]
+    assert counts.stored == 1
+    # group-committed, as a partition's writes are: not on this batch's turn, but by the
+    # next checkpoint (whose first step is this flush)
+    assert not list(tmp_path.rglob("*.parquet"))
+    ingest.flush()
     stored = store.scan("events").collect()
     assert stored["event_id"].to_list() == ["late"]
     assert '"late":true' in stored["metadata"].struct.field("tags")[0]
-    assert counts.stored == 1
+
+
+def test_live_ingest_commits_its_writes_in_the_background_once_due(tmp_path: Path) -> None:
+    """A live run's dead letters and late events are committed every store.commit_interval
+    in a thread; a bounded run's are written as they come."""
+    from cluster.accounting import RunCounts
+
+    spec = load_pipeline(ROOT / "configs" / "live.yaml")
+    every_batch = spec.store.model_copy(update={"commit_interval": dt.timedelta(0)})
+    spec = spec.model_copy(update={"store": every_batch})
+    bad = [json.dumps({"eventId": f"bad-{i}", "eventType": "transaction.created", "timestamp": "nope",
+                       "data": {}}).encode() for i in range(3)]
+    raw = RawBatch("card-network", "events", np.arange(3), pa.record_batch([pa.array(bad, pa.binary())],
+                                                                             names=["line"]))
+    live = Ingest(spec, EventStore(tmp_path / "live"), "r1", FakeClock(), live=True)
+    live.read(raw, RunCounts())
+    assert isinstance(live.sink, GroupCommitSink)
+    live.sink.wait()  # the commit that fell due runs in a thread
+    assert EventStore(tmp_path / "live").scan("deadletter").collect().height == 3
+    bounded = Ingest(spec, EventStore(tmp_path / "bounded"), "r1", FakeClock())
+    bounded.read(raw, RunCounts())
+    assert EventStore(tmp_path / "bounded").scan("deadletter").collect().height == 3
 
 
 def test_live_ingest_remembers_one_horizon_of_arrivals_not_every_id_ever_seen(tmp_path: Path) -> None:
