@@ -12,14 +12,13 @@ the actor's reply. The load generator (:func:`cluster.produce.open_loop`) offers
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 from collections.abc import Callable
 from typing import Any
 
 from cluster.bench.servers import free_port
-from cluster.produce import open_loop, simulated_events
+from cluster.produce import run_open_loop, simulated_events
 
 #: Requests of the warm-up before each ingress's measured rates.
 WARMUP_REQUESTS, WARMUP_RATE = 200, 50.0
@@ -97,7 +96,7 @@ def _offer(url: str, rates: tuple[float, ...], seconds: float,
            log: Callable[[str], None], name: str) -> list[dict[str, Any]]:
     """The warm-up, then each rate for ``seconds``: the client-side figures per rate."""
     warm = [json.dumps(e).encode() for e in simulated_events(WARMUP_REQUESTS, seed=31)]
-    asyncio.run(open_loop(url, warm, WARMUP_RATE, "-"))
+    run_open_loop(url, warm, WARMUP_RATE, "-")
     steps, offset = [], 0
     events = simulated_events(int(sum(rates) * seconds), seed=32)
     for rate in rates:
@@ -106,7 +105,7 @@ def _offer(url: str, rates: tuple[float, ...], seconds: float,
         offset += count
         log(f"{name}: {rate:g} requests/s for {seconds:g} s")
         load = os.getloadavg()[0]
-        steps.append({**asyncio.run(open_loop(url, bodies, rate, "-")),
+        steps.append({**run_open_loop(url, bodies, rate, "-"),
                       "load_average": round(load, 1)})
     return steps
 

@@ -10,7 +10,6 @@ the neighbours'.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import secrets
@@ -24,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from cluster.produce import open_loop, simulated_events
+from cluster.produce import run_open_loop, simulated_events
 
 #: The warm-up before the measured rates: 10 s at 20 requests/s.
 WARMUP_EVENTS, WARMUP_RATE = 200, 20.0
@@ -67,7 +66,7 @@ def bench_live(config: Path, work: Path, rates: tuple[float, ...], seconds: floa
         _wait_ready(port, process)
         # warm-up, not counted: the actors' first batches load the model and compile plans
         warm = [json.dumps(e).encode() for e in simulated_events(WARMUP_EVENTS, seed=12)]
-        asyncio.run(open_loop(f"http://127.0.0.1:{port}/score", warm, WARMUP_RATE, token))
+        run_open_loop(f"http://127.0.0.1:{port}/score", warm, WARMUP_RATE, token)
         offset = 0
         for rate in rates:
             count = int(rate * seconds)
@@ -76,7 +75,7 @@ def bench_live(config: Path, work: Path, rates: tuple[float, ...], seconds: floa
             bodies = [json.dumps(e).encode() for e in events]
             log(f"/score at {rate:g}/s for {seconds:g} s")
             load = os.getloadavg()[0]
-            figures = asyncio.run(open_loop(f"http://127.0.0.1:{port}/score", bodies, rate, token))
+            figures = run_open_loop(f"http://127.0.0.1:{port}/score", bodies, rate, token)
             steps.append({**figures, "load_average": round(load, 1)})
     finally:
         process.send_signal(signal.SIGTERM)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 
 from cluster.ingress import Ingress
 from cluster.produce import simulated_events
@@ -214,6 +215,37 @@ def test_the_load_generator_sends_open_loop_and_counts_the_answers(tmp_path: Pat
     assert figures["ok"] == figures["requests"] == 20 and figures["statuses"] == {"202": 20}
     assert 0 < figures["latency_ms"]["p50"] <= figures["latency_ms"]["p99"]
     assert gc.isenabled()  # collection is back on once the run is over
+
+
+def test_the_load_generator_runs_on_uvloop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``eventray produce`` and the bench send from libuv's event loop (less of the cores the
+    measured run shares); the server here runs on its own loop in a thread."""
+    import uvloop
+
+    from cluster import produce
+
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    server = ingress(tmp_path)
+    port = asyncio.run_coroutine_threadsafe(server.start(), loop).result(10)
+    loops: list[type] = []
+    send = produce._send
+
+    async def noting_the_loop(*args: Any) -> None:
+        loops.append(type(asyncio.get_running_loop()))
+        await send(*args)
+
+    monkeypatch.setattr(produce, "_send", noting_the_loop)
+    try:
+        bodies = [json.dumps(e).encode() for e in simulated_events(5, seed=4)]
+        figures = produce.run_open_loop(f"http://127.0.0.1:{port}/events", bodies, 200.0, TOKEN)
+    finally:
+        asyncio.run_coroutine_threadsafe(server.close(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+    assert figures["statuses"] == {"202": 5}
+    assert set(loops) == {uvloop.Loop}
 
 
 def test_the_load_generator_does_not_collect_while_it_sends() -> None:
