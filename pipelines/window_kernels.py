@@ -37,6 +37,17 @@ def _search(times: np.ndarray, start: int, end: int, target: int) -> int:  # pra
 
 
 @njit(cache=True, nogil=True)
+def _window(times: np.ndarray, first: int, at: int, reach: int,
+            delay: int) -> tuple[int, int]:  # pragma: no cover - compiled
+    """The window of the row at slot ``at`` (its key's rows start at ``first``) as a slot
+    range ``[lo, hi)``: rows after ``time - reach``, up to ``time - delay`` (``delay`` 0: up
+    to and including the row itself, never a later one)."""
+    lo = _search(times, first, at + 1, times[at] - reach)
+    hi = at + 1 if delay == 0 else _search(times, first, at + 1, times[at] - delay)
+    return lo, hi
+
+
+@njit(cache=True, nogil=True)
 def searches(times: np.ndarray, starts: np.ndarray, ends: np.ndarray,
              targets: np.ndarray) -> np.ndarray:  # pragma: no cover - compiled
     """Per query ``i``, the first index in ``[starts[i], ends[i])`` with ``times > targets[i]``
@@ -90,19 +101,15 @@ def window_sums(
     for e in range(n):
         at, first = slot[e], slab[e]
         for w in range(n_windows):
-            lo[w, e] = _search(times, first, at + 1, times[at] - reach[w])
-            hi[w, e] = at + 1 if delay[w] == 0 else _search(times, first, at + 1, times[at] - delay[w])
+            lo[w, e], hi[w, e] = _window(times, first, at, reach[w], delay[w])
     for j in range(len(columns)):
         w, column = window_of[j], columns[j]
         total = 0.0
         for e in range(n):
             if head[e]:
                 total = starts[e, j]
-                if prev[e] >= 0:  # the windows of the key's last stored row
-                    before = prev[e]
-                    left_from = _search(times, slab[e], before + 1, times[before] - reach[w])
-                    left_to = before + 1 if delay[w] == 0 else _search(times, slab[e], before + 1,
-                                                                         times[before] - delay[w])
+                if prev[e] >= 0:  # the window of the key's last stored row
+                    left_from, left_to = _window(times, slab[e], prev[e], reach[w], delay[w])
                 else:
                     left_from = left_to = slot[e]
             else:
@@ -137,11 +144,9 @@ def drained_sums(
     """
     out = sums.copy()
     for k in range(len(first)):
-        last = end[k] - 1
         for j in range(len(columns)):
             w, column = window_of[j], columns[j]
-            left_from = _search(times, first[k], end[k], times[last] - reach[w])
-            left_to = end[k] if delay[w] == 0 else _search(times, first[k], end[k], times[last] - delay[w])
+            left_from, left_to = _window(times, first[k], end[k] - 1, reach[w], delay[w])
             total = out[k, j]
             for r in range(left_from, left_to):
                 total -= values[column, r]
