@@ -179,19 +179,12 @@ class EventStore:
             raise StoreError(f"batch sequence must be >= 0, got {seq}")
         if rows.num_rows == 0:
             return []
-        time_column = TIME_COLUMN.get(table, "timestamp")
-        frame = pl.from_arrow(rows.select(["event_type", time_column]))
-        assert isinstance(frame, pl.DataFrame)
-        groups = frame.select(
-            __dir=pl.col("event_type").map_batches(_safe_column, return_dtype=pl.String),
-            __date=pl.col(time_column).dt.date().cast(pl.String),
-        ).with_row_index("__row").group_by(["__dir", "__date"], maintain_order=True).agg(
-            pl.col("__row"), __rows=pl.len())
-        if groups.height > 1:  # one take into group order, then zero-copy slices
-            rows = take_rows(rows, groups["__row"].explode().to_numpy())
+        order, groups = file_groups(rows, TIME_COLUMN.get(table, "timestamp"))
+        if order is not None:  # one take into group order, then zero-copy slices
+            rows = take_rows(rows, order)
         written, start = [], 0
         name = f"part-{writer}-{seq:012d}.parquet"
-        for type_dir, date, count in groups.select("__dir", "__date", "__rows").iter_rows():
+        for type_dir, date, count in groups:
             directory = self.table_dir(table) / f"event_type={type_dir}" / f"date={date}"
             written.append(write_parquet_atomic(rows.slice(start, count), directory / name,
                                                 sync_folder=False))
@@ -412,6 +405,77 @@ def _utc(moment: dt.datetime) -> dt.datetime:
     if moment.tzinfo is None:
         raise StoreError("scan bounds must be timezone-aware datetimes (UTC)")
     return moment.astimezone(dt.UTC)
+
+
+#: Days from 1970-01-01 to 0001-01-01 and to 9999-12-31: dates whose ISO text is YYYY-MM-DD.
+_ISO_DAYS = (-719_162, 2_932_896)
+_UNITS_PER_DAY = {"s": 86_400, "ms": 86_400_000, "us": 86_400_000_000, "ns": 86_400_000_000_000}
+
+FileGroups = tuple[np.ndarray | None, list[tuple[str, str, int]]]
+
+
+def file_groups(rows: pa.Table, time_column: str) -> FileGroups:
+    """How :meth:`EventStore.write` splits ``rows`` into files: one per (event type
+    folder, UTC date of ``time_column``), in the order each first appears.
+
+    Returns:
+        the row order that puts each group's rows together, in their order (``None``: the
+        rows are one group already), and each group's (type folder, date text, rows).
+
+    Example:
+        >>> rows = pa.table({"event_type": ["a", "b", "a"], "timestamp": pa.array(
+        ...     [dt.datetime(2024, 1, 1)] * 3, pa.timestamp("us", "UTC"))})
+        >>> order, groups = file_groups(rows, "timestamp")
+        >>> order.tolist(), groups
+        ([0, 2, 1], [('a', '2024-01-01', 2), ('b', '2024-01-01', 1)])
+    """
+    # Arrow and numpy: a commit's few groups cost some 0.2 ms this way, against 5-15 ms for
+    # a Polars plan (its conversion, a Python callback, the group-by); the plan stays for
+    # what the fast path does not cover, and the two are tested against each other.
+    types, times = rows.column("event_type"), rows.column(time_column)
+    unit = getattr(times.type, "unit", None)
+    if (types.null_count or times.null_count or not pa.types.is_timestamp(times.type)
+            or times.type.tz not in (None, "UTC") or unit not in _UNITS_PER_DAY
+            or not (pa.types.is_string(types.type) or pa.types.is_large_string(types.type))):
+        return _planned_file_groups(rows, time_column)
+    days = np.floor_divide(times.combine_chunks().cast(pa.int64()).to_numpy(zero_copy_only=False),
+                           _UNITS_PER_DAY[unit])
+    low, high = int(days.min()), int(days.max())
+    if low < _ISO_DAYS[0] or high > _ISO_DAYS[1]:
+        return _planned_file_groups(rows, time_column)
+    encoded = types.combine_chunks().dictionary_encode()
+    folders: dict[str, int] = {}  # two unsafe types share one folder: one group
+    folder_of = np.array([folders.setdefault(safe_partition_value(v), len(folders))
+                          for v in encoded.dictionary.to_pylist()], np.int64)
+    names, span = list(folders), high - low + 1
+    keys = folder_of[encoded.indices.to_numpy(zero_copy_only=False)] * span + (days - low)
+    if (keys == keys[0]).all():
+        return None, [(names[int(keys[0] // span)], _iso_day(low + int(keys[0] % span)), rows.num_rows)]
+    unique, at, inverse, counts = np.unique(keys, return_index=True, return_inverse=True,
+                                            return_counts=True)
+    rank = np.empty(len(unique), np.int64)
+    rank[np.argsort(at, kind="stable")] = np.arange(len(unique))  # by first appearance
+    order = np.argsort(rank[inverse.ravel()], kind="stable")
+    groups = [(names[int(unique[g] // span)], _iso_day(low + int(unique[g] % span)), int(counts[g]))
+              for g in np.argsort(at, kind="stable")]
+    return order, groups
+
+
+def _iso_day(days: int) -> str:
+    return str(np.datetime64(days, "D"))
+
+
+def _planned_file_groups(rows: pa.Table, time_column: str) -> FileGroups:
+    """:func:`file_groups` by a Polars plan (any types: nulls, time zones, dates past 9999)."""
+    frame = pl.from_arrow(rows.select(["event_type", time_column]))
+    assert isinstance(frame, pl.DataFrame)
+    groups = frame.select(
+        __dir=pl.col("event_type").map_batches(_safe_column, return_dtype=pl.String),
+        __date=pl.col(time_column).dt.date().cast(pl.String),
+    ).with_row_index("__row").group_by(["__dir", "__date"], maintain_order=True).agg(
+        pl.col("__row"), __rows=pl.len())
+    order = groups["__row"].explode().to_numpy() if groups.height > 1 else None
+    return order, list(groups.select("__dir", "__date", "__rows").iter_rows())
 
 
 def _safe_column(values: pl.Series) -> pl.Series:

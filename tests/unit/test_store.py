@@ -9,11 +9,13 @@ from pathlib import Path
 import polars as pl
 import pyarrow as pa
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pipelines.checkpoint import Checkpoint, CheckpointStore
 from pipelines.envelope import TIMESTAMP
 from pipelines.errors import StoreError
-from pipelines.store import EventStore, safe_partition_value
+from pipelines.store import EventStore, _planned_file_groups, file_groups, safe_partition_value
 
 
 def rows(types: list[str], days: list[int], keys: list[str] | None = None) -> pa.Table:
@@ -160,3 +162,51 @@ def test_stored_ids_reads_only_the_dates_asked(tmp_path: Path) -> None:
     before_e3 = dt.datetime(2024, 1, 3, 11, 59, 59, 999_999, tzinfo=dt.UTC)
     assert store.stored_ids(probe, start, before_e3).tolist() == [False, True, False, False, False]
     assert EventStore(tmp_path / "empty").stored_ids(probe, start, end).tolist() == [False] * 5
+
+
+# ------------------------------------------------------------------------------------------
+# How a write splits into files: the Arrow path against the Polars plan
+# ------------------------------------------------------------------------------------------
+
+_TYPES = ["a.x", "b.y", "../up", "Upper", "", ".hidden", "a..b", "c_z"]
+# microseconds: before 1970, either side of midnight, and the last day whose text is ISO
+_TIMES = [-86_400_000_001, -1, 0, 86_399_999_999, 86_400_000_000, 1_717_200_000_000_000,
+          253_402_300_799_999_999]
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(_TYPES), st.sampled_from(_TIMES)), min_size=1, max_size=40),
+       st.sampled_from(["us", "ms", "s"]), st.sampled_from([None, "UTC"]), st.booleans())
+def test_file_groups_equal_the_polars_plan(pairs: list[tuple[str, int]], unit: str,
+                                           tz: str | None, large: bool) -> None:
+    """The same groups (folder, date, rows), in order of first appearance, and the same row
+    order: types that are no safe folder name share ``_invalid``, days before 1970 floor."""
+    scale = {"us": 1, "ms": 1_000, "s": 1_000_000}[unit]
+    table = pa.table({
+        "event_type": pa.array([t for t, _ in pairs], pa.large_string() if large else pa.string()),
+        "timestamp": pa.array([us // scale for _, us in pairs], pa.timestamp(unit, tz)),
+    })
+    order, groups = file_groups(table, "timestamp")
+    planned_order, planned = _planned_file_groups(table, "timestamp")
+    assert groups == planned
+    assert (order is None) == (planned_order is None)
+    if order is not None:
+        assert order.tolist() == planned_order.tolist()
+
+
+def test_file_groups_take_the_plan_for_what_the_fast_path_does_not_cover() -> None:
+    """A null type or time, another time zone, a date past 9999: the Polars plan's answer."""
+    stamps = pa.array([0, 86_400_000_000], pa.timestamp("us", "UTC"))
+    cases = [
+        pa.table({"event_type": ["a", None], "timestamp": stamps}),
+        pa.table({"event_type": ["a", "a"], "timestamp": pa.array([0, None], pa.timestamp("us"))}),
+        pa.table({"event_type": ["a", "a"], "timestamp": stamps.cast(pa.timestamp("us", "Asia/Tokyo"))}),
+        pa.table({"event_type": ["a", "a"], "timestamp": pa.array([0, 253_402_300_800_000_000],
+                                                                  pa.timestamp("us"))}),
+    ]
+    for table in cases:
+        order, groups = file_groups(table, "timestamp")
+        planned_order, planned = _planned_file_groups(table, "timestamp")
+        assert groups == planned and (order is None) == (planned_order is None)
+    tokyo = file_groups(cases[2], "timestamp")[1]
+    assert [date for _, date, _ in tokyo] == ["1970-01-01", "1970-01-02"]  # Tokyo's dates
