@@ -26,7 +26,7 @@ from pipelines.deadletters import dead_letters_of
 from pipelines.dedup import DuplicateFilter
 from pipelines.envelope import DEADLETTER_SCHEMA, envelope_schema
 from pipelines.event_time import EventTimeOrderer, WatermarkPolicy
-from pipelines.group_commit import GroupCommitSink
+from pipelines.group_commit import GroupCommitSink, ImmediateSink
 from pipelines.kinds import keyed_event_types
 from pipelines.labels import LabelFeed
 from pipelines.normalise import Clock, Normaliser
@@ -66,8 +66,9 @@ class Ingest:
         #: partitions do (every store.commit_interval, in a thread, and before each
         #: checkpoint), so a batch with one never waits on a Parquet write and its fsync
         #: (a live label feed is late by nature); a bounded run writes them as they come
-        self.sink: EventStore | GroupCommitSink = GroupCommitSink(
-            store, spec.store.commit_rows, spec.store.commit_interval.total_seconds()) if live else store
+        self.sink: GroupCommitSink | ImmediateSink = GroupCommitSink(
+            store, spec.store.commit_rows, spec.store.commit_interval.total_seconds()) \
+            if live else ImmediateSink(store)
         self.normaliser = Normaliser(spec, clock)
         self.duplicates = DuplicateFilter(horizon_us=source.dedup_horizon // _US)
         schema = envelope_schema(spec.registry())
@@ -102,7 +103,7 @@ class Ingest:
         dead = pa.concat_tables([*dead, repeated, late, behind])
         self.last_dead = dead  # what a synchronous caller of these events is told
         self.sink.write("deadletter", dead, writer=self.writer, seq=counts.batches)
-        if isinstance(self.sink, GroupCommitSink) and self.sink.due():
+        if self.sink.due():
             self.sink.flush_in_background()
         counts.batches += 1
         counts.count_dead_letters(dead.column("reason").to_numpy(zero_copy_only=False))
@@ -231,8 +232,7 @@ class Ingest:
         Raises:
             Exception: what a commit in the background raised (the store failed).
         """
-        if isinstance(self.sink, GroupCommitSink):
-            self.sink.flush()
+        self.sink.flush()
 
     def snapshot(self) -> dict[str, bytes]:
         """The driver's state to checkpoint, by name."""

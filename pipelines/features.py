@@ -309,6 +309,16 @@ class _Plan:
         start = sum(len(r) for r in self.running[:w])
         return slice(start, start + len(self.running[w]))
 
+    @functools.cached_property
+    def kernel_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """What the compiled kernels (:mod:`pipelines.window_kernels`) take: per window its
+        reach and delay (ns), and the running-sum columns of all windows in order, each with
+        its window."""
+        return (np.array([_ns(w.reach) for w in self.windows], dtype=np.int64),
+                np.array([_ns(w.delay) for w in self.windows], dtype=np.int64),
+                np.array([c for r in self.running for c in r], dtype=np.int64),
+                np.array([w for w, r in enumerate(self.running) for _ in r], dtype=np.int64))
+
 
 def as_frame(batch: FrameLike) -> pl.DataFrame:
     frame = batch if isinstance(batch, pl.DataFrame) else pl.from_arrow(batch)
@@ -676,15 +686,7 @@ class KeyedWindowOperator:
         # per batch these would compare frozen dataclasses dozens of times
         self._window_aggregates = tuple(tuple(a for a in spec.aggregates if a.window == w)
                                         for w in self._plan.windows)
-        plan = self._plan
         _kernels()  # loaded now, not on the first batch (a live partition's first decision)
-        # what the compiled kernels take: per window its reach and delay (ns), and the
-        # running-sum columns of all windows in order, each with its window
-        self._kernel_plan = (
-            np.array([_ns(w.reach) for w in plan.windows], dtype=np.int64),
-            np.array([_ns(w.delay) for w in plan.windows], dtype=np.int64),
-            np.array([c for r in plan.running for c in r], dtype=np.int64),
-            np.array([w for w, r in enumerate(plan.running) for _ in r], dtype=np.int64))
         self.late_rows = 0
         self._max_time: int | None = None
         self._arena = _Arena(self._plan.arena_columns)
@@ -846,7 +848,7 @@ class KeyedWindowOperator:
         starts = self._table.sums[events.key]
         starts[events.fresh] = 0.0
         lo, hi, running = _kernels().window_sums(arena.times, arena.values, events.slot, events.slab,
-                                                events.head, events.prev, *self._kernel_plan, starts)
+                                                events.head, events.prev, *plan.kernel_arrays, starts)
         for w in range(len(plan.windows)):
             part = running[plan.running_slice(w)]
             for agg in self._window_aggregates[w]:
@@ -914,7 +916,7 @@ class KeyedWindowOperator:
         the subtractions their next event would do first, in the same order."""
         table, arena = self._table, self._arena
         return _kernels().drained_sums(arena.times, arena.values, table.first[gone], table.end[gone],
-                            *self._kernel_plan, table.sums[gone])
+                            *self._plan.kernel_arrays, table.sums[gone])
 
     def _output(self, columns: dict[str, pa.Array], order: np.ndarray) -> pa.Table:
         if not columns:

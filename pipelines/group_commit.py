@@ -120,6 +120,37 @@ class GroupCommitSink:
             self._error = exc
 
 
+class ImmediateSink:
+    """:class:`GroupCommitSink`'s interface without the holding: each write goes to the sink
+    at once, and nothing is ever due (a bounded run's driver writes its dead letters as they
+    come, as its input's batches decide).
+
+    Example:
+        >>> from pipelines.testing import ListSink
+        >>> sink = ListSink()
+        >>> immediate = ImmediateSink(sink)
+        >>> immediate.write("events", pa.table({"n": [1]}), writer="p0", seq=4)
+        >>> list(sink.batches["events"]), immediate.due(), immediate.flush()
+        ([('p0', 4)], False, 0)
+    """
+
+    def __init__(self, sink: Sink) -> None:
+        self.sink = sink
+
+    def write(self, table: str, rows: pa.Table, writer: str, seq: int) -> None:
+        if rows.num_rows:
+            self.sink.write(table, rows, writer=writer, seq=seq)
+
+    def due(self) -> bool:
+        return False
+
+    def flush_in_background(self) -> None:
+        """Nothing is held: nothing to commit."""
+
+    def flush(self) -> int:
+        return 0
+
+
 def _concat(pieces: list[tuple[int, pa.Table]]) -> pa.Table:
     tables = [table for _, table in pieces]
     first = tables[0].schema

@@ -97,19 +97,25 @@ def window_sums(
     n, n_windows = len(slot), len(reach)
     lo = np.empty((n_windows, n), dtype=np.int64)
     hi = np.empty((n_windows, n), dtype=np.int64)
+    # a head continuing its key's stored rows leaves the windows of the last of them: found
+    # once per window here, not once per running column below
+    prev_lo = np.empty((n_windows, n), dtype=np.int64)
+    prev_hi = np.empty((n_windows, n), dtype=np.int64)
     sums = np.empty((len(columns), n), dtype=np.float64)
     for e in range(n):
         at, first = slot[e], slab[e]
         for w in range(n_windows):
             lo[w, e], hi[w, e] = _window(times, first, at, reach[w], delay[w])
+            if head[e] and prev[e] >= 0:
+                prev_lo[w, e], prev_hi[w, e] = _window(times, first, prev[e], reach[w], delay[w])
     for j in range(len(columns)):
         w, column = window_of[j], columns[j]
         total = 0.0
         for e in range(n):
             if head[e]:
                 total = starts[e, j]
-                if prev[e] >= 0:  # the window of the key's last stored row
-                    left_from, left_to = _window(times, slab[e], prev[e], reach[w], delay[w])
+                if prev[e] >= 0:
+                    left_from, left_to = prev_lo[w, e], prev_hi[w, e]
                 else:
                     left_from = left_to = slot[e]
             else:
@@ -143,12 +149,14 @@ def drained_sums(
         Others: as :func:`window_sums`.
     """
     out = sums.copy()
+    bounds = np.empty((len(reach), 2), dtype=np.int64)
     for k in range(len(first)):
+        for w in range(len(reach)):  # the windows of the key's last row, once per window
+            bounds[w, 0], bounds[w, 1] = _window(times, first[k], end[k] - 1, reach[w], delay[w])
         for j in range(len(columns)):
-            w, column = window_of[j], columns[j]
-            left_from, left_to = _window(times, first[k], end[k] - 1, reach[w], delay[w])
+            column = columns[j]
             total = out[k, j]
-            for r in range(left_from, left_to):
+            for r in range(bounds[window_of[j], 0], bounds[window_of[j], 1]):
                 total -= values[column, r]
             out[k, j] = total
     return out
