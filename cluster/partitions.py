@@ -181,18 +181,22 @@ def ray_stages(spec: PipelineSpec, store_root: str | Path, max_in_flight: int,
     return build
 
 
-def wait_for_any(executors: list[Any], timeout: float) -> bool:
+def wait_for_any(executors: list[Any], timeout: float) -> bool | None:
     """Wait up to ``timeout`` seconds until a batch in flight on any of ``executors`` has
-    finished (in Ray, without holding the GIL or spinning); ``False`` at once when none of
-    them has a batch in flight on Ray (the caller waits its own way)."""
+    finished (in Ray, without holding the GIL or spinning).
+
+    Returns:
+        whether one has finished; ``None`` at once when none of them has a batch in flight
+        on Ray (the caller waits its own way).
+    """
     refs = [ref for executor in executors if isinstance(executor, RayPartitions)
             for ref in executor.in_flight_refs()]
     if not refs:
-        return False
+        return None
     import ray
 
-    ray.wait(refs, num_returns=1, timeout=timeout)
-    return True
+    ready, _ = ray.wait(refs, num_returns=1, timeout=timeout)
+    return bool(ready)
 
 
 def _actor_class() -> Any:

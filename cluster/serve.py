@@ -187,17 +187,22 @@ class LiveRun(PipelineRun):
         if not self.has_room():
             # what arrives meanwhile waits in the source, to be read as one batch when there
             # is room: batches grow with the load instead of queueing (a batch's cost is
-            # mostly fixed: at 300 events/s, read at once, each was 7 events and they queued)
-            if not wait_for_any(executors, timeout):
+            # mostly fixed: at 300 events/s, read at once, each was 7 events and they queued).
+            # Nothing else can happen until a batch finishes: wait for that, as long as the
+            # loop's other work allows (each look at the executors is a Ray call or three)
+            done = wait_for_any(executors, timeout if idle is None else max(timeout, idle))
+            if done is None:
                 self.dispatcher.pump(block=True)
-            self.pump()
+            if done is not False:
+                self.pump()
             return None
         raws = self.source.poll(size, 0.0)  # type: ignore[attr-defined]
+        finished: bool | None = None
         if not raws and timeout > 0:
             # with batches in flight, wait on them rather than on the source: a stage's
             # answer goes on to the partitions the moment it comes, and the wait spins not
-            waited = wait_for_any(executors, timeout)
-            wait = 0.0 if waited else (timeout if idle is None else idle)
+            finished = wait_for_any(executors, timeout)
+            wait = 0.0 if finished is not None else (timeout if idle is None else idle)
             raws = self.source.poll(size, wait)  # type: ignore[attr-defined]
         for raw in raws:
             events = self.ingest.read(raw, self.counts)
@@ -205,7 +210,8 @@ class LiveRun(PipelineRun):
                 self.replies.expect(raw, events, self.ingest.last_dead, self.ingest.last_late)
             self.enter(events)
             rows += raw.num_rows
-        self.pump()
+        if rows or finished is not False:  # a wait that timed out: nothing to collect
+            self.pump()
         return rows
 
     def has_room(self) -> bool:

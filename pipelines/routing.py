@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,7 +37,13 @@ from sqlglot import exp
 from pipelines.envelope import envelope_schema
 from pipelines.errors import ConfigError
 from pipelines.event_ids import uuid5_strings
+from pipelines.route_filters import compile_filter
 from pipelines.spec import PipelineSpec, RouteSpec
+
+#: Batches up to this many rows are routed by Arrow compute when every filter compiles to
+#: it (its calls cost microseconds each, whatever the rows; Polars' query costs a
+#: millisecond or more for a live batch, and is faster per row on large ones).
+ARROW_ROUTING_ROWS = 4_096
 
 #: Scalar functions a route filter may call (Polars SQL supports each of them).
 FILTER_FUNCTIONS: tuple[type[exp.Expression], ...] = (
@@ -146,6 +153,10 @@ class Router:
             [-1] if self.spec.unrouted == "drop" else [])
         self._emitting = [(i, r) for i, r in enumerate(self.routes) if r.emit is not None]
         self._choice = self._route_choice()
+        #: each route's mask in Arrow compute, when every route's filter compiles to it and
+        #: no route emits (derived events are made from the Polars frame): a live batch
+        #: then routes without a Polars query (see :mod:`pipelines.route_filters`)
+        self._arrow_masks = self._arrow_compile()
         #: the columns the routes read: only these are handed to Polars (an envelope's
         #: payload and metadata structs cost most of a small batch's conversion)
         self._reads = sorted(set(self._choice.meta.root_names()) | {"event_type"})
@@ -167,22 +178,42 @@ class Router:
                               f"{route.filter!r}: {exc}") from None
         return mask & condition.fill_null(False)
 
+    def _arrow_compile(self) -> list[Callable[[pa.Table], np.ndarray]] | None:
+        if self._emitting:
+            return None
+        masks = []
+        for route in self.routes:
+            types = type_regex(route.event_types)
+            condition = None if route.filter is None else compile_filter(
+                sqlglot.parse_one(safe_filter_sql(route.filter), read="postgres"), self.schema)
+            if route.filter is not None and condition is None:
+                return None
+            masks.append(_arrow_mask(types, condition))
+        return masks
+
     def route(self, events: pa.Table) -> Routed:
-        """Route one envelope batch: each row's route is one Polars evaluation over the
-        columns the routes read; the lanes are found in numpy and taken from the batch in
-        Arrow."""
-        frame = pl.from_arrow(events if self._emitting else events.select(self._reads))
-        assert isinstance(frame, pl.DataFrame)
-        # with_columns, not select: a constant choice (no routes) is one per row, not one;
-        # eager: a lazy query's plan costs more than a live batch's evaluation
-        route = frame.with_columns(__route=self._choice).get_column("__route").to_numpy()
+        """Route one envelope batch: each row's route is one evaluation over the columns
+        the routes read (Arrow compute, or a Polars query); the lanes are found in numpy
+        and taken from the batch in Arrow."""
+        frame = None
+        if self._arrow_masks is not None and events.num_rows <= ARROW_ROUTING_ROWS:
+            route = np.full(events.num_rows, -1, np.int64)
+            for index in reversed(range(len(self.routes))):  # the first route that takes it
+                route = np.where(self._arrow_masks[index](events), index, route)
+        else:
+            frame = pl.from_arrow(events if self._emitting else events.select(self._reads))
+            assert isinstance(frame, pl.DataFrame)
+            # with_columns, not select: a constant choice (no routes) is one per row, not
+            # one; eager: a lazy query's plan costs more than a live batch's evaluation
+            route = frame.with_columns(__route=self._choice).get_column("__route").to_numpy()
         kept = ~np.isin(route, self._dropped)
         high = _promoted(events.column("key"), np.isin(route, self._high) & kept) & kept
-        derived = self._derive(frame, route, kept) if self._emitting else self.schema.empty_table()
+        derived = self._derive(frame, route, kept) if frame is not None and self._emitting \
+            else self.schema.empty_table()
         return Routed(
             high=_rows(events, high),
             normal=_rows(events, kept & ~high),
-            filtered=int(frame.height - kept.sum()),
+            filtered=int(events.num_rows - kept.sum()),
             derived=derived,
         )
 
@@ -209,6 +240,17 @@ class Router:
             return self.schema.empty_table()
         columns = self.schema.names
         return _table(pl.concat(parts).sort("__row").select(columns), self.schema)
+
+
+def _arrow_mask(types: str, condition: Callable[[pa.Table], pa.Array] | None
+                ) -> Callable[[pa.Table], np.ndarray]:
+    """A route's mask in Arrow compute: its event types, and its filter (null: no match)."""
+    def mask(events: pa.Table) -> np.ndarray:
+        typed = pc.fill_null(pc.match_substring_regex(events.column("event_type"), types), False)
+        if condition is not None:
+            typed = pc.and_(typed, condition(events))
+        return np.asarray(typed.to_numpy(zero_copy_only=False), bool)
+    return mask
 
 
 def _promoted(keys: pa.ChunkedArray, high: np.ndarray) -> np.ndarray:
