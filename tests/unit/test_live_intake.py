@@ -238,3 +238,40 @@ def test_every_score_event_is_answered_once_whatever_became_of_it(tmp_path: Path
         writer.close()
         source.close()
         run.close()
+
+
+def test_an_id_twice_in_one_score_batch_waits_for_its_decision(tmp_path: Path) -> None:
+    """A ``/score`` batch holding one event twice: the second copy is a duplicate skipped,
+    but the id is answered by the first copy's decision, not told it is a duplicate (the
+    ingress answers every waiter of an id with the first answer it gets). An id stored by an
+    earlier batch, sent again, is answered as a duplicate."""
+    from cluster.serve import LiveProgress, ScoreReplies
+
+    pipeline = live_spec()
+    store, journal = tmp_path / "store", tmp_path / "store" / "_journal"
+    source = build_source(pipeline, [str(journal)])
+    run = LiveRun(pipeline, lambda r: LocalPartitions(1, store, r, pipeline, live=True),
+                  store, source, stages=lambda r, s: LocalPartitions(s.partitions, store, r, pipeline, s,
+                                                                     live=True))
+    sent: list[dict[str, Any]] = []
+    run.replies = ScoreReplies(pipeline, sent.extend)
+    run._start(resume=False)
+    run.dispatcher.on_receipt = run._receipt_hook(LiveProgress(False))
+    source.open(None)
+    writer = JournalWriter(journal, SCORE_PART)
+    valid = simulated_events(3, seed=9)
+    try:
+        for batch in ((valid[0],), (valid[1], valid[1], valid[0])):
+            writer.append([json.dumps(e).encode() for e in batch])
+            run.poll_once(0.0)
+            while run.chain or run.dispatcher.queued():
+                run.pump()
+        twice = [a for a in sent if a["event_id"] == valid[1]["eventId"]]
+        assert len(twice) == 1 and twice[0]["scores"], twice  # its decision, once
+        again = [a for a in sent if a["event_id"] == valid[0]["eventId"]]
+        assert again[-1] == {"event_id": valid[0]["eventId"], "duplicate": True}
+        assert run.counts.duplicates == 2
+    finally:
+        writer.close()
+        source.close()
+        run.close()
