@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -124,7 +123,7 @@ class DuplicateFilter:
             return duplicate
         # the first occurrence in the batch (source order) wins, whatever its time
         in_order = ids.take(pa.array(rows))
-        repeated = ~pl.Series(in_order).is_first_distinct().to_numpy()
+        repeated = _repeated(in_order)
         hashes = stable_hash64(in_order)
         seen = repeated.copy()
         for bucket in list(self._buckets):
@@ -219,6 +218,16 @@ class DuplicateFilter:
         for start, end in _segments(buckets):
             run_ids = ids.slice(start, end - start)  # saved in hash order
             self._buckets[int(buckets[start])] = [(stable_hash64(run_ids), run_ids)]
+
+
+def _repeated(ids: pa.Array) -> np.ndarray:
+    """Which ids appeared earlier in ``ids`` (a null is a value like any other), in Arrow:
+    a Polars series op would hand the work to its thread pool, which on loaded cores waits
+    to be scheduled, for a live batch of a few ids."""
+    codes = pc.dictionary_encode(ids, null_encoding="encode").indices.to_numpy(zero_copy_only=False)
+    repeated = np.ones(len(codes), dtype=bool)
+    repeated[np.unique(codes, return_index=True)[1]] = False
+    return repeated
 
 
 def _large_strings(values: pa.Array | pa.ChunkedArray) -> pa.LargeStringArray:

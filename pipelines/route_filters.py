@@ -116,7 +116,7 @@ def _compile(node: exp.Expression, schema: pa.Schema) -> tuple[Compiled, _Kind]:
     if isinstance(node, exp.StartsWith | exp.EndsWith):
         text, affix = _text(node.this, schema), _text_literal(node.expression)
         function = pc.starts_with if isinstance(node, exp.StartsWith) else pc.ends_with
-        return (lambda b: _on_valid(function, text(b), b, pattern=affix)), "bool"
+        return (lambda b: _applied(function, text(b), b, pattern=affix)), "bool"
     raise _Unsupported(type(node).__name__)
 
 
@@ -229,7 +229,7 @@ def _like(node: exp.Like | exp.ILike, schema: pa.Schema) -> tuple[Compiled, _Kin
     if "\\" in pattern or node.args.get("escape"):
         raise _Unsupported("LIKE with an escape character")
     ignore_case = isinstance(node, exp.ILike)
-    return (lambda b: _on_valid(pc.match_like, text(b), b, pattern=pattern,
+    return (lambda b: _applied(pc.match_like, text(b), b, pattern=pattern,
                                 ignore_case=ignore_case)), "bool"
 
 
@@ -239,6 +239,7 @@ def _array(value: pa.Array | pa.Scalar, batch: pa.Table) -> pa.Array:
     return value
 
 
-def _on_valid(function: Callable[..., pa.Array], value: pa.Array | pa.Scalar, batch: pa.Table,
-              **options: object) -> pa.Array:
+def _applied(function: Callable[..., pa.Array], value: pa.Array | pa.Scalar, batch: pa.Table,
+             **options: object) -> pa.Array:
+    """``function`` of ``value`` as an array (a text function of a literal is one per row)."""
     return function(_array(value, batch), **options)

@@ -1,4 +1,4 @@
-"""Row gathers on Arrow tables, done by Polars; a table as one Arrow IPC stream and back.
+"""Row gathers on Arrow tables (large ones by Polars); a table as one Arrow IPC stream and back.
 
 Reordering a batch (splitting it by partition, merging label events into it, grouping it
 by store directory) is a gather of every column. Polars gathers a large batch's string and
