@@ -5,7 +5,9 @@ grow with the load instead of queueing (in process, with in-process partitions).
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -193,33 +195,17 @@ def test_every_score_event_is_answered_once_whatever_became_of_it(tmp_path: Path
     """The driver's side of /score (ScoreReplies, here with decisions from receipts):
     decided, dead-lettered, duplicate or late, every event read from the score part gets one
     answer under the id the ingress waits on (its own, or the one derived from its offset)."""
-    from cluster.serve import LiveProgress, ScoreReplies
     from pipelines.event_ids import derived_event_ids
 
-    pipeline = live_spec()
-    store, journal = tmp_path / "store", tmp_path / "store" / "_journal"
-    source = build_source(pipeline, [str(journal)])
-    run = LiveRun(pipeline, lambda r: LocalPartitions(1, store, r, pipeline, live=True),
-                  store, source, stages=lambda r, s: LocalPartitions(s.partitions, store, r, pipeline, s,
-                                                                     live=True))
-    sent: list[dict[str, Any]] = []
-    run.replies = ScoreReplies(pipeline, sent.extend)
-    run._start(resume=False)
-    run.dispatcher.on_receipt = run._receipt_hook(LiveProgress(False))
-    source.open(None)
-    writer = JournalWriter(journal, SCORE_PART)
     valid = simulated_events(4, seed=8)
     no_id = {k: v for k, v in valid[2].items() if k != "eventId"}
     older = {**valid[3], "eventId": "older-than-its-key", "timestamp": "2018-03-01T00:00:00Z"}
     bad = {**valid[0], "eventId": "bad-time", "timestamp": "not a time"}
     bad_no_id = {k: v for k, v in bad.items() if k != "eventId"}
-    try:
+    with _scored_run(tmp_path) as (run, writer, sent):
         for batch in ((valid[0], valid[1], no_id, valid[3]), (bad, bad_no_id, valid[0], older)):
-            writer.append([json.dumps(e).encode() for e in batch])
-            assert run.poll_once(0.0) == 4
-            while run.chain or run.dispatcher.queued():
-                run.pump()
-        derived = derived_event_ids(source.name, SCORE_PART, [2, 5]).to_pylist()
+            assert _score(run, writer, batch) == 4
+        derived = derived_event_ids(run.source.name, SCORE_PART, [2, 5]).to_pylist()
         by_id: dict[str, list[dict[str, Any]]] = {}
         for answer in sent:
             by_id.setdefault(answer["event_id"], []).append(answer)
@@ -233,11 +219,7 @@ def test_every_score_event_is_answered_once_whatever_became_of_it(tmp_path: Path
         assert by_id["bad-time"][0]["dead_letter"]["reason"] == "bad_timestamp"
         assert by_id[derived[1]][0]["dead_letter"]["reason"] == "bad_timestamp"
         assert by_id["older-than-its-key"][0]["late"] is True
-        assert not run.replies.waiting
-    finally:
-        writer.close()
-        source.close()
-        run.close()
+        assert run.replies is not None and not run.replies.waiting
 
 
 def test_an_id_twice_in_one_score_batch_waits_for_its_decision(tmp_path: Path) -> None:
@@ -245,6 +227,21 @@ def test_an_id_twice_in_one_score_batch_waits_for_its_decision(tmp_path: Path) -
     but the id is answered by the first copy's decision, not told it is a duplicate (the
     ingress answers every waiter of an id with the first answer it gets). An id stored by an
     earlier batch, sent again, is answered as a duplicate."""
+    valid = simulated_events(3, seed=9)
+    with _scored_run(tmp_path) as (run, writer, sent):
+        for batch in ((valid[0],), (valid[1], valid[1], valid[0])):
+            _score(run, writer, batch)
+        twice = [a for a in sent if a["event_id"] == valid[1]["eventId"]]
+        assert len(twice) == 1 and twice[0]["scores"], twice  # its decision, once
+        again = [a for a in sent if a["event_id"] == valid[0]["eventId"]]
+        assert again[-1] == {"event_id": valid[0]["eventId"], "duplicate": True}
+        assert run.counts.duplicates == 2
+
+
+@contextlib.contextmanager
+def _scored_run(tmp_path: Path) -> Iterator[tuple[LiveRun, JournalWriter, list[dict[str, Any]]]]:
+    """``configs/live.yaml`` run in process with the driver's side of ``/score`` (decisions
+    from receipts); yields the run, a writer of the journal's score part, and the answers."""
     from cluster.serve import LiveProgress, ScoreReplies
 
     pipeline = live_spec()
@@ -259,19 +256,18 @@ def test_an_id_twice_in_one_score_batch_waits_for_its_decision(tmp_path: Path) -
     run.dispatcher.on_receipt = run._receipt_hook(LiveProgress(False))
     source.open(None)
     writer = JournalWriter(journal, SCORE_PART)
-    valid = simulated_events(3, seed=9)
     try:
-        for batch in ((valid[0],), (valid[1], valid[1], valid[0])):
-            writer.append([json.dumps(e).encode() for e in batch])
-            run.poll_once(0.0)
-            while run.chain or run.dispatcher.queued():
-                run.pump()
-        twice = [a for a in sent if a["event_id"] == valid[1]["eventId"]]
-        assert len(twice) == 1 and twice[0]["scores"], twice  # its decision, once
-        again = [a for a in sent if a["event_id"] == valid[0]["eventId"]]
-        assert again[-1] == {"event_id": valid[0]["eventId"], "duplicate": True}
-        assert run.counts.duplicates == 2
+        yield run, writer, sent
     finally:
         writer.close()
         source.close()
         run.close()
+
+
+def _score(run: LiveRun, writer: JournalWriter, events: tuple[dict[str, Any], ...]) -> int | None:
+    """Journal ``events`` to the score part, read them and apply them; the rows read."""
+    writer.append([json.dumps(e).encode() for e in events])
+    rows = run.poll_once(0.0)
+    while run.chain or run.dispatcher.queued():
+        run.pump()
+    return rows
