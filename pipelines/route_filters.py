@@ -50,10 +50,7 @@ def compile_filter(tree: exp.Expression, schema: pa.Schema) -> Callable[[pa.Tabl
         return None
 
     def mask(batch: pa.Table) -> pa.Array:
-        value = compiled(batch)
-        if isinstance(value, pa.Scalar):  # a constant filter
-            value = pa.array([value.as_py()] * batch.num_rows, pa.bool_())
-        return pc.fill_null(value, False)
+        return pc.fill_null(_array(compiled(batch), batch), False)  # a constant: one per row
     return mask
 
 
@@ -116,7 +113,7 @@ def _compile(node: exp.Expression, schema: pa.Schema) -> tuple[Compiled, _Kind]:
     if isinstance(node, exp.StartsWith | exp.EndsWith):
         text, affix = _text(node.this, schema), _text_literal(node.expression)
         function = pc.starts_with if isinstance(node, exp.StartsWith) else pc.ends_with
-        return (lambda b: _applied(function, text(b), b, pattern=affix)), "bool"
+        return (lambda b: function(_array(text(b), b), pattern=affix)), "bool"
     raise _Unsupported(type(node).__name__)
 
 
@@ -210,9 +207,10 @@ def _in(node: exp.In, schema: pa.Schema) -> tuple[Compiled, _Kind]:
     if not items or not all(isinstance(i, exp.Literal | exp.Neg) for i in items):
         raise _Unsupported("IN of something other than literals")
     scalars = [_literal(i) for i in items]
-    kinds = {_kind(s.type) for s in scalars}
-    if kind == "int" and kinds != {"int"} or kind != "int" and kinds - {kind, *(
-            ("int",) if kind == "float" else ())}:
+    # the literals a column of each kind may be looked up among (an integer among fractions
+    # is Polars' own cast, left to it)
+    allowed = {"int": {"int"}, "float": {"int", "float"}, "text": {"text"}}.get(kind, set())
+    if not {_kind(s.type) for s in scalars} <= allowed:
         raise _Unsupported("IN across types")
     options = pa.array([s.as_py() for s in scalars],
                        {"int": pa.int64(), "float": pa.float64()}.get(kind))
@@ -229,17 +227,13 @@ def _like(node: exp.Like | exp.ILike, schema: pa.Schema) -> tuple[Compiled, _Kin
     if "\\" in pattern or node.args.get("escape"):
         raise _Unsupported("LIKE with an escape character")
     ignore_case = isinstance(node, exp.ILike)
-    return (lambda b: _applied(pc.match_like, text(b), b, pattern=pattern,
-                                ignore_case=ignore_case)), "bool"
+    return (lambda b: pc.match_like(_array(text(b), b), pattern=pattern,
+                                    ignore_case=ignore_case)), "bool"
 
 
 def _array(value: pa.Array | pa.Scalar, batch: pa.Table) -> pa.Array:
+    """``value`` as an array: a literal (or a function of one) once per row."""
     if isinstance(value, pa.Scalar):
         return pa.array([value.as_py()] * batch.num_rows, value.type)
     return value
 
-
-def _applied(function: Callable[..., pa.Array], value: pa.Array | pa.Scalar, batch: pa.Table,
-             **options: object) -> pa.Array:
-    """``function`` of ``value`` as an array (a text function of a literal is one per row)."""
-    return function(_array(value, batch), **options)
