@@ -214,6 +214,12 @@ class RuntimeSpec(_Frozen):
         description="eventray serve: time between checkpoints under load (an idle run "
                     "checkpoints after store.commit_interval); a checkpoint drains what is in "
                     "flight, so decisions wait behind it")
+    chain: bool = Field(
+        default=False,
+        description="eventray serve: read the source, run the enrichment stages and apply the "
+                    "partitions in one Ray actor (operator chaining: no hop between them, and "
+                    "no event through the driver, which only coordinates); needs partitions: 1, "
+                    "every enrich stage's partitions: 1 and readers: 0")
 
 
 class EmitSpec(_Frozen):
@@ -423,6 +429,21 @@ class PipelineSpec(_Frozen):
             if isinstance(body, dict) and body.get("online", True) and body.get("name") not in made:
                 steps.append({"kind": "projection", "name": body.get("name"), "projection": body})
         return {**values, "steps": steps}
+
+    @model_validator(mode="after")
+    def _chain_is_one_process(self) -> PipelineSpec:
+        """``runtime.chain`` runs every keyed operator in one actor: one partition each."""
+        if not self.runtime.chain:
+            return self
+        spread = [f"runtime.partitions: {self.runtime.partitions}"] if self.runtime.partitions != 1 else []
+        spread += [f"enrich.{stage.name}.partitions: {stage.partitions}"
+                   for stage in self.enrich if stage.partitions != 1]
+        spread += [f"runtime.readers: {self.runtime.readers}"] if self.runtime.readers else []
+        if spread:
+            raise ValueError(f"runtime.chain runs the source, the stages and the partitions in one "
+                             f"actor, which needs one partition each and no readers: "
+                             f"{', '.join(spread)} (set them to 1 and 0, or runtime.chain: false)")
+        return self
 
     @field_validator("steps")
     @classmethod

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import polars as pl
+import psutil
 import pytest
 
 from cluster.produce import simulated_events
@@ -150,25 +151,46 @@ def test_serve_accepts_durably_and_stores_each_event_once(served: Served) -> Non
     assert not list((served.store / "_journal" / "events").glob("seg-*.ndjson"))[1:]
 
 
+def unchained(tmp_path: Path) -> Path:
+    """``configs/live.yaml`` with its operators in actors of their own (``runtime.chain:
+    false``): the driver reads the journal and hands batches to the stage and partition
+    actors, as a run with more partitions does."""
+    text = (ROOT / "configs" / "live.yaml").read_text()
+    assert "  chain: true\n" in text
+    config = tmp_path / "live.yaml"
+    config.write_text(text.replace("  chain: true\n", "  chain: false\n"))
+    return config
+
+
+def wait_for_checkpoint(store: Path, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not list((store / "_checkpoints").rglob("manifest-*.json")):
+        assert time.monotonic() < deadline, "no checkpoint"
+        time.sleep(0.2)
+
+
+def stored_transactions(store: Path) -> pl.Series:
+    stored = pl.scan_parquet(store / "events" / "**" / "*.parquet", hive_partitioning=True)
+    return stored.filter(pl.col("event_type") == "transaction.created").select(
+        "event_id").collect()["event_id"]
+
+
 def test_a_killed_serve_resumes_from_its_journal_and_stores_each_event_once(tmp_path: Path) -> None:
     store = tmp_path / "store"
     events = simulated_events(3_000, seed=5)
-    first = Served(ROOT / "configs" / "live.yaml", store)
+    first = Served(unchained(tmp_path), store)
     try:
         first.wait_ready()
         for start in range(0, 2_000, 100):
             assert post(first.port, "/events", json.dumps(events[start:start + 100]).encode())[0] == 202
-        manifests = store / "_checkpoints"
-        deadline = time.monotonic() + 120
-        while not list(manifests.rglob("manifest-*.json")) and time.monotonic() < deadline:
-            time.sleep(0.2)
+        wait_for_checkpoint(store)
         for start in range(2_000, 2_500, 100):  # accepted after the checkpoint, then the crash
             assert post(first.port, "/events", json.dumps(events[start:start + 100]).encode())[0] == 202
         os.killpg(first.process.pid, signal.SIGKILL)  # the driver and its Ray, no clean-up
         first.process.communicate()
     finally:
         first.kill()
-    second = Served(ROOT / "configs" / "live.yaml", store)
+    second = Served(unchained(tmp_path), store)
     try:
         second.wait_ready()
         for start in range(2_400, 3_000, 100):  # a client retries its last unanswered POST
@@ -177,8 +199,48 @@ def test_a_killed_serve_resumes_from_its_journal_and_stores_each_event_once(tmp_
     finally:
         second.kill()
     assert summary["resumed"] is True
-    stored = pl.scan_parquet(store / "events" / "**" / "*.parquet", hive_partitioning=True)
-    ids = stored.filter(pl.col("event_type") == "transaction.created").select(
-        "event_id").collect()["event_id"]
+    ids = stored_transactions(store)
     assert ids.len() == ids.n_unique() == 3_000
     assert set(ids.to_list()) == {e["eventId"] for e in events}
+
+
+def chain_actor(served: Served) -> psutil.Process:
+    """The chained run's actor process among the serve's own (its embedded Ray's workers)."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        for process in psutil.Process(served.process.pid).children(recursive=True):
+            try:
+                if process.cmdline()[:1] and process.cmdline()[0].startswith("ray::ChainedRun"):
+                    return process
+            except psutil.NoSuchProcess:
+                continue
+        time.sleep(0.2)
+    raise AssertionError("no ray::ChainedRun process under serve")
+
+
+def test_a_killed_chain_actor_is_replaced_and_each_event_is_stored_once(served: Served) -> None:
+    """`configs/live.yaml` runs chained: its one actor killed mid-stream, the driver starts
+    another from the last checkpoint; what the ingress accepted meanwhile, and a /score
+    asked then, are decided by the replacement, and the store holds each event once."""
+    events = simulated_events(3_001, seed=6)
+    port = served.port
+    for start in range(0, 2_000, 100):
+        assert post(port, "/events", json.dumps(events[start:start + 100]).encode())[0] == 202
+    wait_for_checkpoint(served.store)
+    for start in range(2_000, 2_500, 100):
+        assert post(port, "/events", json.dumps(events[start:start + 100]).encode())[0] == 202
+    victim = chain_actor(served)
+    victim.kill()
+    victim.wait(timeout=30)
+    for start in range(2_500, 3_000, 100):  # accepted while the chain is down: durable
+        assert post(port, "/events", json.dumps(events[start:start + 100]).encode())[0] == 202
+    status, answer = post(port, "/score", json.dumps(events[3_000]).encode())
+    assert status == 200 and answer["event_id"] == events[3_000]["eventId"], answer
+    assert answer["scores"][0]["step"] == "fraud", answer
+    assert chain_actor(served).pid != victim.pid
+    summary = served.terminate()
+    assert summary["restarts"] == 1
+    ids = stored_transactions(served.store)
+    assert ids.len() == ids.n_unique() == 3_001
+    assert set(ids.to_list()) == {e["eventId"] for e in events}
+    assert summary["stored"] >= 3_001 and summary["dead_lettered"] == 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 from pathlib import Path
 
 import pyarrow as pa
@@ -120,6 +121,27 @@ def test_bad_configs_name_their_field(edit: tuple[str, str], field: str, tmp_pat
     config.write_text((ROOT / "configs" / "events.yaml").read_text().replace(*edit, 1))
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         load_pipeline(config)
+
+
+@pytest.mark.parametrize(
+    ("edit", "named"),
+    [
+        (("  partitions: 1\n", "  partitions: 2\n"), "runtime.partitions: 2"),
+        (("    partitions: 1           # see", "    partitions: 3           # see"),
+         "enrich.terminal.partitions: 3"),
+        (("  partitions: 1\n", "  partitions: 1\n  readers: 2\n"), "runtime.readers: 2"),
+    ],
+)
+def test_a_chained_run_with_more_than_one_process_names_the_field(
+        edit: tuple[str, str], named: str, tmp_path: Path) -> None:
+    text = (ROOT / "configs" / "live.yaml").read_text()
+    assert "  chain: true\n" in text and edit[0] in text
+    config = tmp_path / "live.yaml"
+    config.write_text(text.replace(*edit, 1))
+    with pytest.raises(ConfigError, match=f"runtime.chain.*{re.escape(named)}"):
+        load_pipeline(config)
+    config.write_text(text.replace(*edit, 1).replace("  chain: true\n", "  chain: false\n"))
+    assert not load_pipeline(config).runtime.chain
 
 
 def test_clashing_payload_fields_fail_at_load(tmp_path: Path) -> None:

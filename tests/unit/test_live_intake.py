@@ -17,9 +17,9 @@ import pytest
 from cluster.accounting import RunCounts
 from cluster.dispatch import Dispatcher
 from cluster.driver import routed_schema
+from cluster.live_run import LiveRun
 from cluster.partitions import LocalPartitions
 from cluster.produce import simulated_events
-from cluster.serve import LiveRun
 from pipelines.journal import SCORE_PART, JournalWriter
 from pipelines.kinds import build_source
 from pipelines.pipeline import load_pipeline
@@ -242,7 +242,7 @@ def test_an_id_twice_in_one_score_batch_waits_for_its_decision(tmp_path: Path) -
 def _scored_run(tmp_path: Path) -> Iterator[tuple[LiveRun, JournalWriter, list[dict[str, Any]]]]:
     """``configs/live.yaml`` run in process with the driver's side of ``/score`` (decisions
     from receipts); yields the run, a writer of the journal's score part, and the answers."""
-    from cluster.serve import LiveProgress, ScoreReplies
+    from cluster.live_run import LiveProgress, ScoreReplies
 
     pipeline = live_spec()
     store, journal = tmp_path / "store", tmp_path / "store" / "_journal"
