@@ -59,43 +59,51 @@ def chained_actor_class() -> Any:
 
         def __init__(self, spec: PipelineSpec, store_root: str, inputs: list[str] | None,
                      ingress: str | None, secrets: dict[str, str]) -> None:
+            self.args = spec, store_root, inputs, ingress, secrets
+            self.run: Any = None
+            self.ingress: Any = None
+            self.stopping = threading.Event()
+            self.is_ready = False
+            self.line = ""
+
+        def _build(self) -> Any:
+            """The run and its operators, built in :meth:`serve` (an error there is the
+            run's own, raised to the driver as it is, not an actor that failed to start)."""
             from cluster.dispatchers import RayDispatchers
             from cluster.ingress import IngressReplies
             from cluster.live_run import LiveRun, ScoreReplies
             from cluster.partitions import LocalPartitions
             from pipelines.kinds import build_source
 
+            spec, store_root, inputs, ingress, secrets = self.args
             os.environ.update(secrets)  # the action dispatchers' secrets, read by the driver
             source = build_source(spec, inputs)
-            self.run = LiveRun(
+            run = LiveRun(
                 spec, lambda run: LocalPartitions(spec.runtime.partitions, store_root, run, spec,
                                                   live=True),
                 store_root, source,
                 stages=lambda run, stage: LocalPartitions(stage.partitions, store_root, run,
                                                           spec, stage),
                 actions=lambda run: RayDispatchers(spec.actions, store_root, run))  # type: ignore[arg-type]
-            self.ingress = None
             if ingress is not None:
-                self.ingress = ray.get_actor(ingress, namespace=NAMESPACE)
-                self.run.decisions_to = IngressReplies(ingress)
-                handle = self.ingress
-                self.run.replies = ScoreReplies(spec, lambda found: handle.resolve.remote(found),
-                                                direct=True)
-                self.run.progress_to = lambda consumed: handle.progress.remote(consumed)
+                self.ingress = handle = ray.get_actor(ingress, namespace=NAMESPACE)
+                run.decisions_to = IngressReplies(ingress)
+                run.replies = ScoreReplies(spec, lambda found: handle.resolve.remote(found),
+                                           direct=True)
+                run.progress_to = lambda consumed: handle.progress.remote(consumed)
             elif hasattr(source, "decision_sink"):  # a source's own reply channel
-                self.run.decisions_to = source.decision_sink()
-            if self.run.decisions_to is not None:
-                self.run.decisions_to.connect()
-            self.stopping = threading.Event()
-            self.is_ready = False
-            self.line = ""
-            self.run.show_progress = self._keep_line
+                run.decisions_to = source.decision_sink()
+            if run.decisions_to is not None:
+                run.decisions_to.connect()
+            run.show_progress = self._keep_line
+            return run
 
         def _keep_line(self, line: str) -> None:
             self.line = line
 
         def serve(self, progress: bool) -> dict[str, Any]:
             """Run until :meth:`stop`, drain, and return the run's summary."""
+            self.run = self._build()
             return self.run.serve(self.stopping, self._ready, self._drain_to, progress)
 
         def _ready(self) -> None:
@@ -113,8 +121,9 @@ def chained_actor_class() -> Any:
 
         def status(self) -> dict[str, Any]:
             """Whether the run is ready, its checkpoints so far and its progress line."""
-            return {"ready": self.is_ready, "checkpoints": self.run.counts.checkpoints,
-                    "line": self.line}
+            # the run's checkpoints (restored ones included) once it has started
+            return {"ready": self.is_ready, "line": self.line,
+                    "checkpoints": self.run.counts.checkpoints if self.is_ready else None}
 
     return ChainedRun
 
@@ -178,8 +187,9 @@ class ChainedServe:
                     status = self._ray.get(actor.status.remote(), timeout=10)
                 except (self._died, self._ray.exceptions.GetTimeoutError):
                     continue  # dead: the serve call says so; slow: look again
-                first = status["checkpoints"] if first is None else first
-                checkpoints = status["checkpoints"]
+                if status["checkpoints"] is not None:
+                    first = status["checkpoints"] if first is None else first
+                    checkpoints = status["checkpoints"]
                 if status["ready"] and not announced:
                     self.log("ready")
                     announced = True

@@ -14,6 +14,7 @@ from typing import Any
 
 from pipelines.pipeline import load_pipeline
 from pipelines.spec import PipelineSpec
+from pipelines.store import store_folder
 
 
 def run_job(
@@ -36,7 +37,7 @@ def run_job(
     if readers is not None:
         overrides["runtime"] = {**overrides.get("runtime", {}), "readers": readers}
     spec = load_pipeline(config, overrides)
-    store_root = Path(store or spec.store.path)
+    store_root = store_folder(store or spec.store.path)
     return run_spec(spec, store_root, address, inputs, in_process, progress, resume, run_id=run_id)
 
 

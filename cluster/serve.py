@@ -28,6 +28,7 @@ from pipelines.journal import HttpSourceOptions, JournalSource
 from pipelines.kinds import build_source, source_kind
 from pipelines.live import LiveSource
 from pipelines.spec import PipelineSpec
+from pipelines.store import store_folder
 
 
 def ingress_name(run: str) -> str:
@@ -51,7 +52,7 @@ def serve_pipeline(config: Path, store: Path | None = None, address: str | None 
     from pipelines.pipeline import load_pipeline
 
     spec = load_pipeline(config)
-    store_root = Path(store or spec.store.path).resolve()
+    store_root = store_folder(store or spec.store.path)
     _, options = source_kind(spec.source, tuple(spec.search_path))
     http = isinstance(options, HttpSourceOptions)
     inputs = [str(journal_folder(spec, store_root))] if http else None

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from pipelines.deadletters import NONE as NO_DEAD_LETTERS
 from pipelines.dedup import DuplicateFilter
 from pipelines.envelope import (
     DEADLETTER_SCHEMA,
@@ -360,7 +361,7 @@ def _duplicates(raw: RawBatch, lines: list[bytes], rows: list[_Row], ingested_us
     """The dead letters of the ``repeated`` rows (ids already stored)."""
     at = np.flatnonzero(repeated)
     if not len(at):
-        return DEADLETTER_SCHEMA.empty_table()
+        return NO_DEAD_LETTERS
     dead = [rows[i] for i in at]
     return pa.table({
         "event_id": [row.event_id for row in dead],

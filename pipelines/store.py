@@ -93,6 +93,22 @@ def sync_written_folders() -> int:
     return len(folders)
 
 
+def store_folder(path: str | Path) -> Path:
+    """The store's folder, made if it is missing (absolute).
+
+    Raises:
+        StoreError: it cannot be made or written (a start-up error naming the folder).
+    """
+    root = Path(path).resolve()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StoreError(f"store {str(path)!r}: cannot create its folder: {exc.strerror or exc}") from None
+    if not os.access(root, os.W_OK | os.X_OK):
+        raise StoreError(f"store {str(path)!r}: the folder is not writable")
+    return root
+
+
 def write_parquet_atomic(rows: pa.Table, path: Path, sync_folder: bool = True) -> Path:
     """Write a Parquet file under a temporary name in its directory, fsync it, then rename
     it: readers see the whole file or none of it, and a crash never leaves a torn file

@@ -15,7 +15,13 @@ from hypothesis import strategies as st
 from pipelines.checkpoint import Checkpoint, CheckpointStore
 from pipelines.envelope import TIMESTAMP
 from pipelines.errors import StoreError
-from pipelines.store import EventStore, _planned_file_groups, file_groups, safe_partition_value
+from pipelines.store import (
+    EventStore,
+    _planned_file_groups,
+    file_groups,
+    safe_partition_value,
+    store_folder,
+)
 
 
 def rows(types: list[str], days: list[int], keys: list[str] | None = None) -> pa.Table:
@@ -210,3 +216,13 @@ def test_file_groups_take_the_plan_for_what_the_fast_path_does_not_cover() -> No
         assert groups == planned and (order is None) == (planned_order is None)
     tokyo = file_groups(cases[2], "timestamp")[1]
     assert [date for _, date, _ in tokyo] == ["1970-01-01", "1970-01-02"]  # Tokyo's dates
+
+
+def test_a_store_folder_that_cannot_be_made_is_a_start_up_error(tmp_path: Path) -> None:
+    made = store_folder(tmp_path / "a" / "b")
+    assert made.is_dir() and made.is_absolute()
+    assert store_folder(made) == made  # there already
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(StoreError, match=r"store '.*file/store': cannot create its folder"):
+        store_folder(blocker / "store")
