@@ -78,6 +78,9 @@ class Ingest:
             if source.ordering == "event-time" else None
         self.labels = LabelFeed(spec.labels, spec.registry(), schema) if spec.labels else None
         self.last_dead = DEADLETTER_SCHEMA.empty_table()
+        #: the event ids of the last batch's lines: those normalised and those
+        #: dead-lettered (duplicates included), as the normaliser gave or derived them
+        self.last_ids: tuple[pa.ChunkedArray, ...] = ()
         patterns = keyed_event_types(spec)
         #: the event types a keyed step or stage sees (the late policy applies to them)
         self.keyed_types = type_regex(patterns) if patterns else None
@@ -96,6 +99,7 @@ class Ingest:
         stored."""
         out = self.normaliser.normalise(raw, self.duplicates, dedup_by_arrival=self.orderer is None)
         counts.read += out.read
+        self.last_ids = (out.events.column("event_id"), out.deadletters.column("event_id"))
         dead = [self._without_skipped_duplicates(out.deadletters, counts)]
         events, repeated = self._without_stored_elsewhere(out.events, counts)
         events, late = self._order(events)

@@ -27,12 +27,11 @@ import hashlib
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import polars as pl
 import pyarrow as pa
 
 from cluster.accounting import RunCounts, weighted_percentiles
@@ -46,12 +45,10 @@ from cluster.driver import (
 from cluster.partitions import wait_for_any
 from cluster.ray_runtime import settle_heap
 from pipelines.decisions import DecisionSink, answers
-from pipelines.event_ids import derived_event_ids
 from pipelines.journal import SCORE_PART, JournalSource
 from pipelines.keyed import BatchReceipt
 from pipelines.live import LiveSource
 from pipelines.normalise import Clock, utc_now
-from pipelines.sources import RawBatch
 from pipelines.spec import PipelineSpec
 
 #: How long one poll of the source waits while batches are in flight, before the loop
@@ -84,19 +81,17 @@ class ScoreReplies:
 
     def __init__(self, spec: PipelineSpec, send: Send, direct: bool = False) -> None:
         self.send, self.direct = send, direct
-        ref = spec.mapping.event_id
-        self.id_path = f"$.{ref}" if isinstance(ref, str) else None
         self.waiting: set[str] = set()
 
-    def expect(self, raw: RawBatch, events: pa.Table, dead: pa.Table, late: pa.Table) -> None:
-        """A ``score`` batch has been ingested: ``events`` go on, ``dead`` were dead-lettered,
-        ``late`` were stored in the late lane (older than their key's latest: no decision)."""
-        lines = pl.Series(raw.records.column("line")).cast(pl.String)
-        given = lines.str.json_path_match(self.id_path) if self.id_path else None
-        if given is None or given.null_count():  # derived only for lines without an id
-            derived = pl.Series(derived_event_ids(raw.source, raw.part, raw.offsets))
-            given = derived if given is None else given.fill_null(derived)
-        asked = set(given.to_list())
+    def expect(self, ids: Sequence[pa.Array | pa.ChunkedArray], events: pa.Table, dead: pa.Table,
+               late: pa.Table) -> None:
+        """A ``score`` batch has been ingested: ``ids`` are its lines' event ids as ingest
+        gave them (:attr:`~cluster.ingest.Ingest.last_ids`: each line's own, or the one
+        derived from its offset, as the ingress derives it), ``events`` go on, ``dead`` were
+        dead-lettered, ``late`` were stored in the late lane (older than their key's latest:
+        no decision); the ids neither of these are duplicates skipped."""
+        asked = {i for column in ids for i in column.to_pylist()}
+        asked.discard(None)
         going = set(events.column("event_id").to_pylist())
         replies = [{"event_id": row["event_id"], "dead_letter": {
                     "reason": row["reason"], "message": row["message"]}}
@@ -213,7 +208,8 @@ class LiveRun(PipelineRun):
         for raw in raws:
             events = self.ingest.read(raw, self.counts)
             if self.replies is not None and raw.part == SCORE_PART:
-                self.replies.expect(raw, events, self.ingest.last_dead, self.ingest.last_late)
+                self.replies.expect(self.ingest.last_ids, events, self.ingest.last_dead,
+                                    self.ingest.last_late)
             self.enter(events)
             rows += raw.num_rows
         if rows or finished is not False:  # a wait that timed out: nothing to collect
