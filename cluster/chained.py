@@ -209,6 +209,7 @@ class ChainedServe:
                 self._kill(actor)
                 continue
             except self._raised as exc:  # the run's own error, as the driver path raises it
+                self._kill(actor)
                 cause = getattr(exc, "cause", None)
                 raise cause if isinstance(cause, Exception) else exc from None
             self._kill(actor)

@@ -244,3 +244,21 @@ def test_a_killed_chain_actor_is_replaced_and_each_event_is_stored_once(served: 
     assert ids.len() == ids.n_unique() == 3_001
     assert set(ids.to_list()) == {e["eventId"] for e in events}
     assert summary["stored"] >= 3_001 and summary["dead_lettered"] == 0
+
+
+def test_a_chained_runs_own_error_ends_serve_in_one_line(tmp_path: Path) -> None:
+    """The run inside the chain actor fails (its Redis server is not there): serve exits 2
+    with the run's own error in one line, as the unchained driver does, not a traceback
+    and not an actor replaced again and again."""
+    text = (ROOT / "configs" / "live-redis.yaml").read_text()
+    assert "url: redis://127.0.0.1:6379" in text and "  max_in_flight: 1\n" in text
+    config = tmp_path / "live-redis.yaml"
+    config.write_text(text.replace("url: redis://127.0.0.1:6379", f"url: redis://127.0.0.1:{free_port()}")
+                      .replace("  max_in_flight: 1\n", "  max_in_flight: 1\n  chain: true\n"))
+    done = subprocess.run([EVENTRAY, "serve", str(config), "--store", str(tmp_path / "store"),
+                           "--no-progress"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert done.returncode == 2, done.stderr[-3000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("eventray serve: error:")]
+    assert len(errors) == 1 and "redis://127.0.0.1" in errors[0], done.stderr[-3000:]
+    assert "Traceback" not in done.stderr and "died" not in done.stderr
