@@ -28,7 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from cluster.partitions import NAMESPACE
+from cluster.partitions import NAMESPACE, error_line
 from pipelines.errors import PipelineError
 from pipelines.spec import PipelineSpec
 
@@ -202,9 +202,9 @@ class ChainedServe:
                 if futile > MAX_FUTILE_RESTARTS:
                     raise ChainFailed(f"the chained run's actor {chain_name(self.run)} died "
                                       f"{futile} times in a row without a checkpoint; last: "
-                                      f"{_last_line(exc)}") from exc
+                                      f"{error_line(exc)}") from exc
                 self.restarts += 1
-                self.log(f"the chained run's actor died ({_last_line(exc)}); resuming from "
+                self.log(f"the chained run's actor died ({error_line(exc)}); resuming from "
                          "the last checkpoint")
                 self._kill(actor)
                 continue
@@ -221,8 +221,3 @@ class ChainedServe:
             self._ray.kill(actor)
         except self._died:
             pass
-
-
-def _last_line(exc: Exception) -> str:
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[-1] if lines else ''}"

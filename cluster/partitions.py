@@ -78,6 +78,13 @@ class PartitionFailed(PipelineError):
             "to the last one: fix the cause, then run again with --resume")
 
 
+def error_line(exc: BaseException) -> str:
+    """An error in a line: its type and the last line of its message (Ray's wrapping puts
+    the traceback first)."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[-1] if lines else ''}"
+
+
 def actor_name(partition: int, stage: EnrichSpec | None = None) -> str:
     """``partition-<i>``, or ``<stage>-<i>`` for an enrichment stage's actors: the name in
     messages. In Ray the actor is registered as ``<run>-<name>`` (see
@@ -359,8 +366,7 @@ class RayPartitions:
             return f"no answer within runtime.batch_timeout_s = {self.batch_timeout_s:g} s"
         if isinstance(exc, self._task_error) and getattr(exc, "cause", None) is not None:
             return f"{type(exc.cause).__name__}: {exc.cause}"
-        lines = str(exc).strip().splitlines()
-        return f"{type(exc).__name__}: {lines[-1] if lines else ''}"
+        return error_line(exc)
 
     def _ack(self, partition: int, receipt: BatchReceipt) -> None:
         # Replays after a recovery re-acknowledge batches already counted: count once. Only
