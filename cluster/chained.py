@@ -32,8 +32,8 @@ from cluster.partitions import NAMESPACE, error_line
 from pipelines.errors import PipelineError
 from pipelines.spec import PipelineSpec
 
-#: Replacements in a row, each dying before its first checkpoint, before the run gives up.
-MAX_FUTILE_RESTARTS = 5
+#: Deaths in a row of the chained actor, none after a checkpoint of its own, that end the run.
+MAX_FUTILE_DEATHS = 5
 #: How long a replacement may wait for its dead predecessor's name.
 SPAWN_TIMEOUT_S = 60.0
 #: How often the driver looks at the chained actor (progress, readiness, SIGTERM).
@@ -42,6 +42,35 @@ LOOK_EVERY_S = 0.25
 
 class ChainFailed(PipelineError):
     """The chained run's actor died again and again without a checkpoint in between."""
+
+
+class _Watch:
+    """What the driver knows of one chained actor: its checkpoints, and when its loop last
+    turned. Stalled: ready, and the loop not seen turning for ``limit`` seconds (the same
+    ``runtime.batch_timeout_s`` after which a partition actor is replaced)."""
+
+    def __init__(self, limit: float) -> None:
+        self.limit = limit
+        #: how long one look at the actor may wait for its answer
+        self.patience = min(10.0, limit)
+        self.first: int | None = None  # checkpoints when ready (restored ones included)
+        self.checkpoints = 0
+        self.turns: int | None = None
+        self.turned = time.monotonic()
+
+    def saw(self, status: dict[str, Any]) -> None:
+        if status["checkpoints"] is not None:
+            self.first = status["checkpoints"] if self.first is None else self.first
+            self.checkpoints = status["checkpoints"]
+        if status["ready"] and status["turns"] != self.turns:
+            self.turns, self.turned = status["turns"], time.monotonic()
+
+    def stalled(self) -> bool:
+        return self.turns is not None and time.monotonic() - self.turned > self.limit
+
+    def checkpointed(self) -> bool:
+        """Whether the actor took a checkpoint of its own before it ended."""
+        return self.first is not None and self.checkpoints > self.first
 
 
 def chain_name(run: str) -> str:
@@ -87,9 +116,10 @@ def chained_actor_class() -> Any:
                 actions=lambda run: RayDispatchers(spec.actions, store_root, run))  # type: ignore[arg-type]
             if ingress is not None:
                 self.ingress = handle = ray.get_actor(ingress, namespace=NAMESPACE)
-                run.decisions_to = IngressReplies(ingress)
-                run.replies = ScoreReplies(spec, lambda found: handle.resolve.remote(found),
-                                           direct=True)
+                # the awaited events' answers are made here: each batch's table of
+                # decisions pickled to the ingress cost this loop ~0.8 ms a batch
+                run.replies = ScoreReplies(spec, lambda found: handle.resolve.remote(found))
+                IngressReplies(ingress).connect()
                 run.progress_to = lambda consumed: handle.progress.remote(consumed)
             elif hasattr(source, "decision_sink"):  # a source's own reply channel
                 run.decisions_to = source.decision_sink()
@@ -123,7 +153,8 @@ def chained_actor_class() -> Any:
             """Whether the run is ready, its checkpoints so far and its progress line."""
             # the run's checkpoints (restored ones included) once it has started
             return {"ready": self.is_ready, "line": self.line,
-                    "checkpoints": self.run.counts.checkpoints if self.is_ready else None}
+                    "checkpoints": self.run.counts.checkpoints if self.is_ready else None,
+                    "turns": self.run.turns if self.run is not None else 0}
 
     return ChainedRun
 
@@ -166,40 +197,49 @@ class ChainedServe:
 
     def serve(self, stop: threading.Event, progress: Callable[[str], None] | None) -> dict[str, Any]:
         """Run the chained actor until ``stop`` is set and it has drained; replace it each
-        time it dies (from the last checkpoint). Returns its summary, ``restarts`` counting
-        the replacements.
+        time it dies, or stalls (its loop not turning for ``runtime.batch_timeout_s`` once
+        ready: hung, or its process stopped), from the last checkpoint. Returns its summary,
+        ``restarts`` counting the replacements.
 
         Raises:
-            ChainFailed: it died ``MAX_FUTILE_RESTARTS`` times in a row without a checkpoint.
+            ChainFailed: its actor died ``MAX_FUTILE_DEATHS`` times in a row without a
+                checkpoint.
             PipelineError: the run's own error (a config, a store that cannot be written).
         """
         futile, announced = 0, False
         while True:
             actor = self._spawn()
             done = actor.serve.remote(progress is not None)
-            first, checkpoints, asked = None, 0, False  # checkpoints: the run's, restored too
+            watch = _Watch(self.spec.runtime.batch_timeout_s)
+            asked = False
             while not self._ray.wait([done], timeout=LOOK_EVERY_S)[0]:
                 if stop.is_set() and not asked:
                     self.log("draining")
                     actor.stop.remote()
                     asked = True
                 try:
-                    status = self._ray.get(actor.status.remote(), timeout=10)
-                except (self._died, self._ray.exceptions.GetTimeoutError):
-                    continue  # dead: the serve call says so; slow: look again
-                if status["checkpoints"] is not None:
-                    first = status["checkpoints"] if first is None else first
-                    checkpoints = status["checkpoints"]
-                if status["ready"] and not announced:
-                    self.log("ready")
-                    announced = True
-                if progress is not None and status["line"]:
-                    progress(status["line"])
+                    status = self._ray.get(actor.status.remote(), timeout=watch.patience)
+                except self._died:
+                    continue  # dead: the serve call says so
+                except self._ray.exceptions.GetTimeoutError:
+                    status = None  # slow, or its process stopped: the watch decides
+                if status is not None:
+                    watch.saw(status)
+                    if status["ready"] and not announced:
+                        self.log("ready")
+                        announced = True
+                    if progress is not None and status["line"]:
+                        progress(status["line"])
+                if watch.stalled():
+                    self.log(f"the chained run's actor {chain_name(self.run)} made no progress "
+                             f"for runtime.batch_timeout_s = {watch.limit:g} s; replacing it")
+                    self._kill(actor)  # its serve call fails now: replaced below
+                    break
             try:
                 summary: dict[str, Any] = self._ray.get(done)
             except self._died as exc:
-                futile = 1 if first is not None and checkpoints > first else futile + 1
-                if futile > MAX_FUTILE_RESTARTS:
+                futile = 1 if watch.checkpointed() else futile + 1
+                if futile >= MAX_FUTILE_DEATHS:
                     raise ChainFailed(f"the chained run's actor {chain_name(self.run)} died "
                                       f"{futile} times in a row without a checkpoint; last: "
                                       f"{error_line(exc)}") from exc

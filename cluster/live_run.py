@@ -177,11 +177,14 @@ class LiveRun(PipelineRun):
         self.decisions_to: DecisionSink | None = None
         #: the live progress line's destination (default: this process's terminal)
         self.show_progress: Callable[[str], None] = show_progress
+        #: polls so far: a watchdog's sign that the loop turns (:mod:`cluster.chained`)
+        self.turns = 0
 
     def poll_once(self, timeout: float, idle: float | None = None) -> int | None:
         """Ingest what the source has (waiting up to ``timeout``, or ``idle`` when nothing is
         in flight), collect receipts; returns the rows read, or ``None`` when the source was
         not read (no room: see :meth:`has_room`)."""
+        self.turns += 1
         rows = 0
         size = self.spec.source.batch_size
         executors = [self.dispatcher.executor, *(e for _, e in self.chain.stages)]

@@ -246,6 +246,45 @@ def test_a_killed_chain_actor_is_replaced_and_each_event_is_stored_once(served: 
     assert summary["stored"] >= 3_001 and summary["dead_lettered"] == 0
 
 
+def test_a_stalled_chain_actor_is_replaced_and_each_event_is_stored_once(tmp_path: Path) -> None:
+    """The chained actor's process stopped (SIGSTOP: alive, answering nothing) mid-stream:
+    after ``runtime.batch_timeout_s`` without its loop turning the driver replaces it from
+    the last checkpoint, a /score asked then is answered by the replacement, and the store
+    holds each event once."""
+    text = (ROOT / "configs" / "live.yaml").read_text()
+    assert "  chain: true\n" in text
+    config = tmp_path / "live.yaml"
+    config.write_text(text.replace("  chain: true\n", "  chain: true\n  batch_timeout_s: 3\n"))
+    served = Served(config, tmp_path / "store")
+    try:
+        served.wait_ready()
+        events = simulated_events(1_501, seed=8)
+        for start in range(0, 1_000, 100):
+            assert post(served.port, "/events", json.dumps(events[start:start + 100]).encode())[0] == 202
+        wait_for_checkpoint(served.store)
+        victim = chain_actor(served)
+        victim.suspend()
+        for start in range(1_000, 1_500, 100):  # accepted while the chain is stopped: durable
+            assert post(served.port, "/events", json.dumps(events[start:start + 100]).encode())[0] == 202
+        deadline = time.monotonic() + 120
+        while chain_actor(served).pid == victim.pid:
+            assert time.monotonic() < deadline, "the stopped chain actor was not replaced"
+            time.sleep(0.5)
+        status, answer = post(served.port, "/score", json.dumps(events[1_500]).encode())
+        assert status == 200 and answer["scores"][0]["step"] == "fraud", answer
+        served.process.send_signal(signal.SIGTERM)
+        out, err = served.process.communicate(timeout=180)
+    finally:
+        served.kill()
+    assert served.process.returncode == 0, err[-3000:]
+    assert "made no progress for runtime.batch_timeout_s = 3 s" in err, err[-3000:]
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["restarts"] == 1
+    ids = stored_transactions(served.store)
+    assert ids.len() == ids.n_unique() == 1_501
+    assert set(ids.to_list()) == {e["eventId"] for e in events}
+
+
 def test_a_chained_runs_own_error_ends_serve_in_one_line(tmp_path: Path) -> None:
     """The run inside the chain actor fails (its Redis server is not there): serve exits 2
     with the run's own error in one line, as the unchained driver does, not a traceback
