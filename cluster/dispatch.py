@@ -23,6 +23,7 @@ from pipelines.patterns.spec import pattern_specs
 from pipelines.processing import watermark_batch, without_copies
 from pipelines.routing import Router
 from pipelines.spec import PipelineSpec
+from pipelines.tables import conform
 
 
 class Dispatcher:
@@ -83,10 +84,10 @@ class Dispatcher:
     def _with_transit(self, events: pa.Table) -> pa.Table:
         """The batch in the routed schema: nulls where a stage added no column."""
         if events.schema.names == self.routed_schema.names:
-            return events.cast(self.routed_schema)  # Polars hands back large strings
+            return conform(events, self.routed_schema)  # Polars hands back large strings
         columns = [events.column(f.name) if f.name in events.column_names
                    else pa.nulls(events.num_rows, f.type) for f in self.routed_schema]
-        return pa.table(columns, names=self.routed_schema.names).cast(self.routed_schema)
+        return conform(pa.table(columns, names=self.routed_schema.names), self.routed_schema)
 
     def dispatch(self) -> None:
         """Hand queued batches to partitions with room in flight, high lane first."""

@@ -27,6 +27,7 @@ from pipelines.keyed import BatchReceipt, split_by_partition
 from pipelines.kinds import stage_class
 from pipelines.processing import ROW_POSITION
 from pipelines.spec import EnrichSpec, PipelineSpec
+from pipelines.tables import conform
 
 
 @dataclass
@@ -126,7 +127,7 @@ class EnrichmentChain:
             table = table.set_column(table.schema.get_field_index("key"), "key", key)
         else:
             table = table.append_column("key", key)
-        return table.cast(schema)
+        return conform(table, schema)
 
     def _planned_rows(self, table: pa.Table, index: int) -> pa.Table:
         """:meth:`_stage_rows` by one Polars plan."""
@@ -180,10 +181,14 @@ class EnrichmentChain:
             added = pa.concat_tables(parts, promote_options="permissive")
             at = pc.index_in(item.table.column(ROW_POSITION),
                              value_set=added.column(ROW_POSITION).combine_chunks().cast(pa.int64()))
-            for name in added.column_names:
-                if name != ROW_POSITION:  # a name taken already: suffixed, as Polars joins do
-                    taken = f"{name}_right" if name in item.table.column_names else name
-                    item.table = item.table.append_column(taken, added.column(name).take(at))
+            added = added.drop_columns([ROW_POSITION]).take(at)  # one gather of every column
+            table = item.table
+            # a name taken already: suffixed, as Polars joins do
+            fields = [field.with_name(f"{field.name}_right") if field.name in table.column_names
+                      else field for field in added.schema]
+            item.table = pa.Table.from_arrays(
+                [*table.columns, *added.columns],
+                schema=pa.schema([*table.schema, *fields], metadata=table.schema.metadata))
 
     def wait(self) -> list[pa.Table]:
         """Block until the oldest slice's current stage has answered more, then advance."""

@@ -37,7 +37,7 @@ from pipelines.poison import (
     step_states,
 )
 from pipelines.processing import ROW_POSITION, Step, without_copies
-from pipelines.tables import take_rows
+from pipelines.tables import conform, take_rows
 from pipelines.writers import WriterId
 
 Clock = Callable[[], dt.datetime]
@@ -92,6 +92,8 @@ def split_by_partition(events: pa.Table, partitions: int) -> list[tuple[int, pa.
     """
     if events.num_rows == 0:
         return []
+    if partitions == 1:  # no key to hash (a chained run's operators each have one)
+        return [(0, events)]
     owner = partition_of(events.column("key"), partitions)
     counts = np.bincount(owner, minlength=partitions)
     if (np.diff(owner) >= 0).all():  # already in partition order (a batch of one key): no gather
@@ -203,8 +205,9 @@ def _decisions_by_lookup(kept: pa.Table, outputs: Outputs) -> pa.Table | None:
             columns["alert"] = raised.column("event_type").take(alert_at)
             columns["threshold"] = raised.column("threshold").take(alert_at)
     names = DECISIONS_SCHEMA.names
-    return pa.Table.from_arrays([pa.chunked_array(columns[name]) if isinstance(columns[name], pa.Array)
-                                 else columns[name] for name in names], names=names).cast(DECISIONS_SCHEMA)
+    arrays = [pa.chunked_array(columns[name]) if isinstance(columns[name], pa.Array) else columns[name]
+              for name in names]
+    return conform(pa.Table.from_arrays(arrays, names=names), DECISIONS_SCHEMA)
 
 
 def _row_of(ids: pa.ChunkedArray, rows: pa.Table) -> pa.Array | None:

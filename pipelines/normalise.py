@@ -67,6 +67,7 @@ from pipelines.sources import (
     invalid_utf8_rows,
 )
 from pipelines.spec import ENVELOPE_KEY_FIELDS, Constant, JsonRef, PipelineSpec
+from pipelines.tables import conform
 from pipelines.timestamps import (
     MAX_TIME,
     epoch_micros,
@@ -782,7 +783,7 @@ class Normaliser:
             [metadata[name] for name in ("version", "region", "ingested_at", "tags")],
             names=["version", "region", "ingested_at", "tags"])
         table = pa.table(columns)
-        return (table if valid.all() else table.filter(pa.array(valid))).cast(self.schema)
+        return conform(table if valid.all() else table.filter(pa.array(valid)), self.schema)
 
     def _data_expr(self) -> pl.Expr:
         data = [pl.col(f"__field_{f.name}").alias(f.name)

@@ -38,6 +38,7 @@ from pipelines.envelope import (
 from pipelines.event_ids import derived_event_ids
 from pipelines.sources import RawBatch
 from pipelines.spec import ENVELOPE_KEY_FIELDS, Constant, JsonRef
+from pipelines.tables import conform
 from pipelines.timestamps import MAX_TIME, MIN_TIME, epoch_micros
 
 #: Batches of at most this many rows take this path (beyond it the plan's fixed cost is
@@ -353,7 +354,7 @@ class SmallBatchNormaliser:
             "data": pa.StructArray.from_arrays(data, fields=list(self.data_type)),
             "metadata": metadata,
         })
-        return table.cast(self.schema)
+        return conform(table, self.schema)
 
 
 def _duplicates(raw: RawBatch, lines: list[bytes], rows: list[_Row], ingested_us: int,

@@ -15,6 +15,30 @@ import polars as pl
 import pyarrow as pa
 
 
+def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """``table.cast(schema)``, casting only the columns whose type differs: Arrow's table
+    cast costs some 7 us a column even when no type changes (0.15 ms for a 20-column
+    envelope), and a live batch of a few events went through such casts a dozen times on
+    its way to a decision.
+
+    Raises:
+        ValueError: the names differ, as :meth:`pyarrow.Table.cast` raises.
+
+    Example:
+        >>> t = pa.table({"k": pa.array(["a"], pa.large_string()), "n": [1]})
+        >>> schema = pa.schema([("k", pa.string()), ("n", pa.int64())])
+        >>> conform(t, schema).schema == schema, conform(conform(t, schema), schema).schema == schema
+        (True, True)
+    """
+    if table.schema.equals(schema, check_metadata=True):
+        return table
+    if table.schema.names != schema.names:
+        raise ValueError(f"cannot conform columns {table.schema.names} to {schema.names}")
+    columns = [column if column.type == field.type else column.cast(field.type)
+               for column, field in zip(table.columns, schema, strict=True)]
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
 def to_ipc(table: pa.Table) -> pa.Buffer:
     """``table`` as one Arrow IPC stream: its schema (metadata included), then its rows; a
     slice is written as its slice. Snapshots keep it as bytes (``.to_pybytes()``).

@@ -77,6 +77,7 @@ from pipelines.processing import (
     rows_of_types,
 )
 from pipelines.spec import NAME_PATTERN, EnrichSpec, StepSpec
+from pipelines.tables import conform
 
 if TYPE_CHECKING:  # scikit-learn and skops load only where a model is scored
     from models.fraud import FraudModel
@@ -454,7 +455,7 @@ class FraudStep(Step):
         frame, parents = pl.from_arrow(scored.filter(chosen)), pl.from_arrow(mine.filter(chosen))
         assert isinstance(frame, pl.DataFrame) and isinstance(parents, pl.DataFrame)
         alerts = alert_rows(frame, self.name, self.spec.alert_type, self.spec.threshold)
-        tables["alerts"] = alerts.to_arrow().cast(ALERTS_SCHEMA)
+        tables["alerts"] = conform(alerts.to_arrow(), ALERTS_SCHEMA)
         derived = alert_events(alerts, parents, self.envelope, self.name, self.alert_version) \
             if self.spec.emit_alerts else None
         return StepOutput(tables=tables, derived=derived)
