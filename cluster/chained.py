@@ -28,6 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from cluster.live_run import TerminalLine
 from cluster.partitions import NAMESPACE, error_line
 from pipelines.errors import PipelineError
 from pipelines.spec import PipelineSpec
@@ -73,6 +74,19 @@ class _Watch:
         return self.first is not None and self.checkpoints > self.first
 
 
+class KeptLine(TerminalLine):
+    """A progress line kept for the driver to show (the actor has no terminal)."""
+
+    def __init__(self) -> None:
+        self.text = ""
+
+    def show(self, line: str) -> None:
+        self.text = line
+
+    def close(self) -> None:
+        pass  # the driver ends the line on its terminal
+
+
 def chain_name(run: str) -> str:
     """The chained run's actor name in namespace ``eventray``."""
     return f"{run}-chain"
@@ -93,7 +107,7 @@ def chained_actor_class() -> Any:
             self.ingress: Any = None
             self.stopping = threading.Event()
             self.is_ready = False
-            self.line = ""
+            self.kept = KeptLine()  # the progress line, shown by the driver
 
         def _build(self) -> Any:
             """The run and its operators, built in :meth:`serve` (an error there is the
@@ -125,11 +139,8 @@ def chained_actor_class() -> Any:
                 run.decisions_to = source.decision_sink()
             if run.decisions_to is not None:
                 run.decisions_to.connect()
-            run.show_progress = self._keep_line
+            run.progress_line = self.kept
             return run
-
-        def _keep_line(self, line: str) -> None:
-            self.line = line
 
         def serve(self, progress: bool) -> dict[str, Any]:
             """Run until :meth:`stop`, drain, and return the run's summary."""
@@ -152,7 +163,7 @@ def chained_actor_class() -> Any:
         def status(self) -> dict[str, Any]:
             """Whether the run is ready, its checkpoints so far and its progress line."""
             # the run's checkpoints (restored ones included) once it has started
-            return {"ready": self.is_ready, "line": self.line,
+            return {"ready": self.is_ready, "line": self.kept.text,
                     "checkpoints": self.run.counts.checkpoints if self.is_ready else None,
                     "turns": self.run.turns if self.run is not None else 0}
 

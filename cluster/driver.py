@@ -133,7 +133,7 @@ class PipelineRun:
             spec, config_digest(spec), parts), clock)
         self.pacer: Pacer | None = None
         self.partition_factory, self.stage_factory = partitions, stages
-        delivered = spec.actions is not None and any(r.delivered for r in spec.actions.rules)
+        delivered = spec.actions is not None and spec.actions.delivered
         self.actions_factory = actions if delivered else None
         self.actions: Any = None
         self.routed_schema = routed_schema(spec)

@@ -117,19 +117,25 @@ class ScoreReplies:
             self.send(found)
 
 
-def show_progress(line: str) -> None:
-    """Rewrite the terminal's progress line."""
-    print(f"\r{line}   ", end="", file=sys.stderr, flush=True)
+class TerminalLine:
+    """A progress line on this process's terminal (stderr): rewritten in place, ended by
+    :meth:`close`. A run whose terminal is another process's keeps its line instead (see
+    :mod:`cluster.chained`), with the same two methods."""
+
+    def show(self, line: str) -> None:
+        print(f"\r{line}   ", end="", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        print(file=sys.stderr, flush=True)
 
 
 class LiveProgress:
-    """One line on a terminal, rewritten every second: events/s, p99 decision latency,
-    alerts; silent otherwise (``show``: where the line goes instead of stderr, for a run
-    whose terminal is another process's)."""
+    """One line, rewritten every second: events/s, p99 decision latency, alerts; silent
+    otherwise (``line``: where it goes, by default this process's terminal)."""
 
-    def __init__(self, enabled: bool | None, show: Callable[[str], None] = show_progress) -> None:
+    def __init__(self, enabled: bool | None, line: TerminalLine | None = None) -> None:
         self.enabled = sys.stderr.isatty() if enabled is None else enabled
-        self.show = show
+        self.line = line or TerminalLine()
         self.last, self.last_read, self.latencies = time.monotonic(), 0, []
 
     def observe(self, receipt: BatchReceipt) -> None:
@@ -142,13 +148,13 @@ class LiveProgress:
             return
         rate = (counts.read - self.last_read) / (now - self.last)
         p99 = weighted_percentiles(np.array(self.latencies), np.ones(len(self.latencies)), [99])[0]
-        self.show(f"eventray serve: {rate:8.0f} ev/s  p99 {p99 * 1000:7.1f} ms  alerts {counts.alerts}"
-                  f"  stored {counts.stored}  dead {counts.dead_lettered}")
+        self.line.show(f"eventray serve: {rate:8.0f} ev/s  p99 {p99 * 1000:7.1f} ms  alerts {counts.alerts}"
+                       f"  stored {counts.stored}  dead {counts.dead_lettered}")
         self.last, self.last_read, self.latencies = now, counts.read, []
 
     def close(self) -> None:
-        if self.enabled and self.show is show_progress:  # the line ends on this terminal
-            print(file=sys.stderr, flush=True)
+        if self.enabled:
+            self.line.close()
 
 
 class LiveRun(PipelineRun):
@@ -175,8 +181,8 @@ class LiveRun(PipelineRun):
         #: where the receipts' decisions go (the partitions in process: a chained run),
         #: besides the awaited ones to :attr:`replies`
         self.decisions_to: DecisionSink | None = None
-        #: the live progress line's destination (default: this process's terminal)
-        self.show_progress: Callable[[str], None] = show_progress
+        #: where the live progress line goes (default: this process's terminal)
+        self.progress_line: TerminalLine = TerminalLine()
         #: polls so far: a watchdog's sign that the loop turns (:mod:`cluster.chained`)
         self.turns = 0
 
@@ -244,7 +250,7 @@ class LiveRun(PipelineRun):
         starting = time.perf_counter()
         latest = self.checkpointer.checkpoints.latest()
         resumed, offsets = self._start(resume=latest is not None)
-        live = LiveProgress(progress, self.show_progress)
+        live = LiveProgress(progress, self.progress_line)
         self.dispatcher.on_receipt = self._receipt_hook(live)
         self.source.open(offsets or None)  # type: ignore[attr-defined]
         settle_heap()

@@ -75,7 +75,7 @@ class ReaderRun:
         from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
         self._ray, self._failures = ray, (RayActorError, RayTaskError, GetTimeoutError)
-        if spec.actions is not None and any(rule.delivered for rule in spec.actions.rules):
+        if spec.actions is not None and spec.actions.delivered:
             raise ConfigError("runtime.readers: actions delivered by dispatchers run on the "
                               "driver path only (runtime.readers: 0)")
         for index, stage in enumerate(spec.enrich):

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from cluster.dispatchers import RayDispatchers
-from cluster.live_run import LiveRun, ScoreReplies, live_run_id, show_progress
+from cluster.live_run import LiveRun, ScoreReplies, TerminalLine, live_run_id
 from pipelines.errors import ConfigError
 from pipelines.journal import HttpSourceOptions, JournalSource
 from pipelines.kinds import build_source, source_kind
@@ -153,14 +153,15 @@ def _serve_chained(spec: PipelineSpec, store_root: Path, run: str, source: LiveS
     from cluster.chained import ChainedServe
     from pipelines.actions.dispatch import read_secrets
 
-    delivered = spec.actions is not None and any(r.delivered for r in spec.actions.rules)
+    delivered = spec.actions is not None and spec.actions.delivered
     secrets = read_secrets(spec.actions.secret_envs()) if delivered else {}  # type: ignore[union-attr]
     inputs = [str(source.folder)] if isinstance(source, JournalSource) else None
     shown = sys.stderr.isatty() if progress is None else progress
     chained = ChainedServe(spec, store_root, run, inputs, ingress_name(run) if ingress else None,
                            secrets, log)
+    line = TerminalLine()
     try:
-        return chained.serve(stop, show_progress if shown else None)
+        return chained.serve(stop, line.show if shown else None)
     finally:
         if shown:
-            print(file=sys.stderr, flush=True)
+            line.close()

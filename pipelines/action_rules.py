@@ -201,6 +201,11 @@ class ActionsSpec(_Frozen):
             return list(self.allow_hosts)
         return sorted({host for r in self.rules if (host := r.url_host) is not None})
 
+    @property
+    def delivered(self) -> bool:
+        """Whether any rule is delivered by the run's dispatchers (not only recorded)."""
+        return any(r.delivered for r in self.rules)
+
     def secret_envs(self) -> list[str]:
         """The environment variables the delivered rules sign with."""
         return sorted({r.secret_env for r in self.rules if r.secret_env and r.delivered})

@@ -70,7 +70,12 @@ class GroupCommitSink:
             self.since = self.clock()
 
     def due(self) -> bool:
-        """Whether the held writes should be committed now."""
+        """Whether the held writes should be committed now: never while the last commit
+        still runs in the background (a slow disk's fsyncs), which the caller would wait
+        for: the writes are held a little longer instead, and the partition goes on
+        deciding."""
+        if self._thread is not None and self._thread.is_alive():
+            return False
         return self.rows >= self.max_rows or (
             self.since is not None and self.clock() - self.since >= self.interval_s)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -247,6 +248,35 @@ def test_group_commit_writes_one_file_per_group_and_flushes_when_due(tmp_path: P
     assert len(store.files("events")) == 2
     # a partition restored at seq 5 removes its files from 5 on, no one else's
     assert len(store.truncate_writers("r1", {"p0000": 5, "other": 0})) == 1
+
+
+def test_a_commit_still_running_is_not_waited_for(tmp_path: Path) -> None:
+    """A background commit that takes longer than the interval (a slow disk): the next is
+    not due until it ends, so the partition that asks is never blocked on it, and nothing
+    held is lost."""
+    now, release = [0.0], threading.Event()
+    store = EventStore(tmp_path)
+
+    class SlowDisk:
+        def write(self, table: str, rows: pa.Table, writer: str, seq: int) -> object:
+            release.wait(30)
+            return store.write(table, rows, writer=writer, seq=seq)
+
+    grouped = GroupCommitSink(SlowDisk(), max_rows=3, interval_s=1.0, clock=lambda: now[0])
+    rows = pa.table({"event_type": ["t.a"], "timestamp": pa.array([0], pa.timestamp("us", "UTC")),
+                     "key": ["k"]})
+    grouped.write("events", rows, writer="r1-p0000", seq=0)
+    now[0] = 1.5
+    grouped.flush_in_background()  # stuck on the disk
+    for seq in range(1, 5):  # past max_rows and the interval: held, not due
+        grouped.write("events", rows, writer="r1-p0000", seq=seq)
+    now[0] = 3.0
+    assert not grouped.due()
+    release.set()
+    grouped.wait()
+    assert grouped.due()
+    grouped.flush()
+    assert store.scan("events").collect().height == 5
 
 
 def test_receipts_carry_each_applied_event_s_decisions() -> None:
