@@ -331,23 +331,25 @@ def _floats(table: pa.Table, name: str) -> np.ndarray:
     return np.asarray(table.column(name).to_numpy(), dtype=np.float64)
 
 
-def _customer_history_arrays(inputs: pa.Table, customer: pa.Table, pair: pa.Table) -> pa.Table:
+def _customer_history_arrays(inputs: pa.Table, customer: dict[str, np.ndarray],
+                             pair: dict[str, np.ndarray]) -> pa.Table:
     """:func:`customer_history_features` in numpy, operation for operation (the same IEEE
-    results: the online path's, equal to the offline Polars one bit for bit)."""
-    count, mean = _floats(customer, "_CUSTOMER_COUNT"), _floats(customer, "_CUSTOMER_MEAN")
+    results: the online path's, equal to the offline Polars one bit for bit), from the
+    operators' features as floats (:meth:`KeyedWindowOperator.update_numpy`)."""
+    count, mean = customer["_CUSTOMER_COUNT"], customer["_CUSTOMER_MEAN"]
     amount, now = _floats(inputs, "TX_AMOUNT"), _floats(inputs, "_TX_EPOCH_US")
-    pairs, seen = _floats(pair, "_PAIR_COUNT"), count > 0
+    pairs, seen = pair["_PAIR_COUNT"], count > 0
     with np.errstate(all="ignore"):  # the branch not taken may divide by zero, as in Polars
-        spread = _floats(customer, "_CUSTOMER_MEAN_SQUARE") - mean * mean
+        spread = customer["_CUSTOMER_MEAN_SQUARE"] - mean * mean
         deviation = np.sqrt(np.where(spread < 0.0, 0.0, spread))
         columns = [
             count,
             np.where(seen, amount / (mean + 1.0), 1.0),
             np.where(seen, (amount - mean) / (deviation + 1.0), 0.0),
-            np.where(seen, (now - _floats(customer, "_CUSTOMER_LAST_US")) * _HOURS_PER_US,
+            np.where(seen, (now - customer["_CUSTOMER_LAST_US"]) * _HOURS_PER_US,
                      _HOURS_WITHOUT_HISTORY),
             pairs,
-            np.where(pairs > 0, (now - _floats(pair, "_PAIR_LAST_US")) * _DAYS_PER_US, _DAYS_WITHOUT_HISTORY),
+            np.where(pairs > 0, (now - pair["_PAIR_LAST_US"]) * _DAYS_PER_US, _DAYS_WITHOUT_HISTORY),
         ]
     return pa.table(dict(zip(CUSTOMER_HISTORY_FEATURES, columns, strict=True)))
 
@@ -471,8 +473,8 @@ class HistoryFeatures:
         """:meth:`update` on an Arrow table, the features as one (the live path, without a
         Polars query: each costs a tenth of a millisecond or more whatever the rows)."""
         inputs = _history_input_table(batch)
-        return _customer_history_arrays(inputs, self.customer.update_arrow(inputs),
-                                        self.pair.update_arrow(inputs))
+        return _customer_history_arrays(inputs, self.customer.update_numpy(inputs),
+                                        self.pair.update_numpy(inputs))
 
     def snapshot(self) -> bytes:
         """Both operators' states as bytes."""

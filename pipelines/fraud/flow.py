@@ -287,12 +287,12 @@ class TerminalRiskStage(Step):
             "is_fraud": is_fraud,
             "fraud_first_us": np.where(is_fraud, fraud_us, np.inf),
             "fraud_last_us": np.where(is_fraud, fraud_us, -np.inf)})
-        sums = self.operator.update_arrow(rows)
+        sums = self.operator.update_numpy(rows)
         transactions = np.flatnonzero(is_tx)
         position = rows.column(POSITION).take(pa.array(transactions)).combine_chunks()
         return StepOutput(derived=_terminal_table(
             position, epoch_us[transactions].astype(np.float64),
-            {name: _floats(sums, name)[transactions] for name in sums.column_names}))
+            {name: values[transactions] for name, values in sums.items()}))
 
     def snapshot(self) -> Any:
         return base64.b64encode(self.operator.snapshot()).decode()

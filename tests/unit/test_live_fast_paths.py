@@ -143,6 +143,28 @@ def test_an_arrow_batch_and_a_polars_one_of_any_size_give_the_same_features(
     assert by_arrow.snapshot() == by_polars.snapshot() == whole.snapshot()
 
 
+@pytest.mark.parametrize("size", [1, 3, 17])
+def test_numpy_features_are_the_arrow_ones_as_floats(transactions: pa.Table, size: int) -> None:
+    """update_numpy (the terminal stage's path) gives update_arrow's values bit for bit, an
+    empty window's null as NaN, in input order, and leaves the same state."""
+    by_arrow, by_numpy = KeyedWindowOperator(every_kind()), KeyedWindowOperator(every_kind())
+    shuffled = transactions.take(pa.array(np.random.default_rng(3).permutation(transactions.num_rows)))
+    shuffled = shuffled.sort_by([("TX_DATETIME", "ascending")])  # keys interleaved, in time order
+    nulls = 0
+    for start in range(0, shuffled.num_rows, size):
+        arrow = by_arrow.update_arrow(shuffled.slice(start, size))
+        floats = by_numpy.update_numpy(shuffled.slice(start, size))
+        assert list(floats) == arrow.column_names
+        for name in arrow.column_names:
+            expected = np.asarray(arrow.column(name).to_numpy(), dtype=np.float64)
+            assert floats[name].dtype == np.float64
+            assert np.array_equal(floats[name], expected, equal_nan=True), name
+            assert np.array_equal(np.signbit(floats[name]), np.signbit(expected)), name
+            nulls += arrow.column(name).null_count
+    assert nulls > 0  # empty windows were met
+    assert by_arrow.snapshot() == by_numpy.snapshot()
+
+
 def test_a_batch_of_other_event_types_and_one_of_labels_only(merged: pa.Table) -> None:
     stage = TerminalRiskStage(TerminalStageSpec(name="terminal", key="TERMINAL_ID"))
     events = merged.append_column(POSITION, pa.array(np.arange(merged.num_rows)))
