@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipelines import dedup
-from pipelines.dedup import DuplicateFilter
+from pipelines.dedup import DuplicateFilter, HashSet
 from pipelines.event_ids import (
     EVENTRAY_NAMESPACE,
     VECTOR_MIN_ROWS,
@@ -151,6 +151,27 @@ def test_filter_is_exact_within_the_horizon(batches: list[list[tuple[str, int]]]
             first_advance = False
         kept = [(k, h) for k, h in kept if h >= watermark - horizon_hours]
         assert len(f) == len(kept)  # memory is the horizon's ids, no more
+        assert f._known is None or len(f._known) == len(kept)  # the lookup set forgets too
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.lists(st.integers(0, 200), max_size=40)), max_size=30))
+def test_the_hash_set_holds_what_was_added_and_not_removed(steps: list[tuple[bool, list[int]]]) -> None:
+    """Adds and removals of small hashes (many share a slot; removals leave tombstones that
+    later adds reuse; the table grows), checked against a Python set."""
+    known, reference = HashSet(), set()
+    for adding, values in steps:
+        batch = np.array(sorted(set(values)), np.uint64)
+        if adding:
+            batch = batch[~np.isin(batch, np.array(sorted(reference), np.uint64))]
+            known.add(batch)
+            reference |= set(batch.tolist())
+        else:
+            known.remove(batch)
+            reference -= set(batch.tolist())
+        probe = np.arange(0, 260, dtype=np.uint64)
+        assert known.contains(probe).tolist() == [int(v) in reference for v in probe]
+        assert len(known) == len(reference)
 
 
 def test_equal_hashes_never_make_a_duplicate(monkeypatch: pytest.MonkeyPatch) -> None:
