@@ -132,7 +132,7 @@ def chained_actor_class() -> Any:
                 self.ingress = handle = ray.get_actor(ingress, namespace=NAMESPACE)
                 # the awaited events' answers are made here: each batch's table of
                 # decisions pickled to the ingress cost this loop ~0.8 ms a batch
-                run.replies = ScoreReplies(spec, lambda found: handle.resolve.remote(found))
+                run.replies = ScoreReplies(lambda found: handle.resolve.remote(found))
                 IngressReplies(ingress).connect()
                 run.progress_to = lambda consumed: handle.progress.remote(consumed)
             elif hasattr(source, "decision_sink"):  # a source's own reply channel

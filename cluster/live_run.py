@@ -79,7 +79,7 @@ class ScoreReplies:
     themselves; otherwise a receipt brings them here).
     """
 
-    def __init__(self, spec: PipelineSpec, send: Send, direct: bool = False) -> None:
+    def __init__(self, send: Send, direct: bool = False) -> None:
         self.send, self.direct = send, direct
         self.waiting: set[str] = set()
 
@@ -178,8 +178,9 @@ class LiveRun(PipelineRun):
                   [source.name], clock, stages, actions, live=True)
         self.replies: ScoreReplies | None = None
         self.progress_to: Callable[[dict[str, int]], None] | None = None
-        #: where the receipts' decisions go (the partitions in process: a chained run),
-        #: besides the awaited ones to :attr:`replies`
+        #: where the receipts' decisions go (the partitions in process: a chained run's
+        #: source's own reply channel, a Redis decision stream), besides the awaited ones
+        #: to :attr:`replies`
         self.decisions_to: DecisionSink | None = None
         #: where the live progress line goes (default: this process's terminal)
         self.progress_line: TerminalLine = TerminalLine()

@@ -123,7 +123,7 @@ def _serve_on_ray(spec: PipelineSpec, store_root: Path, source: LiveSource,
             stages=ray_stages(spec, store_root, runtime.max_in_flight),
             actions=lambda run_id: RayDispatchers(spec.actions, store_root, run_id), run=run_id)
         if ingress is not None:
-            run.replies = ScoreReplies(spec, lambda answers: ingress.resolve.remote(answers),
+            run.replies = ScoreReplies(lambda answers: ingress.resolve.remote(answers),
                                        direct=True)
             run.progress_to = lambda consumed: ingress.progress.remote(consumed)
 

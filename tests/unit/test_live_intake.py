@@ -251,7 +251,7 @@ def _scored_run(tmp_path: Path) -> Iterator[tuple[LiveRun, JournalWriter, list[d
                   store, source, stages=lambda r, s: LocalPartitions(s.partitions, store, r, pipeline, s,
                                                                      live=True))
     sent: list[dict[str, Any]] = []
-    run.replies = ScoreReplies(pipeline, sent.extend)
+    run.replies = ScoreReplies(sent.extend)
     run._start(resume=False)
     run.dispatcher.on_receipt = run._receipt_hook(LiveProgress(False))
     source.open(None)
