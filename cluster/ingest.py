@@ -67,8 +67,8 @@ class Ingest:
         #: checkpoint), so a batch with one never waits on a Parquet write and its fsync
         #: (a live label feed is late by nature); a bounded run writes them as they come
         self.sink: GroupCommitSink | ImmediateSink = GroupCommitSink(
-            store, spec.store.commit_rows, spec.store.commit_interval.total_seconds()) \
-            if live else ImmediateSink(store)
+            store, spec.store.commit_rows, spec.store.commit_interval.total_seconds(),
+            on_time=True) if live else ImmediateSink(store)
         self.normaliser = Normaliser(spec, clock)
         self.duplicates = DuplicateFilter(horizon_us=source.dedup_horizon // _US)
         schema = envelope_schema(spec.registry())

@@ -115,7 +115,8 @@ class _RunWorker(PartitionWorker):
         # checkpoint), so a recovered run's files equal a fault-free run's byte for byte; a
         # live run also every commit_interval, which bounds the store's commit lag.
         self.grouped = GroupCommitSink(self.store, store.commit_rows,
-                                       store.commit_interval.total_seconds() if live else math.inf)
+                                       store.commit_interval.total_seconds() if live else math.inf,
+                                       on_time=live)
         actions = outbox_rules(spec) if stage is None and spec is not None else None
         super().__init__(partition, self.grouped, steps=steps, store_events=stage is None,
                          writer=writer, deadletter_writer=owner.for_step(DEADLETTER_STEP),

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -54,6 +55,9 @@ def bench_live(config: Path, work: Path, rates: tuple[float, ...], seconds: floa
                log: Callable[[str], None]) -> dict[str, Any]:
     """Serve ``config``, offer ``/score`` at each rate for ``seconds``; the figures."""
     store, port, token = work / "live-store", _free_port(), secrets.token_hex(16)
+    # a store left by an earlier bench would be resumed: the same simulated ids, all
+    # duplicates then, answered at once and stored not at all
+    shutil.rmtree(store, ignore_errors=True)
     env = {**os.environ, "EVENTRAY_TOKEN": token, "PYTHONWARNINGS": "ignore"}
     env.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     eventray = str(Path(sys.executable).parent / "eventray")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -153,6 +154,7 @@ def bench_live_redis(config: Path, work: Path, seconds: float,
 
     server = start_redis(work / "redis")
     store = work / "live-redis-store"
+    shutil.rmtree(store, ignore_errors=True)  # not resumed: its ids would all be duplicates
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     env.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     eventray = str(Path(sys.executable).parent / "eventray")
@@ -171,7 +173,8 @@ def bench_live_redis(config: Path, work: Path, seconds: float,
             WARMUP_EVENTS + PEAK_EVENTS + int(5_000 * seconds), seed=21)]
         ids = [json.loads(line)["eventId"] for line in events]
         _add_open_loop(client, events[:WARMUP_EVENTS], 100.0)
-        decisions.wait_for(ids[:WARMUP_EVENTS], timeout=120)
+        if not decisions.wait_for(ids[:WARMUP_EVENTS], timeout=120):
+            raise RuntimeError("the warm-up's decisions did not all come within 120 s")
         log(f"redis: peak, a burst of {PEAK_EVENTS:,} events")
         burst = slice(WARMUP_EVENTS, WARMUP_EVENTS + PEAK_EVENTS)
         started = time.perf_counter()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -277,6 +278,55 @@ def test_a_commit_still_running_is_not_waited_for(tmp_path: Path) -> None:
     assert grouped.due()
     grouped.flush()
     assert store.scan("events").collect().height == 5
+
+
+def test_a_timed_group_commit_commits_after_a_pause_in_the_traffic(tmp_path: Path) -> None:
+    """With ``on_time`` the last writes before a pause are committed about ``interval_s``
+    after the first of them, with no batch coming to ask (a live run's commit lag); without
+    it they wait for the next write or checkpoint."""
+    store = EventStore(tmp_path)
+    rows = pa.table({"event_type": ["t.a"], "timestamp": pa.array([0], pa.timestamp("us", "UTC")),
+                     "key": ["k"]})
+    timed = GroupCommitSink(store, max_rows=1000, interval_s=0.2, on_time=True)
+    untimed = GroupCommitSink(store, max_rows=1000, interval_s=0.2)
+    for seq in range(3):
+        timed.write("events", rows, writer="r1-p0000", seq=seq)
+        untimed.write("events", rows, writer="r1-p0001", seq=seq)
+    deadline = time.monotonic() + 10
+    while not store.files("events") and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.3)
+    assert [p.name for p in store.files("events")] == ["part-r1-p0000-000000000000.parquet"]
+    assert timed.rows == 0 and untimed.rows == 3
+    timed.write("events", rows, writer="r1-p0000", seq=3)  # the next group arms its own timer
+    timed.flush()  # a checkpoint before it fires: the timer then finds nothing to do
+    time.sleep(0.3)
+    timed.wait()
+    assert store.scan("events").collect().height == 4 and len(store.files("events")) == 2
+
+
+def test_timed_commits_racing_the_caller_lose_and_double_nothing(tmp_path: Path) -> None:
+    """Writes, due checks, background commits and flushes from the caller while a timer
+    with a short interval commits from its thread: every row is committed once, each group
+    under its first write's number."""
+    store = EventStore(tmp_path)
+    grouped = GroupCommitSink(store, max_rows=50, interval_s=0.003, on_time=True)
+    for seq in range(400):
+        rows = pa.table({"event_type": ["t.a"], "key": [str(seq)],
+                         "timestamp": pa.array([seq], pa.timestamp("us", "UTC"))})
+        grouped.write("events", rows, writer="r1-p0000", seq=seq)
+        if grouped.due():
+            grouped.flush_in_background()
+        if seq % 97 == 0:
+            grouped.flush()
+        time.sleep(0.0005 * (seq % 3))
+    grouped.flush()
+    time.sleep(0.05)
+    grouped.wait()
+    keys = store.scan("events").collect()["key"].to_list()
+    assert sorted(map(int, keys)) == list(range(400))
+    firsts = sorted(int(p.stem.rsplit("-", 1)[1]) for p in store.files("events"))
+    assert firsts[0] == 0 and len(firsts) == len(set(firsts)) > 1
 
 
 def test_receipts_carry_each_applied_event_s_decisions() -> None:
