@@ -113,7 +113,7 @@ def chained_actor_class() -> Any:
             """The run and its operators, built in :meth:`serve` (an error there is the
             run's own, raised to the driver as it is, not an actor that failed to start)."""
             from cluster.dispatchers import RayDispatchers
-            from cluster.ingress import IngressReplies
+            from cluster.ingress import IngressChannel
             from cluster.live_run import LiveRun, ScoreReplies
             from cluster.partitions import LocalPartitions
             from pipelines.kinds import build_source
@@ -130,11 +130,13 @@ def chained_actor_class() -> Any:
                 actions=lambda run: RayDispatchers(spec.actions, store_root, run))  # type: ignore[arg-type]
             if ingress is not None:
                 self.ingress = handle = ray.get_actor(ingress, namespace=NAMESPACE)
+                node, path = ray.get(handle.replies_address.remote())
+                here = node == ray.get_runtime_context().get_node_id()
+                channel = IngressChannel(handle, path if here else None)
                 # the awaited events' answers are made here: each batch's table of
                 # decisions pickled to the ingress cost this loop ~0.8 ms a batch
-                run.replies = ScoreReplies(lambda found: handle.resolve.remote(found))
-                IngressReplies(ingress).connect()
-                run.progress_to = lambda consumed: handle.progress.remote(consumed)
+                run.replies = ScoreReplies(channel.resolve)
+                run.progress_to = channel.progress
             elif hasattr(source, "decision_sink"):  # a source's own reply channel
                 run.decisions_to = source.decision_sink()
             if run.decisions_to is not None:

@@ -18,6 +18,10 @@ Measured on 2 cores (see the project's Ray notes): Ray Serve's proxy saturates n
   its batch's decisions straight to this actor (:meth:`Ingress.decided`), the driver only
   what never reaches a partition (dead letters, duplicates, the late lane:
   :meth:`Ingress.resolve`). The answer: scores with model versions, alerts, ``latency_ms``.
+
+A chained run on the ingress's node sends its answers and its read positions over a Unix
+socket of the ingress's own (:meth:`Ingress.open_replies`, :class:`IngressChannel`) instead
+of a Ray call each.
 """
 
 from __future__ import annotations
@@ -25,6 +29,11 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import os
+import shutil
+import socket
+import struct
+import tempfile
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -50,6 +59,10 @@ RETRY_AFTER_S = 1
 WARM_CONNECTIONS = 32
 #: How long a partition waits for the ingress to answer when it connects (:meth:`IngressReplies.connect`).
 CONNECT_TIMEOUT_S = 10.0
+#: How long a send on the replies socket may block (the ingress not reading) before the
+#: channel gives it up for Ray calls.
+SOCKET_TIMEOUT_S = 2.0
+_LENGTH = struct.Struct(">I")
 
 
 class BodyError(ValueError):
@@ -135,6 +148,9 @@ class Ingress:
         self.accepting = True
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
+        self._replies: asyncio.AbstractServer | None = None
+        self._reply_streams: set[asyncio.StreamWriter] = set()
+        self.replies_path: str | None = None
         self.warmed = 0  # requests of the start-up warm-up (see :meth:`warm`)
 
     def _journal(self, folder: str | Path, part: str) -> _PartJournal:
@@ -188,11 +204,43 @@ class Ingress:
             await asyncio.sleep(0.001)
         return {part: journal.assigned for part, journal in self.parts.items()}
 
+    async def open_replies(self) -> str:
+        """Listen for a chained run's answers and read positions on a Unix socket, in a
+        folder of its own (mode 0700: no other user can connect); returns its path. Each
+        message is a 4-byte big-endian length and a JSON object, ``{"resolve": [answer,
+        ...]}`` or ``{"progress": {part: offset}}``."""
+        path = os.path.join(tempfile.mkdtemp(prefix="eventray-"), "replies.sock")
+        self._replies = await asyncio.start_unix_server(self._read_replies, path=path)
+        self.replies_path = path
+        return path
+
+    async def _read_replies(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._reply_streams.add(writer)
+        try:
+            while True:
+                (size,) = _LENGTH.unpack(await reader.readexactly(_LENGTH.size))
+                message = json.loads(await reader.readexactly(size))
+                if "resolve" in message:
+                    self.resolve(message["resolve"])
+                if "progress" in message:
+                    self.progress(message["progress"])
+        except (asyncio.IncompleteReadError, ConnectionError, ValueError):
+            pass  # the run went (a message cut short is sent again as a Ray call)
+        finally:
+            self._reply_streams.discard(writer)
+            writer.close()
+
     async def close(self) -> None:
         for waiters in self.waiters.values():
             for waiter in waiters:
                 if not waiter.done():
                     waiter.set_exception(asyncio.CancelledError())
+        if self._replies is not None:
+            self._replies.close()
+            for stream in list(self._reply_streams):
+                stream.close()
+            assert self.replies_path is not None
+            shutil.rmtree(os.path.dirname(self.replies_path), ignore_errors=True)
         if self._runner is not None:
             await self._runner.cleanup()
         for journal in self.parts.values():
@@ -454,6 +502,57 @@ class IngressReplies:
             actor.decided.remote(decisions)
 
 
+class IngressChannel:
+    """A chained run's calls to the ingress actor: :meth:`resolve` (the answers of awaited
+    ``/score`` events) and :meth:`progress` (how far the run has read the journal).
+
+    On the ingress's node they go over its replies socket (see :meth:`Ingress.open_replies`):
+    a send of a few hundred bytes, where a Ray call cost the run's process 0.42 ms of CPU
+    (0.18 ms in the calling thread), some 7 % of a poll of three events, at about a hundred
+    calls a second. Elsewhere, or once the socket fails (a send cut short or blocked for
+    :data:`SOCKET_TIMEOUT_S`), they are Ray calls, as a message that cannot be put in JSON.
+
+    Args:
+        actor: the ingress actor's handle.
+        path: its replies socket (``None``: not on this node, Ray calls only).
+    """
+
+    def __init__(self, actor: Any, path: str | None) -> None:
+        self.actor = actor
+        self.socket: socket.socket | None = None
+        if path is not None:
+            channel = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            channel.settimeout(SOCKET_TIMEOUT_S)
+            try:
+                channel.connect(path)
+                self.socket = channel
+            except OSError:
+                channel.close()
+
+    def resolve(self, results: list[dict[str, Any]]) -> None:
+        if not self._send("resolve", results):
+            self.actor.resolve.remote(results)
+
+    def progress(self, consumed: dict[str, int]) -> None:
+        if not self._send("progress", consumed):
+            self.actor.progress.remote(consumed)
+
+    def _send(self, kind: str, value: Any) -> bool:
+        if self.socket is None:
+            return False
+        try:
+            data = json.dumps({kind: value}).encode()
+        except (TypeError, ValueError):
+            return False
+        try:
+            self.socket.sendall(_LENGTH.pack(len(data)) + data)
+            return True
+        except OSError:  # the ingress gone or not reading: Ray calls from now on
+            self.socket.close()
+            self.socket = None
+            return False
+
+
 def ingress_actor_class() -> Any:
     """The Ray actor around :class:`Ingress` (async: its methods share the server's loop)."""
     import ray
@@ -466,8 +565,13 @@ def ingress_actor_class() -> Any:
 
         async def start(self) -> int:
             port = await self.ingress.start()
+            await self.ingress.open_replies()
             settle_heap()
             return port
+
+        async def replies_address(self) -> tuple[str, str | None]:
+            """This actor's node and its replies socket (see :class:`IngressChannel`)."""
+            return ray.get_runtime_context().get_node_id(), self.ingress.replies_path
 
         async def set_ready(self) -> None:
             self.ingress.ready = True

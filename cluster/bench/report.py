@@ -49,7 +49,10 @@ def summarise(options: Any, machine: dict[str, Any], workload: Any, model: dict[
     """The bench's result document; writes ``bench.json`` and ``bench.png`` in the work dir."""
     _ratios(results)
     machine = {**machine, "load_average_at_end": [round(x, 2) for x in os.getloadavg()]}
-    points = (latency or {}).get("latency", [])
+    every = (latency or {}).get("latency", [])
+    # a paced replay whose events all came in its warm-up measured nothing: listed apart
+    points = [p for p in every if "p99" in p["latency_ms"]]
+    unmeasured = [p for p in every if "p99" not in p["latency_ms"]]
     low = next((p for p in points if p.get("load") == min(options.loads)), None)
     doc = {
         "machine": machine,
@@ -64,6 +67,7 @@ def summarise(options: Any, machine: dict[str, Any], workload: Any, model: dict[
         "latency": {"definition": LATENCY_DEFINITION,
                     "points": points, "p99_goal_ms": P99_GOAL_MS,
                     "p99_goal_met": None if low is None else low["latency_ms"]["p99"] <= P99_GOAL_MS,
+                    **({"unmeasured": unmeasured} if unmeasured else {}),
                     **({} if latency is None or latency.get("available") else
                        {"unavailable": latency.get("reason")})},
         "elapsed_s": round(elapsed, 1),

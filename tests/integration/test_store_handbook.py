@@ -51,7 +51,7 @@ def test_compaction_then_a_rerun(handbook_run: HandbookRun, handbook_dir: Path, 
     compacted = summary_of(eventray("compact", "--store", str(store), timeout=1800))
     folders = [d for d in store.glob("*/event_type=*/date=*") if d.is_dir()]
     files = list(store.glob("*/event_type=*/date=*/*.parquet"))
-    assert compacted["files_before"] > 2 * len(folders)
+    assert compacted["files_before"] > 1.5 * len(folders)  # two partitions: about two a folder
     assert len(files) / len(folders) <= 1.1 and compacted["files_per_folder"] <= 1.1
     for table in tables:
         after = read(store, table)

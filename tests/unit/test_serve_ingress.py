@@ -12,7 +12,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from cluster.ingress import Ingress
+from cluster.ingress import Ingress, IngressChannel
 from cluster.produce import simulated_events
 from pipelines.journal import SCORE_PART, HttpSourceOptions, JournalSource
 from pipelines.pipeline import load_pipeline
@@ -289,3 +289,60 @@ def test_settling_the_heap_takes_what_is_alive_out_of_full_collections() -> None
         assert not any(o is kept[0] for o in gc.get_objects())  # frozen: out of the scans
     finally:
         gc.unfreeze()
+
+
+class RecordingActor:
+    """A stand-in for the ingress actor's Ray handle (Ray is not run in unit tests): records
+    the calls a channel falls back to."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, Any]] = []
+        self.resolve = self._method("resolve")
+        self.progress = self._method("progress")
+
+    def _method(self, name: str) -> Any:
+        actor = self
+
+        class Method:
+            @staticmethod
+            def remote(value: Any) -> None:
+                actor.calls.append((name, value))
+        return Method
+
+
+def test_a_chained_run_answers_score_over_the_ingress_s_socket(tmp_path: Path) -> None:
+    """The chained run's answers and read positions reach the ingress over its replies
+    socket, not as Ray calls; a message that is not JSON, and every message once the ingress
+    has gone, fall back to the actor's calls. The socket's folder is the ingress's alone."""
+    event = simulated_events(1)[0]
+    actor = RecordingActor()
+
+    async def scenario() -> None:
+        server = ingress(tmp_path, score_timeout_s=5)
+        port = await server.start()
+        path = await server.open_replies()
+        assert oct(Path(path).parent.stat().st_mode & 0o777) == "0o700"
+        channel = await asyncio.to_thread(IngressChannel, actor, path)
+        try:
+            asked = asyncio.create_task(post(port, "/score", json.dumps(event).encode()))
+            while event["eventId"] not in server.waiters:
+                await asyncio.sleep(0.001)
+            answer = {"event_id": event["eventId"], "scores": [
+                {"step": "fraud", "model": "fraud@1", "score": float("nan")}], "alerts": []}
+            await asyncio.to_thread(channel.resolve, [answer])
+            await asyncio.to_thread(channel.progress, {"score": 1})
+            status, body, _ = await asked
+            assert status == 200 and body["event_id"] == event["eventId"]
+            assert body["scores"][0]["model"] == "fraud@1"
+            while server.consumed.get("score") != 1:
+                await asyncio.sleep(0.001)
+            await asyncio.to_thread(channel.progress, {"score": {2}})  # not JSON: a Ray call
+            assert actor.calls == [("progress", {"score": {2}})]
+        finally:
+            await server.close()
+        assert not Path(path).parent.exists()
+        for _ in range(3):  # the socket is gone: Ray calls (the first send may still go out)
+            await asyncio.to_thread(channel.progress, {"score": 3})
+        assert actor.calls[-1] == ("progress", {"score": 3}) and channel.socket is None
+
+    asyncio.run(scenario())
