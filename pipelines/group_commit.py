@@ -103,7 +103,7 @@ class GroupCommitSink:
             Exception: what a commit in the background raised (the store failed).
         """
         with self._lock:
-            self.wait()
+            self._wait()
             return self._commit(self._take())
 
     def flush_in_background(self) -> None:
@@ -113,7 +113,7 @@ class GroupCommitSink:
         with self._lock:
             if not self.held:
                 return
-            self.wait()
+            self._wait()
             self._start_commit()
 
     def _start_commit(self) -> None:
@@ -136,12 +136,16 @@ class GroupCommitSink:
             if left > 0 or (self._thread is not None and self._thread.is_alive()):
                 self._arm(max(left, RECHECK_S))
                 return
-            if self._thread is not None:  # finished: its error waits for the caller's wait()
+            if self._thread is not None:  # finished: its error waits for the caller's wait
                 self._thread.join()
             self._start_commit()
 
     def wait(self) -> None:
         """Wait for a commit in the background; re-raise its error."""
+        with self._lock:
+            self._wait()
+
+    def _wait(self) -> None:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
