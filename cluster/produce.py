@@ -42,9 +42,10 @@ def transactions_as_events(table: pa.Table, source: str = "card-network",
 
     Example:
         >>> from pipelines.fraud.simulator import SimulationSpec, simulate_transactions
-        >>> t = simulate_transactions(SimulationSpec(n_customers=5, n_terminals=10, n_days=1))
-        >>> transactions_as_events(t)[0]["eventType"]
-        'transaction.created'
+        >>> t = simulate_transactions(SimulationSpec(n_customers=50, n_terminals=100, n_days=5))
+        >>> events = transactions_as_events(t)
+        >>> len(events) == t.num_rows > 0, events[0]["eventType"], events[0]["source"]
+        (True, 'transaction.created', 'card-network')
     """
     import uuid
 

@@ -23,8 +23,10 @@ labels. Everything is vectorised over the batch.
 
 Example:
     >>> from pipelines.spec import LabelFeedSpec
-    >>> LabelFeedSpec().event_type
-    'fraud.reported'
+    >>> spec = LabelFeedSpec(of="transaction.created", event_type="fraud.reported",
+    ...                      label="TX_FRAUD", fields=["TRANSACTION_ID", "TX_FRAUD"], delay_days=7)
+    >>> spec.event_type, spec.delay_days
+    ('fraud.reported', 7.0)
 """
 
 from __future__ import annotations

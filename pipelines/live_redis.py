@@ -434,7 +434,8 @@ def add_events(url: str, stream: str, events: Iterable[dict[str, Any] | str | by
         The entry ids, in order.
 
     Example:
-        >>> add_events("redis://127.0.0.1:6379", "transactions", events, rate=2_000)
+        >>> events = [{"eventId": "e-1", "eventType": "transaction.created"}]
+        >>> ids = add_events("redis://127.0.0.1:6379", "transactions", events)  # doctest: +SKIP
     """
     import redis
 

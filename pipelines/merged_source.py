@@ -89,8 +89,13 @@ class EventTimeMergedSource:
         block_rows: rows per block of the merge key (default the source's batch size).
 
     Example:
-        >>> merged = EventTimeMergedSource(CsvSource("nab", ["a.csv", "b.csv"]), "timestamp")
-        >>> rows = sum(raw.num_rows for raw in merged.batches())  # doctest: +SKIP
+        >>> import pathlib, tempfile
+        >>> folder = pathlib.Path(tempfile.mkdtemp())
+        >>> _ = (folder / "a.csv").write_text("timestamp,value\\n2024-01-01,1\\n2024-01-03,3\\n")
+        >>> _ = (folder / "b.csv").write_text("timestamp,value\\n2024-01-02,2\\n")
+        >>> merged = EventTimeMergedSource(CsvSource("nab", [str(folder)]), "timestamp")
+        >>> [v for raw in merged.batches() for v in raw.records.column("value").to_pylist()]
+        ['1', '2', '3']
     """
 
     def __init__(

@@ -124,7 +124,7 @@ def producer_version(text: pl.Expr, number: pl.Expr) -> tuple[pl.Expr, pl.Expr, 
     Example:
         >>> df = pl.DataFrame({"t": ["1.0", "2", "1.5", "x"], "n": [None, "2", "1.5", None]})
         >>> v, major, ok = producer_version(pl.col("t"), pl.col("n"))
-        >>> df.select(v, major, ok=ok).rows()
+        >>> df.select(v, major.alias("major"), ok=ok).rows()
         [('1.0', 1, True), ('2', 2, True), ('1.5', None, False), ('x', None, False)]
     """
     integer = r"^[1-9][0-9]*$"

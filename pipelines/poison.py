@@ -27,7 +27,7 @@ A store write is not a step: its errors never reach the bisection.
 Example:
     >>> from pipelines.processing import StepOutput
     >>> class NoNegatives:
-    ...     name = "no-negatives"
+    ...     name, sees_copies = "no-negatives", False
     ...     def process(self, events):
     ...         if min(events["n"].to_pylist()) < 0:
     ...             raise ValueError("negative n")

@@ -181,6 +181,7 @@ class AnomalyStep(Step):
     """Scores a payload field per key with a streaming detector; alerts over a threshold.
 
     Example:
+        >>> from pipelines.envelope import envelope_schema
         >>> spec = AnomalyStepSpec(kind="anomaly", value="v", detector="robust_zscore",
         ...                        event_types=["reading"])
         >>> AnomalyStep(spec, StepContext(envelope_schema())).name

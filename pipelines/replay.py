@@ -16,9 +16,10 @@ The rows are sorted by event time, then the config's ``order_ties_by`` field, th
 the same store gives the same batches on every replay.
 
 Example:
-    >>> spec = replay_spec(load_pipeline("configs/fraud.yaml"), "store/fraud")  # doctest: +SKIP
-    >>> spec.source.format
-    'store'
+    >>> from pipelines.pipeline import load_pipeline
+    >>> spec = replay_spec(load_pipeline("configs/fraud.yaml"), "store/fraud")
+    >>> spec.source.format, spec.source.path
+    ('store', ['store/fraud'])
 """
 
 from __future__ import annotations

@@ -11,9 +11,14 @@ All work is done per Arrow batch or per chunk of bytes, never per row in Python.
 never imports Ray.
 
 Example:
-    >>> src = ParquetSource("tx", ["data/"], pattern="transactions-*.parquet")
-    >>> for batch in iter_batches(src, resume={"transactions-2018-04.parquet": 20_000}):
-    ...     handle(batch.records, batch.offsets)
+    >>> import pathlib, tempfile
+    >>> import pyarrow.parquet as pq
+    >>> folder = pathlib.Path(tempfile.mkdtemp())
+    >>> pq.write_table(pa.table({"amount": [1.5, 2.0, 3.25]}), folder / "transactions-04.parquet")
+    >>> src = ParquetSource("tx", [str(folder)], pattern="transactions-*.parquet")
+    >>> for batch in iter_batches(src, resume={"transactions-04.parquet": 1}):
+    ...     print(batch.part, batch.offsets.tolist(), batch.records.column("amount").to_pylist())
+    transactions-04.parquet [1, 2] [2.0, 3.25]
 """
 
 from __future__ import annotations
@@ -128,10 +133,17 @@ class SourceReader(ABC):
     """Sequential reader over one part of a source.
 
     Example:
-        >>> with source.open_part(part, start=snapshot) as reader:
+        >>> import pathlib, tempfile
+        >>> folder = pathlib.Path(tempfile.mkdtemp())
+        >>> _ = (folder / "a.jsonl").write_text('{"n": 1}\\n{"n": 2}\\n{"n": 3}\\n')
+        >>> source, snapshot = JsonLinesSource("events", [str(folder)], batch_size=2), 1
+        >>> with source.open_part("a.jsonl", start=snapshot) as reader:
         ...     while (batch := reader.next_batch()) is not None:
-        ...         handle(batch)
+        ...         print(batch.offsets.tolist())
         ...     snapshot = reader.snapshot()
+        [1, 2]
+        >>> snapshot
+        3
     """
 
     @abstractmethod
@@ -164,10 +176,15 @@ class Source(ABC):
     Subclasses hold only configuration, so they pickle cheaply and can be shipped to workers.
 
     Example:
-        >>> src = CsvSource("nab", ["/data/nab"], pattern="*.csv", batch_size=1_000)
+        >>> import pathlib, tempfile
+        >>> folder = pathlib.Path(tempfile.mkdtemp())
+        >>> _ = (folder / "a.csv").write_text("timestamp,value\\n2024-01-01,1\\n2024-01-02,2\\n")
+        >>> src = CsvSource("nab", [str(folder)], pattern="*.csv", batch_size=1_000)
         >>> parts = src.list_parts()
-        >>> with src.open_part(parts[0], start=5_000) as reader:
+        >>> with src.open_part(parts[0], start=1) as reader:
         ...     first = reader.next_batch()
+        >>> parts, first.offsets.tolist(), first.records.column("value").to_pylist()
+        (['a.csv'], [1], ['2'])
     """
 
     name: str
@@ -194,7 +211,12 @@ def iter_batches(source: Source, resume: Mapping[str, int] | None = None) -> Ite
         The batches, in order.
 
     Example:
-        >>> rows = sum(b.num_rows for b in iter_batches(src, {"a.jsonl": 120}))
+        >>> import pathlib, tempfile
+        >>> folder = pathlib.Path(tempfile.mkdtemp())
+        >>> _ = (folder / "a.jsonl").write_text("".join(f'{{"n": {i}}}\\n' for i in range(200)))
+        >>> src = JsonLinesSource("events", [str(folder)])
+        >>> sum(b.num_rows for b in iter_batches(src, {"a.jsonl": 120, "elsewhere.jsonl": 5}))
+        80
     """
     resume = resume or {}
     for part in source.list_parts():
@@ -414,9 +436,13 @@ class ParquetSource(_FileSource):
     slices the first batch.
 
     Example:
-        >>> src = ParquetSource("tx", ["/data/fraud-handbook"], "transactions-*.parquet")
-        >>> src.list_parts()[:1]
-        ['transactions-2018-04.parquet']
+        >>> import pathlib, tempfile
+        >>> import pyarrow.parquet as pq
+        >>> folder = pathlib.Path(tempfile.mkdtemp())
+        >>> for month in ("2018-05", "2018-04"):
+        ...     pq.write_table(pa.table({"n": [1]}), folder / f"transactions-{month}.parquet")
+        >>> ParquetSource("tx", [str(folder)], "transactions-*.parquet").list_parts()
+        ['transactions-2018-04.parquet', 'transactions-2018-05.parquet']
     """
 
     def __init__(
@@ -468,10 +494,12 @@ class CsvSource(_FileSource):
     :data:`MALFORMED_RAW` (see :class:`RawBatch`), for the normaliser to dead-letter.
 
     Example:
-        >>> src = CsvSource("nab", ["/data/nab/data"], batch_size=5_000)
-        >>> batch = next(iter_batches(src))
-        >>> batch.records.schema.types[0]
-        DataType(string)
+        >>> import pathlib, tempfile
+        >>> folder = pathlib.Path(tempfile.mkdtemp())
+        >>> _ = (folder / "a.csv").write_text('timestamp,value\\n2024-01-01,1.5\\n"open,2\\n')
+        >>> batch = next(iter_batches(CsvSource("nab", [str(folder)], batch_size=5_000)))
+        >>> batch.records.schema.types[0], batch.num_rows
+        (DataType(string), 2)
     """
 
     def __init__(
@@ -641,10 +669,12 @@ class JsonLinesSource(_FileSource):
     rest skipped up to its newline: memory stays bounded whatever the file holds.
 
     Example:
-        >>> src = JsonLinesSource("events", ["/data/events/*.jsonl"], batch_size=50_000)
-        >>> batch = next(iter_batches(src, {"day-1.jsonl": 1_000}))
-        >>> batch.offsets[0] >= 1_000
-        True
+        >>> import pathlib, tempfile
+        >>> folder = pathlib.Path(tempfile.mkdtemp())
+        >>> _ = (folder / "day-1.jsonl").write_text('{"n": 1}\\n\\n{"n": 2}\\n{"n": 3}')
+        >>> src = JsonLinesSource("events", [str(folder / "*.jsonl")], batch_size=50_000)
+        >>> next(iter_batches(src, {"day-1.jsonl": 1})).offsets.tolist()
+        [2, 3]
     """
 
     def __init__(

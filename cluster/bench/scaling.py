@@ -65,8 +65,8 @@ def projection(cpu_s_per_million: float, driver_s_per_million: float) -> list[di
     its own core, the rest spread over the others.
 
     Example:
-        >>> projection(100.0, 1.0)[0]["events_per_s"]
-        20000.0
+        >>> projection(100.0, 1.0)[0]  # 2 cores for the 99 CPU-s a million not the driver's
+        {'cores': 2, 'events_per_s': 20202.0}
     """
     rows = []
     for cores in PROJECTED_CORES:

@@ -32,7 +32,7 @@ Example:
     >>> fold = ProjectionFold(spec, events.schema)
     >>> state, changed = fold.fold(fold.empty(), events)
     >>> fold.view(state).select("key", "n", "total").rows()
-    [('k', 2, 3.5)]
+    [('k', 2, Decimal('3.500000'))]
 """
 
 from __future__ import annotations
