@@ -7,15 +7,15 @@ name (:func:`model_names` says which). Two modes:
 
 - throughput: the whole input as fast as it goes (``run_spec``'s own summary: events/s, from
   the first source batch to the last stored one, Ray's start-up excluded);
-- latency (``--pace RATE FILE``, repeatable): paced replays (``source.pace.speedup``) of a
+- latency (``--pace RATE SPEEDUP PATH``, repeatable): paced replays (``source.pace.speedup``) of a
   slice of the input at the given offered rate in events/s. Latency is read back per event
   from the store (:func:`store_latency`): from its arrival (due time) in the replay to the
-  write of the file holding its score, which the fraud step writes with its alerts in the
-  same apply;
-  the run summary's own percentiles (per batch, ingestion to stored) are kept beside it.
+  commit of the file holding its score. A replay group-commits its files at its
+  checkpoints, so this is the store's commit lag, not the decision's; the run summary's
+  own percentiles (per batch, ingestion to applied) are kept beside it.
 
 Run as ``python -m cluster.bench.eventray_run --config C --store DIR --input F... [--registry
-DIR] [--pace RATE SPEEDUP FILE ...]``; the last stdout line is a JSON result.
+DIR] [--pace RATE SPEEDUP PATH ...]``; the last stdout line is a JSON result.
 """
 
 from __future__ import annotations
@@ -65,14 +65,14 @@ def bench_spec(config: Path, registry: Path | None, speedup: float | None = None
 
 
 def store_latency(store: Path, warmup_s: float) -> dict[str, Any]:
-    """Per-event latency read back from the store: ingestion to the event's score written.
+    """Per-event latency read back from the store: ingestion to the event's score committed.
 
     An event's ``metadata.ingested_at`` is its due time in the paced replay, when it arrived
     (whether the pacer released it then or later, after a linger or behind a busy driver);
     the modification time of the ``scores`` file holding its score (``events`` when the
-    pipeline scores nothing) is when its batch was written, after the model ran and beside
-    its alerts. Events arriving in the first ``warmup_s`` seconds (actors still starting)
-    are left out.
+    pipeline scores nothing) is when that file was committed: with the group commit, at
+    the partition's next checkpoint or ``store.commit_rows``, so this is commit lag. Events
+    arriving in the first ``warmup_s`` seconds (actors still starting) are left out.
     """
     table = "scores" if any((store / "scores").rglob("*.parquet")) else "events"
 
@@ -113,10 +113,11 @@ def run(config: Path, store: Path, inputs: list[Path], registry: Path | None,
                 "events_per_s": summary["events_per_s"], "complete": True, "summary": summary}
     points = []
     for rate, speedup, path in paced:
-        rows = pq.ParquetFile(path).metadata.num_rows
+        files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
+        rows = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
         paced_store = store / f"paced-{len(points)}"
         spec = bench_spec(config, registry, speedup, alerts_table_only)
-        summary = run_spec(spec, paced_store, inputs=[str(path)])
+        summary = run_spec(spec, paced_store, inputs=[str(f) for f in files])
         latency = store_latency(paced_store, warmup_s)
         points.append({"offered_events_per_s": round(rate, 1), "events": rows, "speedup": round(speedup, 1),
                        "linger_ms": spec.source.pace.linger_ms,
@@ -133,8 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--store", type=Path, required=True)
     parser.add_argument("--input", nargs="+", type=Path, required=True)
     parser.add_argument("--registry", type=Path)
-    parser.add_argument("--pace", nargs=3, action="append", default=[], metavar=("RATE", "SPEEDUP", "FILE"),
-                        help="a paced run of FILE at SPEEDUP (offering RATE events/s), repeatable")
+    parser.add_argument("--pace", nargs=3, action="append", default=[], metavar=("RATE", "SPEEDUP", "PATH"),
+                        help="a paced run of PATH (a file, or a folder's Parquet files) at SPEEDUP "
+                             "(offering RATE events/s), repeatable")
     parser.add_argument("--alerts-table-only", action="store_true",
                         help="write alerts to the alerts table only, not back into the stream")
     parser.add_argument("--warmup-seconds", type=float, default=0.0,
