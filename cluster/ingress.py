@@ -565,7 +565,10 @@ def ingress_actor_class() -> Any:
 
         async def start(self) -> int:
             port = await self.ingress.start()
-            await self.ingress.open_replies()
+            try:
+                await self.ingress.open_replies()
+            except OSError:  # no socket here (a read-only temp folder): the run's Ray calls
+                pass
             settle_heap()
             return port
 
